@@ -1,0 +1,89 @@
+"""The one place that maps an ``impl`` name to a backend.
+
+``impl="auto"`` picks the fastest backend available for the tensors' device; the environment
+variable ``PREPO_KERNELS_IMPL`` replaces "auto" with a named backend. Asking for a backend that
+cannot run raises :class:`BackendUnavailableError` saying why.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Optional
+
+import torch
+
+from .base import Backend
+
+IMPLS = ("reference", "torch", "cpu", "triton", "cuda")
+ENV_VAR = "PREPO_KERNELS_IMPL"
+
+# module holding each fused backend (attribute BACKENDS: dict name -> Backend); imported lazily so
+# a missing triton or an unbuilt extension costs nothing until asked for.
+_MODULES = {
+    "torch": "prepo_kernels.backends.torch_chunked",
+    "cpu": "prepo_kernels.backends.cpp",
+    "cuda": "prepo_kernels.backends.cpp",
+    "triton": "prepo_kernels.backends.triton_backend",
+}
+# fastest first
+_AUTO_ORDER = {"cpu": ("cpu", "torch"), "cuda": ("triton", "cuda", "torch")}
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run here; the message says why."""
+
+
+def _load(name: str) -> tuple[Optional[Backend], Optional[str]]:
+    try:
+        module = importlib.import_module(_MODULES[name])
+    except ImportError as exc:  # triton not installed, extension not built
+        return None, f"{name} backend could not be imported ({exc})"
+    return module.BACKENDS[name], None
+
+
+def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
+    """None if backend ``name`` can run on ``device``, else why not."""
+    if name == "reference":
+        return None
+    backend, why = _load(name)
+    return why if backend is None else backend.unavailable_reason(torch.device(device))
+
+
+def available_impls(device: torch.device | str | None = None) -> list[str]:
+    """Backends that can run on ``device`` (default: cuda if present, else cpu), fastest first,
+    followed by "reference"."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    order = _AUTO_ORDER.get(device.type, ("torch",))
+    return [n for n in order if unavailable_reason(n, device) is None] + ["reference"]
+
+
+def check_impl_name(impl: str) -> None:
+    if impl != "auto" and impl not in IMPLS:
+        raise ValueError(f"impl must be 'auto' or one of {IMPLS}, got {impl!r}")
+
+
+def resolve(impl: str, device: torch.device) -> str:
+    """The backend name to run for ``impl`` on ``device`` (may be "reference")."""
+    check_impl_name(impl)
+    if impl == "auto":
+        env = os.environ.get(ENV_VAR, "").strip()
+        if env and env != "auto":
+            if env not in IMPLS:
+                raise ValueError(f"{ENV_VAR}={env!r} is not one of {IMPLS} or 'auto'")
+            impl = env
+        else:
+            return available_impls(device)[0]
+    why = unavailable_reason(impl, device)
+    if why is not None:
+        raise BackendUnavailableError(f"impl={impl!r} is unavailable on {device}: {why}")
+    return impl
+
+
+def get(name: str) -> Backend:
+    """The backend object for a resolved, available fused backend name."""
+    backend, why = _load(name)
+    if backend is None:
+        raise BackendUnavailableError(why)
+    return backend

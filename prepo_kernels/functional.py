@@ -1,0 +1,63 @@
+"""Public functional API: fused per-token log-prob and full-vocabulary entropy."""
+from __future__ import annotations
+
+import dataclasses
+
+from typing import Optional
+
+import torch
+
+from . import validation
+from .autograd import LinearLogprobEntropy
+from .backends import registry
+from .backends.base import KernelParams, accumulation_dtype
+from .reference import reference_linear_logprob_entropy
+
+
+def linear_logprob_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    temperature: validation.Temperature = 1.0,
+    ignore_index: int = -100,
+    compute_entropy: bool = True,
+    impl: str = "auto",
+    params: Optional[KernelParams] = None,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Log-prob of ``targets`` and entropy of the full softmax over z = (hidden @ weight.T + bias) / temperature,
+    without materializing the [N, V] logits (forward or backward).
+
+    Args:
+        hidden: [..., D] float32 / bfloat16 / float16 (float64 for checks).
+        weight: [V, D], same dtype (the LM head).
+        targets: [...] int64 token ids in [0, V), or ``ignore_index``.
+        bias: optional [V].
+        temperature: a float > 0, or a tensor broadcastable to ``targets`` (per-token temperature;
+            treated as a constant, no gradient).
+        ignore_index: targets equal to it give 0 for both outputs and receive no gradient.
+        compute_entropy: if False the entropy is not computed (no extra cost) and None is returned.
+        impl: "auto" (fastest available; env PREPO_KERNELS_IMPL overrides), "reference", "torch",
+            "cpu", "triton" or "cuda".
+        params: backend options (deterministic, grad_filter); compute_entropy above wins.
+
+    Returns:
+        (logprob, entropy), each float32 (float64 for float64 inputs) with ``targets``' shape, in nats.
+        Differentiable w.r.t. hidden, weight and bias through both outputs.
+    """
+    validation.check_linear_inputs(hidden, weight, targets, bias, ignore_index)
+    registry.check_impl_name(impl)
+    shape = targets.shape
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    y = targets.reshape(-1).long()
+    inv_temp = validation.temperature_per_row(temperature, targets, accumulation_dtype(hidden.dtype))
+    backend = registry.resolve(impl, hidden.device)
+    if backend == "reference":
+        logprob, entropy = reference_linear_logprob_entropy(h2, weight, y, bias, inv_temp, ignore_index)
+        entropy = entropy if compute_entropy else None
+    else:
+        params = dataclasses.replace(params or KernelParams(), compute_entropy=compute_entropy)
+        logprob, entropy = LinearLogprobEntropy.apply(h2, weight, bias, y, inv_temp, ignore_index, backend, params)
+        entropy = entropy if compute_entropy else None
+    return logprob.view(shape), None if entropy is None else entropy.view(shape)

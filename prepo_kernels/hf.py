@@ -1,0 +1,93 @@
+"""Next-token log-prob and entropy for Hugging Face causal LMs, without running the LM head.
+
+Runs the decoder to its final hidden states and hands them with the LM-head weight to
+:func:`linear_logprob_entropy`. Works for any model whose output embedding is a plain
+``nn.Linear`` applied to the decoder's last hidden state (Qwen2, Qwen3, Llama, Mistral, ...).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .functional import linear_logprob_entropy
+from .validation import Temperature, check_tensor
+
+IGNORE = -100
+# config attributes that put a non-linear or scaled transform between hidden states and logits
+_UNSUPPORTED_CONFIG = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
+
+
+def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
+    config = getattr(model, "config", None)
+    for attr in _UNSUPPORTED_CONFIG:
+        value = getattr(config, attr, None)
+        if value not in (None, 1, 1.0):
+            raise ValueError(
+                f"unsupported model: config.{attr}={value} transforms the logits after the LM head; "
+                "use logprob_entropy_from_logits on the model's logits instead"
+            )
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if get_head else None
+    if type(head) is not nn.Linear:
+        raise ValueError(
+            f"unsupported model: its output embedding is {type(head).__name__}, not a plain nn.Linear "
+            "over the decoder's last hidden state"
+        )
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if get_decoder else None
+    if decoder is None or decoder is model:
+        raise ValueError(f"unsupported model: {type(model).__name__} exposes no decoder (get_decoder())")
+    return decoder, head
+
+
+def causal_lm_logprob_entropy(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: Optional[torch.Tensor] = None,
+    *,
+    temperature: Temperature = 1.0,
+    compute_entropy: bool = True,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Log-prob of each next token ``input_ids[:, 1:]`` and the entropy of the model's full
+    next-token distribution at each position.
+
+    Args:
+        model: a Hugging Face causal LM (``get_decoder()`` and a linear ``get_output_embeddings()``).
+        input_ids: [B, T] int64, T >= 2.
+        attention_mask: [B, T] 0/1 (left or right padding); position ids are rebuilt from it.
+        temperature: float > 0, or a tensor broadcastable to [B, T-1] (per-token).
+        compute_entropy: False returns None for the entropy at no cost.
+    Returns:
+        (logprob, entropy), each [B, T-1] float32. Position t scores token t+1; positions where the
+        token or its context position is padding give 0 and get no gradient. Differentiable.
+    """
+    check_tensor("input_ids", input_ids, integer=True)
+    if input_ids.dim() != 2 or input_ids.shape[1] < 2:
+        raise ValueError(f"input_ids must be [B, T] with T >= 2, got shape {tuple(input_ids.shape)}")
+    decoder, head = _decoder_and_head(model)
+    kwargs = {}
+    if attention_mask is not None:
+        check_tensor("attention_mask", attention_mask)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} must equal input_ids shape {tuple(input_ids.shape)}"
+            )
+        kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).last_hidden_state
+    targets = input_ids[:, 1:]
+    if attention_mask is not None:
+        valid = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
+        targets = torch.where(valid, targets, IGNORE)
+    return linear_logprob_entropy(
+        hidden[:, :-1],
+        head.weight,
+        targets,
+        bias=head.bias,
+        temperature=temperature,
+        ignore_index=IGNORE,
+        compute_entropy=compute_entropy,
+        impl=impl,
+    )
