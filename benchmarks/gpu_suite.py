@@ -1,0 +1,551 @@
+#!/usr/bin/env python
+"""One command for a GPU machine: the GPU test subset, then fused log-prob + entropy benchmarks.
+
+    python benchmarks/gpu_suite.py                 # tests (pytest -m gpu) + benchmarks, default shapes
+    python benchmarks/gpu_suite.py --skip-tests --shapes 8192,4096,131072
+    python benchmarks/gpu_suite.py --dry-run       # no CUDA needed: tiny CPU shapes, plumbing only
+
+What is measured, for each (N, D, V) in bf16 and each scenario
+    all   every row has an upstream gradient (g = advantage-like randn, e = small entropy bonus)
+    grpo  GRPO-like: half the rows (whole groups of 16) have zero upstream gradient
+and each implementation (skipped, with the reason printed, when not installed / unavailable):
+    prepo-triton      prepo_kernels.linear_logprob_entropy(impl="triton")
+    prepo-cuda        impl="cuda"
+    prepo-torch       impl="torch" (chunked pure PyTorch)
+    naive             bf16 matmul -> fp32 log_softmax -> gather, entropy = -sum p log p
+    naive-compiled    torch.compile(naive)
+    torch-lce         torch.nn.functional.linear_cross_entropy(reduction="none")  (logprob only)
+    liger             Liger Kernel: LigerFusedLinearScaledCrossEntropyFunction(return_entropy=True),
+                      or LigerFusedLinearCrossEntropyFunction(reduction="none") (logprob only) on
+                      versions without it
+    cce               cut_cross_entropy.linear_cross_entropy(reduction="none")  (logprob only)
+  plus a bare bf16 GEMM h @ W.T ([N, V] output) as the yardstick.
+Columns: median ms (torch.cuda.Event), TFLOP/s counted as 2NDV (fwd) or 6NDV (fwd+bwd) whatever the
+implementation skips, % of the measured GEMM rate, peak memory (torch.cuda.max_memory_allocated,
+absolute and above the inputs), max |logprob - fp32 logits reference|. Weights are scaled so the mean token
+entropy is about --entropy nats and targets are sampled from the model's own distribution.
+Writes CSV + markdown to benchmarks/results/gpu_suite_<gpu>_<time>.{csv,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import gc
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_SHAPES = "8192,4096,131072;8192,4096,151936"
+DRY_SHAPES = "64,32,300"
+ALL_IMPLS = ("prepo-triton", "prepo-cuda", "prepo-torch", "naive", "naive-compiled", "torch-lce", "liger", "cce")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--shapes", default=None,
+                   help=f"';'-separated N,D,V triples (default {DEFAULT_SHAPES}; dry-run {DRY_SHAPES})")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--impls", default=",".join(ALL_IMPLS), help="comma-separated subset of " + ",".join(ALL_IMPLS))
+    p.add_argument("--scenarios", default="all,grpo", help="comma-separated subset of all,grpo")
+    p.add_argument("--modes", default="fwd,fwd+bwd", help="comma-separated subset of fwd,fwd+bwd")
+    p.add_argument("--entropy", type=float, default=1.5, help="target mean token entropy in nats (default 1.5)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--skip-tests", action="store_true", help="do not run the GPU test subset first")
+    p.add_argument("--tests", default="tests", help="pytest target for the GPU subset (default: tests, with -m gpu)")
+    p.add_argument("--deterministic", action="store_true", help="prepo backends in deterministic mode")
+    p.add_argument("--no-grad-filter", action="store_true", help="prepo backends without the bf16/fp16 gradient filter")
+    p.add_argument("--out-dir", default=None,
+                   help="where CSV/markdown go (default benchmarks/results; dry-run: a temporary directory)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="no CUDA needed: run the harness on tiny CPU shapes (triton via TRITON_INTERPRET=1), "
+                        "skip the tests and torch.compile")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------------------------------
+# implementations: each maker returns (fn(h, W, y) -> (logprob [N] fp32, entropy [N] or None), note)
+# or raises Unavailable(reason)
+
+class Unavailable(Exception):
+    pass
+
+
+def _prepo(impl, params):
+    import torch
+
+    from prepo_kernels import linear_logprob_entropy
+    from prepo_kernels.backends import registry
+
+    def make(device):
+        why = registry.unavailable_reason(impl, device)
+        if why is not None:
+            raise Unavailable(why)
+
+        def fn(h, w, y):
+            return linear_logprob_entropy(h, w, y, impl=impl, params=params)
+
+        return fn, "logprob+entropy"
+
+    del torch
+    return make
+
+
+def _naive_fn(h, w, y):
+    import torch
+
+    logits = (h @ w.T).float()
+    logp = torch.log_softmax(logits, dim=-1)
+    lp = logp.gather(-1, y[:, None]).squeeze(-1)
+    ent = -(logp.exp() * logp).sum(-1)
+    return lp, ent
+
+
+def _naive(device):
+    return _naive_fn, "logprob+entropy"
+
+
+def _compiled(device):
+    import torch
+
+    if device.type != "cuda":
+        raise Unavailable("torch.compile skipped in --dry-run")
+    return torch.compile(_naive_fn, dynamic=False), "logprob+entropy"
+
+
+def _torch_lce(device):
+    import torch.nn.functional as F
+
+    lce = getattr(F, "linear_cross_entropy", None)
+    if lce is None:
+        raise Unavailable("torch.nn.functional.linear_cross_entropy does not exist in this torch")
+
+    def fn(h, w, y):
+        return -lce(h, w, y, reduction="none").float(), None
+
+    return fn, "logprob only"
+
+
+def _liger(device):
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError as exc:
+        raise Unavailable(f"liger_kernel is not installed ({exc})")
+    try:
+        from liger_kernel.ops import fused_linear_scaled_cross_entropy as scaled
+    except ImportError:
+        scaled = None
+    if scaled is not None:
+        # the dispatcher picks a CuTe-DSL kernel on sm_90 and a chunked PyTorch fallback elsewhere;
+        # resolve it now so a missing CuTe DSL shows up as a note instead of a failed row
+        via = "LigerFusedLinearScaledCrossEntropyFunction"
+        try:
+            impl = scaled._resolve_implementation(device)
+        except Exception as exc:  # noqa: BLE001 - e.g. cutlass DSL not installed
+            impl = scaled._FusedLinearPPOFallbackFunction
+            via += f", chunked fallback ({type(exc).__name__}: {str(exc)[:80]})"
+        else:
+            if impl is scaled._FusedLinearPPOFallbackFunction:
+                via += ", chunked PyTorch fallback"
+        F = scaled.LigerFusedLinearScaledCrossEntropyFunction
+
+        def fn(h, w, y):
+            if impl is scaled._FusedLinearPPOFallbackFunction:
+                nll, ent = impl.apply(h, w, y, 1.0, -100, True)
+            else:  # apply(_input, weight, target, temperature, ignore_index, m_tiles_per_cluster, return_entropy)
+                nll, ent = F.apply(h, w, y, 1.0, -100, 1, True)
+            return -nll.float(), ent.float()
+
+        return fn, f"logprob+entropy ({via})"
+    try:
+        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction as G
+    except ImportError as exc:
+        raise Unavailable(f"no fused linear cross-entropy in this liger_kernel ({exc})")
+
+    def fn(h, w, y):
+        out = G.apply(h, w, y, None, None, -100, 0.0, 0.0, "none")
+        loss = out[0] if isinstance(out, tuple) else out
+        return -loss.float(), None
+
+    return fn, "logprob only (LigerFusedLinearCrossEntropyFunction, no entropy API)"
+
+
+def _cce(device):
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except ImportError as exc:
+        raise Unavailable(f"cut_cross_entropy is not installed ({exc})")
+    if device.type != "cuda":
+        raise Unavailable("cut_cross_entropy needs CUDA")
+
+    def fn(h, w, y):
+        return -linear_cross_entropy(h, w, y, reduction="none").float(), None
+
+    return fn, "logprob only"
+
+
+def impl_makers(args):
+    from prepo_kernels import KernelParams
+
+    params = KernelParams(deterministic=args.deterministic, grad_filter=not args.no_grad_filter)
+    return {
+        "prepo-triton": _prepo("triton", params),
+        "prepo-cuda": _prepo("cuda", params),
+        "prepo-torch": _prepo("torch", params),
+        "naive": _naive,
+        "naive-compiled": _compiled,
+        "torch-lce": _torch_lce,
+        "liger": _liger,
+        "cce": _cce,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# timing
+
+class Timer:
+    def __init__(self, device):
+        self.device = device
+
+    def sync(self):
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def median_ms(self, fn: Callable[[], object], warmup: int, iters: int) -> float:
+        import torch
+
+        for _ in range(warmup):
+            fn()
+        self.sync()
+        times = []
+        for _ in range(iters):
+            if self.device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    def peak_bytes(self, fn: Callable[[], object]) -> tuple[Optional[int], Optional[int]]:
+        """(absolute peak, peak above what was allocated before) for one call; None on CPU."""
+        import torch
+
+        if self.device.type != "cuda":
+            fn()
+            return None, None
+        self.sync()
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        fn()
+        self.sync()
+        peak = torch.cuda.max_memory_allocated(self.device)
+        return peak, peak - base
+
+
+# --------------------------------------------------------------------------------------------------
+# inputs
+
+def calibrate_scale(h_rows, w0, target_entropy: float) -> tuple[float, float]:
+    """Scale s such that mean entropy of softmax(s * h_rows @ w0.T) is target_entropy (bisection in
+    log s; entropy falls as s grows). Returns (s, achieved entropy)."""
+    import torch
+
+    z0 = h_rows.float() @ w0.float().T
+
+    def ent(s):
+        logp = torch.log_softmax(z0 * s, dim=-1)
+        return float(-(logp.exp() * logp).sum(-1).mean())
+
+    lo, hi = math.log(1e-3), math.log(1e3)
+    for _ in range(50):
+        mid = 0.5 * (lo + hi)
+        if ent(math.exp(mid)) > target_entropy:
+            lo = mid
+        else:
+            hi = mid
+    s = math.exp(0.5 * (lo + hi))
+    return s, ent(s)
+
+
+def make_inputs(N, D, V, dtype, device, target_entropy, seed=0):
+    import torch
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    h = torch.randn(N, D, device=device, generator=gen).to(dtype)
+    w0 = torch.randn(V, D, device=device, generator=gen) / math.sqrt(D)
+    s, _ = calibrate_scale(h[: min(N, 256)], w0, target_entropy)
+    w = (w0 * s).to(dtype)
+    del w0
+    # targets sampled from the model's own distribution (as in RL rollouts), in row chunks
+    y = torch.empty(N, dtype=torch.long, device=device)
+    ref_lp = torch.empty(N, dtype=torch.float32, device=device)
+    ents = []
+    chunk = max(1, min(N, (1 << 28) // (4 * V)))
+    wf = w.float()
+    for i in range(0, N, chunk):
+        logits = h[i:i + chunk].float() @ wf.T  # fp32 logits of the rounded inputs: the yardstick
+        probs = torch.softmax(logits, dim=-1)
+        y[i:i + chunk] = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+        logp = torch.log_softmax(logits, -1)
+        ref_lp[i:i + chunk] = logp.gather(-1, y[i:i + chunk, None]).squeeze(-1)
+        ents.append(-(probs * logp).sum(-1))
+        del logp
+        del logits, probs
+    del wf
+    mean_entropy = float(torch.cat(ents).mean())
+    g = torch.randn(N, device=device, generator=gen)
+    e = 0.01 * torch.randn(N, device=device, generator=gen)
+    return h, w, y, g, e, mean_entropy, ref_lp
+
+
+def grpo_mask(N, device, group=16):
+    """Half the rows, whole groups of ``group`` consecutive rows, get zero upstream gradient."""
+    import torch
+
+    groups = torch.arange(N, device=device) // group
+    return (groups % 2) == 0
+
+
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    shape: str
+    scenario: str
+    mode: str
+    impl: str
+    computes: str = ""
+    ms: Optional[float] = None
+    tflops: Optional[float] = None
+    pct_gemm: Optional[float] = None
+    peak_gib: Optional[float] = None
+    extra_gib: Optional[float] = None
+    max_dlogprob: Optional[float] = None
+    status: str = "ok"
+    extra: dict = field(default_factory=dict)
+
+
+COLUMNS = ("shape", "scenario", "mode", "impl", "computes", "ms", "tflops", "pct_gemm", "peak_gib", "extra_gib",
+           "max_dlogprob", "status")
+
+
+def fmt(v):
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def run_tests(args) -> str:
+    if args.skip_tests:
+        return "skipped (--skip-tests)"
+    if args.dry_run:
+        return "skipped (--dry-run)"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "pytest", args.tests, "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider"]
+    print("== GPU tests:", " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, cwd=REPO, env=env)
+    status = {0: "passed", 5: "no tests collected"}.get(proc.returncode, f"FAILED (pytest exit {proc.returncode})")
+    print(f"== GPU tests: {status}", flush=True)
+    return status
+
+
+def gpu_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu-dry-run"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.dry_run:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before prepo_kernels.triton is imported
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    if not args.dry_run and not torch.cuda.is_available():
+        print("gpu_suite.py: no CUDA device is available (torch.cuda.is_available() is False). "
+              "Run it on a GPU machine, or use --dry-run to smoke-test the harness on CPU.", file=sys.stderr)
+        return 2
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    shapes = [tuple(int(x) for x in s.split(",")) for s in (args.shapes or (DRY_SHAPES if args.dry_run else DEFAULT_SHAPES)).split(";") if s.strip()]
+    impls = [s.strip() for s in args.impls.split(",") if s.strip()]
+    bad = [i for i in impls if i not in ALL_IMPLS]
+    if bad:
+        print(f"unknown impl(s) {bad}; choose from {ALL_IMPLS}", file=sys.stderr)
+        return 2
+    scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    modes = [s.strip() for s in args.modes.split(",") if s.strip()]
+    if args.dry_run:
+        args.warmup, args.iters = min(args.warmup, 1), min(args.iters, 2)
+
+    test_status = run_tests(args)
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    name = gpu_name(device)
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    if args.out_dir:
+        out_dir = Path(args.out_dir)
+    elif args.dry_run:
+        out_dir = Path(tempfile.mkdtemp(prefix="gpu_suite_dryrun_"))
+    else:
+        out_dir = REPO / "benchmarks" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = out_dir / f"gpu_suite_{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-')}_{stamp}"
+
+    makers = impl_makers(args)
+    timer = Timer(device)
+    rows: list[Row] = []
+    notes: list[str] = []
+    header = [f"# gpu_suite: {name}", "",
+              f"- date (UTC): {stamp}", f"- torch {torch.__version__}, triton {triton_version}, "
+              f"CUDA {torch.version.cuda}", f"- dtype {args.dtype}, warmup {args.warmup}, iters {args.iters}, "
+              f"deterministic={args.deterministic}, grad_filter={not args.no_grad_filter}",
+              f"- GPU tests (pytest -m gpu): {test_status}"]
+
+    for (N, D, V) in shapes:
+        shape = f"{N}x{D}x{V}"
+        print(f"\n== shape N={N} D={D} V={V} {args.dtype}", flush=True)
+        h, w, y, g_all, e_all, mean_ent, ref_lp = make_inputs(N, D, V, dtype, device, args.entropy)
+        header.append(f"- {shape}: mean token entropy {mean_ent:.3f} nats (targets sampled from the model)")
+        print(f"   mean token entropy {mean_ent:.3f} nats", flush=True)
+        fwd_flop, fb_flop = 2.0 * N * D * V, 6.0 * N * D * V
+
+        # bare GEMM yardstick
+        gemm_ms = timer.median_ms(lambda: h @ w.T, args.warmup, args.iters)
+        gemm_tflops = fwd_flop / gemm_ms / 1e9
+        peak, extra = timer.peak_bytes(lambda: h @ w.T)
+        rows.append(Row(shape, "-", "gemm", "bf16-gemm" if dtype == torch.bfloat16 else f"{args.dtype}-gemm",
+                        "h @ W.T", gemm_ms, gemm_tflops, 100.0,
+                        None if peak is None else peak / 2**30, None if extra is None else extra / 2**30))
+        print(f"   GEMM {gemm_ms:.3f} ms, {gemm_tflops:.1f} TFLOP/s", flush=True)
+
+        for impl in impls:
+            try:
+                fn, computes = makers[impl](device)
+            except Unavailable as exc:
+                msg = f"{impl}: skipped: {exc}"
+                print("   " + msg, flush=True)
+                if msg not in notes:
+                    notes.append(msg)
+                continue
+            except Exception as exc:  # noqa: BLE001
+                msg = f"{impl}: skipped: {type(exc).__name__}: {exc}"
+                print("   " + msg, flush=True)
+                notes.append(msg)
+                continue
+            for scenario in scenarios:
+                if scenario == "grpo":
+                    zero = grpo_mask(N, device)
+                    g = g_all.masked_fill(zero, 0.0)
+                    e = e_all.masked_fill(zero, 0.0)
+                else:
+                    g, e = g_all, e_all
+                for mode in modes:
+                    if mode == "fwd" and scenario != scenarios[0]:
+                        continue  # forward does not depend on the upstream gradient
+                    row = Row(shape, scenario if mode != "fwd" else "-", mode, impl, computes)
+                    try:
+                        if mode == "fwd":
+                            def step():
+                                with torch.no_grad():
+                                    return fn(h, w, y)
+                            flop = fwd_flop
+                        else:
+                            hh = h.detach().clone().requires_grad_()
+                            ww = w.detach().clone().requires_grad_()
+
+                            def step(hh=hh, ww=ww, g=g, e=e):
+                                hh.grad = None
+                                ww.grad = None
+                                lp, ent = fn(hh, ww, y)
+                                loss = (lp.float() * g).sum()
+                                if ent is not None:
+                                    loss = loss + (ent.float() * e).sum()
+                                loss.backward()
+                            flop = fb_flop
+                        if mode == "fwd":
+                            lp, _ = step()
+                            row.max_dlogprob = float((lp.float() - ref_lp).abs().max())
+                            del lp
+                        row.ms = timer.median_ms(step, args.warmup, args.iters)
+                        row.tflops = flop / row.ms / 1e9
+                        row.pct_gemm = 100.0 * row.tflops / gemm_tflops
+                        peak, extra = timer.peak_bytes(step)
+                        row.peak_gib = None if peak is None else peak / 2**30
+                        row.extra_gib = None if extra is None else extra / 2**30
+                    except torch.cuda.OutOfMemoryError:
+                        row.status = "OOM"
+                    except Exception as exc:  # noqa: BLE001
+                        row.status = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+                        traceback.print_exc()
+                    finally:
+                        gc.collect()
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+                    rows.append(row)
+                    print(f"   {impl:15s} {mode:8s} {row.scenario:5s} " + (
+                        f"{row.ms:9.3f} ms {row.tflops:7.1f} TFLOP/s {row.pct_gemm:5.1f}% gemm"
+                        + (f" peak {row.peak_gib:.2f} GiB" if row.peak_gib is not None else "")
+                        if row.ms is not None else row.status), flush=True)
+        del h, w, y, g_all, e_all, ref_lp
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # ---- write CSV + markdown
+    csv_path, md_path = base.with_suffix(".csv"), base.with_suffix(".md")
+    with open(csv_path, "w", newline="") as f:
+        wtr = csv.writer(f)
+        wtr.writerow(["gpu", *COLUMNS])
+        for r in rows:
+            wtr.writerow([name, *(fmt(getattr(r, c)) for c in COLUMNS)])
+    titles = ("shape", "scenario", "mode", "impl", "computes", "ms (median)", "TFLOP/s", "% GEMM", "peak GiB",
+              "GiB above inputs", "max abs dlogprob vs fp32", "status")
+    lines = header + ["", "TFLOP/s counts 2NDV (fwd) / 6NDV (fwd+bwd) for every implementation, whatever it "
+                      "computes or skips (in `grpo` half the rows have zero gradient: prepo's autograd layer drops "
+                      "those rows before its backward kernels, the peers compute them).", "",
+                      "| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(getattr(r, c)) for c in COLUMNS) + " |")
+    if notes:
+        lines += ["", "Skipped:", ""] + [f"- {n}" for n in notes]
+    md_path.write_text("\n".join(lines) + "\n")
+    print("\n" + "\n".join(lines))
+    print(f"\nwrote {csv_path}\nwrote {md_path}")
+    failed = any(r.status.startswith("error") for r in rows if r.impl.startswith("prepo"))
+    return 1 if (failed or test_status.startswith("FAILED")) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""The "triton" backend: fused Triton kernels (prepo_kernels/triton/), CUDA devices, or CPU under
+Triton's interpreter (TRITON_INTERPRET=1, slow; meant for tests).
+
+fp64 inputs are supported (tl.dot in fp64, "ieee" precision), chiefly so gradcheck can run through
+the interpreter; on a GPU they work too but are slow (no fp64 tensor-core path is tuned here).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from .base import Grads, KernelParams, Stats
+
+try:
+    import triton  # noqa: F401
+    _IMPORT_ERROR: Optional[str] = None
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    _IMPORT_ERROR = f"triton is not importable ({exc})"
+
+
+class TritonBackend:
+    name = "triton"
+
+    def unavailable_reason(self, device: torch.device) -> Optional[str]:
+        if _IMPORT_ERROR is not None:
+            return _IMPORT_ERROR
+        device = torch.device(device)
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu":
+            if os.environ.get("TRITON_INTERPRET", "0") == "1":
+                return None
+            return "triton runs on CUDA devices (set TRITON_INTERPRET=1 to run its interpreter on CPU)"
+        return f"triton does not run on {device.type} devices"
+
+    def forward(self, hidden, weight, bias, targets, inv_temp, params: KernelParams) -> Stats:
+        from prepo_kernels.triton import triton_forward
+
+        return triton_forward(hidden, weight, bias, targets, inv_temp, compute_entropy=params.compute_entropy)
+
+    def backward(self, grad_logprob, grad_entropy, hidden, weight, bias, targets, inv_temp, lse,
+                 entropy, params: KernelParams) -> Grads:
+        from prepo_kernels.triton import triton_backward
+
+        return triton_backward(
+            grad_logprob, grad_entropy if params.compute_entropy else None, hidden, weight, bias,
+            targets, inv_temp, lse, entropy,
+            deterministic=params.deterministic, grad_filter=params.grad_filter,
+        )
+
+
+BACKENDS = {"triton": TritonBackend()}
