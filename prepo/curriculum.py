@@ -1,0 +1,125 @@
+"""Prompt selection: PREPO's perplexity window and the baselines, behind one interface.
+
+PREPO sorts the candidate batch by prompt perplexity (ascending) and rolls out the K consecutive
+prompts starting at ``l = floor(rho * (|B| - K))``, ``rho = pacing(step / total_steps)``: familiar
+prompts first, harder ones later.
+
+Each strategy is a :class:`Strategy` record: whether it needs perplexities, how it orders the
+candidates, whether it weights rollouts by relative entropy, and whether it samples dynamically
+(DAPO: roll out in order of priority, drop groups whose rewards are all equal, refill until K
+groups are kept). ``Strategy.select`` returns candidate indices in priority order; a static
+strategy uses the first K, a dynamic one keeps consuming the order.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import PACINGS, STRATEGIES
+
+
+def pacing_rho(step: int, total_steps: int, pacing: str = "linear") -> float:
+    """Curriculum position in [0, 1] at ``step`` (0-based) of ``total_steps``."""
+    x = min(max(step / max(total_steps, 1), 0.0), 1.0)
+    if pacing == "linear":
+        return x
+    if pacing == "quadratic":
+        return x * x
+    if pacing == "exponential":
+        k = 5.0
+        return (math.exp(k * x) - 1.0) / (math.exp(k) - 1.0)
+    raise ValueError(f"pacing must be one of {PACINGS}, got {pacing!r}")
+
+
+def window_start(rho: float, n: int, k: int) -> int:
+    """l = floor(rho * (n - k)), clamped to [0, n - k]."""
+    if not 0 < k <= n:
+        raise ValueError(f"need 0 < k <= n, got k={k}, n={n}")
+    return min(max(int(math.floor(rho * (n - k))), 0), n - k)
+
+
+def window_select(ppl: np.ndarray, k: int, rho: float) -> np.ndarray:
+    """Indices of the window of ``k`` prompts at ``rho`` in the ascending-perplexity order
+    (stable sort, so ties keep candidate order and the choice is deterministic)."""
+    order = np.argsort(np.asarray(ppl), kind="stable")
+    start = window_start(rho, len(order), k)
+    return order[start : start + k]
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    order: str        # "window" | "random" | "lowest"
+    weighting: bool   # relative-entropy rollout weights
+    dynamic: bool = False
+
+    @property
+    def needs_ppl(self) -> bool:
+        return self.order in ("window", "lowest")
+
+    def select(self, ppl: np.ndarray | None, n: int, k: int, rho: float, rng: np.random.Generator) -> list[int]:
+        """Candidate indices in priority order: exactly k for a static strategy, all n (a random
+        permutation) for a dynamic one."""
+        if self.order == "window":
+            return window_select(ppl, k, rho).tolist()
+        if self.order == "lowest":
+            return window_select(ppl, k, 0.0).tolist()
+        perm = rng.permutation(n)
+        return perm.tolist() if self.dynamic else perm[:k].tolist()
+
+
+_STRATEGIES = {
+    "prepo": Strategy("prepo", "window", weighting=True),
+    "random": Strategy("random", "random", weighting=False),
+    "ppl_only": Strategy("ppl_only", "window", weighting=False),
+    "entropy_only": Strategy("entropy_only", "random", weighting=True),
+    "static_low_ppl": Strategy("static_low_ppl", "lowest", weighting=False),
+    "dapo_dynamic": Strategy("dapo_dynamic", "random", weighting=False, dynamic=True),
+}
+assert set(_STRATEGIES) == set(STRATEGIES)
+
+
+def get_strategy(name: str) -> Strategy:
+    if name not in _STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(_STRATEGIES)}; got {name!r}")
+    return _STRATEGIES[name]
+
+
+class PromptSampler:
+    """Candidate batches drawn without replacement from a reshuffled permutation each epoch.
+    Its whole state is (epoch, cursor): deterministic given the seed, cheap to checkpoint."""
+
+    def __init__(self, num_items: int, seed: int):
+        if num_items < 1:
+            raise ValueError("the training set is empty")
+        self.num_items = num_items
+        self.seed = seed
+        self.epoch = 0
+        self.cursor = 0
+        self._perm = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch, 7919]).permutation(self.num_items)
+
+    def next_batch(self, size: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < size:
+            if self.cursor >= self.num_items:
+                self.epoch += 1
+                self.cursor = 0
+                self._perm = self._permutation(self.epoch)
+            take = min(size - len(out), self.num_items - self.cursor)
+            out += self._perm[self.cursor : self.cursor + take].tolist()
+            self.cursor += take
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor, "num_items": self.num_items, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["num_items"] != self.num_items or state["seed"] != self.seed:
+            raise ValueError("sampler state is for a different data set or seed")
+        self.epoch, self.cursor = state["epoch"], state["cursor"]
+        self._perm = self._permutation(self.epoch)

@@ -1,0 +1,133 @@
+"""Rollout engines: given prompts, produce ``num_samples`` completions per prompt.
+
+The interface (:class:`RolloutEngine`) yields :class:`Rollouts` chunks as a generator, so a caller
+can stop early (DAPO dynamic sampling) and every completion that was generated is counted in
+``engine.rollouts_generated`` -- cumulative rollouts is the x-axis of PREPO's efficiency claim.
+:class:`HFGenerateEngine` samples with Hugging Face ``generate`` (temperature, top_p,
+max_new_tokens, stop at EOS).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Protocol, Sequence
+
+import torch
+
+
+@dataclass
+class Rollouts:
+    """A chunk of rollouts; row r belongs to prompt ``prompt_index[r]`` of the prompts given."""
+
+    prompt_index: list[int]
+    prompt_ids: torch.Tensor        # [N, P] left-padded
+    prompt_mask: torch.Tensor       # [N, P]
+    completion_ids: torch.Tensor    # [N, C] right-padded
+    completion_mask: torch.Tensor   # [N, C] 1 on generated tokens up to and including the first EOS
+    completions: list[str]          # decoded text before EOS
+
+    def __len__(self) -> int:
+        return len(self.prompt_index)
+
+    @staticmethod
+    def concat(chunks: Sequence["Rollouts"], pad_id: int) -> "Rollouts":
+        if len(chunks) == 1:
+            return chunks[0]
+        P = max(c.prompt_ids.shape[1] for c in chunks)
+        C = max(c.completion_ids.shape[1] for c in chunks)
+
+        def lpad(t, width, value):
+            return torch.nn.functional.pad(t, (width - t.shape[1], 0), value=value)
+
+        def rpad(t, width, value):
+            return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+        return Rollouts(
+            prompt_index=[i for c in chunks for i in c.prompt_index],
+            prompt_ids=torch.cat([lpad(c.prompt_ids, P, pad_id) for c in chunks]),
+            prompt_mask=torch.cat([lpad(c.prompt_mask, P, 0) for c in chunks]),
+            completion_ids=torch.cat([rpad(c.completion_ids, C, pad_id) for c in chunks]),
+            completion_mask=torch.cat([rpad(c.completion_mask, C, 0) for c in chunks]),
+            completions=[s for c in chunks for s in c.completions],
+        )
+
+    def select(self, rows: Sequence[int]) -> "Rollouts":
+        idx = torch.as_tensor(list(rows), dtype=torch.long)
+        return Rollouts(
+            prompt_index=[self.prompt_index[r] for r in rows],
+            prompt_ids=self.prompt_ids[idx],
+            prompt_mask=self.prompt_mask[idx],
+            completion_ids=self.completion_ids[idx],
+            completion_mask=self.completion_mask[idx],
+            completions=[self.completions[r] for r in rows],
+        )
+
+    def full_sequences(self) -> tuple[torch.Tensor, torch.Tensor, slice]:
+        """(input_ids, attention_mask, completion slice of the [N, T-1] log-prob positions)."""
+        ids = torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+        mask = torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+        P = self.prompt_ids.shape[1]
+        return ids, mask, slice(P - 1, ids.shape[1] - 1)
+
+
+class RolloutEngine(Protocol):
+    rollouts_generated: int
+
+    def generate(self, prompts: Sequence[str], num_samples: int, *, greedy: bool = False) -> Iterator[Rollouts]:
+        """Yield chunks of rollouts for ``prompts`` (each prompt ``num_samples`` times, grouped:
+        a prompt's samples are consecutive rows of one chunk)."""
+        ...
+
+
+def completion_mask_from_ids(completion_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    is_eos = (completion_ids == eos_id).long()
+    before_or_at_first_eos = (is_eos.cumsum(dim=1) - is_eos) == 0
+    return before_or_at_first_eos.long()
+
+
+class HFGenerateEngine:
+    """Samples with ``model.generate`` from the live policy (no separate inference copy)."""
+
+    def __init__(self, model, tokenizer, *, max_new_tokens: int, temperature: float = 1.0,
+                 top_p: float = 1.0, chunk_prompts: int = 64, encoder=None):
+        from .scoring import PromptEncoder
+
+        self.encoder = encoder or PromptEncoder(tokenizer)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.chunk_prompts = chunk_prompts
+        self.rollouts_generated = 0
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], num_samples: int, *, greedy: bool = False) -> Iterator[Rollouts]:
+        tok = self.tokenizer
+        was_training = self.model.training
+        if was_training:
+            self.model.eval()
+        try:
+            for start in range(0, len(prompts), self.chunk_prompts):
+                chunk = list(prompts[start : start + self.chunk_prompts])
+                ids, mask = self.encoder(chunk)
+                ids = ids.repeat_interleave(num_samples, dim=0)
+                mask = mask.repeat_interleave(num_samples, dim=0)
+                kwargs = dict(do_sample=False) if greedy else dict(
+                    do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=0)
+                out = self.model.generate(
+                    input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new_tokens,
+                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **kwargs)
+                comp = out[:, ids.shape[1]:]
+                cmask = completion_mask_from_ids(comp, tok.eos_token_id)
+                texts = [tok.decode(row[m.bool() & (row != tok.eos_token_id)], skip_special_tokens=True)
+                         for row, m in zip(comp, cmask)]
+                comp = torch.where(cmask.bool(), comp, tok.pad_token_id)
+                self.rollouts_generated += len(texts)
+                yield Rollouts(
+                    prompt_index=[start + i // num_samples for i in range(len(texts))],
+                    prompt_ids=ids, prompt_mask=mask, completion_ids=comp,
+                    completion_mask=cmask, completions=texts,
+                )
+        finally:
+            if was_training:
+                self.model.train()

@@ -1,0 +1,259 @@
+"""Unit tests of the PREPO trainer's pieces: window math, weights, loss, task, rewards, config."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from prepo.config import ConfigError, TrainConfig, from_dict, parse_args
+from prepo.curriculum import PromptSampler, get_strategy, pacing_rho, window_select, window_start
+from prepo.loss import group_advantages, grpo_loss
+from prepo.rewards import compute_rewards, math_verify_reward
+from prepo.task import (
+    DataError, balanced_problems, count_carries, evaluate_expression, generate_problems, is_heldout,
+    load_problems_jsonl,
+)
+from prepo.weighting import relative_entropy_weights
+
+
+# ---------------------------------------------------------------- window math
+def test_window_rho0_lowest_rho1_highest():
+    rng = np.random.default_rng(0)
+    ppl = rng.uniform(1, 10, size=50)
+    k = 10
+    assert set(window_select(ppl, k, 0.0)) == set(np.argsort(ppl)[:k])
+    assert set(window_select(ppl, k, 1.0)) == set(np.argsort(ppl)[-k:])
+
+
+def test_window_start_formula_and_monotone():
+    n, k = 40, 8
+    starts = [window_start(s / 100, n, k) for s in range(101)]
+    assert starts[0] == 0 and starts[-1] == n - k
+    assert all(b >= a for a, b in zip(starts, starts[1:]))
+    assert window_start(0.5, n, k) == math.floor(0.5 * (n - k))
+    rng = np.random.default_rng(1)
+    ppl = rng.uniform(1, 10, size=n)
+    means = [ppl[window_select(ppl, k, r)].mean() for r in np.linspace(0, 1, 21)]
+    assert all(b >= a for a, b in zip(means, means[1:]))
+    with pytest.raises(ValueError):
+        window_start(0.5, 5, 6)
+
+
+def test_pacing():
+    assert pacing_rho(0, 10) == 0.0 and pacing_rho(5, 10) == 0.5
+    for p in ("linear", "quadratic", "exponential"):
+        vals = [pacing_rho(s, 20, p) for s in range(21)]
+        assert vals[0] == 0.0 and abs(vals[-1] - 1.0) < 1e-12
+        assert all(b >= a for a, b in zip(vals, vals[1:]))
+
+
+def test_strategies_select():
+    rng = np.random.default_rng(0)
+    ppl = np.arange(20, 0, -1, dtype=float)   # candidate 19 has the lowest perplexity
+    low = get_strategy("static_low_ppl").select(ppl, 20, 4, 0.9, rng)
+    assert sorted(low) == [16, 17, 18, 19]
+    r = get_strategy("random").select(None, 20, 4, 0.0, rng)
+    assert len(r) == 4 and len(set(r)) == 4
+    d = get_strategy("dapo_dynamic").select(None, 20, 4, 0.0, rng)
+    assert sorted(d) == list(range(20))
+    assert get_strategy("prepo").weighting and not get_strategy("ppl_only").weighting
+    assert get_strategy("entropy_only").weighting and not get_strategy("entropy_only").needs_ppl
+
+
+def test_sampler_state_roundtrip():
+    a = PromptSampler(25, seed=3)
+    first = [a.next_batch(10) for _ in range(4)]
+    b = PromptSampler(25, seed=3)
+    b.next_batch(10)
+    c = PromptSampler(25, seed=3)
+    c.load_state_dict(b.state_dict())
+    assert [c.next_batch(10) for _ in range(3)] == first[1:]
+    assert sorted(first[0] + first[1] + first[2][:5]) == list(range(25))  # one epoch covers every item once
+
+
+# ---------------------------------------------------------------- weights
+def _entropies():
+    torch.manual_seed(0)
+    ent = torch.rand(6, 7) * 2
+    mask = torch.ones(6, 7)
+    for i, n in enumerate([7, 3, 5, 1, 6, 2]):
+        mask[i, n:] = 0
+    return ent * mask, mask
+
+
+def test_weights_token_weighted_mean_is_one():
+    ent, mask = _entropies()
+    w = relative_entropy_weights(ent, mask)
+    lengths = mask.sum(1)
+    assert torch.allclose((w * lengths).sum() / lengths.sum(), torch.tensor(1.0), atol=1e-6)
+    h_i = (ent * mask).sum(1) / lengths
+    assert torch.allclose(w, h_i / ((ent * mask).sum() / mask.sum()), atol=1e-6)
+
+
+def test_weights_scale_invariant():
+    ent, mask = _entropies()
+    assert torch.allclose(relative_entropy_weights(ent, mask), relative_entropy_weights(3.7 * ent, mask), atol=1e-6)
+
+
+def test_equal_entropies_give_unit_weights_and_plain_loss():
+    _, mask = _entropies()
+    w = relative_entropy_weights(torch.full_like(mask, 0.8) * mask, mask)
+    assert torch.allclose(w, torch.ones(6))
+    torch.manual_seed(1)
+    lp = torch.randn(6, 7, requires_grad=True)
+    old = lp.detach() + 0.3 * torch.randn(6, 7)
+    adv = torch.randn(6)
+    a = grpo_loss(lp, old, adv, mask, w).loss
+    (ga,) = torch.autograd.grad(a, lp)
+    b = grpo_loss(lp, old, adv, mask, None).loss
+    (gb,) = torch.autograd.grad(b, lp)
+    # identical up to float32 rounding of H_i / H_bar (w == 1 to within one ulp)
+    assert torch.allclose(a, b, rtol=1e-6, atol=0) and torch.allclose(ga, gb, rtol=1e-6, atol=1e-9)
+
+
+def test_zero_entropy_batch_gives_unit_weights():
+    _, mask = _entropies()
+    assert torch.equal(relative_entropy_weights(torch.zeros_like(mask), mask), torch.ones(6))
+
+
+# ---------------------------------------------------------------- loss
+def test_group_advantages():
+    r = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    a = group_advantages(r, 4, eps=0.0)
+    std = torch.tensor([1.0, 0, 0, 0]).std()
+    assert torch.allclose(a[:4], (torch.tensor([1.0, 0, 0, 0]) - 0.25) / std)
+    assert torch.equal(group_advantages(r, 4)[4:], torch.zeros(4))
+    with pytest.raises(ValueError):
+        group_advantages(r, 3)
+
+
+def test_loss_hand_computed():
+    # two rollouts: lengths 2 and 1; ratios exp(d); eps_low 0.2, eps_high 0.28
+    lp = torch.log(torch.tensor([[1.5, 0.9], [0.5, 1.0]]))      # old log-probs are 0 -> ratio = these
+    old = torch.zeros(2, 2)
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    adv = torch.tensor([2.0, -1.0])
+    w = torch.tensor([1.2, 0.6])
+    lp.requires_grad_(True)
+    out = grpo_loss(lp, old, adv, mask, w, eps_low=0.2, eps_high=0.28)
+    # rollout 0 (A=2): token ratios 1.5 -> min(3.0, 1.28*2=2.56)=2.56 (clipped); 0.9 -> min(1.8, 1.8)=1.8
+    # rollout 1 (A=-1): ratio 0.5 -> min(-0.5, -0.8) = -0.8 (clipped)
+    expected = -(1.2 * 2.56 + 1.2 * 1.8 + 0.6 * -0.8) / 3
+    assert abs(out.loss.item() - expected) < 1e-6
+    assert abs(out.clip_frac - 2 / 3) < 1e-6
+    out.loss.backward()
+    # only the unclipped token carries gradient: d/dlp of -(w*ratio*A)/3 = -(1.2*0.9*2)/3
+    expected_grad = torch.tensor([[0.0, -(1.2 * 0.9 * 2) / 3], [0.0, 0.0]])
+    assert torch.allclose(lp.grad, expected_grad, atol=1e-6)
+
+
+def test_loss_kl_term():
+    lp = torch.zeros(1, 2)
+    ref = torch.log(torch.tensor([[2.0, 0.5]]))
+    out = grpo_loss(lp, lp, torch.zeros(1), torch.ones(1, 2), ref_logprob=ref, kl_beta=0.1)
+    k3 = [(2.0 - math.log(2.0) - 1), (0.5 - math.log(0.5) - 1)]
+    assert abs(out.loss.item() - 0.1 * sum(k3) / 2) < 1e-6
+
+
+# ---------------------------------------------------------------- task
+def test_task_answers_verified():
+    probs = generate_problems(500, seed=0) + generate_problems(200, seed=0, split="eval")
+    for p in probs:
+        assert int(p.answer) == eval(p.prompt[:-1])  # noqa: S307 -- independent check of the task's own evaluator
+    assert evaluate_expression("12+7*3") == 33 and evaluate_expression("20-4*5") == 0
+    assert count_carries(58, 67) == 2 and count_carries(12, 34) == 0
+
+
+def test_task_deterministic_and_disjoint():
+    assert generate_problems(100, seed=5) == generate_problems(100, seed=5)
+    assert generate_problems(100, seed=5) != generate_problems(100, seed=6)
+    train = {p.prompt for p in generate_problems(3000, seed=0)}
+    evals = balanced_problems(40, 0, "eval")
+    assert not train & {p.prompt for p in evals}
+    assert all(is_heldout(p.prompt) for p in evals)
+    levels = {p.difficulty for p in evals}
+    assert levels == {0, 1, 2, 3, 4}
+
+
+def test_bad_data_errors(tmp_path):
+    cases = {
+        "notjson.jsonl": "{oops\n",
+        "missing.jsonl": json.dumps({"prompt": "1+2="}) + "\n",
+        "badanswer.jsonl": json.dumps({"prompt": "1+2=", "answer": [3]}) + "\n",
+        "badchars.jsonl": json.dumps({"prompt": "what is 1+2?", "answer": "3"}) + "\n",
+        "empty.jsonl": "\n",
+        "notobject.jsonl": "[1, 2]\n",
+    }
+    for name, text in cases.items():
+        path = tmp_path / name
+        path.write_text(text)
+        with pytest.raises(DataError):
+            load_problems_jsonl(path)
+    with pytest.raises(DataError, match="does not exist"):
+        load_problems_jsonl(tmp_path / "nope.jsonl")
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"prompt": "1+2=", "answer": 3, "difficulty": 0}) + "\n")
+    assert load_problems_jsonl(good)[0].answer == "3"
+
+
+# ---------------------------------------------------------------- rewards
+def test_math_verify_reward():
+    r = math_verify_reward(["1+2="] * 4, ["3", "4", "", "03"], answer=["3", "3", "3", "3"])
+    assert r[:3] == [1.0, 0.0, 0.0]
+    assert math_verify_reward(["5-9="], ["-4"], answer=["-4"]) == [1.0]
+
+
+def test_reward_fn_raising_gives_zero_and_is_counted():
+    def flaky(prompts, completions, answer, **kw):
+        out = []
+        for c, a in zip(completions, answer):
+            if c == "boom":
+                raise RuntimeError("checker crashed")
+            out.append(float(c == a))
+        return out
+
+    rewards, failures = compute_rewards(flaky, ["p"] * 4, ["3", "boom", "4", "boom"], answer=["3", "3", "4", "1"])
+    assert rewards == [1.0, 0.0, 1.0, 0.0] and failures == 2
+
+    def returns_none(prompts, completions, **kw):
+        return [None if c == "x" else 1.0 for c in completions]
+
+    rewards, failures = compute_rewards(returns_none, ["p"] * 3, ["a", "x", "b"])
+    assert rewards == [1.0, 0.0, 1.0] and failures == 1
+
+
+# ---------------------------------------------------------------- config
+def test_config_overrides_and_yaml(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("strategy: random\ntotal_steps: 7\nlr: 1.0e-4\n")
+    cfg = parse_args(["--config", str(y), "--total-steps", "9", "--seed=4", "--resume", "--output_dir", "o"])
+    assert (cfg.strategy, cfg.total_steps, cfg.seed, cfg.resume, cfg.output_dir, cfg.lr) == ("random", 9, 4, True, "o", 1e-4)
+    assert from_dict({"group-size": 4}).group_size == 4
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config key.*valid keys:.*total_steps"):
+        parse_args(["--total-stepz", "3"])
+    with pytest.raises(ConfigError, match="expects an integer"):
+        parse_args(["--total-steps", "three"])
+    with pytest.raises(ConfigError, match="expects a number"):
+        parse_args(["--lr", "fast"])
+    with pytest.raises(ConfigError, match="expects a boolean"):
+        parse_args(["--progress", "maybe"])
+    with pytest.raises(ConfigError, match="strategy must be one of"):
+        parse_args(["--strategy", "greso"])
+    with pytest.raises(ConfigError, match="select_ratio"):
+        parse_args(["--select-ratio", "1.5"])
+    y = tmp_path / "bad.yaml"
+    y.write_text("stratgy: prepo\n")
+    with pytest.raises(ConfigError, match="unknown config key 'stratgy'"):
+        parse_args(["--config", str(y)])
+    y.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        parse_args(["--config", str(y)])
+    with pytest.raises(ConfigError, match="needs a value"):
+        parse_args(["--seed"])
+    assert TrainConfig().validate().num_selected == 13
