@@ -1,0 +1,570 @@
+// CPU kernels for prepo_kernels::lle_forward / lle_backward (schemas in csrc/ops.cpp, semantics in
+// prepo_kernels/backends/base.py).
+//
+// The [n, V] logits are never materialized. The vocabulary is cut into tiles (outer loop) and the
+// rows into blocks (inner loop); for each (vocab tile, row block) one BLAS matmul (ATen -> MKL /
+// OpenBLAS) writes a cache-sized fp32 (fp64 for fp64 inputs) logit tile Z, then fused C++ loops turn
+// Z into
+//   forward : per-row online statistics, merged across vocab tiles in double:
+//             m = running max, s = sum exp(z - m), t = sum exp(z - m) (z - m), z_y
+//             lse = m + log s, entropy = log s - t / s   (stable for |z| ~ 1e4)
+//   backward: dz (written over Z in place), followed by dh += dz @ W_tile and
+//             dW_tile (+)= dz^T @ h_block (BLAS again), db_tile += sum_rows dz.
+// bf16 / fp16 inputs are upcast tile by tile to fp32 and every product accumulates in fp32.
+//
+// Threading: the vocab tiles are split into one contiguous partition per thread; each thread runs
+// single-threaded BLAS and the fused loops on its own tiles (its own dW rows, its own row
+// statistics / private dh, merged in partition order at the end). One synchronization per op (per
+// row chunk in backward) instead of several per tile, and results are bitwise reproducible for a
+// given thread count.
+//
+// The element loops are plain C++ written so that gcc / clang auto-vectorize them at -O3 for the
+// baseline x86-64 ISA (a branch-free polynomial exp, selects instead of branches, `omp simd`
+// reductions; built with -fopenmp -fno-trapping-math). With gcc on x86-64 Linux the float loops are
+// also cloned for x86-64-v3 (AVX2+FMA) and x86-64-v4 (AVX-512) via target_clones, and the clone is
+// picked at load time from the CPU's features: the binary runs on any x86-64 CPU (no -march=native).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <tuple>
+
+namespace prepo_kernels {
+namespace {
+
+using at::Tensor;
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
+    !defined(PREPO_NO_TARGET_CLONES)
+#define PREPO_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+#else
+#define PREPO_CLONES
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#define PREPO_ALWAYS_INLINE __attribute__((always_inline)) inline
+#else
+#define PREPO_ALWAYS_INLINE inline
+#endif
+
+constexpr float kNegInfF = -std::numeric_limits<float>::infinity();
+// exp(x) for x below kExpLowF is taken as exactly 0 (e^-87 ~ 1.6e-38 is irrelevant next to the max
+// term, which contributes 1). Differences z - m are clamped to kExpLowF before the polynomial, so a
+// z = -inf never produces inf * 0 = NaN, and its contribution is selected away to an exact 0.
+constexpr float kExpLowF = -87.0f;
+constexpr double kClampD = -1.0e4;
+
+// ---------------------------------------------------------------------------------------------
+// tile sizes (env overrides for tuning: PREPO_CPU_ROW_TILE, PREPO_CPU_VOCAB_TILE)
+
+int64_t env_int(const char* name, int64_t fallback) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return fallback;
+  char* end = nullptr;
+  long long x = std::strtoll(v, &end, 10);
+  return (end != v && x > 0) ? static_cast<int64_t>(x) : fallback;
+}
+
+// Each thread holds one [row_tile, vocab_tile] logit tile; together they stay within kTileBytes
+// (2 threads: 2 x [2048, 1024] fp32 = 16 MB). Larger row tiles mean fewer read-modify-writes of
+// the dW tile in backward, larger vocab tiles fewer of dh; both give BLAS larger problems.
+constexpr int64_t kTileBytes = int64_t(32) << 20;
+
+// About 1024 vocab rows per tile, sized so that every thread gets the same number of tiles (and at
+// least one: a small vocabulary is still split across the threads).
+int64_t vocab_tile(int64_t V, int64_t threads) {
+  const int64_t env = env_int("PREPO_CPU_VOCAB_TILE", 0);
+  if (env > 0) return std::max<int64_t>(1, std::min(V, env));
+  const int64_t P = std::max<int64_t>(1, threads);
+  const int64_t per_thread = std::max<int64_t>(1, (V + P * 1024 - 1) / (P * 1024));
+  return std::max<int64_t>(1, (V + P * per_thread - 1) / (P * per_thread));
+}
+
+int64_t row_tile(int64_t n, int64_t vt, int64_t threads, int64_t elem_size) {
+  int64_t fit = kTileBytes / std::max<int64_t>(1, threads * vt * elem_size);
+  fit = std::max<int64_t>(64, std::min<int64_t>(2048, fit));
+  return std::max<int64_t>(1, std::min(n, env_int("PREPO_CPU_ROW_TILE", fit)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// float element kernels
+
+// exp(x) for x in [-87, 88] with < 1.5 ulp error (Cephes expf polynomial), written branch-free so
+// that the loops calling it vectorize. The caller clamps x from below.
+PREPO_ALWAYS_INLINE float exp_f32(float x) {
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer kept in the low bits
+  const float t = x * 1.44269504088896341f + magic;
+  const float k = t - magic;
+  float r = x - k * 0.693359375f;
+  r = r - k * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = (p * (r * r) + r) + 1.0f;
+  uint32_t tb;
+  std::memcpy(&tb, &t, sizeof(tb));
+  const uint32_t sb = (tb + (127u - 0x4B400000u)) << 23;  // bits of 2^k
+  float scale;
+  std::memcpy(&scale, &sb, sizeof(scale));
+  return y * scale;
+}
+
+// Forward statistics of one row segment of raw logits (h W^T): with z_v = (raw_v + b_v) * sc (b may
+// be null) returns m = max z and, relative to it, s = sum e^{z-m}, t = sum e^{z-m} (z-m).
+// An all -inf segment gives m = -inf, s = t = 0. `omp simd` reductions let the compiler vectorize
+// (it may reorder the float sums). raw is not modified.
+PREPO_CLONES
+void row_forward_f32(const float* __restrict raw, const float* __restrict b, int64_t len, float sc, float* out_m,
+                     float* out_s, float* out_t) {
+  float mx = kNegInfF;
+  if (b != nullptr) {
+#pragma omp simd reduction(max : mx)
+    for (int64_t i = 0; i < len; ++i) {
+      const float v = raw[i] + b[i];
+      mx = v > mx ? v : mx;
+    }
+  } else {
+#pragma omp simd reduction(max : mx)
+    for (int64_t i = 0; i < len; ++i) mx = raw[i] > mx ? raw[i] : mx;
+  }
+  const float m = mx * sc;  // sc > 0
+  *out_m = m;
+  if (!(m > kNegInfF)) {  // all -inf (or NaN): contributes nothing
+    *out_s = 0.0f;
+    *out_t = 0.0f;
+    return;
+  }
+  const float nm = -m;
+  float s = 0.0f, t = 0.0f;
+  if (b != nullptr) {
+#pragma omp simd reduction(+ : s, t)
+    for (int64_t i = 0; i < len; ++i) {
+      const float d = (raw[i] + b[i]) * sc + nm;
+      const float dc = d > kExpLowF ? d : kExpLowF;
+      const float e = d > kExpLowF ? exp_f32(dc) : 0.0f;
+      s += e;
+      t += e * dc;
+    }
+  } else {
+#pragma omp simd reduction(+ : s, t)
+    for (int64_t i = 0; i < len; ++i) {
+      const float d = raw[i] * sc + nm;
+      const float dc = d > kExpLowF ? d : kExpLowF;
+      const float e = d > kExpLowF ? exp_f32(dc) : 0.0f;
+      s += e;
+      t += e * dc;
+    }
+  }
+  *out_s = s;
+  *out_t = t;
+}
+
+// Backward of one row segment, in place: raw logits (h W^T) in, dz * sc out, where
+// z = (raw + b) * sc, p = exp(z - lse), dz = -p (g + e (z - lse + H))  (the + g at the target is
+// added by the caller).
+PREPO_CLONES
+void row_backward_f32(float* __restrict z, const float* __restrict b, int64_t len, float sc, float lse, float g,
+                      float e, float H) {
+  const float c0 = (g + e * H) * sc;
+  const float es = e * sc;
+  const float nl = -lse;
+  if (b != nullptr) {
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {
+      const float d = (z[i] + b[i]) * sc + nl;
+      const float dc = d > kExpLowF ? d : kExpLowF;
+      const float p = d > kExpLowF ? exp_f32(dc) : 0.0f;
+      z[i] = -p * (c0 + es * dc);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {
+      const float d = z[i] * sc + nl;
+      const float dc = d > kExpLowF ? d : kExpLowF;
+      const float p = d > kExpLowF ? exp_f32(dc) : 0.0f;
+      z[i] = -p * (c0 + es * dc);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// double element kernels (gradcheck / oracles: plain loops, std::exp)
+
+void row_forward_f64(const double* raw, const double* b, int64_t len, double sc, double* out_m, double* out_s,
+                     double* out_t) {
+  double m = -std::numeric_limits<double>::infinity();
+  for (int64_t i = 0; i < len; ++i) {
+    const double v = (raw[i] + (b != nullptr ? b[i] : 0.0)) * sc;
+    m = m > v ? m : v;
+  }
+  *out_m = m;
+  double s = 0.0, t = 0.0;
+  if (m > -std::numeric_limits<double>::infinity()) {
+    for (int64_t i = 0; i < len; ++i) {
+      double d = (raw[i] + (b != nullptr ? b[i] : 0.0)) * sc - m;
+      d = d < kClampD ? kClampD : d;
+      double ex = std::exp(d);
+      s += ex;
+      t += ex * d;
+    }
+  }
+  *out_s = s;
+  *out_t = t;
+}
+
+void row_backward_f64(double* z, const double* b, int64_t len, double sc, double lse, double g, double e,
+                      double H) {
+  for (int64_t i = 0; i < len; ++i) {
+    double d = (z[i] + (b != nullptr ? b[i] : 0.0)) * sc - lse;
+    d = d < kClampD ? kClampD : d;
+    double p = std::exp(d);
+    z[i] = -p * (g + e * (d + H)) * sc;
+  }
+}
+
+inline void row_forward(const float* z, const float* b, int64_t len, float sc, float* m, float* s, float* t) {
+  row_forward_f32(z, b, len, sc, m, s, t);
+}
+inline void row_forward(const double* z, const double* b, int64_t len, double sc, double* m, double* s, double* t) {
+  row_forward_f64(z, b, len, sc, m, s, t);
+}
+inline void row_backward(float* z, const float* b, int64_t len, float sc, float lse, float g, float e, float H) {
+  row_backward_f32(z, b, len, sc, lse, g, e, H);
+}
+inline void row_backward(double* z, const double* b, int64_t len, double sc, double lse, double g, double e,
+                         double H) {
+  row_backward_f64(z, b, len, sc, lse, g, e, H);
+}
+
+// ---------------------------------------------------------------------------------------------
+// drivers
+
+void check_inputs(const Tensor& hidden, const Tensor& weight, const std::optional<Tensor>& bias,
+                  const Tensor& targets, const Tensor& inv_temp) {
+  TORCH_CHECK(hidden.device().is_cpu(), "prepo_kernels CPU kernel: hidden must be on the CPU");
+  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2, "hidden must be [n, D] and weight [V, D], got ",
+              hidden.sizes(), " and ", weight.sizes());
+  TORCH_CHECK(hidden.size(1) == weight.size(1), "hidden [n, D] and weight [V, D] disagree on D: ",
+              hidden.sizes(), " vs ", weight.sizes());
+  TORCH_CHECK(weight.size(0) > 0, "weight must have at least one row (V >= 1)");
+  const auto dt = hidden.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
+              "hidden must be float32/float64/bfloat16/float16, got ", dt);
+  TORCH_CHECK(weight.scalar_type() == dt, "weight dtype ", weight.scalar_type(), " != hidden dtype ", dt);
+  TORCH_CHECK(weight.device() == hidden.device(), "weight must be on the same device as hidden");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "bias must be [V], got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == dt, "bias dtype ", bias->scalar_type(), " != hidden dtype ", dt);
+    TORCH_CHECK(bias->device() == hidden.device(), "bias must be on the same device as hidden");
+  }
+  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == hidden.size(0), "targets must be [n], got ",
+              targets.sizes());
+  TORCH_CHECK(targets.scalar_type() == at::kLong, "targets must be int64, got ", targets.scalar_type());
+  TORCH_CHECK(inv_temp.dim() == 1 && inv_temp.size(0) == hidden.size(0), "inv_temp must be [n], got ",
+              inv_temp.sizes());
+  TORCH_CHECK(targets.device() == hidden.device() && inv_temp.device() == hidden.device(),
+              "targets and inv_temp must be on the same device as hidden");
+}
+
+at::ScalarType acc_type(const Tensor& hidden) {
+  return hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// A contiguous [rows, cols] view at the start of a flat buffer.
+Tensor tile_view(const Tensor& flat, int64_t rows, int64_t cols) {
+  return flat.narrow(0, 0, rows * cols).view({rows, cols});
+}
+
+// Threading: the vocabulary tiles are split into P contiguous partitions, one per thread, and each
+// thread runs single-threaded BLAS (MKL / OpenBLAS run sequentially inside a parallel region) and
+// the fused loops on its own tiles. So the whole op has one parallel region (forward) or one per
+// row chunk (backward) instead of several synchronizations per tile, and the work assigned to each
+// partition, hence every result, is a fixed function of P (= the number of threads): run-to-run
+// deterministic. Partition p works on tiles [p * ntiles / P, (p + 1) * ntiles / P).
+int64_t num_partitions(int64_t ntiles) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntiles));
+}
+
+// Per-row forward statistics of one partition: m (running max), s = sum e^{z-m}, t = sum e^{z-m}(z-m).
+struct RowStats {
+  double* m;
+  double* s;
+  double* t;
+};
+
+// Merge a segment's (mt, st, tt) into the running statistics of row i.
+inline void merge_stats(const RowStats& r, int64_t i, double mt, double st, double tt) {
+  if (!(st > 0)) return;  // segment all -inf
+  const double M = r.m[i];
+  if (mt <= M) {
+    const double a = std::exp(mt - M);
+    r.s[i] += a * st;
+    r.t[i] += a * (tt + (mt - M) * st);
+  } else {
+    const double S = r.s[i];
+    const double a = std::exp(M - mt);  // 0 while M = -inf
+    r.s[i] = a * S + st;
+    r.t[i] = (S > 0 ? a * (r.t[i] + (M - mt) * S) : 0.0) + tt;
+    r.m[i] = mt;
+  }
+}
+
+template <typename acc_t>
+std::tuple<Tensor, Tensor, Tensor> forward_impl(const Tensor& hidden_in, const Tensor& weight_in,
+                                                const std::optional<Tensor>& bias_in, const Tensor& targets_in,
+                                                const Tensor& inv_temp_in, bool compute_entropy) {
+  const auto acc = acc_type(hidden_in);
+  const int64_t n = hidden_in.size(0), D = hidden_in.size(1), V = weight_in.size(0);
+  auto fopts = hidden_in.options().dtype(acc);
+  Tensor logprob = at::empty({n}, fopts);
+  Tensor lse = at::empty({n}, fopts);
+  Tensor entropy = at::empty({compute_entropy ? n : 0}, fopts);
+  if (n == 0) return {logprob, entropy, lse};
+
+  // detached: the worker threads below do not inherit the dispatcher's thread-local "below
+  // autograd" state, so their ATen calls must not see tensors that require grad
+  const Tensor hidden = hidden_in.detach().contiguous();
+  const Tensor weight = weight_in.detach().contiguous();
+  const Tensor targets = targets_in.contiguous();
+  const Tensor inv_temp = inv_temp_in.to(acc).contiguous();
+  Tensor bias;
+  if (bias_in.has_value()) bias = bias_in->detach().to(acc).contiguous();
+  const bool lowp = hidden.scalar_type() != acc;
+
+  const int64_t* y = targets.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(y[i] >= 0 && y[i] < V, "target ", y[i], " of row ", i, " is outside [0, ", V, ")");
+  const acc_t* itp = inv_temp.data_ptr<acc_t>();
+  const acc_t* bp = bias.defined() ? bias.data_ptr<acc_t>() : nullptr;
+
+  const int64_t Vt = vocab_tile(V, at::get_num_threads());
+  const int64_t ntiles = (V + Vt - 1) / Vt;
+  const int64_t P = num_partitions(ntiles);
+  const int64_t Nt = row_tile(n, Vt, P, sizeof(acc_t));
+
+  // [P, 3, n] running statistics (double for every dtype) + z_y (each target lies in one tile)
+  Tensor stats = at::empty({P * 3 * n + n}, hidden.options().dtype(at::kDouble));
+  double* sp = stats.data_ptr<double>();
+  double* Zy = sp + P * 3 * n;
+  auto part_stats = [&](int64_t p) { return RowStats{sp + p * 3 * n, sp + p * 3 * n + n, sp + p * 3 * n + 2 * n}; };
+  for (int64_t p = 0; p < P; ++p) {
+    RowStats r = part_stats(p);
+    std::fill(r.m, r.m + n, -std::numeric_limits<double>::infinity());
+    std::fill(r.s, r.s + n, 0.0);
+    std::fill(r.t, r.t + n, 0.0);
+  }
+  std::fill(Zy, Zy + n, 0.0);
+
+  at::parallel_for(0, P, 1, [&](int64_t plo, int64_t phi) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    Tensor zbuf = at::empty({Nt * Vt}, fopts);
+    Tensor wbuf = lowp ? at::empty({Vt * D}, fopts) : Tensor();
+    Tensor hbuf = lowp ? at::empty({Nt * D}, fopts) : Tensor();
+    for (int64_t p = plo; p < phi; ++p) {
+      const RowStats rs = part_stats(p);
+      for (int64_t tile = p * ntiles / P; tile < (p + 1) * ntiles / P; ++tile) {
+        const int64_t v0 = tile * Vt, vt = std::min(Vt, V - v0);
+        Tensor Wt = weight.narrow(0, v0, vt);
+        if (lowp) Wt = tile_view(wbuf, vt, D).copy_(Wt);
+        const acc_t* bt = bp != nullptr ? bp + v0 : nullptr;
+        for (int64_t r0 = 0; r0 < n; r0 += Nt) {
+          const int64_t nt = std::min(Nt, n - r0);
+          Tensor hb = hidden.narrow(0, r0, nt);
+          if (lowp) hb = tile_view(hbuf, nt, D).copy_(hb);
+          Tensor Z = tile_view(zbuf, nt, vt);
+          at::mm_out(Z, hb, Wt.t());
+          const acc_t* zp = Z.data_ptr<acc_t>();
+          for (int64_t li = 0; li < nt; ++li) {
+            const int64_t i = r0 + li;
+            const acc_t* row = zp + li * vt;
+            acc_t m, s, t;
+            row_forward(row, bt, vt, itp[i], &m, &s, &t);
+            merge_stats(rs, i, static_cast<double>(m), static_cast<double>(s), static_cast<double>(t));
+            const int64_t yl = y[i] - v0;
+            if (yl >= 0 && yl < vt)
+              Zy[i] = (static_cast<double>(row[yl]) + (bt != nullptr ? static_cast<double>(bt[yl]) : 0.0)) *
+                      static_cast<double>(itp[i]);
+          }
+        }
+      }
+    }
+  });
+
+  // merge the partitions, in partition order
+  const RowStats r0s = part_stats(0);
+  for (int64_t p = 1; p < P; ++p) {
+    const RowStats rp = part_stats(p);
+    for (int64_t i = 0; i < n; ++i) merge_stats(r0s, i, rp.m[i], rp.s[i], rp.t[i]);
+  }
+  acc_t* lp = logprob.data_ptr<acc_t>();
+  acc_t* lsep = lse.data_ptr<acc_t>();
+  acc_t* ep = compute_entropy ? entropy.data_ptr<acc_t>() : nullptr;
+  for (int64_t i = 0; i < n; ++i) {
+    const double logs = std::log(r0s.s[i]);
+    const double l = r0s.m[i] + logs;
+    lsep[i] = static_cast<acc_t>(l);
+    lp[i] = static_cast<acc_t>(Zy[i] - l);
+    if (ep != nullptr) ep[i] = static_cast<acc_t>(logs - r0s.t[i] / r0s.s[i]);
+  }
+  return {logprob, entropy, lse};
+}
+
+// Bytes of private grad_hidden accumulators (partitions 1..P-1) the backward may hold at once; rows
+// are processed in chunks small enough for this.
+constexpr int64_t kPrivateBytes = int64_t(64) << 20;
+
+template <typename acc_t>
+std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& grad_logprob, const std::optional<Tensor>& grad_entropy,
+                                                 const Tensor& hidden_in, const Tensor& weight_in,
+                                                 const std::optional<Tensor>& bias_in, const Tensor& targets_in,
+                                                 const Tensor& inv_temp_in, const Tensor& lse_in,
+                                                 const Tensor& entropy_in) {
+  const auto acc = acc_type(hidden_in);
+  const int64_t n = hidden_in.size(0), D = hidden_in.size(1), V = weight_in.size(0);
+  auto fopts = hidden_in.options().dtype(acc);
+  Tensor grad_hidden = at::zeros({n, D}, fopts);
+  Tensor grad_weight = at::empty({V, D}, fopts);
+  Tensor grad_bias = bias_in.has_value() ? at::zeros({V}, fopts) : at::empty({0}, fopts);
+  if (n == 0) {
+    grad_weight.zero_();
+    return {grad_hidden, grad_weight, grad_bias};
+  }
+
+  const bool has_e = grad_entropy.has_value() && grad_entropy->defined();
+  // detached: the worker threads below do not inherit the dispatcher's thread-local "below
+  // autograd" state, so their ATen calls must not see tensors that require grad
+  const Tensor hidden = hidden_in.detach().contiguous();
+  const Tensor weight = weight_in.detach().contiguous();
+  const Tensor targets = targets_in.contiguous();
+  const Tensor inv_temp = inv_temp_in.to(acc).contiguous();
+  const Tensor g = grad_logprob.to(acc).contiguous();
+  const Tensor lse = lse_in.to(acc).contiguous();
+  Tensor e, H;
+  if (has_e) {
+    TORCH_CHECK(grad_entropy->dim() == 1 && grad_entropy->size(0) == n, "grad_entropy must be [n]");
+    TORCH_CHECK(entropy_in.dim() == 1 && entropy_in.size(0) == n,
+                "entropy must be [n] when grad_entropy is given (forward ran with compute_entropy=False?)");
+    e = grad_entropy->to(acc).contiguous();
+    H = entropy_in.to(acc).contiguous();
+  }
+  Tensor bias;
+  if (bias_in.has_value()) bias = bias_in->detach().to(acc).contiguous();
+  const bool lowp = hidden.scalar_type() != acc;
+
+  const int64_t* y = targets.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(y[i] >= 0 && y[i] < V, "target ", y[i], " of row ", i, " is outside [0, ", V, ")");
+  const acc_t* itp = inv_temp.data_ptr<acc_t>();
+  const acc_t* gp = g.data_ptr<acc_t>();
+  const acc_t* lsep = lse.data_ptr<acc_t>();
+  const acc_t* epp = has_e ? e.data_ptr<acc_t>() : nullptr;
+  const acc_t* Hp = has_e ? H.data_ptr<acc_t>() : nullptr;
+  const acc_t* bp = bias.defined() ? bias.data_ptr<acc_t>() : nullptr;
+  acc_t* dbp = bias.defined() ? grad_bias.data_ptr<acc_t>() : nullptr;
+
+  const int64_t Vt = vocab_tile(V, at::get_num_threads());
+  const int64_t ntiles = (V + Vt - 1) / Vt;
+  const int64_t P = num_partitions(ntiles);
+  const int64_t Nt = row_tile(n, Vt, P, sizeof(acc_t));
+  // rows per chunk: the P - 1 private grad_hidden accumulators [R, D] fit in kPrivateBytes
+  int64_t R = n;
+  if (P > 1) {
+    const int64_t cap = kPrivateBytes / ((P - 1) * D * static_cast<int64_t>(sizeof(acc_t)));
+    R = std::min(n, std::max(Nt, cap / Nt * Nt));
+  }
+  Tensor dh_private = P > 1 ? at::empty({P - 1, R, D}, fopts) : Tensor();
+
+  for (int64_t c0 = 0; c0 < n; c0 += R) {
+    const int64_t rc = std::min(R, n - c0);
+    at::parallel_for(0, P, 1, [&](int64_t plo, int64_t phi) {
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;
+      Tensor zbuf = at::empty({Nt * Vt}, fopts);
+      Tensor wbuf = lowp ? at::empty({Vt * D}, fopts) : Tensor();
+      Tensor hbuf = lowp ? at::empty({Nt * D}, fopts) : Tensor();
+      for (int64_t p = plo; p < phi; ++p) {
+        Tensor dh = p == 0 ? grad_hidden.narrow(0, c0, rc) : dh_private[p - 1].narrow(0, 0, rc);
+        if (p > 0) dh.zero_();
+        for (int64_t tile = p * ntiles / P; tile < (p + 1) * ntiles / P; ++tile) {
+          const int64_t v0 = tile * Vt, vt = std::min(Vt, V - v0);
+          Tensor Wt = weight.narrow(0, v0, vt);
+          if (lowp) Wt = tile_view(wbuf, vt, D).copy_(Wt);
+          Tensor dWt = grad_weight.narrow(0, v0, vt);
+          const acc_t* bt = bp != nullptr ? bp + v0 : nullptr;
+          for (int64_t r0 = c0; r0 < c0 + rc; r0 += Nt) {
+            const int64_t nt = std::min(Nt, c0 + rc - r0);
+            Tensor hb = hidden.narrow(0, r0, nt);
+            if (lowp) hb = tile_view(hbuf, nt, D).copy_(hb);
+            Tensor Z = tile_view(zbuf, nt, vt);
+            at::mm_out(Z, hb, Wt.t());
+            acc_t* zp = Z.data_ptr<acc_t>();
+            for (int64_t li = 0; li < nt; ++li) {
+              const int64_t i = r0 + li;
+              acc_t* row = zp + li * vt;
+              const acc_t ei = has_e ? epp[i] : acc_t(0);
+              const acc_t Hi = has_e ? Hp[i] : acc_t(0);
+              row_backward(row, bt, vt, itp[i], lsep[i], gp[i], ei, Hi);
+              const int64_t yl = y[i] - v0;
+              if (yl >= 0 && yl < vt) row[yl] += gp[i] * itp[i];
+            }
+            if (dbp != nullptr) {  // this partition owns these columns of grad_bias
+              acc_t* db = dbp + v0;
+              for (int64_t li = 0; li < nt; ++li) {
+                const acc_t* row = zp + li * vt;
+                for (int64_t c = 0; c < vt; ++c) db[c] += row[c];
+              }
+            }
+            dh.narrow(0, r0 - c0, nt).addmm_(Z, Wt);
+            if (r0 == 0) {
+              at::mm_out(dWt, Z.t(), hb);
+            } else {
+              dWt.addmm_(Z.t(), hb);
+            }
+          }
+        }
+      }
+    });
+    for (int64_t p = 1; p < P; ++p) grad_hidden.narrow(0, c0, rc).add_(dh_private[p - 1].narrow(0, 0, rc));
+  }
+  return {grad_hidden, grad_weight, grad_bias};
+}
+
+std::tuple<Tensor, Tensor, Tensor> lle_forward_cpu(const Tensor& hidden, const Tensor& weight,
+                                                   const std::optional<Tensor>& bias, const Tensor& targets,
+                                                   const Tensor& inv_temp, bool compute_entropy) {
+  check_inputs(hidden, weight, bias, targets, inv_temp);
+  if (hidden.scalar_type() == at::kDouble)
+    return forward_impl<double>(hidden, weight, bias, targets, inv_temp, compute_entropy);
+  return forward_impl<float>(hidden, weight, bias, targets, inv_temp, compute_entropy);
+}
+
+std::tuple<Tensor, Tensor, Tensor> lle_backward_cpu(const Tensor& grad_logprob, const std::optional<Tensor>& grad_entropy,
+                                                    const Tensor& hidden, const Tensor& weight,
+                                                    const std::optional<Tensor>& bias, const Tensor& targets,
+                                                    const Tensor& inv_temp, const Tensor& lse, const Tensor& entropy) {
+  check_inputs(hidden, weight, bias, targets, inv_temp);
+  const int64_t n = hidden.size(0);
+  TORCH_CHECK(grad_logprob.dim() == 1 && grad_logprob.size(0) == n, "grad_logprob must be [n], got ",
+              grad_logprob.sizes());
+  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == n, "lse must be [n], got ", lse.sizes());
+  if (hidden.scalar_type() == at::kDouble)
+    return backward_impl<double>(grad_logprob, grad_entropy, hidden, weight, bias, targets, inv_temp, lse, entropy);
+  return backward_impl<float>(grad_logprob, grad_entropy, hidden, weight, bias, targets, inv_temp, lse, entropy);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(prepo_kernels, CPU, m) {
+  m.impl("lle_forward", &lle_forward_cpu);
+  m.impl("lle_backward", &lle_backward_cpu);
+}
+
+}  // namespace prepo_kernels

@@ -1,0 +1,150 @@
+"""The "cpu" and "cuda" backends: the native extension ``prepo_kernels._C`` (csrc/).
+
+Importing ``prepo_kernels._C`` registers two operators, ``torch.ops.prepo_kernels.lle_forward``
+and ``lle_backward`` (schemas in csrc/ops.cpp, semantics in ``backends/base.py``). This module adds
+what torch needs to trace and differentiate them: fake (meta) kernels for ``torch.compile`` /
+``torch.library.opcheck``, and an autograd formula for ``lle_forward`` (its backward calls
+``lle_backward``), so the raw op can also be used directly with autograd.
+
+When the extension is not built, this module still imports: it warns once and both backends report
+why they are unavailable (the registry then falls back to the pure-torch backend under "auto").
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+
+from .base import Grads, KernelParams, Stats, accumulation_dtype
+
+try:
+    from prepo_kernels import _C  # noqa: F401  (loading the library registers torch.ops.prepo_kernels.*)
+
+    _IMPORT_ERROR: Optional[str] = None
+except ImportError as exc:  # not built (no compiler at install time, PREPO_BUILD_EXT=0) or ABI mismatch
+    _C = None
+    _IMPORT_ERROR = (
+        f"the native extension prepo_kernels._C is not available ({exc}); build it with "
+        "`pip install --no-build-isolation -e .` (needs a C++ compiler, and nvcc for the CUDA kernels)"
+    )
+    warnings.warn(
+        f"prepo_kernels: {_IMPORT_ERROR}. The 'cpu'/'cuda' backends are disabled; "
+        "impl='auto' uses the pure-torch backend instead.",
+        RuntimeWarning,
+        stacklevel=1,
+    )
+
+OP_FORWARD = "prepo_kernels::lle_forward"
+OP_BACKWARD = "prepo_kernels::lle_backward"
+
+
+def has_cuda_kernels() -> bool:
+    """True when the extension is loaded and was built with its CUDA kernels."""
+    if _C is None:
+        return False
+    return bool(torch._C._dispatch_has_kernel_for_dispatch_key(OP_FORWARD, "CUDA"))
+
+
+# ------------------------------------------------------------------------------------------------
+# fake kernels and autograd for the raw ops
+
+if _C is not None:
+
+    @torch.library.register_fake(OP_FORWARD)
+    def _lle_forward_fake(hidden, weight, bias, targets, inv_temp, compute_entropy):
+        torch._check(hidden.dim() == 2 and weight.dim() == 2, lambda: "hidden [n, D] and weight [V, D] expected")
+        torch._check(hidden.shape[1] == weight.shape[1], lambda: "hidden and weight disagree on D")
+        acc = accumulation_dtype(hidden.dtype)
+        n = hidden.shape[0]
+        logprob = hidden.new_empty((n,), dtype=acc)
+        entropy = hidden.new_empty((n,) if compute_entropy else (0,), dtype=acc)
+        lse = hidden.new_empty((n,), dtype=acc)
+        return logprob, entropy, lse
+
+    @torch.library.register_fake(OP_BACKWARD)
+    def _lle_backward_fake(grad_logprob, grad_entropy, hidden, weight, bias, targets, inv_temp, lse, entropy):
+        torch._check(hidden.dim() == 2 and weight.dim() == 2, lambda: "hidden [n, D] and weight [V, D] expected")
+        acc = accumulation_dtype(hidden.dtype)
+        grad_hidden = hidden.new_empty(hidden.shape, dtype=acc)
+        grad_weight = weight.new_empty(weight.shape, dtype=acc)
+        grad_bias = weight.new_empty((weight.shape[0],) if bias is not None else (0,), dtype=acc)
+        return grad_hidden, grad_weight, grad_bias
+
+    def _setup_context(ctx, inputs, output):
+        hidden, weight, bias, targets, inv_temp, compute_entropy = inputs
+        _, entropy, lse = output
+        ctx.compute_entropy = compute_entropy
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(hidden, weight, bias, targets, inv_temp, lse, entropy)
+
+    def _lle_forward_backward(ctx, grad_logprob, grad_entropy, grad_lse):
+        hidden, weight, bias, targets, inv_temp, lse, entropy = ctx.saved_tensors
+        acc = lse.dtype
+        n = hidden.shape[0]
+        g = grad_logprob.to(acc) if grad_logprob is not None else lse.new_zeros((n,))
+        e = grad_entropy.to(acc) if (ctx.compute_entropy and grad_entropy is not None) else None
+        if grad_lse is not None:
+            # d lse / d z_v = p_v. lle_backward with g - l yields g 1[v=y] - l 1[v=y] - (g - l) p_v;
+            # the l 1[v=y] part is added back below with index ops (O(n D)).
+            l = grad_lse.to(acc)
+            g = g - l
+        grad_hidden, grad_weight, grad_bias = torch.ops.prepo_kernels.lle_backward(
+            g, e, hidden, weight, bias, targets, inv_temp, lse, entropy
+        )
+        if grad_lse is not None:
+            c = l * inv_temp.to(acc)
+            grad_hidden = grad_hidden + c[:, None] * weight.index_select(0, targets).to(acc)
+            grad_weight = grad_weight.index_add(0, targets, c[:, None] * hidden.to(acc))
+            if ctx.has_bias:
+                grad_bias = grad_bias.index_add(0, targets, c)
+        return (
+            grad_hidden.to(hidden.dtype),
+            grad_weight.to(weight.dtype),
+            grad_bias.to(bias.dtype) if ctx.has_bias else None,
+            None,
+            None,
+            None,
+        )
+
+    torch.library.register_autograd(OP_FORWARD, _lle_forward_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------
+# the Backend objects (base.py protocol)
+
+
+class CppBackend:
+    """Backend calling the native ops on ``device_type`` tensors."""
+
+    def __init__(self, name: str, device_type: str):
+        self.name = name
+        self.device_type = device_type
+
+    def unavailable_reason(self, device: torch.device) -> Optional[str]:
+        if _IMPORT_ERROR is not None:
+            return _IMPORT_ERROR
+        device = torch.device(device)
+        if device.type != self.device_type:
+            return f"the {self.name!r} backend runs on {self.device_type} tensors, not {device.type}"
+        if self.device_type == "cuda" and not has_cuda_kernels():
+            return ("prepo_kernels._C was built without CUDA kernels (torch without CUDA, nvcc not found, "
+                    "or PREPO_BUILD_CUDA=0 at install time)")
+        return None
+
+    def forward(self, hidden, weight, bias, targets, inv_temp, params: KernelParams) -> Stats:
+        logprob, entropy, lse = torch.ops.prepo_kernels.lle_forward(
+            hidden, weight, bias, targets, inv_temp, params.compute_entropy
+        )
+        return logprob, entropy, lse
+
+    def backward(self, grad_logprob, grad_entropy, hidden, weight, bias, targets, inv_temp, lse,
+                 entropy, params: KernelParams) -> Grads:
+        grad_hidden, grad_weight, grad_bias = torch.ops.prepo_kernels.lle_backward(
+            grad_logprob, grad_entropy if params.compute_entropy else None, hidden, weight, bias, targets,
+            inv_temp, lse, entropy,
+        )
+        return grad_hidden, grad_weight, (grad_bias if bias is not None else None)
+
+
+BACKENDS = {"cpu": CppBackend("cpu", "cpu"), "cuda": CppBackend("cuda", "cuda")}
