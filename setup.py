@@ -135,6 +135,7 @@ setup(
         "matplotlib",
         "scipy",
         "safetensors",
+        "tensorboard",
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark"],

@@ -79,9 +79,27 @@ def machine() -> str:
     return f"{model}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
-def provider_names(mode: str, wanted: list[str] | None) -> list[str]:
-    names = list(providers.FLOORS[mode]) + list(providers.FUSED)
+# Peers have no zero-gradient row skipping, so the GRPO-like scenario costs them what the every-row
+# one does; it is run for naive (as the yardstick) and the prepo backends, and the floors (which do
+# not depend on the scenario) are copied from the every-row group rather than measured twice.
+GRPO_PROVIDERS = ("naive", "prepo_torch", "prepo_cpu")
+
+
+def provider_names(scenario: str, wanted: list[str] | None) -> list[str]:
+    names = list(providers.FLOORS[SCENARIOS[scenario][0]]) + list(providers.FUSED)
+    if scenario == "fwdbwd_grpo":
+        names = [n for n in names if n in GRPO_PROVIDERS or n.startswith("matmul_")]
     return [n for n in names if wanted is None or n in wanted or n.startswith("matmul_")]
+
+
+def floor_copy(rows: list[dict], shape: str, dtype: str, scenario: str, name: str) -> dict | None:
+    """The every-row measurement of a floor, reused for the GRPO-like group."""
+    if scenario != "fwdbwd_grpo" or not name.startswith("matmul_"):
+        return None
+    for row in rows:
+        if (row["shape"], row["dtype"], row["scenario"], row["provider"]) == (shape, dtype, "fwdbwd", name):
+            return {k: v for k, v in row.items() if k in ("median_ms", "times_ms", "extra_mb")}
+    return None
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -111,15 +129,15 @@ def fmt(value) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def write(rows: list[dict], out: Path, header: str) -> None:
+def write(rows: list[dict], out: Path, header: str, name: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "logprob_entropy_cpu.csv", "w", newline="") as f:
+    with open(out / f"{name}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     lines = [header, "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in COLUMNS) + " |" for r in rows]
-    (out / "logprob_entropy_cpu.md").write_text("\n".join(lines) + "\n")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
@@ -130,6 +148,7 @@ def main() -> None:
     parser.add_argument("--providers", default=None, help="comma-separated fused providers (floors always run)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--name", default="logprob_entropy_cpu", help="file stem of the CSV and markdown")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 1 rep: a smoke test, not a result")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -147,22 +166,24 @@ def main() -> None:
         dims = [int(x) for x in shape.split("x")]
         for dtype in args.dtypes.split(","):
             for scenario in args.scenarios.split(","):
-                mode = SCENARIOS[scenario][0]
-                for name in provider_names(mode, wanted):
+                for name in provider_names(scenario, wanted):
                     row = {"shape": shape, "dtype": dtype, "scenario": scenario, "provider": name}
                     why = providers.unavailable(name)
+                    copied = floor_copy(rows, shape, dtype, scenario, name)
                     if why:
                         row["error"] = f"skipped: {why}"
+                    elif copied:
+                        row.update(copied)
                     else:
                         row.update(measure({"shape": dims, "dtype": dtype, "scenario": scenario,
                                             "provider": name, "reps": args.reps}))
                     rows.append(row)
                     print(" ".join(f"{k}={fmt(v)}" for k, v in row.items() if k != "times_ms"), flush=True)
                     add_ratios(rows)
-                    write(rows, args.out, header)
+                    write(rows, args.out, header, args.name)
     add_ratios(rows)
-    write(rows, args.out, header)
-    print(f"wrote {args.out}/logprob_entropy_cpu.csv and .md")
+    write(rows, args.out, header, args.name)
+    print(f"wrote {args.out}/{args.name}.csv and .md")
 
 
 if __name__ == "__main__":
