@@ -64,6 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--skip-tests", action="store_true", help="do not run the GPU test subset first")
+    p.add_argument("--no-build", action="store_true",
+                   help="do not build the native extension in place when prepo_kernels._C is missing")
     p.add_argument("--tests", default="tests", help="pytest target for the GPU subset (default: tests, with -m gpu)")
     p.add_argument("--deterministic", action="store_true", help="prepo backends in deterministic mode")
     p.add_argument("--no-grad-filter", action="store_true", help="prepo backends without the bf16/fp16 gradient filter")
@@ -359,6 +361,17 @@ def fmt(v):
     return str(v)
 
 
+def build_extension(args) -> str:
+    """Build prepo_kernels._C (CPU + CUDA kernels) in place when missing, so impl="cuda" can run on a
+    fresh GPU machine without pip (and so without network for the install requirements)."""
+    if args.dry_run or args.no_build or list(REPO.glob("prepo_kernels/_C*.so")):
+        return "not needed"
+    cmd = [sys.executable, "setup.py", "build_ext", "--inplace"]
+    print("== building the native extension:", " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "MAX_JOBS": str(os.cpu_count() or 4)})
+    return "built" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}); impl='cuda' will be skipped"
+
+
 def run_tests(args) -> str:
     if args.skip_tests:
         return "skipped (--skip-tests)"
@@ -405,6 +418,7 @@ def main(argv=None) -> int:
     if args.dry_run:
         args.warmup, args.iters = min(args.warmup, 1), min(args.iters, 2)
 
+    print(f"== native extension: {build_extension(args)}", flush=True)
     test_status = run_tests(args)
 
     try:

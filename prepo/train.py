@@ -196,13 +196,17 @@ class Trainer:
         ckpt.save_checkpoint(self.ckpt_dir, self.state_dict())
 
     # ------------------------------------------------------------------ pieces of a step
-    def rollout_and_reward(self, problems: Sequence[Problem]) -> tuple[Rollouts, torch.Tensor, int]:
-        chunks = list(self.engine.generate([p.prompt for p in problems], self.cfg.group_size))
-        ro = Rollouts.concat(chunks, self.tokenizer.pad_token_id)
-        rows = [problems[i] for i in ro.prompt_index]
-        rewards, failures = compute_rewards(
-            self.reward_fn, [p.prompt for p in rows], ro.completions,
-            answer=[p.answer for p in rows], difficulty=[p.difficulty for p in rows])
+    def rollout_and_reward(self, problems: Sequence[Problem], timer: Timer) -> tuple[Rollouts, torch.Tensor, int]:
+        """G completions per problem (every one counted by the engine), their rewards [N] and the
+        number of reward calls that raised (those items get 0)."""
+        with timer("time_generate"):
+            chunks = list(self.engine.generate([p.prompt for p in problems], self.cfg.group_size))
+            ro = Rollouts.concat(chunks, self.tokenizer.pad_token_id)
+        with timer("time_reward"):
+            rows = [problems[i] for i in ro.prompt_index]
+            rewards, failures = compute_rewards(
+                self.reward_fn, [p.prompt for p in rows], ro.completions,
+                answer=[p.answer for p in rows], difficulty=[p.difficulty for p in rows])
         return ro, torch.tensor(rewards, dtype=torch.float32), failures
 
     def collect_dynamic(self, cand: list[int], order: list[int], timer: Timer):
@@ -225,16 +229,10 @@ class Trainer:
             take = order[pos : pos + K - len(kept_problems)]
             pos += len(take)
             problems = [self.train_problems[cand[i]] for i in take]
-            with timer("time_generate"):
-                chunks = list(self.engine.generate([p.prompt for p in problems], G))
-                ro = Rollouts.concat(chunks, self.tokenizer.pad_token_id)
-            with timer("time_reward"):
-                rows = [problems[i] for i in ro.prompt_index]
-                rewards, f = compute_rewards(self.reward_fn, [p.prompt for p in rows], ro.completions,
-                                             answer=[p.answer for p in rows], difficulty=[p.difficulty for p in rows])
+            ro, r, f = self.rollout_and_reward(problems, timer)
             failures += f
             generated_groups += len(problems)
-            r = torch.tensor(rewards).view(-1, G)
+            r = r.view(-1, G)
             keep = [g for g in range(len(problems)) if bool((r[g] != r[g, 0]).any())]
             if keep:
                 rows_keep = [g * G + j for g in keep for j in range(G)]
@@ -306,14 +304,7 @@ class Trainer:
             ro, rewards, failures, selected, extra = self.collect_dynamic(cand, order, timer)
         else:
             selected = [self.train_problems[cand[i]] for i in order]
-            with timer("time_generate"):
-                chunks = list(self.engine.generate([p.prompt for p in selected], G))
-                ro = Rollouts.concat(chunks, self.tokenizer.pad_token_id)
-            with timer("time_reward"):
-                rows = [selected[i] for i in ro.prompt_index]
-                r, failures = compute_rewards(self.reward_fn, [p.prompt for p in rows], ro.completions,
-                                              answer=[p.answer for p in rows], difficulty=[p.difficulty for p in rows])
-                rewards = torch.tensor(r, dtype=torch.float32)
+            ro, rewards, failures = self.rollout_and_reward(selected, timer)
         self.reward_failures += failures
         if failures:
             log.warning("step %d: %d reward(s) could not be computed and count as 0 (%d so far)",
@@ -349,13 +340,14 @@ class Trainer:
                 "zero_adv_frac": float((groups.std(dim=1) == 0).float().mean()),
                 "entropy_mean": float((ent * cmask).sum() / max(n_tok, 1)),
                 "weight_min": float(w.min()), "weight_max": float(w.max()),
+                "weight_p10": float(w.quantile(0.1)), "weight_p90": float(w.quantile(0.9)),
                 "weight_applied": self.strategy.weighting,
                 "completion_len": n_tok / cmask.shape[0],
                 **upd,
             })
         else:
             m.update({"reward_mean": 0.0, "zero_adv_frac": 1.0, "entropy_mean": 0.0, "weight_min": 1.0,
-                      "weight_max": 1.0, "weight_applied": self.strategy.weighting, "completion_len": 0.0,
+                      "weight_max": 1.0, "weight_p10": 1.0, "weight_p90": 1.0, "weight_applied": self.strategy.weighting, "completion_len": 0.0,
                       "loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "ratio_mean": 1.0, "grad_norm": 0.0})
 
         sel_ppl = None

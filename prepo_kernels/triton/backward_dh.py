@@ -7,7 +7,7 @@ other program touches those rows, and the order is fixed, so the result is bitwi
 import triton
 import triton.language as tl
 
-from .tiles import dot, dz_tile, keep_tile, logit_tile
+from .tiles import dot, dz_tile, keep_tile, load_rows, logit_tile
 
 
 @triton.jit
@@ -21,19 +21,8 @@ def _backward_dh_kernel(
 ):
     pid_n = tl.program_id(0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = offs_n < n
-    y = tl.load(y_ptr + offs_n, mask=row_ok, other=-1)
-    inv_t = tl.load(it_ptr + offs_n, mask=row_ok, other=1.0)
-    lse = tl.load(lse_ptr + offs_n, mask=row_ok, other=float("inf"))
-    g = tl.load(g_ptr + offs_n, mask=row_ok, other=0.0).to(inv_t.dtype)
-    if HAS_E:
-        e = tl.load(e_ptr + offs_n, mask=row_ok, other=0.0).to(inv_t.dtype)
-        ent = tl.load(ent_ptr + offs_n, mask=row_ok, other=0.0)
-        thr = filter_budget * (tl.abs(g) + tl.abs(e)) * inv_t
-    else:
-        e = g
-        ent = lse
-        thr = filter_budget * tl.abs(g) * inv_t
+    row_ok, y, inv_t, lse, ent, g, e, thr = load_rows(
+        y_ptr, it_ptr, lse_ptr, ent_ptr, g_ptr, e_ptr, offs_n, n, filter_budget, HAS_E)
     rows = offs_n.to(tl.int64) * D
     for v0 in range(0, V, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)

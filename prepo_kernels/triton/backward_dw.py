@@ -8,7 +8,7 @@ as backward_dh.py, so both kernels make the same gradient-filter decisions.
 import triton
 import triton.language as tl
 
-from .tiles import dot, dz_tile, keep_tile, logit_tile
+from .tiles import dot, dz_tile, keep_tile, load_rows, logit_tile
 
 
 @triton.jit
@@ -30,19 +30,8 @@ def _backward_dw_kernel(
         db = tl.zeros((BLOCK_V,), dtype=tl.float32)
     for n0 in range(0, n, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        row_ok = offs_n < n
-        y = tl.load(y_ptr + offs_n, mask=row_ok, other=-1)
-        inv_t = tl.load(it_ptr + offs_n, mask=row_ok, other=1.0)
-        lse = tl.load(lse_ptr + offs_n, mask=row_ok, other=float("inf"))
-        g = tl.load(g_ptr + offs_n, mask=row_ok, other=0.0).to(inv_t.dtype)
-        if HAS_E:
-            e = tl.load(e_ptr + offs_n, mask=row_ok, other=0.0).to(inv_t.dtype)
-            ent = tl.load(ent_ptr + offs_n, mask=row_ok, other=0.0)
-            thr = filter_budget * (tl.abs(g) + tl.abs(e)) * inv_t
-        else:
-            e = g
-            ent = lse
-            thr = filter_budget * tl.abs(g) * inv_t
+        row_ok, y, inv_t, lse, ent, g, e, thr = load_rows(
+            y_ptr, it_ptr, lse_ptr, ent_ptr, g_ptr, e_ptr, offs_n, n, filter_budget, HAS_E)
         z = logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, inv_t, n, V, D,
                        HAS_BIAS, IS_FP64, PRECISION, UPCAST, BLOCK_N, BLOCK_V, BLOCK_D)
         dz = dz_tile(z, offs_v, row_ok, y, lse, ent, g, e, inv_t, HAS_E)

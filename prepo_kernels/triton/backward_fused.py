@@ -11,7 +11,7 @@ inputs); accumulation stays fp32.
 import triton
 import triton.language as tl
 
-from .tiles import dot, dz_tile, keep_tile, logit_tile
+from .tiles import dot, dz_tile, keep_tile, load_rows, logit_tile
 
 
 @triton.jit
@@ -35,28 +35,15 @@ def _backward_fused_kernel(
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    row_ok = offs_n < n
     col_ok = offs_v < V
-    y = tl.load(y_ptr + offs_n, mask=row_ok, other=-1)
-    inv_t = tl.load(it_ptr + offs_n, mask=row_ok, other=1.0)
-    lse = tl.load(lse_ptr + offs_n, mask=row_ok, other=float("inf"))
-    g = tl.load(g_ptr + offs_n, mask=row_ok, other=0.0).to(inv_t.dtype)
-    if HAS_E:
-        e = tl.load(e_ptr + offs_n, mask=row_ok, other=0.0).to(inv_t.dtype)
-        ent = tl.load(ent_ptr + offs_n, mask=row_ok, other=0.0)
-    else:
-        e = g
-        ent = lse
+    row_ok, y, inv_t, lse, ent, g, e, thr = load_rows(
+        y_ptr, it_ptr, lse_ptr, ent_ptr, g_ptr, e_ptr, offs_n, n, filter_budget, HAS_E)
 
     z = logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, inv_t, n, V, D,
                    HAS_BIAS, IS_FP64, PRECISION, UPCAST, BLOCK_N, BLOCK_V, BLOCK_D)
     dz = dz_tile(z, offs_v, row_ok, y, lse, ent, g, e, inv_t, HAS_E)
     keep = True
     if FILTER:
-        if HAS_E:
-            thr = filter_budget * (tl.abs(g) + tl.abs(e)) * inv_t
-        else:
-            thr = filter_budget * tl.abs(g) * inv_t
         keep = keep_tile(dz, thr)
     if keep:
         if HAS_BIAS:

@@ -48,6 +48,27 @@ def logit_tile(
 
 
 @triton.jit
+def load_rows(y_ptr, it_ptr, lse_ptr, ent_ptr, g_ptr, e_ptr, offs_n, n, filter_budget, HAS_E: tl.constexpr):
+    """Backward's per-row inputs for rows ``offs_n``: (row_ok, y, inv_t, lse, ent, g, e, thr). Rows
+    >= n load neutral values; without entropy gradients e and ent are placeholders (unused by
+    dz_tile). thr is the gradient-filter threshold of each row (see config.filter_budget)."""
+    row_ok = offs_n < n
+    y = tl.load(y_ptr + offs_n, mask=row_ok, other=-1)
+    inv_t = tl.load(it_ptr + offs_n, mask=row_ok, other=1.0)
+    lse = tl.load(lse_ptr + offs_n, mask=row_ok, other=float("inf"))
+    g = tl.load(g_ptr + offs_n, mask=row_ok, other=0.0).to(inv_t.dtype)
+    if HAS_E:
+        e = tl.load(e_ptr + offs_n, mask=row_ok, other=0.0).to(inv_t.dtype)
+        ent = tl.load(ent_ptr + offs_n, mask=row_ok, other=0.0)
+        thr = filter_budget * (tl.abs(g) + tl.abs(e)) * inv_t
+    else:
+        e = g
+        ent = lse
+        thr = filter_budget * tl.abs(g) * inv_t
+    return row_ok, y, inv_t, lse, ent, g, e, thr
+
+
+@triton.jit
 def dz_tile(z, offs_v, row_ok, y, lse, ent, g, e, inv_t, HAS_E: tl.constexpr):
     zc = z - lse[:, None]
     p = tl.exp(zc)
