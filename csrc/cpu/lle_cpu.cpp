@@ -27,6 +27,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../lle_common.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -248,41 +250,6 @@ inline void row_backward(double* z, const double* b, int64_t len, double sc, dou
 // ---------------------------------------------------------------------------------------------
 // drivers
 
-void check_inputs(const Tensor& hidden, const Tensor& weight, const std::optional<Tensor>& bias,
-                  const Tensor& targets, const Tensor& inv_temp) {
-  TORCH_CHECK(hidden.device().is_cpu(), "prepo_kernels CPU kernel: hidden must be on the CPU");
-  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2, "hidden must be [n, D] and weight [V, D], got ",
-              hidden.sizes(), " and ", weight.sizes());
-  TORCH_CHECK(hidden.size(1) == weight.size(1), "hidden [n, D] and weight [V, D] disagree on D: ",
-              hidden.sizes(), " vs ", weight.sizes());
-  TORCH_CHECK(weight.size(0) > 0, "weight must have at least one row (V >= 1)");
-  const auto dt = hidden.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
-              "hidden must be float32/float64/bfloat16/float16, got ", dt);
-  TORCH_CHECK(weight.scalar_type() == dt, "weight dtype ", weight.scalar_type(), " != hidden dtype ", dt);
-  TORCH_CHECK(weight.device() == hidden.device(), "weight must be on the same device as hidden");
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "bias must be [V], got ", bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == dt, "bias dtype ", bias->scalar_type(), " != hidden dtype ", dt);
-    TORCH_CHECK(bias->device() == hidden.device(), "bias must be on the same device as hidden");
-  }
-  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == hidden.size(0), "targets must be [n], got ",
-              targets.sizes());
-  TORCH_CHECK(targets.scalar_type() == at::kLong, "targets must be int64, got ", targets.scalar_type());
-  TORCH_CHECK(inv_temp.dim() == 1 && inv_temp.size(0) == hidden.size(0), "inv_temp must be [n], got ",
-              inv_temp.sizes());
-  TORCH_CHECK(targets.device() == hidden.device() && inv_temp.device() == hidden.device(),
-              "targets and inv_temp must be on the same device as hidden");
-}
-
-at::ScalarType acc_type(const Tensor& hidden) {
-  return hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// A contiguous [rows, cols] view at the start of a flat buffer.
-Tensor tile_view(const Tensor& flat, int64_t rows, int64_t cols) {
-  return flat.narrow(0, 0, rows * cols).view({rows, cols});
-}
 
 // Threading: the vocabulary tiles are split into P contiguous partitions, one per thread, and each
 // thread runs single-threaded BLAS (MKL / OpenBLAS run sequentially inside a parallel region) and
@@ -540,7 +507,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& grad_logprob, con
 std::tuple<Tensor, Tensor, Tensor> lle_forward_cpu(const Tensor& hidden, const Tensor& weight,
                                                    const std::optional<Tensor>& bias, const Tensor& targets,
                                                    const Tensor& inv_temp, bool compute_entropy) {
-  check_inputs(hidden, weight, bias, targets, inv_temp);
+  check_inputs(hidden, weight, bias, targets, inv_temp, c10::DeviceType::CPU);
   if (hidden.scalar_type() == at::kDouble)
     return forward_impl<double>(hidden, weight, bias, targets, inv_temp, compute_entropy);
   return forward_impl<float>(hidden, weight, bias, targets, inv_temp, compute_entropy);
@@ -550,7 +517,7 @@ std::tuple<Tensor, Tensor, Tensor> lle_backward_cpu(const Tensor& grad_logprob, 
                                                     const Tensor& hidden, const Tensor& weight,
                                                     const std::optional<Tensor>& bias, const Tensor& targets,
                                                     const Tensor& inv_temp, const Tensor& lse, const Tensor& entropy) {
-  check_inputs(hidden, weight, bias, targets, inv_temp);
+  check_inputs(hidden, weight, bias, targets, inv_temp, c10::DeviceType::CPU);
   const int64_t n = hidden.size(0);
   TORCH_CHECK(grad_logprob.dim() == 1 && grad_logprob.size(0) == n, "grad_logprob must be [n], got ",
               grad_logprob.sizes());
