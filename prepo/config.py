@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 class TrainConfig:
     # --- run ---
     strategy: str = "prepo"          # one of STRATEGIES
-    total_steps: int = 300
+    total_steps: int = 200
     seed: int = 0
     output_dir: str = "runs/prepo"
     resume: bool = False             # continue from output_dir/checkpoints/last.pt
@@ -42,12 +42,11 @@ class TrainConfig:
     # --- base model (built-in warm-up) ---
     model_dir: str = ""              # use this HF model dir instead of the built-in warm-up
     cache_dir: str = ""              # warm-up cache (default ~/.cache/prepo or $PREPO_CACHE)
-    warmup_steps: int = 1200
+    warmup_steps: int = 1500
     warmup_batch_size: int = 64
-    warmup_problems: int = 6000
     warmup_hidden_size: int = 96
     warmup_layers: int = 3
-    warmup_label_noise: float = 0.0
+    warmup_slip_rate: float = 0.1    # corpus noise: probability that a worked-solution step is off by 1..3
     # --- selection (PREPO curriculum) ---
     candidate_batch_size: int = 64   # |B|
     select_ratio: float = 0.2        # K / |B|
@@ -55,11 +54,11 @@ class TrainConfig:
     dynamic_max_rounds: int = 4      # dapo_dynamic: candidate batches tried per step at most
     # --- rollouts ---
     group_size: int = 8              # G
-    max_new_tokens: int = 6
+    max_new_tokens: int = 48         # the longest worked solution is 40 tokens with its EOS
     temperature: float = 1.0
     top_p: float = 1.0
     # --- update ---
-    lr: float = 3e-5                 # tiny model + Adam: larger rates degrade the warm-up policy
+    lr: float = 1e-4
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     eps_low: float = 0.2
@@ -70,11 +69,11 @@ class TrainConfig:
     ppo_epochs: int = 1
     kernel_impl: str = "auto"
     # --- evaluation / logging / checkpoints ---
-    eval_every: int = 30
+    eval_every: int = 25
     eval_avg_k: int = 8              # also report avg@k (sampled, the paper's metric) when > 0
     spearman_prompts: int = 160      # prompts for the initial PPL vs pass-rate Spearman (0 = skip)
     spearman_samples: int = 16
-    save_every: int = 30
+    save_every: int = 25
     log_every: int = 1
 
     # ------------------------------------------------------------------
@@ -102,6 +101,7 @@ class TrainConfig:
         need(self.dynamic_max_rounds >= 1, "dynamic_max_rounds must be >= 1")
         need(0 < self.heldout_frac < 1, "heldout_frac must be in (0, 1)")
         need(self.warmup_steps >= 0 and self.warmup_batch_size >= 1, "warmup_steps >= 0 and warmup_batch_size >= 1")
+        need(0 <= self.warmup_slip_rate < 1, "warmup_slip_rate must be in [0, 1)")
         need(self.num_selected >= 1, "candidate_batch_size * select_ratio must select at least 1 prompt")
         return self
 

@@ -1,11 +1,15 @@
 """The built-in base model: a tiny Qwen2 (random init from a config) given a short supervised
-warm-up on a skewed mix of arithmetic problems (many easy, few hard), saved in Hugging Face
-format and cached, keyed by a hash of the warm-up config.
+warm-up on a skewed mix of arithmetic problems (many easy, few hard) with worked solutions,
+saved in Hugging Face format and cached, keyed by a hash of the warm-up config.
 
-The warm-up trains next-token prediction on the whole text ``<bos>prompt answer<eos>`` (prompt
+The warm-up trains next-token prediction on the whole text ``<bos>prompt solution<eos>`` (prompt
 tokens included, with weight ``prompt_loss_weight``), so the policy has a prompt distribution and
 prompt perplexity means something: the skew makes hard prompts both rarer (higher perplexity) and
 less often solved, which is the negative perplexity / pass-rate correlation PREPO builds on.
+The corpus is noisy: each solution step slips (is off by 1-3) with probability ``slip_rate``, so
+the base policy solves a k-step problem with probability about (1 - slip_rate)^k -- pass rates
+spread between 0 and 1, and there is something for RL with a verifier to fix. Every batch is fresh
+problems (no epoch over a fixed set), so the model learns the steps rather than memorizing answers.
 All log-probs go through ``prepo_kernels.causal_lm_logprob_entropy``.
 """
 from __future__ import annotations
@@ -27,11 +31,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 import prepo_kernels
 
-from .task import generate_problems
+from .task import generate_problems, worked_solution
 from .tokenizer import build_tokenizer
 
 log = logging.getLogger(__name__)
-WARMUP_VERSION = 1  # bump when the warm-up code changes in a way that changes its result
+WARMUP_VERSION = 2  # bump when the warm-up code changes in a way that changes its result
 
 
 @dataclass
@@ -44,13 +48,12 @@ class WarmupConfig:
     num_heads: int = 4
     num_kv_heads: int = 2
     intermediate_size: int = 256
-    num_problems: int = 6000
-    level_weights: tuple = (0.45, 0.28, 0.12, 0.10, 0.05)
-    steps: int = 900
+    level_weights: tuple = (0.35, 0.25, 0.2, 0.12, 0.08)
+    steps: int = 3000
     batch_size: int = 64
     lr: float = 3e-3
     prompt_loss_weight: float = 0.5
-    label_noise: float = 0.0     # fraction of warm-up answers perturbed by +-1..3 (a noisy corpus)
+    slip_rate: float = 0.1       # probability that a solution step in the corpus is off by 1..3
     heldout_frac: float = 0.15
     version: int = WARMUP_VERSION
 
@@ -84,7 +87,7 @@ def make_model(cfg: WarmupConfig, tokenizer: PreTrainedTokenizerFast) -> Qwen2Fo
 
 def encode_sft(tokenizer, prompts: list[str], answers: list[str], prompt_loss_weight: float):
     """Left-padded ids of ``<bos>prompt answer<eos>``, attention mask, and per-target loss weights
-    ([B, T-1]: ``prompt_loss_weight`` on prompt tokens, 1 on answer and EOS tokens)."""
+    ([B, T-1]: ``prompt_loss_weight`` on prompt tokens, 1 on answer (solution) and EOS tokens)."""
     seqs, n_prompt = [], []
     for p, a in zip(prompts, answers):
         ids_p = tokenizer(p)["input_ids"]
@@ -105,16 +108,12 @@ def encode_sft(tokenizer, prompts: list[str], answers: list[str], prompt_loss_we
     return ids, mask, weight
 
 
-def _noisy(answer: str, rng: random.Random) -> str:
-    return str(int(answer) + rng.choice((-3, -2, -1, 1, 2, 3)))
-
-
 def warmup(cfg: WarmupConfig, out_dir: Path, progress: bool = False) -> None:
     """Build the tokenizer and model, run the supervised warm-up, save both to ``out_dir``."""
     tokenizer = build_tokenizer()
     model = make_model(cfg, tokenizer)
-    problems = generate_problems(
-        cfg.num_problems, cfg.seed + 1000, "train", level_weights=cfg.level_weights,
+    problems = generate_problems(  # fresh problems for every step
+        cfg.steps * cfg.batch_size, cfg.seed + 1000, "train", level_weights=cfg.level_weights,
         heldout_frac=cfg.heldout_frac, unique=False,
     )
     rng = random.Random(cfg.seed)
@@ -124,16 +123,10 @@ def warmup(cfg: WarmupConfig, out_dir: Path, progress: bool = False) -> None:
     )
     model.train()
     t0 = time.time()
-    order: list[int] = []
     for step in range(cfg.steps):
-        if len(order) < cfg.batch_size:
-            perm = list(range(len(problems)))
-            rng.shuffle(perm)
-            order += perm
-        batch = [problems[i] for i in order[: cfg.batch_size]]
-        del order[: cfg.batch_size]
-        answers = [_noisy(p.answer, rng) if rng.random() < cfg.label_noise else p.answer for p in batch]
-        ids, mask, weight = encode_sft(tokenizer, [p.prompt for p in batch], answers, cfg.prompt_loss_weight)
+        batch = problems[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+        solutions = [worked_solution(p.prompt[:-1], rng, cfg.slip_rate) for p in batch]
+        ids, mask, weight = encode_sft(tokenizer, [p.prompt for p in batch], solutions, cfg.prompt_loss_weight)
         logprob, _ = prepo_kernels.causal_lm_logprob_entropy(model, ids, mask, compute_entropy=False)
         loss = -(logprob * weight).sum() / weight.sum()
         opt.zero_grad(set_to_none=True)

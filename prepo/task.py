@@ -1,8 +1,14 @@
-"""The built-in verifiable task: integer arithmetic with graded difficulty.
+"""The built-in verifiable task: integer arithmetic with worked solutions and graded difficulty.
 
-A problem is a prompt such as ``"12+7*3="`` whose answer is the integer value of the expression
-(usual precedence: ``*`` before ``+``/``-``). Difficulty grows with the level (operand count,
-digit counts, operators) and, within a level, with the number of carries of the additions.
+A problem is a prompt such as ``"3+4*5-2="`` whose answer is the integer value of the expression
+(usual precedence: ``*`` before ``+``/``-``). Operands are single digits; the level fixes how many
+there are and which operators occur, so harder levels need more steps (1 to 4).
+
+A completion is a worked solution, one step per binary operation, multiplications first, then
+additions and subtractions left to right, steps separated by commas; its last number is the
+answer: ``"4*5=20,3+20=23,23-2=21"``. The reward checks only that final number (math-verify), so
+RL is free to change how the model gets there. Steps are facts shared across problems ("4*5=20"),
+which is what lets what RL sharpens on training prompts carry over to held-out ones.
 
 Splits are disjoint by construction: a problem belongs to the held-out split iff a hash of its
 prompt text falls in the held-out bucket, so no generation order or seed can leak an evaluation
@@ -18,18 +24,19 @@ import json
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
-# level -> (operand digit counts, operator alphabet). Graded: more operands, more digits, '*'.
-LEVELS: tuple[tuple[tuple[int, ...], str], ...] = (
-    ((1, 1), "+"),          # 0: 3+4=
-    ((2, 1), "+-"),         # 1: 23+4=, 23-4=
-    ((2, 2), "+-"),         # 2: 23+48=
-    ((1, 1, 1), "+*"),      # 3: 3+4*5=
-    ((2, 1, 1), "+-*"),     # 4: 23-4*5=
+# level -> (number of single-digit operands, operator alphabet): 1, 2, 2, 3, 4 solution steps.
+LEVELS: tuple[tuple[int, str], ...] = (
+    (2, "+"),       # 0: 3+4=
+    (3, "+-"),      # 1: 3+4-2=
+    (3, "+-*"),     # 2: 3+4*5=
+    (4, "+-*"),     # 3: 3*4-5+6=
+    (5, "+-*"),     # 4: 3+4*5-6*7=
 )
 NUM_LEVELS = len(LEVELS)
-CHARS = "0123456789+-*="
+CHARS = "0123456789+-*=,"
+STEP_SEP = ","
 
 
 class DataError(ValueError):
@@ -38,19 +45,17 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Problem:
-    prompt: str          # e.g. "12+7*3="
-    answer: str          # e.g. "33" (canonical integer string)
+    prompt: str          # e.g. "2+7*3="
+    answer: str          # e.g. "23" (canonical integer string)
     difficulty: int      # level, 0 = easiest
-    carries: int = 0     # carries in the additions (finer difficulty grade)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def evaluate_expression(expr: str) -> int:
-    """Integer value of ``a op b op c`` with ``*`` binding tighter than ``+``/``-``.
-    Written out (no ``eval``) so the task's ground truth is independent code."""
-    tokens: list[str] = []
+def _tokens(expr: str) -> list:
+    """``"3+4*5"`` -> ``[3, "+", 4, "*", 5]``; raises ValueError on anything else."""
+    out: list = []
     num = ""
     for ch in expr:
         if ch.isdigit():
@@ -58,37 +63,53 @@ def evaluate_expression(expr: str) -> int:
         elif ch in "+-*":
             if not num:
                 raise ValueError(f"malformed expression {expr!r}")
-            tokens += [num, ch]
+            out += [int(num), ch]
             num = ""
         else:
             raise ValueError(f"unexpected character {ch!r} in {expr!r}")
     if not num:
         raise ValueError(f"malformed expression {expr!r}")
-    tokens.append(num)
-    # fold multiplications first
-    terms: list[int] = [int(tokens[0])]
-    ops: list[str] = []
-    for op, val in zip(tokens[1::2], tokens[2::2]):
+    return out + [int(num)]
+
+
+def _apply(a: int, op: str, b: int) -> int:
+    return a * b if op == "*" else a + b if op == "+" else a - b
+
+
+def worked_solution(expr: str, rng: Optional[random.Random] = None, slip_rate: float = 0.0) -> str:
+    """The step-by-step solution of ``expr`` (without the trailing ``=``): multiplications left to
+    right, then additions and subtractions left to right, ``"a op b=c"`` steps joined by commas.
+
+    With ``slip_rate > 0`` each step's result is, with that probability, off by 1 to 3 (drawn
+    from ``rng``), and later steps carry the slip on: a noisy corpus, like worked solutions
+    written by people. The warm-up trains on such a corpus; RL with a verifier can unlearn it."""
+    toks = _tokens(expr)
+    steps: list[str] = []
+
+    def step(a: int, op: str, b: int) -> int:
+        c = _apply(a, op, b)
+        if slip_rate > 0 and rng is not None and rng.random() < slip_rate:
+            c += rng.choice((-3, -2, -1, 1, 2, 3))
+        steps.append(f"{a}{op}{b}={c}")
+        return c
+
+    terms, ops = [toks[0]], []
+    for op, val in zip(toks[1::2], toks[2::2]):
         if op == "*":
-            terms[-1] *= int(val)
+            terms[-1] = step(terms[-1], "*", val)
         else:
             ops.append(op)
-            terms.append(int(val))
+            terms.append(val)
     total = terms[0]
     for op, t in zip(ops, terms[1:]):
-        total = total + t if op == "+" else total - t
-    return total
+        total = step(total, op, t)
+    return STEP_SEP.join(steps) if steps else str(total)
 
 
-def count_carries(a: int, b: int) -> int:
-    carries, carry = 0, 0
-    while a or b:
-        s = a % 10 + b % 10 + carry
-        carry = 1 if s >= 10 else 0
-        carries += carry
-        a //= 10
-        b //= 10
-    return carries
+def evaluate_expression(expr: str) -> int:
+    """Integer value of ``expr`` with ``*`` binding tighter than ``+``/``-``: the last number of
+    its exact worked solution. Written out (no ``eval``) so the ground truth is the task's own code."""
+    return int(worked_solution(expr).rsplit("=", 1)[-1])
 
 
 def is_heldout(prompt: str, heldout_frac: float = 0.15) -> bool:
@@ -96,19 +117,12 @@ def is_heldout(prompt: str, heldout_frac: float = 0.15) -> bool:
     return (h % 10_000) < int(heldout_frac * 10_000)
 
 
-def _operand(rng: random.Random, digits: int) -> int:
-    return rng.randint(0, 9) if digits == 1 else rng.randint(10 ** (digits - 1), 10**digits - 1)
-
-
 def make_problem(rng: random.Random, level: int) -> Problem:
-    digits, alphabet = LEVELS[level]
-    vals = [_operand(rng, d) for d in digits]
-    ops = [rng.choice(alphabet) for _ in range(len(vals) - 1)]
-    if len(vals) == 2 and ops[0] == "-" and vals[1] > vals[0]:
-        vals[0], vals[1] = vals[1], vals[0]
+    n_operands, alphabet = LEVELS[level]
+    vals = [rng.randint(0, 9) for _ in range(n_operands)]
+    ops = [rng.choice(alphabet) for _ in range(n_operands - 1)]
     expr = str(vals[0]) + "".join(o + str(v) for o, v in zip(ops, vals[1:]))
-    carries = sum(count_carries(vals[i], vals[i + 1]) for i, o in enumerate(ops) if o == "+")
-    return Problem(prompt=expr + "=", answer=str(evaluate_expression(expr)), difficulty=level, carries=carries)
+    return Problem(prompt=expr + "=", answer=str(evaluate_expression(expr)), difficulty=level)
 
 
 def generate_problems(

@@ -113,8 +113,8 @@ def load_data(cfg: TrainConfig) -> tuple[list[Problem], list[Problem]]:
 def warmup_config(cfg: TrainConfig) -> WarmupConfig:
     return WarmupConfig(
         seed=0, hidden_size=cfg.warmup_hidden_size, num_layers=cfg.warmup_layers,
-        num_problems=cfg.warmup_problems, steps=cfg.warmup_steps, batch_size=cfg.warmup_batch_size,
-        heldout_frac=cfg.heldout_frac, label_noise=cfg.warmup_label_noise,
+        steps=cfg.warmup_steps, batch_size=cfg.warmup_batch_size,
+        heldout_frac=cfg.heldout_frac, slip_rate=cfg.warmup_slip_rate,
     )
 
 

@@ -13,7 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {
-    "warmup_steps": 40, "warmup_problems": 400, "warmup_hidden_size": 32, "warmup_layers": 1,
+    "warmup_steps": 40, "warmup_hidden_size": 32, "warmup_layers": 1,
     "warmup_batch_size": 32, "train_size": 200, "eval_per_level": 4, "candidate_batch_size": 10,
     "group_size": 4, "max_new_tokens": 4, "spearman_prompts": 12, "spearman_samples": 4,
     "num_threads": 1, "eval_every": 3, "save_every": 2, "progress": False,

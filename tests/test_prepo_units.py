@@ -13,8 +13,8 @@ from prepo.curriculum import PromptSampler, get_strategy, pacing_rho, window_sel
 from prepo.loss import group_advantages, grpo_loss
 from prepo.rewards import compute_rewards, math_verify_reward
 from prepo.task import (
-    DataError, balanced_problems, count_carries, evaluate_expression, generate_problems, is_heldout,
-    load_problems_jsonl,
+    DataError, LEVELS, balanced_problems, evaluate_expression, generate_problems, is_heldout,
+    load_problems_jsonl, worked_solution,
 )
 from prepo.weighting import relative_entropy_weights
 
@@ -164,7 +164,37 @@ def test_task_answers_verified():
     for p in probs:
         assert int(p.answer) == eval(p.prompt[:-1])  # noqa: S307 -- independent check of the task's own evaluator
     assert evaluate_expression("12+7*3") == 33 and evaluate_expression("20-4*5") == 0
-    assert count_carries(58, 67) == 2 and count_carries(12, 34) == 0
+
+
+def test_worked_solution_steps_and_length():
+    assert worked_solution("3+4*5-2") == "4*5=20,3+20=23,23-2=21"
+    assert worked_solution("3-8+9") == "3-8=-5,-5+9=4"
+    assert worked_solution("7") == "7"
+    # every exact solution is a chain of correct steps ending in the answer; steps = operators
+    for p in generate_problems(300, seed=1):
+        sol = worked_solution(p.prompt[:-1])
+        steps = sol.split(",")
+        assert len(steps) == LEVELS[p.difficulty][0] - 1
+        for st in steps:
+            lhs, rhs = st.rsplit("=", 1)
+            assert eval(lhs) == int(rhs)  # noqa: S307 -- independent check
+        assert sol.rsplit("=", 1)[-1] == p.answer
+        # <bos> + prompt + solution + <eos> fits the warm-up model's 64 positions
+        assert len(p.prompt) + len(sol) + 2 <= 64
+
+
+def test_worked_solution_slips_propagate():
+    import random as _random
+    rng = _random.Random(0)
+    exact = worked_solution("9*9+9*9-9")
+    slipped = [worked_solution("9*9+9*9-9", rng, slip_rate=0.5) for _ in range(200)]
+    assert sum(s != exact for s in slipped) > 100
+    for s in slipped:   # each step is off by at most 3, and later steps use the slipped values
+        steps = [st.rsplit("=", 1) for st in s.split(",")]
+        for lhs, rhs in steps:
+            assert abs(eval(lhs) - int(rhs)) <= 3  # noqa: S307
+        (_, c1), (_, c2), (l3, c3), (l4, _) = steps
+        assert l3 == f"{c1}+{c2}" and l4 == f"{c3}-9"
 
 
 def test_task_deterministic_and_disjoint():
