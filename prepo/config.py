@@ -132,30 +132,16 @@ def _coerce(key: str, value: Any) -> Any:
         if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
             return False
         raise ConfigError(f"{key} expects a boolean (true/false), got {value!r}")
-    if typ is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key} expects an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
+    if typ in (int, float):
+        what = "an integer" if typ is int else "a number"
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             try:
-                return int(value)
+                num = float(value)   # 3, 3.0, "3", "1e-4"
             except ValueError:
-                pass
-        raise ConfigError(f"{key} expects an integer, got {value!r}")
-    if typ is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key} expects a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key} expects a number, got {value!r}")
+                num = None
+            if num is not None and (typ is float or num.is_integer()):
+                return typ(num)
+        raise ConfigError(f"{key} expects {what}, got {value!r}")
     if typ is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key} expects a string, got {value!r}")

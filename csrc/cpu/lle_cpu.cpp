@@ -285,6 +285,31 @@ inline void merge_stats(const RowStats& r, int64_t i, double mt, double st, doub
   }
 }
 
+// The operands both passes read, detached and contiguous, small ones in the accumulation dtype;
+// targets are checked against the vocabulary. Detached because the worker threads do not inherit
+// the dispatcher's thread-local "below autograd" state, so their ATen calls must not see tensors
+// that require grad.
+struct Operands {
+  Tensor hidden, weight, targets, inv_temp, bias;  // bias undefined when absent
+  bool lowp;                                       // hidden/weight are bf16/fp16: tiles are upcast
+};
+
+Operands prepare_operands(const Tensor& hidden_in, const Tensor& weight_in, const std::optional<Tensor>& bias_in,
+                          const Tensor& targets_in, const Tensor& inv_temp_in, at::ScalarType acc) {
+  Operands o;
+  o.hidden = hidden_in.detach().contiguous();
+  o.weight = weight_in.detach().contiguous();
+  o.targets = targets_in.contiguous();
+  o.inv_temp = inv_temp_in.to(acc).contiguous();
+  if (bias_in.has_value()) o.bias = bias_in->detach().to(acc).contiguous();
+  o.lowp = o.hidden.scalar_type() != acc;
+  const int64_t n = o.targets.size(0), V = o.weight.size(0);
+  const int64_t* y = o.targets.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(y[i] >= 0 && y[i] < V, "target ", y[i], " of row ", i, " is outside [0, ", V, ")");
+  return o;
+}
+
 template <typename acc_t>
 std::tuple<Tensor, Tensor, Tensor> forward_impl(const Tensor& hidden_in, const Tensor& weight_in,
                                                 const std::optional<Tensor>& bias_in, const Tensor& targets_in,
@@ -297,19 +322,10 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Tensor& hidden_in, const T
   Tensor entropy = at::empty({compute_entropy ? n : 0}, fopts);
   if (n == 0) return {logprob, entropy, lse};
 
-  // detached: the worker threads below do not inherit the dispatcher's thread-local "below
-  // autograd" state, so their ATen calls must not see tensors that require grad
-  const Tensor hidden = hidden_in.detach().contiguous();
-  const Tensor weight = weight_in.detach().contiguous();
-  const Tensor targets = targets_in.contiguous();
-  const Tensor inv_temp = inv_temp_in.to(acc).contiguous();
-  Tensor bias;
-  if (bias_in.has_value()) bias = bias_in->detach().to(acc).contiguous();
-  const bool lowp = hidden.scalar_type() != acc;
-
-  const int64_t* y = targets.data_ptr<int64_t>();
-  for (int64_t i = 0; i < n; ++i)
-    TORCH_CHECK(y[i] >= 0 && y[i] < V, "target ", y[i], " of row ", i, " is outside [0, ", V, ")");
+  const Operands o = prepare_operands(hidden_in, weight_in, bias_in, targets_in, inv_temp_in, acc);
+  const Tensor &hidden = o.hidden, &weight = o.weight, &inv_temp = o.inv_temp, &bias = o.bias;
+  const bool lowp = o.lowp;
+  const int64_t* y = o.targets.data_ptr<int64_t>();
   const acc_t* itp = inv_temp.data_ptr<acc_t>();
   const acc_t* bp = bias.defined() ? bias.data_ptr<acc_t>() : nullptr;
 
@@ -407,12 +423,10 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& grad_logprob, con
   }
 
   const bool has_e = grad_entropy.has_value() && grad_entropy->defined();
-  // detached: the worker threads below do not inherit the dispatcher's thread-local "below
-  // autograd" state, so their ATen calls must not see tensors that require grad
-  const Tensor hidden = hidden_in.detach().contiguous();
-  const Tensor weight = weight_in.detach().contiguous();
-  const Tensor targets = targets_in.contiguous();
-  const Tensor inv_temp = inv_temp_in.to(acc).contiguous();
+  const Operands o = prepare_operands(hidden_in, weight_in, bias_in, targets_in, inv_temp_in, acc);
+  const Tensor &hidden = o.hidden, &weight = o.weight, &inv_temp = o.inv_temp, &bias = o.bias;
+  const bool lowp = o.lowp;
+  const int64_t* y = o.targets.data_ptr<int64_t>();
   const Tensor g = grad_logprob.to(acc).contiguous();
   const Tensor lse = lse_in.to(acc).contiguous();
   Tensor e, H;
@@ -423,13 +437,6 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& grad_logprob, con
     e = grad_entropy->to(acc).contiguous();
     H = entropy_in.to(acc).contiguous();
   }
-  Tensor bias;
-  if (bias_in.has_value()) bias = bias_in->detach().to(acc).contiguous();
-  const bool lowp = hidden.scalar_type() != acc;
-
-  const int64_t* y = targets.data_ptr<int64_t>();
-  for (int64_t i = 0; i < n; ++i)
-    TORCH_CHECK(y[i] >= 0 && y[i] < V, "target ", y[i], " of row ", i, " is outside [0, ", V, ")");
   const acc_t* itp = inv_temp.data_ptr<acc_t>();
   const acc_t* gp = g.data_ptr<acc_t>();
   const acc_t* lsep = lse.data_ptr<acc_t>();

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 import triton
 
+from ..backends.base import accumulation_dtype
 from . import config
 from .backward_dh import _backward_dh_kernel
 from .backward_dw import _backward_dw_kernel
@@ -32,7 +33,7 @@ def triton_backward(
     ``grad_filter`` only acts for bf16 / fp16 inputs (see config.filter_budget)."""
     n, D = hidden.shape
     V = weight.shape[0]
-    acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    acc_dtype = accumulation_dtype(hidden.dtype)
     dev = hidden.device
     dh = torch.zeros(n, D, dtype=acc_dtype, device=dev)
     dw = torch.zeros(V, D, dtype=acc_dtype, device=dev)

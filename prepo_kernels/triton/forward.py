@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backends.base import accumulation_dtype
 from . import config
 from .merge import merge_partials
 from .tiles import logit_tile
@@ -97,7 +98,7 @@ def triton_forward(
     ``num_splits`` / ``blocks`` override the heuristics (tests use them to force the merge path)."""
     n, D = hidden.shape
     V = weight.shape[0]
-    acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    acc_dtype = accumulation_dtype(hidden.dtype)
     dev = hidden.device
     logprob = torch.empty(n, dtype=acc_dtype, device=dev)
     lse = torch.empty(n, dtype=acc_dtype, device=dev)
