@@ -135,10 +135,12 @@ setup(
         "matplotlib",
         "scipy",
         "safetensors",
+        "datasets",
+        "pyarrow",
         "tensorboard",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark"],
+        "test": ["pytest", "pytest-benchmark", "dashscope", "tiktoken"],
         "triton": ["triton"],
         "vllm": ["vllm"],
     },

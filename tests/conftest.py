@@ -1,3 +1,4 @@
+import importlib.resources
 import importlib.util
 
 import pytest
@@ -21,3 +22,90 @@ _TRAINER_DEPS = ("transformers", "math_verify", "yaml")
 collect_ignore = []
 if any(importlib.util.find_spec(m) is None for m in _TRAINER_DEPS):
     collect_ignore += ["test_hf.py", "test_prepo_units.py", "test_prepo_train.py", "test_rollout_efficiency.py"]
+
+
+# ------------------------------------------------------------------------------------------------
+# A real BPE tokenizer and tiny real HF models, built offline.
+#
+# Qwen's byte-level BPE vocabulary (151,643 ranks) ships inside the `dashscope` wheel; transformers'
+# TikTokenConverter turns it into a fast tokenizer with Qwen2's pre-tokenizer pattern (single
+# digits) and its special tokens, matching tiktoken token for token (tests/test_qwen_tokenizer.py).
+
+QWEN2_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Qwen2.5's ChatML template (without the tool-calling branches)
+QWEN_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if loop.first and message['role'] != 'system' %}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def qwen_tiktoken_path() -> str:
+    return str(importlib.resources.files("dashscope") / "resources" / "qwen.tiktoken")
+
+
+def build_qwen_tokenizer():
+    """A PreTrainedTokenizerFast with Qwen's vocabulary, special tokens and chat template
+    (eos <|im_end|>, pad <|endoftext|>; 151,646 tokens)."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    converter = TikTokenConverter(vocab_file=qwen_tiktoken_path(), pattern=QWEN2_PATTERN,
+                                  extra_special_tokens=QWEN_SPECIAL_TOKENS)
+    tok = PreTrainedTokenizerFast(tokenizer_object=converter.converted(), eos_token="<|im_end|>",
+                                  pad_token="<|endoftext|>")
+    tok.chat_template = QWEN_CHAT_TEMPLATE
+    return tok
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer_dir(tmp_path_factory):
+    """A directory holding the Qwen tokenizer (built once per test session, about 4 s)."""
+    pytest.importorskip("dashscope", reason="the Qwen vocabulary ships in the dashscope wheel (test extra)")
+    path = tmp_path_factory.mktemp("qwen_tokenizer")
+    build_qwen_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer(qwen_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(qwen_tokenizer_dir)
+
+
+def save_tiny_causal_lm(path, tokenizer, arch: str = "qwen2", seed: int = 0):
+    """Save a tiny random-weight HF causal LM (``arch`` "qwen2" or "llama") with ``tokenizer`` to
+    ``path`` and return ``path``: 2 layers, hidden 32, the tokenizer's full vocabulary."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                  bos_token_id=None, tie_word_embeddings=False)
+    config = {"qwen2": Qwen2Config, "llama": LlamaConfig}[arch](**common)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory, qwen_tokenizer):
+    """A local HF model directory: tiny random Qwen2 + the Qwen tokenizer (no downloads)."""
+    return save_tiny_causal_lm(tmp_path_factory.mktemp("tiny_qwen2"), qwen_tokenizer, "qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, qwen_tokenizer):
+    """A local HF model directory: tiny random Llama + the Qwen tokenizer (no downloads)."""
+    return save_tiny_causal_lm(tmp_path_factory.mktemp("tiny_llama"), qwen_tokenizer, "llama")
