@@ -8,11 +8,10 @@ from __future__ import annotations
 import torch
 
 from . import validation
+from .backends import registry
 from .backends.base import accumulation_dtype
 from .backends.torch_chunked import TILE_ELEMENTS, grad_logits_tile, tile_stats, tile_targets
 from .reference import reference_logprob_entropy
-
-FROM_LOGITS_IMPLS = ("auto", "torch", "reference")
 
 
 def _row_chunks(n: int, vocab: int):
@@ -67,15 +66,18 @@ def logprob_entropy_from_logits(
         logits: [..., V] float tensor (any float dtype; statistics accumulate in fp32, fp64 for fp64).
         targets: [...] int64 in [0, V) or ``ignore_index`` (those give 0 and no gradient).
         temperature: float > 0 or a tensor broadcastable to ``targets``.
-        impl: "auto"/"torch" (row-chunked) or "reference" (whole-tensor oracle).
+        impl: any name :func:`linear_logprob_entropy` accepts, resolved by the same registry (so
+            "auto", PREPO_KERNELS_IMPL and availability errors behave the same). "reference" is the
+            whole-tensor oracle; every fused backend runs the row-chunked PyTorch path, the one
+            from-logits implementation (the fused kernels start from hidden states, which a caller
+            of this function does not have).
     Returns:
         (logprob, entropy) fp32 (fp64 for fp64 logits) with ``targets``' shape; differentiable w.r.t. logits.
     """
     validation.check_tensor("logits", logits, floating=True)
     validation.check_tensor("targets", targets, integer=True)
     validation.check_same_device(logits=logits, targets=targets)
-    if impl not in FROM_LOGITS_IMPLS:
-        raise ValueError(f"impl for logprob_entropy_from_logits must be one of {FROM_LOGITS_IMPLS}, got {impl!r}")
+    backend = registry.resolve(impl, logits.device)
     if logits.dim() < 1 or targets.shape != logits.shape[:-1]:
         raise ValueError(
             f"targets shape {tuple(targets.shape)} must equal logits' leading dims {tuple(logits.shape[:-1])}"
@@ -83,12 +85,13 @@ def logprob_entropy_from_logits(
     if targets.numel() == 0 or logits.shape[-1] == 0:
         raise ValueError(f"empty input: logits of shape {tuple(logits.shape)}")
     vocab = logits.shape[-1]
-    validation.check_targets(targets, vocab, ignore_index)
+    if not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     z = logits.reshape(-1, vocab)
-    y = targets.reshape(-1).long()
+    y = validation.checked_targets(targets.reshape(-1), vocab, ignore_index)
     valid = y != ignore_index
     inv_temp = validation.temperature_per_row(temperature, targets, accumulation_dtype(logits.dtype))
-    if impl == "reference":
+    if backend == "reference":
         logprob, entropy = reference_logprob_entropy(z.to(inv_temp.dtype) * inv_temp[:, None], y, valid)
     else:
         logprob, entropy = LogprobEntropyFromLogits.apply(z, torch.where(valid, y, 0), inv_temp, valid)

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from . import validation
-from .autograd import LinearLogprobEntropy
+from .autograd import linear_logprob_entropy_rows
 from .backends import registry
 from .backends.base import KernelParams, accumulation_dtype
 from .reference import reference_linear_logprob_entropy
@@ -45,19 +45,37 @@ def linear_logprob_entropy(
     Returns:
         (logprob, entropy), each float32 (float64 for float64 inputs) with ``targets``' shape, in nats.
         Differentiable w.r.t. hidden, weight and bias through both outputs.
+
+    Raises ValueError / TypeError naming the bad argument, and BackendUnavailableError for an
+    ``impl`` that cannot run on the tensors' device.
+
+    ``torch.compile(..., fullgraph=True)`` traces this function without a graph break, forward and
+    backward. Types, dtypes, devices, shapes and ``impl`` are checked while tracing (the compiled
+    graph is guarded on them, so a call with other shapes retraces and checks again). Target ids
+    and tensor temperatures are checked by custom ops inside the graph, so a compiled call raises
+    the same ValueError as an eager one. The fused backends run inside the custom op
+    ``prepo_kernels::fused_lle`` (see ``prepo_kernels.autograd``), which skips ignored rows in
+    forward and zero-gradient rows in backward in compiled code too.
     """
     validation.check_linear_inputs(hidden, weight, targets, bias, ignore_index)
-    registry.check_impl_name(impl)
+    backend = _resolve(impl, hidden.device)
     shape = targets.shape
     h2 = hidden.reshape(-1, hidden.shape[-1])
-    y = targets.reshape(-1).long()
+    y = validation.checked_targets(targets.reshape(-1), weight.shape[0], ignore_index)
     inv_temp = validation.temperature_per_row(temperature, targets, accumulation_dtype(hidden.dtype))
-    backend = registry.resolve(impl, hidden.device)
     if backend == "reference":
         logprob, entropy = reference_linear_logprob_entropy(h2, weight, y, bias, inv_temp, ignore_index)
-        entropy = entropy if compute_entropy else None
     else:
-        params = dataclasses.replace(params or KernelParams(), compute_entropy=compute_entropy)
-        logprob, entropy = LinearLogprobEntropy.apply(h2, weight, bias, y, inv_temp, ignore_index, backend, params)
-        entropy = entropy if compute_entropy else None
-    return logprob.view(shape), None if entropy is None else entropy.view(shape)
+        params = dataclasses.replace(params or DEFAULT_PARAMS, compute_entropy=compute_entropy)
+        logprob, entropy = linear_logprob_entropy_rows(h2, weight, bias, y, inv_temp, ignore_index, backend, params)
+    return logprob.view(shape), entropy.view(shape) if compute_entropy else None
+
+
+DEFAULT_PARAMS = KernelParams()
+
+
+@torch.compiler.assume_constant_result
+def _resolve(impl: str, device: torch.device) -> str:
+    """registry.resolve, run once while tracing (it reads the environment and imports backends) and
+    baked into the compiled graph as a constant."""
+    return registry.resolve(impl, device)

@@ -2,6 +2,10 @@
 
 A sequence with no valid token has mean 0 (so perplexity 1.0): it contributes nothing and never
 turns a batch statistic into NaN. Use the mask's row sums to find such sequences.
+
+Both functions compile with ``torch.compile(fullgraph=True)``: shapes and dtypes are checked while
+tracing; the checks on values (a non-bool mask holds only 0/1, cu_seqlens are valid offsets) are
+custom ops, so they raise the same ValueError in a compiled graph as in eager mode.
 """
 from __future__ import annotations
 
@@ -12,6 +16,38 @@ import torch
 from .validation import check_same_device, check_tensor
 
 
+@torch.library.custom_op("prepo_kernels::checked_mask", mutates_args=())
+def checked_mask(mask: torch.Tensor) -> torch.Tensor:
+    """mask of any dtype -> bool, after checking that it holds only 0 and 1 (ValueError otherwise)."""
+    if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError("mask must be boolean or hold only 0 and 1")
+    return mask.to(torch.bool, copy=True)
+
+
+@checked_mask.register_fake
+def _checked_mask_fake(mask):
+    return torch.empty_like(mask, dtype=torch.bool)
+
+
+@torch.library.custom_op("prepo_kernels::segment_ids", mutates_args=())
+def segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """cu_seqlens [B+1] -> the sequence index [total] int64 of each packed token, after checking that
+    the offsets start at 0, never decrease and end at ``total`` (ValueError otherwise)."""
+    lengths = cu_seqlens.diff()
+    if int(cu_seqlens[0]) != 0 or bool((lengths < 0).any()) or int(cu_seqlens[-1]) != total:
+        raise ValueError(
+            f"cu_seqlens must start at 0, never decrease and end at values.numel()={total}, "
+            f"got {cu_seqlens.tolist() if cu_seqlens.numel() <= 16 else 'a tensor that does not'}"
+        )
+    return torch.repeat_interleave(torch.arange(lengths.numel(), device=cu_seqlens.device), lengths,
+                                   output_size=total)
+
+
+@segment_ids.register_fake
+def _segment_ids_fake(cu_seqlens, total):
+    return cu_seqlens.new_empty((total,), dtype=torch.int64)
+
+
 def _check_mask(values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     if mask is None:
         return torch.ones_like(values, dtype=torch.bool)
@@ -19,9 +55,7 @@ def _check_mask(values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Ten
     check_same_device(values=values, mask=mask)
     if mask.shape != values.shape:
         raise ValueError(f"mask shape {tuple(mask.shape)} must equal values shape {tuple(values.shape)}")
-    if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
-        raise ValueError("mask must be boolean or hold only 0 and 1")
-    return mask.bool()
+    return checked_mask(mask)
 
 
 def _segments(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
@@ -32,13 +66,7 @@ def _segments(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"packed values must be 1-D [total], got shape {tuple(values.shape)}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens must be 1-D [B+1] with B >= 1, got shape {tuple(cu_seqlens.shape)}")
-    lengths = cu_seqlens.diff()
-    if int(cu_seqlens[0]) != 0 or bool((lengths < 0).any()) or int(cu_seqlens[-1]) != values.numel():
-        raise ValueError(
-            f"cu_seqlens must start at 0, never decrease and end at values.numel()={values.numel()}, "
-            f"got {cu_seqlens.tolist() if cu_seqlens.numel() <= 16 else 'a tensor that does not'}"
-        )
-    return torch.repeat_interleave(torch.arange(lengths.numel(), device=values.device), lengths)
+    return segment_ids(cu_seqlens, values.numel())
 
 
 def sequence_mean(

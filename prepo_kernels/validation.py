@@ -1,4 +1,11 @@
-"""Input checks for the public API. Each failure is a ValueError or TypeError naming the argument."""
+"""Input checks for the public API. Each failure is a ValueError or TypeError naming the argument.
+
+Checks on types, dtypes, devices and shapes are plain Python: under ``torch.compile`` they run
+while tracing (shapes and dtypes are part of the compiled graph's guards) and add nothing to the
+graph. Checks on *values* (target ids in range, temperatures finite and > 0, masks 0/1,
+cu_seqlens offsets) are custom ops that return the checked tensor: the compiler treats them as
+opaque calls, so they run, and raise the same ValueError, every time the compiled graph runs.
+"""
 from __future__ import annotations
 
 import math
@@ -30,15 +37,50 @@ def check_same_device(**tensors: Optional[torch.Tensor]) -> None:
             )
 
 
-def check_targets(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    """Every target is in [0, vocab) or equals ignore_index (one device sync)."""
+def _targets_error(targets: torch.Tensor, vocab: int, ignore_index: int) -> Optional[str]:
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
-    if bool(bad.any()):
-        value = int(targets[bad][0])
-        raise ValueError(
-            f"targets contains {value}, outside [0, {vocab}) (vocab size from weight) "
-            f"and not ignore_index={ignore_index}"
-        )
+    if not bool(bad.any()):
+        return None
+    return (
+        f"targets contains {int(targets[bad][0])}, outside [0, {vocab}) (vocab size from weight) "
+        f"and not ignore_index={ignore_index}"
+    )
+
+
+@torch.library.custom_op("prepo_kernels::checked_targets", mutates_args=())
+def checked_targets(targets: torch.Tensor, vocab: int, ignore_index: int) -> torch.Tensor:
+    """targets [...] int -> the same ids as int64, after checking that each is in [0, vocab) or
+    equals ignore_index (ValueError otherwise; one device sync). An op so that the check, which
+    depends on the data, also runs inside a compiled graph."""
+    message = _targets_error(targets, vocab, ignore_index)
+    if message is not None:
+        raise ValueError(message)
+    return targets.to(torch.int64, copy=True)
+
+
+@checked_targets.register_fake
+def _checked_targets_fake(targets, vocab, ignore_index):
+    return targets.new_empty(targets.shape, dtype=torch.int64)
+
+
+@torch.library.custom_op("prepo_kernels::checked_inv_temperature", mutates_args=())
+def checked_inv_temperature(temperature: torch.Tensor) -> torch.Tensor:
+    """1 / temperature, after checking that every entry is finite and > 0 (ValueError otherwise)."""
+    if not bool(((temperature > 0) & torch.isfinite(temperature)).all()):
+        raise ValueError("temperature must be finite and > 0 everywhere")
+    return temperature.reciprocal()
+
+
+@checked_inv_temperature.register_fake
+def _checked_inv_temperature_fake(temperature):
+    return torch.empty_like(temperature)
+
+
+def _broadcasts(shape: tuple, to: tuple) -> bool:
+    """Whether ``shape`` broadcasts to ``to`` (decided on static shapes, so it compiles)."""
+    if len(shape) > len(to):
+        return False
+    return all(s in (1, t) for s, t in zip(reversed(shape), reversed(to)))
 
 
 def temperature_per_row(
@@ -50,16 +92,13 @@ def temperature_per_row(
             raise ValueError(f"temperature is on {temperature.device} but targets is on {targets.device}")
         if not temperature.dtype.is_floating_point:
             raise TypeError(f"temperature must be a float tensor, got {temperature.dtype}")
-        try:
-            temp = torch.broadcast_to(temperature.detach().to(targets.device, dtype), targets.shape)
-        except RuntimeError:
+        if not _broadcasts(tuple(temperature.shape), tuple(targets.shape)):
             raise ValueError(
                 f"temperature of shape {tuple(temperature.shape)} does not broadcast to targets' shape "
                 f"{tuple(targets.shape)}"
-            ) from None
-        if not bool(((temp > 0) & torch.isfinite(temp)).all()):
-            raise ValueError("temperature must be finite and > 0 everywhere")
-        return temp.reshape(-1).reciprocal()
+            )
+        temp = torch.broadcast_to(temperature.detach().to(targets.device, dtype), targets.shape)
+        return checked_inv_temperature(temp.reshape(-1))
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a float or a tensor, got {type(temperature).__name__}")
     if not (math.isfinite(temperature) and temperature > 0):
@@ -97,4 +136,3 @@ def check_linear_inputs(hidden, weight, targets, bias, ignore_index) -> None:
         )
     if not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    check_targets(targets, weight.shape[0], ignore_index)

@@ -72,8 +72,10 @@ def test_from_logits_bad_inputs():
         logprob_entropy_from_logits(logits, Y[:2])
     with pytest.raises(ValueError, match="outside"):
         logprob_entropy_from_logits(logits, torch.tensor([0, 1, 2, 11]))
-    with pytest.raises(ValueError, match="impl for logprob_entropy_from_logits"):
-        logprob_entropy_from_logits(logits, Y, impl="cpu")
+    with pytest.raises(ValueError, match="impl must be 'auto' or one of"):
+        logprob_entropy_from_logits(logits, Y, impl="fastest")
+    with pytest.raises(pk.BackendUnavailableError, match="impl='cuda' is unavailable on cpu"):
+        logprob_entropy_from_logits(logits, Y, impl="cuda")
 
 
 SEQ_CASES = [

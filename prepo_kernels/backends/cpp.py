@@ -2,9 +2,9 @@
 
 Importing ``prepo_kernels._C`` registers two operators, ``torch.ops.prepo_kernels.lle_forward``
 and ``lle_backward`` (schemas in csrc/ops.cpp, semantics in ``backends/base.py``). This module adds
-what torch needs to trace and differentiate them: fake (meta) kernels for ``torch.compile`` /
-``torch.library.opcheck``, and an autograd formula for ``lle_forward`` (its backward calls
-``lle_backward``), so the raw op can also be used directly with autograd.
+their fake (meta) kernels, for ``torch.compile`` and ``torch.library.opcheck``. The raw ops have no
+autograd formula of their own: gradients go through the one autograd path every backend shares,
+``prepo_kernels::fused_lle`` (``prepo_kernels.autograd``), whose backward calls ``lle_backward``.
 
 When the extension is not built, this module still imports: it warns once and both backends report
 why they are unavailable (the registry then falls back to the pure-torch backend under "auto").
@@ -47,7 +47,7 @@ def has_cuda_kernels() -> bool:
 
 
 # ------------------------------------------------------------------------------------------------
-# fake kernels and autograd for the raw ops
+# fake kernels for the raw ops
 
 if _C is not None:
 
@@ -70,44 +70,6 @@ if _C is not None:
         grad_weight = weight.new_empty(weight.shape, dtype=acc)
         grad_bias = weight.new_empty((weight.shape[0],) if bias is not None else (0,), dtype=acc)
         return grad_hidden, grad_weight, grad_bias
-
-    def _setup_context(ctx, inputs, output):
-        hidden, weight, bias, targets, inv_temp, compute_entropy = inputs
-        _, entropy, lse = output
-        ctx.compute_entropy = compute_entropy
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(hidden, weight, bias, targets, inv_temp, lse, entropy)
-
-    def _lle_forward_backward(ctx, grad_logprob, grad_entropy, grad_lse):
-        hidden, weight, bias, targets, inv_temp, lse, entropy = ctx.saved_tensors
-        acc = lse.dtype
-        n = hidden.shape[0]
-        g = grad_logprob.to(acc) if grad_logprob is not None else lse.new_zeros((n,))
-        e = grad_entropy.to(acc) if (ctx.compute_entropy and grad_entropy is not None) else None
-        if grad_lse is not None:
-            # d lse / d z_v = p_v. lle_backward with g - l yields g 1[v=y] - l 1[v=y] - (g - l) p_v;
-            # the l 1[v=y] part is added back below with index ops (O(n D)).
-            l = grad_lse.to(acc)
-            g = g - l
-        grad_hidden, grad_weight, grad_bias = torch.ops.prepo_kernels.lle_backward(
-            g, e, hidden, weight, bias, targets, inv_temp, lse, entropy
-        )
-        if grad_lse is not None:
-            c = l * inv_temp.to(acc)
-            grad_hidden = grad_hidden + c[:, None] * weight.index_select(0, targets).to(acc)
-            grad_weight = grad_weight.index_add(0, targets, c[:, None] * hidden.to(acc))
-            if ctx.has_bias:
-                grad_bias = grad_bias.index_add(0, targets, c)
-        return (
-            grad_hidden.to(hidden.dtype),
-            grad_weight.to(weight.dtype),
-            grad_bias.to(bias.dtype) if ctx.has_bias else None,
-            None,
-            None,
-            None,
-        )
-
-    torch.library.register_autograd(OP_FORWARD, _lle_forward_backward, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------------------------------------
