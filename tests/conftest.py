@@ -1,10 +1,19 @@
 import importlib.resources
 import importlib.util
+import os
 
-import pytest
 import torch
 
-from prepo_kernels import available_impls
+# Triton runs on CPU only through its interpreter. Whether a kernel is interpreted is fixed when it
+# is *defined*, and triton.language's own jit helpers are defined when triton is imported, which
+# torch._dynamo (and so torch.library.custom_op, i.e. ``import prepo_kernels``) does: so set it
+# here, before anything imports prepo_kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from prepo_kernels import available_impls  # noqa: E402
 
 
 def fused_cpu_impls() -> list[str]:
