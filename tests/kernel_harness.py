@@ -14,6 +14,7 @@ import torch
 
 from prepo_kernels import linear_logprob_entropy
 from prepo_kernels.backends import registry
+from prepo_kernels.reference import reference_linear_logprob_entropy
 
 F64 = torch.float64
 FUSED = ("torch", "cpu", "triton", "cuda")
@@ -40,6 +41,12 @@ def backend_param(impl: str, device: str):
     if why is not None:
         marks.append(pytest.mark.skip(reason=why))
     return pytest.param(impl, device, marks=marks, id=f"{impl}-{device}")
+
+
+def device_params(impl: str):
+    """pytest params over the devices backend ``impl`` is meant for, skipped where it cannot run."""
+    return [pytest.param(p.values[1], marks=p.marks, id=p.values[1])
+            for p in BACKEND_DEVICES if p.values[0] == impl]
 
 
 # every fused backend on every device it could run on (the ones that cannot run here are skipped,
@@ -106,3 +113,24 @@ def assert_close_to_truth(impl, device, dtype, hidden, weight, targets, bias, *,
         bound = err_ref + tol * (1 + t.abs())
         assert torch.all(err <= bound), f"{impl} {dtype} {name}: max excess {(err - bound).max().item():.3g}"
     return got
+
+
+def raw_oracle(h, W, b, y, it, g=None, e=None):
+    """The raw backend contract (prepo_kernels/backends/base.py) in float64 from the reference:
+    (logprob, entropy, lse) and, given upstream gradients g (and e, or None), also (grad_hidden,
+    grad_weight, grad_bias or None) of sum(g * logprob + e * entropy). Inputs may be any dtype and
+    device; results are float64 on CPU."""
+    leaves = [None if t is None else t.detach().to("cpu", F64).requires_grad_() for t in (h, W, b)]
+    it, y = it.to("cpu", F64), y.cpu()
+    logprob, entropy = reference_linear_logprob_entropy(leaves[0], leaves[1], y, leaves[2], it, -100)
+    z = leaves[0] @ leaves[1].T + (0 if b is None else leaves[2])
+    lse = torch.logsumexp(z * it[:, None], dim=1)
+    stats = tuple(t.detach() for t in (logprob, entropy, lse))
+    if g is None:
+        return stats
+    loss = (logprob * g.to("cpu", F64)).sum()
+    if e is not None:
+        loss = loss + (entropy * e.to("cpu", F64)).sum()
+    live = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(loss, live)
+    return stats + tuple(grads) + ((None,) if b is None else ())

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from prepo_kernels import linear_logprob_entropy, logprob_entropy_from_logits
+from prepo_kernels import available_impls, linear_logprob_entropy, logprob_entropy_from_logits
 from prepo_kernels.backends import torch_chunked
 
 
@@ -29,6 +29,24 @@ def test_matches_linear_reference(dtype, monkeypatch):
         lp_lin, ent_lin = linear_logprob_entropy(hidden, weight, targets, temperature=temperature, impl="reference")
         torch.testing.assert_close(lp, lp_lin)
         torch.testing.assert_close(ent, ent_lin)
+
+
+def test_impl_resolves_through_the_registry(monkeypatch):
+    """Every name linear_logprob_entropy accepts is accepted here too; fused backends share the
+    row-chunked path, so they agree exactly."""
+    logits = torch.randn(4, 30, dtype=torch.float64)
+    targets = torch.tensor([3, -100, 29, 0])
+    lp, ent = logprob_entropy_from_logits(logits, targets, impl="torch")
+    lp_ref, ent_ref = logprob_entropy_from_logits(logits, targets, impl="reference")
+    for impl in available_impls("cpu") + ["auto"]:
+        got = logprob_entropy_from_logits(logits, targets, impl=impl)
+        exact = dict(rtol=0, atol=0) if impl != "reference" else {}
+        torch.testing.assert_close(got[0], lp, **exact)
+        torch.testing.assert_close(got[1], ent, **exact)
+    monkeypatch.setenv("PREPO_KERNELS_IMPL", "reference")
+    got = logprob_entropy_from_logits(logits, targets)
+    torch.testing.assert_close(got[0], lp_ref, rtol=0, atol=0)
+    torch.testing.assert_close(got[1], ent_ref, rtol=0, atol=0)
 
 
 def test_gradcheck():
