@@ -8,13 +8,14 @@
 What is measured, for each (N, D, V) in bf16 and each scenario
     all   every row has an upstream gradient (g = advantage-like randn, e = small entropy bonus)
     grpo  GRPO-like: half the rows (whole groups of 16) have zero upstream gradient
-and each implementation (skipped, with the reason printed, when not installed / unavailable):
-    prepo-triton      prepo_kernels.linear_logprob_entropy(impl="triton")
-    prepo-cuda        impl="cuda"
-    prepo-torch       impl="torch" (chunked pure PyTorch)
+and each implementation (benchmarks/providers.py's names; skipped, with the reason printed, when not
+installed / unavailable):
+    prepo_triton      prepo_kernels.linear_logprob_entropy(impl="triton")
+    prepo_cuda        impl="cuda"
+    prepo_torch       impl="torch" (chunked pure PyTorch)
     naive             bf16 matmul -> fp32 log_softmax -> gather, entropy = -sum p log p
-    naive-compiled    torch.compile(naive)
-    torch-lce         torch.nn.functional.linear_cross_entropy(reduction="none")  (logprob only)
+    naive_compiled    torch.compile(naive)
+    torch_linear_ce   torch.nn.functional.linear_cross_entropy(reduction="none")  (logprob only)
     liger             Liger Kernel: LigerFusedLinearScaledCrossEntropyFunction(return_entropy=True),
                       or LigerFusedLinearCrossEntropyFunction(reduction="none") (logprob only) on
                       versions without it
@@ -48,7 +49,8 @@ from typing import Callable, Optional
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SHAPES = "8192,4096,131072;8192,4096,151936"
 DRY_SHAPES = "64,32,300"
-ALL_IMPLS = ("prepo-triton", "prepo-cuda", "prepo-torch", "naive", "naive-compiled", "torch-lce", "liger", "cce")
+# benchmarks/providers.py's peer names (prepo_cpu is the CPU backend, not measured on a GPU)
+ALL_IMPLS = ("prepo_triton", "prepo_cuda", "prepo_torch", "naive", "naive_compiled", "torch_linear_ce", "liger", "cce")
 
 
 def parse_args(argv=None):
@@ -77,140 +79,13 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-# --------------------------------------------------------------------------------------------------
-# implementations: each maker returns (fn(h, W, y) -> (logprob [N] fp32, entropy [N] or None), note)
-# or raises Unavailable(reason)
-
-class Unavailable(Exception):
-    pass
-
-
-def _prepo(impl, params):
-    import torch
-
-    from prepo_kernels import linear_logprob_entropy
-    from prepo_kernels.backends import registry
-
-    def make(device):
-        why = registry.unavailable_reason(impl, device)
-        if why is not None:
-            raise Unavailable(why)
-
-        def fn(h, w, y):
-            return linear_logprob_entropy(h, w, y, impl=impl, params=params)
-
-        return fn, "logprob+entropy"
-
-    del torch
-    return make
-
-
-def _naive_fn():
-    """The naive reference of ``benchmarks/providers.py`` (imported late: the suite builds the
-    extension in place before anything imports prepo_kernels)."""
+def load_providers():
+    """benchmarks/providers.py (the peers, one name each, and the entropy calibration); imported late
+    because the suite builds the extension in place before anything imports prepo_kernels."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from providers import naive
+    import providers
 
-    return naive
-
-
-def _naive(device):
-    return _naive_fn(), "logprob+entropy"
-
-
-def _compiled(device):
-    import torch
-
-    if device.type != "cuda":
-        raise Unavailable("torch.compile skipped in --dry-run")
-    return torch.compile(_naive_fn(), dynamic=False), "logprob+entropy"
-
-
-def _torch_lce(device):
-    import torch.nn.functional as F
-
-    lce = getattr(F, "linear_cross_entropy", None)
-    if lce is None:
-        raise Unavailable("torch.nn.functional.linear_cross_entropy does not exist in this torch")
-
-    def fn(h, w, y):
-        return -lce(h, w, y, reduction="none").float(), None
-
-    return fn, "logprob only"
-
-
-def _liger(device):
-    try:
-        import liger_kernel  # noqa: F401
-    except ImportError as exc:
-        raise Unavailable(f"liger_kernel is not installed ({exc})")
-    try:
-        from liger_kernel.ops import fused_linear_scaled_cross_entropy as scaled
-    except ImportError:
-        scaled = None
-    if scaled is not None:
-        # the dispatcher picks a CuTe-DSL kernel on sm_90 and a chunked PyTorch fallback elsewhere;
-        # resolve it now so a missing CuTe DSL shows up as a note instead of a failed row
-        via = "LigerFusedLinearScaledCrossEntropyFunction"
-        try:
-            impl = scaled._resolve_implementation(device)
-        except Exception as exc:  # noqa: BLE001 - e.g. cutlass DSL not installed
-            impl = scaled._FusedLinearPPOFallbackFunction
-            via += f", chunked fallback ({type(exc).__name__}: {str(exc)[:80]})"
-        else:
-            if impl is scaled._FusedLinearPPOFallbackFunction:
-                via += ", chunked PyTorch fallback"
-        F = scaled.LigerFusedLinearScaledCrossEntropyFunction
-
-        def fn(h, w, y):
-            if impl is scaled._FusedLinearPPOFallbackFunction:
-                nll, ent = impl.apply(h, w, y, 1.0, -100, True)
-            else:  # apply(_input, weight, target, temperature, ignore_index, m_tiles_per_cluster, return_entropy)
-                nll, ent = F.apply(h, w, y, 1.0, -100, 1, True)
-            return -nll.float(), ent.float()
-
-        return fn, f"logprob+entropy ({via})"
-    try:
-        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction as G
-    except ImportError as exc:
-        raise Unavailable(f"no fused linear cross-entropy in this liger_kernel ({exc})")
-
-    def fn(h, w, y):
-        out = G.apply(h, w, y, None, None, -100, 0.0, 0.0, "none")
-        loss = out[0] if isinstance(out, tuple) else out
-        return -loss.float(), None
-
-    return fn, "logprob only (LigerFusedLinearCrossEntropyFunction, no entropy API)"
-
-
-def _cce(device):
-    try:
-        from cut_cross_entropy import linear_cross_entropy
-    except ImportError as exc:
-        raise Unavailable(f"cut_cross_entropy is not installed ({exc})")
-    if device.type != "cuda":
-        raise Unavailable("cut_cross_entropy needs CUDA")
-
-    def fn(h, w, y):
-        return -linear_cross_entropy(h, w, y, reduction="none").float(), None
-
-    return fn, "logprob only"
-
-
-def impl_makers(args):
-    from prepo_kernels import KernelParams
-
-    params = KernelParams(deterministic=args.deterministic, grad_filter=not args.no_grad_filter)
-    return {
-        "prepo-triton": _prepo("triton", params),
-        "prepo-cuda": _prepo("cuda", params),
-        "prepo-torch": _prepo("torch", params),
-        "naive": _naive,
-        "naive-compiled": _compiled,
-        "torch-lce": _torch_lce,
-        "liger": _liger,
-        "cce": _cce,
-    }
+    return providers
 
 
 # --------------------------------------------------------------------------------------------------
@@ -268,35 +143,13 @@ class Timer:
 # --------------------------------------------------------------------------------------------------
 # inputs
 
-def calibrate_scale(h_rows, w0, target_entropy: float) -> tuple[float, float]:
-    """Scale s such that mean entropy of softmax(s * h_rows @ w0.T) is target_entropy (bisection in
-    log s; entropy falls as s grows). Returns (s, achieved entropy)."""
-    import torch
-
-    z0 = h_rows.float() @ w0.float().T
-
-    def ent(s):
-        logp = torch.log_softmax(z0 * s, dim=-1)
-        return float(-(logp.exp() * logp).sum(-1).mean())
-
-    lo, hi = math.log(1e-3), math.log(1e3)
-    for _ in range(50):
-        mid = 0.5 * (lo + hi)
-        if ent(math.exp(mid)) > target_entropy:
-            lo = mid
-        else:
-            hi = mid
-    s = math.exp(0.5 * (lo + hi))
-    return s, ent(s)
-
-
 def make_inputs(N, D, V, dtype, device, target_entropy, seed=0):
     import torch
 
     gen = torch.Generator(device=device).manual_seed(seed)
     h = torch.randn(N, D, device=device, generator=gen).to(dtype)
     w0 = torch.randn(V, D, device=device, generator=gen) / math.sqrt(D)
-    s, _ = calibrate_scale(h[: min(N, 256)], w0, target_entropy)
+    s, _ = load_providers().calibrate_scale(h[: min(N, 256)], w0, target_entropy)
     w = (w0 * s).to(dtype)
     del w0
     # targets sampled from the model's own distribution (as in RL rollouts), in row chunks
@@ -436,7 +289,10 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     base = out_dir / f"gpu_suite_{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-')}_{stamp}"
 
-    makers = impl_makers(args)
+    providers = load_providers()
+    from prepo_kernels import KernelParams
+
+    params = KernelParams(deterministic=args.deterministic, grad_filter=not args.no_grad_filter)
     timer = Timer(device)
     rows: list[Row] = []
     notes: list[str] = []
@@ -465,8 +321,8 @@ def main(argv=None) -> int:
 
         for impl in impls:
             try:
-                fn, computes = makers[impl](device)
-            except Unavailable as exc:
+                fn, computes = providers.make(impl, device, params)
+            except providers.Unavailable as exc:
                 msg = f"{impl}: skipped: {exc}"
                 print("   " + msg, flush=True)
                 if msg not in notes:

@@ -1,9 +1,17 @@
-"""What the log-prob/entropy benchmarks compare: each provider turns a Case into a callable.
+"""What the log-prob/entropy benchmarks compare, for both ``bench_logprob_entropy.py`` (CPU) and
+``gpu_suite.py`` (GPU): one name per peer, one entropy calibration.
 
-A provider returns ``run() -> None`` for a mode:
+Each peer ``make(name, device, params)`` gives ``(fn, computes)``: ``fn(hidden, weight, targets) ->
+(logprob [N] fp32, entropy [N] or None)`` and a note on what it computes; it raises
+:class:`Unavailable` (saying why) when the peer cannot run on that device here.
+
+``build(name, mode, case)`` turns a peer or a floor into ``run() -> None`` for a mode:
     "fwd"     forward only, no autograd (prompt-perplexity scoring)
     "fwdbwd"  forward, then backward with the case's upstream gradients (training)
 Floors ("matmul_*") do only the matmuls a design cannot avoid; they give the ratios meaning.
+
+prepo_kernels is imported only when a prepo peer is made (gpu_suite.py builds the extension in
+place first).
 """
 from __future__ import annotations
 
@@ -13,9 +21,12 @@ from typing import Callable, Optional
 
 import torch
 
-import prepo_kernels
-
 TARGET_ENTROPY = 1.5  # nats, mean token entropy of a trained model
+Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple]
+
+
+class Unavailable(Exception):
+    """A peer cannot run here; the message says why."""
 
 
 @dataclass
@@ -27,9 +38,21 @@ class Case:
     grad_entropy: torch.Tensor  # [N] fp32
 
 
-def _mean_entropy(hidden: torch.Tensor, weight: torch.Tensor, scale: float) -> float:
-    logits = (hidden.float() @ weight.float().T) * scale
-    return torch.distributions.Categorical(logits=logits).entropy().mean().item()
+def calibrate_scale(h_rows: torch.Tensor, w0: torch.Tensor, target_entropy: float) -> tuple[float, float]:
+    """Scale s such that the mean entropy of softmax(s * h_rows @ w0.T) is ``target_entropy`` nats
+    (bisection in log s; the entropy falls as s grows). Returns (s, the entropy reached)."""
+    z0 = h_rows.float() @ w0.float().T
+
+    def entropy(scale: float) -> float:
+        logp = torch.log_softmax(z0 * scale, dim=-1)
+        return float(-(logp.exp() * logp).sum(-1).mean())
+
+    lo, hi = math.log(1e-3), math.log(1e3)
+    for _ in range(50):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if entropy(math.exp(mid)) > target_entropy else (lo, mid)
+    scale = math.exp(0.5 * (lo + hi))
+    return scale, entropy(scale)
 
 
 def make_case(n: int, d: int, vocab: int, dtype: torch.dtype, zero_grad_frac: float, seed: int = 0) -> Case:
@@ -37,13 +60,9 @@ def make_case(n: int, d: int, vocab: int, dtype: torch.dtype, zero_grad_frac: fl
     Rows with zero upstream gradient come in contiguous blocks, like whole zero-advantage groups."""
     gen = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, d, generator=gen).to(dtype)
-    weight = torch.randn(vocab, d, generator=gen).div_(math.sqrt(d)).to(dtype)
-    sample = hidden[: min(n, 64)]
-    lo, hi = 0.1, 100.0
-    for _ in range(25):  # bisect the scale on log axis; entropy falls as the scale grows
-        mid = math.sqrt(lo * hi)
-        lo, hi = (mid, hi) if _mean_entropy(sample, weight, mid) > TARGET_ENTROPY else (lo, mid)
-    weight.mul_(math.sqrt(lo * hi))
+    weight = torch.randn(vocab, d, generator=gen).div_(math.sqrt(d))
+    scale, _ = calibrate_scale(hidden[: min(n, 256)], weight, TARGET_ENTROPY)
+    weight = weight.mul_(scale).to(dtype)
     targets = torch.randint(0, vocab, (n,), generator=gen)
     grad_logprob = torch.randn(n, generator=gen) / n
     grad_entropy = torch.randn(n, generator=gen) / n
@@ -56,70 +75,146 @@ def make_case(n: int, d: int, vocab: int, dtype: torch.dtype, zero_grad_frac: fl
     return Case(hidden, weight, targets, grad_logprob, grad_entropy)
 
 
-# --- forward functions: (hidden, weight, targets) -> (logprob, entropy or None) --------------------
+# --- peers: make(device, params) -> (fn, computes) or raise Unavailable --------------------------------
 
 
 def naive(h, w, y):
+    """bf16 matmul -> fp32 log_softmax -> gather; entropy = -sum p log p (the [N, V] logits in memory)."""
     logp = torch.log_softmax((h @ w.T).float(), dim=-1)
     entropy = -(logp.exp() * logp).sum(-1)
     return logp.gather(1, y[:, None]).squeeze(1), entropy
 
 
-def torch_linear_cross_entropy(h, w, y):
-    return -torch.nn.functional.linear_cross_entropy(h, w, y, reduction="none"), None
+def _naive(device, params):
+    return naive, "logprob+entropy"
 
 
-def cut_cross_entropy(h, w, y):
-    from cut_cross_entropy import linear_cross_entropy
-
-    return -linear_cross_entropy(h, w, y, impl="torch_compile", reduction="none"), None
-
-
-def liger(h, w, y):
-    from liger_kernel.ops.fused_linear_scaled_cross_entropy import LigerFusedLinearScaledCrossEntropyFunction
-
-    nll, entropy = LigerFusedLinearScaledCrossEntropyFunction.apply(h, w, y, 1.0, -100, 1, True)
-    return -nll, entropy
+def _naive_compiled(device, params):
+    if device.type != "cuda":
+        raise Unavailable("torch.compile(naive) is measured on CUDA only (minutes of Inductor on a small CPU)")
+    return torch.compile(naive, dynamic=False), "logprob+entropy"
 
 
-def prepo(impl: str):
+def _torch_linear_ce(device, params):
+    lce = getattr(torch.nn.functional, "linear_cross_entropy", None)
+    if lce is None:
+        raise Unavailable("torch.nn.functional.linear_cross_entropy does not exist in this torch")
+
     def fn(h, w, y):
-        return prepo_kernels.linear_logprob_entropy(h, w, y, impl=impl)
+        return -lce(h, w, y, reduction="none").float(), None
 
-    return fn
+    return fn, "logprob only"
 
 
-def _importable(module: str) -> Optional[str]:
+def _liger(device, params):
     try:
-        __import__(module)
+        import liger_kernel  # noqa: F401
     except ImportError as exc:
-        return f"not installed ({exc})"
-    return None
+        raise Unavailable(f"liger_kernel is not installed ({exc})")
+    try:
+        from liger_kernel.ops import fused_linear_scaled_cross_entropy as scaled
+    except ImportError:
+        return _liger_logprob_only()
+    # the dispatcher picks a CuTe-DSL kernel on sm_90 and a chunked PyTorch fallback elsewhere;
+    # resolve it now so a missing CuTe DSL shows up as a note instead of a failed row
+    via = "LigerFusedLinearScaledCrossEntropyFunction"
+    fallback = scaled._FusedLinearPPOFallbackFunction
+    try:
+        impl = scaled._resolve_implementation(device)
+    except Exception as exc:  # noqa: BLE001 - e.g. cutlass DSL not installed
+        impl = fallback
+        via += f", chunked fallback ({type(exc).__name__}: {str(exc)[:80]})"
+    else:
+        if impl is fallback:
+            via += ", chunked PyTorch fallback"
+
+    def fn(h, w, y):
+        if impl is fallback:
+            nll, ent = impl.apply(h, w, y, 1.0, -100, True)
+        else:  # apply(_input, weight, target, temperature, ignore_index, m_tiles_per_cluster, return_entropy)
+            nll, ent = scaled.LigerFusedLinearScaledCrossEntropyFunction.apply(h, w, y, 1.0, -100, 1, True)
+        return -nll.float(), ent.float()
+
+    return fn, f"logprob+entropy ({via})"
 
 
-def _torch_lce_missing() -> Optional[str]:
-    ok = hasattr(torch.nn.functional, "linear_cross_entropy")
-    return None if ok else "torch.nn.functional.linear_cross_entropy not in this torch"
+def _liger_logprob_only():
+    try:
+        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction as G
+    except ImportError as exc:
+        raise Unavailable(f"no fused linear cross-entropy in this liger_kernel ({exc})")
+
+    def fn(h, w, y):
+        out = G.apply(h, w, y, None, None, -100, 0.0, 0.0, "none")
+        loss = out[0] if isinstance(out, tuple) else out
+        return -loss.float(), None
+
+    return fn, "logprob only (LigerFusedLinearCrossEntropyFunction, no entropy API)"
 
 
-def _prepo_missing(impl: str) -> Callable[[], Optional[str]]:
-    return lambda: prepo_kernels.backends.registry.unavailable_reason(impl, torch.device("cpu"))
+def _cce(device, params):
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except ImportError as exc:
+        raise Unavailable(f"cut_cross_entropy is not installed ({exc})")
+    impl = "cce" if device.type == "cuda" else "torch_compile"  # its Triton kernels need CUDA
+
+    def fn(h, w, y):
+        return -linear_cross_entropy(h, w, y, impl=impl, reduction="none").float(), None
+
+    return fn, f"logprob only (impl={impl})"
 
 
-# name -> (forward fn, reason-it-cannot-run check)
-FUSED = {
-    "naive": (naive, lambda: None),
-    "torch_linear_ce": (torch_linear_cross_entropy, _torch_lce_missing),
-    "cce_torch_compile": (cut_cross_entropy, lambda: _importable("cut_cross_entropy")),
-    "liger_scaled_ce": (liger, lambda: _importable("liger_kernel")),
-    "prepo_torch": (prepo("torch"), _prepo_missing("torch")),
-    "prepo_cpu": (prepo("cpu"), _prepo_missing("cpu")),
+def _prepo(impl: str):
+    def make(device, params):
+        from prepo_kernels import linear_logprob_entropy
+        from prepo_kernels.backends import registry
+
+        why = registry.unavailable_reason(impl, device)
+        if why is not None:
+            raise Unavailable(why)
+
+        def fn(h, w, y):
+            return linear_logprob_entropy(h, w, y, impl=impl, params=params)
+
+        return fn, "logprob+entropy"
+
+    return make
+
+
+# name -> maker; the names both benchmark scripts print and accept
+PEERS = {
+    "naive": _naive,
+    "naive_compiled": _naive_compiled,
+    "torch_linear_ce": _torch_linear_ce,
+    "cce": _cce,
+    "liger": _liger,
+    "prepo_torch": _prepo("torch"),
+    "prepo_cpu": _prepo("cpu"),
+    "prepo_triton": _prepo("triton"),
+    "prepo_cuda": _prepo("cuda"),
 }
+FUSED = tuple(PEERS)
+
+
+def make(name: str, device, params=None) -> tuple[Forward, str]:
+    """(fn, computes) for peer ``name`` on ``device``; raises Unavailable. ``params``: prepo's
+    KernelParams (None: defaults)."""
+    return PEERS[name](torch.device(device), params)
+
+
 FLOORS = {"fwd": ("matmul_1",), "fwdbwd": ("matmul_3", "matmul_4")}
 
 
-def unavailable(name: str) -> Optional[str]:
-    return FUSED[name][1]() if name in FUSED else None
+def unavailable(name: str, device="cpu") -> Optional[str]:
+    """None when ``name`` (a peer or a floor) can run on ``device``, else why not."""
+    if name not in PEERS:
+        return None
+    try:
+        make(name, device)
+    except Unavailable as exc:
+        return str(exc)
+    return None
 
 
 def _floor(case: Case, n_matmuls: int) -> Callable[[], None]:
@@ -139,7 +234,7 @@ def _floor(case: Case, n_matmuls: int) -> Callable[[], None]:
 def build(name: str, mode: str, case: Case) -> Callable[[], None]:
     if name.startswith("matmul_"):
         return _floor(case, int(name.split("_")[1]))
-    fn = FUSED[name][0]
+    fn, _ = make(name, case.hidden.device)
     if mode == "fwd":
 
         def run_fwd():
