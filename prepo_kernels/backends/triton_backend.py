@@ -1,6 +1,10 @@
 """The "triton" backend: fused Triton kernels (prepo_kernels/triton/), CUDA devices, or CPU under
 Triton's interpreter (TRITON_INTERPRET=1, slow; meant for tests).
 
+Set TRITON_INTERPRET=1 before importing prepo_kernels: whether a kernel is interpreted is fixed when
+it is defined, triton.language's own helpers are defined when triton is imported, and importing
+prepo_kernels imports triton (its custom ops import torch._dynamo, which imports triton).
+
 fp64 inputs are supported (tl.dot in fp64, "ieee" precision), chiefly so gradcheck can run through
 the interpreter; on a GPU they work too but are slow (no fp64 tensor-core path is tuned here).
 """
@@ -32,7 +36,8 @@ class TritonBackend:
         if device.type == "cpu":
             if os.environ.get("TRITON_INTERPRET", "0") == "1":
                 return None
-            return "triton runs on CUDA devices (set TRITON_INTERPRET=1 to run its interpreter on CPU)"
+            return ("triton runs on CUDA devices (set TRITON_INTERPRET=1, before importing prepo_kernels, "
+                    "to run its interpreter on CPU)")
         return f"triton does not run on {device.type} devices"
 
     def forward(self, hidden, weight, bias, targets, inv_temp, params: KernelParams) -> Stats:
