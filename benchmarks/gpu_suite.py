@@ -249,7 +249,7 @@ def gpu_name(device) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.dry_run:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before prepo_kernels.triton is imported
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before prepo_kernels (and so triton) is imported
     sys.path.insert(0, str(REPO))
     import torch
 
