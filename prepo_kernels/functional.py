@@ -50,10 +50,13 @@ def linear_logprob_entropy(
     ``impl`` that cannot run on the tensors' device.
 
     ``torch.compile(..., fullgraph=True)`` traces this function without a graph break, forward and
-    backward. Types, dtypes, devices, shapes and ``impl`` are checked while tracing (the compiled
-    graph is guarded on them, so a call with other shapes retraces and checks again). Target ids
-    and tensor temperatures are checked by custom ops inside the graph, so a compiled call raises
-    the same ValueError as an eager one. The fused backends run inside the custom op
+    backward. Types, dtypes, devices, shapes, scalar temperatures and ``impl`` are checked while
+    tracing (the compiled graph is guarded on them, so a call with other shapes retraces and checks
+    again); a failure there reaches the caller as Dynamo's exception (``torch._dynamo.exc.Unsupported``
+    with fullgraph=True, its message quoting this function's ValueError/TypeError; without
+    fullgraph Dynamo falls back to eager and the error itself is raised). Target ids and tensor
+    temperatures are checked by custom ops inside the graph, at run time, so a compiled call raises
+    exactly the ValueError an eager one does. The fused backends run inside the custom op
     ``prepo_kernels::fused_lle`` (see ``prepo_kernels.autograd``), which skips ignored rows in
     forward and zero-gradient rows in backward in compiled code too.
     """

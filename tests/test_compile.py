@@ -99,6 +99,18 @@ def test_compiled_call_still_checks_values(impl):
         compiled(hidden, weight, targets, torch.tensor([1.0, 0.0, 1.0, 1.0]))
 
 
+def test_argument_errors_under_fullgraph_quote_the_eager_message():
+    """Shape/type errors are found while tracing; with fullgraph=True Dynamo re-raises them as its
+    own exception whose message quotes ours (documented in linear_logprob_entropy)."""
+    hidden, weight, targets, _ = make_inputs(4, 8, 10, dtype=torch.float32)
+
+    def f(h, w, y):
+        return linear_logprob_entropy(h, w, y, impl="torch")[0]
+
+    with pytest.raises(Exception, match="hidden's last dim \\(7\\) must equal weight's hidden size D=8"):
+        torch.compile(f, fullgraph=True, backend="aot_eager")(hidden[:, :7], weight, targets)
+
+
 def test_sequence_reductions_compile_fullgraph():
     values = torch.randn(3, 5, dtype=torch.float64)
     mask = torch.tensor([[1, 1, 0, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]])
