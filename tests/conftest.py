@@ -13,13 +13,6 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from prepo_kernels import available_impls  # noqa: E402
-
-
-def fused_cpu_impls() -> list[str]:
-    """Fused backends that run on CPU tensors here (the C++ one only when built)."""
-    return [impl for impl in available_impls("cpu") if impl in ("torch", "cpu")]
-
 
 @pytest.fixture(autouse=True)
 def _seed():
