@@ -61,7 +61,7 @@ def linear_logprob_entropy(
     forward and zero-gradient rows in backward in compiled code too.
     """
     validation.check_linear_inputs(hidden, weight, targets, bias, ignore_index)
-    backend = _resolve(impl, hidden.device)
+    backend = registry.resolve(impl, hidden.device)
     shape = targets.shape
     h2 = hidden.reshape(-1, hidden.shape[-1])
     y = validation.checked_targets(targets.reshape(-1), weight.shape[0], ignore_index)
@@ -75,10 +75,3 @@ def linear_logprob_entropy(
 
 
 DEFAULT_PARAMS = KernelParams()
-
-
-@torch.compiler.assume_constant_result
-def _resolve(impl: str, device: torch.device) -> str:
-    """registry.resolve, run once while tracing (it reads the environment and imports backends) and
-    baked into the compiled graph as a constant."""
-    return registry.resolve(impl, device)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kernel_harness import BACKEND_DEVICES, interpreter_warnings, make_inputs
-from prepo_kernels import linear_logprob_entropy, sequence_mean, sequence_perplexity
+from prepo_kernels import linear_logprob_entropy, logprob_entropy_from_logits, sequence_mean, sequence_perplexity
 
 pytestmark = interpreter_warnings
 
@@ -109,6 +109,27 @@ def test_argument_errors_under_fullgraph_quote_the_eager_message():
 
     with pytest.raises(Exception, match="hidden's last dim \\(7\\) must equal weight's hidden size D=8"):
         torch.compile(f, fullgraph=True, backend="aot_eager")(hidden[:, :7], weight, targets)
+
+
+@pytest.mark.parametrize("impl", ["reference", "torch"])
+def test_from_logits_compiles_fullgraph(impl):
+    logits = torch.randn(2, 5, 30, dtype=torch.float64)
+    targets = torch.randint(0, 30, (2, 5))
+    targets[0, :2] = -100
+    temperature = torch.rand(2, 5, dtype=torch.float64) + 0.5
+
+    def f(z, y, t):
+        lp, ent = logprob_entropy_from_logits(z, y, temperature=t, impl=impl)
+        return (lp * 0.3).sum() + ent.sum()
+
+    assert torch._dynamo.explain(f)(logits, targets, temperature).graph_break_count == 0
+    z_eager, z_comp = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    out_eager = f(z_eager, targets, temperature)
+    out_comp = torch.compile(f, fullgraph=True, backend="aot_eager")(z_comp, targets, temperature)
+    torch.testing.assert_close(out_comp, out_eager)
+    out_eager.backward()
+    out_comp.backward()
+    torch.testing.assert_close(z_comp.grad, z_eager.grad)
 
 
 def test_sequence_reductions_compile_fullgraph():

@@ -64,8 +64,12 @@ def check_impl_name(impl: str) -> None:
         raise ValueError(f"impl must be 'auto' or one of {IMPLS}, got {impl!r}")
 
 
+@torch.compiler.assume_constant_result
 def resolve(impl: str, device: torch.device) -> str:
-    """The backend name to run for ``impl`` on ``device`` (may be "reference")."""
+    """The backend name to run for ``impl`` on ``device`` (may be "reference").
+
+    Under ``torch.compile`` it runs once, while tracing (it reads the environment and imports
+    backends, which Dynamo does not trace), and its answer is a constant of the compiled graph."""
     check_impl_name(impl)
     if impl == "auto":
         env = os.environ.get(ENV_VAR, "").strip()
