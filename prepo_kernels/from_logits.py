@@ -73,7 +73,7 @@ def logprob_entropy_from_logits(
             of this function does not have).
     Returns:
         (logprob, entropy) fp32 (fp64 for fp64 logits) with ``targets``' shape; differentiable w.r.t. logits.
-    
+
     Compiles with ``torch.compile(fullgraph=True)``; what is checked while tracing and what at run
     time is as for :func:`prepo_kernels.linear_logprob_entropy`.
     """
