@@ -1,10 +1,10 @@
 """The contract every fused log-prob/entropy backend implements.
 
-A backend sees only *dense, valid* rows: the autograd layer (``prepo_kernels.autograd``, the
+A backend sees only *dense, valid* rows: the autograd layer (``prepo_kernels.autograd``: the
 custom ops ``prepo_kernels::fused_lle`` and ``fused_lle_backward``, which call ``forward`` and
-``backward`` below from inside the op, so also from compiled graphs) has already dropped rows whose target is ``ignore_index`` (forward) and rows whose upstream
-gradients are both zero (backward), flattened leading dims, and turned the temperature into a
-per-row ``inv_temp``. So a backend never checks for ignored targets and never skips rows itself.
+``backward`` below from inside the op, so also from compiled graphs) has already dropped rows whose
+target is ``ignore_index`` (forward) and rows whose upstream gradients are both zero (backward),
+flattened leading dims, and turned the temperature into a per-row ``inv_temp``. So a backend never checks for ignored targets and never skips rows itself.
 
 Shapes and dtypes (n = number of rows handed to the backend, may be 0 only in backward):
     hidden    [n, D]  fp32 / bf16 / fp16 / fp64, contiguous
