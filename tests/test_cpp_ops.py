@@ -261,6 +261,8 @@ def test_opcheck_backward(dtype, bias, shape, device):
 
 
 def test_torch_compile_fullgraph():
+    """The raw ops in a compiled graph (their fake kernels); the public API's compile tests, forward
+    and backward through prepo_kernels::fused_lle, are in test_compile.py."""
     torch._dynamo.reset()
     h, W, b, y, it = make_inputs(10, 16, 500, bias=True, temp="rows")
     g, e = torch.randn(10), torch.randn(10)
@@ -280,7 +282,6 @@ def test_torch_compile_fullgraph():
     got_b = torch.compile(bwd, fullgraph=True, backend="aot_eager")(g, e, h, W, b, y, it, lse, ent)
     for a, c in zip(got_b, expected_b):
         torch.testing.assert_close(a, c)
-
     torch._dynamo.reset()
 
 
