@@ -8,7 +8,7 @@ entropy over all V columns, without any rank holding more than its [N, Vs] logit
 
 Math. On its shard, rank r runs a fused backend (``backends/base.py``) and gets, per row,
 lse_r (log-sum-exp over its Vs logits), H_r (entropy of the softmax over its own columns) and
-lp_r = z_y - lse_r (meaningful on the rank that owns the target; others use a dummy column).
+lp_r = z_y - lse_r (meaningful only on the rank that owns the target).
 One ``all_gather`` of these [2 or 3, n] statistics then gives every rank, per row,
     lse     = logsumexp_r lse_r
     logprob = lp_o + (lse_o - lse)              o = y // Vs, the rank owning the target
@@ -16,8 +16,11 @@ One ``all_gather`` of these [2 or 3, n] statistics then gives every rank, per ro
 (the entropy is the chain rule H = H(shard) + E_shard[H within shard]; every term is >= 0, so
 nothing cancels). Backward needs no communication: given the GLOBAL lse and entropy, the backend's
     dz_v = g (1[v=y] - p_v) - e p_v (z_v - lse + H)
-is exactly the global dz restricted to this shard; rows whose target lives on another rank were
-given the dummy column 0, whose g * 1[v=0] term is removed with O(nD) index ops.
+is exactly the global dz restricted to this shard. A row whose target lives on another rank must get
+no g * 1[v=y] term here: backward points it at an extra dummy column (a zero weight row with a -inf
+logit) appended to a transient copy of the shard, so that term lands only in dropped gradient entries
+and adds exactly 0 to dh, whatever precision the backend rounds dz to. (Forward uses column 0 as the
+dummy: it only affects lp_r on ranks not owning the target, which is never read.)
 
 Collectives per call: forward 2 -- an ``all_gather`` of 9 int64 per rank that checks the inputs
 agree across ranks (shard rows, hidden shape, dtype, bias, compute_entropy, ignore_index, a
@@ -52,10 +55,7 @@ across ranks (not checked: it would cost an all-reduce of [N, D]).
 
 The fused backends run here: "torch", "cpu", "cuda", "triton" (one rank per device). "reference"
 is not: it materializes the logits and differentiates them with torch autograd, which cannot see
-the collective; compare against the unsharded op with impl="reference" instead. For 16-bit inputs
-on a backend that rounds dz to the input dtype before its matmuls (triton, cuda), the dummy-column
-correction leaves a rounding error of about 2^-9 |g| per row whose target lives on another rank in
-row 0 of each shard's weight gradient (and in dh); fp32/fp64 backends ("torch", "cpu") are exact.
+the collective; compare against the unsharded op with impl="reference" instead.
 """
 from __future__ import annotations
 
@@ -233,25 +233,29 @@ class VocabParallelLinearLogprobEntropy(torch.autograd.Function):
             return (None,) * 9
         sel = rows.index_select(0, keep)
         pick = lambda x: x.index_select(0, keep)  # noqa: E731
-        h, it, g = hidden.index_select(0, sel).contiguous(), inv_temp.index_select(0, sel), pick(g)
+        owned, weight_b, bias_b = pick(owned), weight.contiguous(), bias
+        if not bool(owned.all()):
+            weight_b, bias_b = _append_dummy_column(weight_b, bias)
+        vs = weight.shape[0]
+        y = torch.where(owned, pick(local_y), vs)  # targets on other ranks -> the dummy column
         grad_h, grad_w, grad_b = registry.get(ctx.backend).backward(
-            g, None if e is None else pick(e), h, weight.contiguous(), bias, pick(local_y), it, pick(lse),
-            ent if e is None else pick(ent), params,
+            pick(g), None if e is None else pick(e), hidden.index_select(0, sel).contiguous(), weight_b, bias_b,
+            y, inv_temp.index_select(0, sel), pick(lse), ent if e is None else pick(ent), params,
         )
-        _remove_dummy_target(grad_h, grad_w, grad_b, (~pick(owned)).nonzero().squeeze(1), g, it, h, weight)
         full_h = hidden.new_zeros(hidden.shape).index_copy_(0, sel, grad_h.to(hidden.dtype))
-        grad_b = None if grad_b is None else grad_b.to(bias.dtype)
-        return full_h, grad_w.to(weight.dtype), grad_b, None, None, None, None, None, None
+        grad_b = None if bias is None else grad_b[:vs].to(bias.dtype)
+        return full_h, grad_w[:vs].to(weight.dtype), grad_b, None, None, None, None, None, None
 
 
-def _remove_dummy_target(grad_h, grad_w, grad_b, off, g, inv_temp, hidden, weight) -> None:
-    """Rows ``off`` (target on another rank) went through the backend with target column 0, which added
-    c = g * inv_temp times (W[0] to dh, h to dW[0], 1 to db[0]); subtract it in place, O(len(off) D)."""
-    if off.numel() == 0:
-        return
-    acc = grad_h.dtype
-    c = (g.index_select(0, off) * inv_temp.index_select(0, off)).to(acc)
-    grad_h.index_add_(0, off, -c[:, None] * weight[0].to(acc))
-    grad_w[0] -= c @ hidden.index_select(0, off).to(acc)
-    if grad_b is not None:
-        grad_b[0] -= c.sum()
+def _append_dummy_column(weight: torch.Tensor, bias: Optional[torch.Tensor]):
+    """weight [Vs, D] -> [Vs + 1, D] with a zero last row, bias -> [Vs + 1] with -inf last (zeros before
+    it when there was no bias), so the extra column has z = -inf and p = 0 for every row.
+
+    Rows whose target lives on another rank point at this column in backward: its dz (the g * 1[v=y]
+    term) then reaches only the dropped last entries of dW and db and adds dz * 0 to dh. Exact whatever
+    precision the backend rounds dz to (subtracting g * W[0] after a column-0 dummy leaves a 2^-9 |g|
+    error per row in row 0 of dW when dz is rounded to bf16); the cost is one transient copy of the
+    shard per backward."""
+    weight = torch.cat([weight, weight.new_zeros(1, weight.shape[1])])
+    bias = weight.new_zeros(weight.shape[0] - 1) if bias is None else bias
+    return weight, torch.cat([bias, bias.new_full((1,), float("-inf"))])

@@ -20,10 +20,12 @@ import torch.multiprocessing as mp
 
 from conftest import fused_cpu_impls
 from prepo_kernels import copy_to_vocab_parallel, linear_logprob_entropy, vocab_parallel
+from prepo_kernels.backends.registry import unavailable_reason
 
 WORLD = 2
 F64 = torch.float64
-IMPLS = fused_cpu_impls()
+# triton joins when its interpreter runs on CPU (TRITON_INTERPRET=1; slow)
+IMPLS = fused_cpu_impls() + [impl for impl in ("triton",) if unavailable_reason(impl, "cpu") is None]
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,7 @@ CASES = {
     "every_target_ignored": Case(lead=(4,), vs=7, ignore_frac=1.0),
 }
 BAD_INPUTS = ("unequal_shards", "local_target_ids", "target_out_of_range", "reference_impl", "not_a_group")
-MUTANT = "without_dummy_target_correction"  # the comparison must notice a broken backward
+MUTANT = "dummy_column_not_zero"  # the comparison must notice a broken backward
 
 
 def _inputs(case: Case, seed: int):
@@ -130,13 +132,14 @@ def _check_bad_input(name: str, group, rank: int) -> None:
 
 
 def _check_mutant(group, rank: int) -> None:
-    original = vocab_parallel._remove_dummy_target
-    vocab_parallel._remove_dummy_target = lambda *args: None
+    original = vocab_parallel._append_dummy_column
+    # the dummy column repeats row 0 instead of being a zero row with a -inf logit
+    vocab_parallel._append_dummy_column = lambda w, b: (torch.cat([w, w[:1]]), torch.cat([b, b[:1]]))
     try:
         with pytest.raises(AssertionError, match="d_hidden"):
             _check_case(CASES["scalar_temperature_bias_entropy"], 0, "torch", group, rank)
     finally:
-        vocab_parallel._remove_dummy_target = original
+        vocab_parallel._append_dummy_column = original
 
 
 def _record(results: dict, key: str, fn, *args) -> None:
