@@ -140,7 +140,8 @@ def _check_same_on_every_rank(group, hidden, weight, bias, y, ignore_index, comp
             [weight.shape[0]],
         "hidden size D": [hidden.shape[-1]],
         "number of tokens": [y.numel()],
-        "hidden dtype": [validation.FLOAT_DTYPES.index(hidden.dtype)],
+        f"hidden dtype (index into {[str(t) for t in validation.FLOAT_DTYPES]})":
+            [validation.FLOAT_DTYPES.index(hidden.dtype)],
         "use of a bias": [bias is not None],
         "compute_entropy": [compute_entropy],
         "ignore_index": [ignore_index],
