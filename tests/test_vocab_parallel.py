@@ -54,7 +54,8 @@ CASES = {
     "entropy_gradient_only": Case(lead=(9,), vs=13, g_zero=True),
     "every_target_ignored": Case(lead=(4,), vs=7, ignore_frac=1.0),
 }
-BAD_INPUTS = ("unequal_shards", "local_target_ids", "target_out_of_range", "reference_impl", "not_a_group")
+BAD_INPUTS = ("unequal_shards", "dtype_differs", "local_target_ids", "target_out_of_range", "reference_impl",
+              "not_a_group")
 MUTANT = "dummy_column_not_zero"  # the comparison must notice a broken backward
 
 
@@ -137,6 +138,10 @@ def _check_bad_input(name: str, group, rank: int) -> None:
     if name == "unequal_shards":
         weight = torch.randn(vs + rank, d, dtype=F64)
         match = r"weight rows .*\[5, 6\] by rank"
+    elif name == "dtype_differs":
+        dtype = F64 if rank == 0 else torch.float32
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        match = r"hidden dtype .*\[3, 0\] by rank"
     elif name == "local_target_ids":  # each rank passes ids relative to its own shard
         targets = torch.where(targets >= 0, (targets - rank * vs) % (WORLD * vs), targets)
         match = "same GLOBAL token ids"
