@@ -10,12 +10,14 @@ from .from_logits import logprob_entropy_from_logits
 from .functional import linear_logprob_entropy
 from .hf import causal_lm_logprob_entropy
 from .sequence import sequence_mean, sequence_perplexity
+from .vocab_parallel import copy_to_vocab_parallel
 
 __all__ = [
     "BackendUnavailableError",
     "KernelParams",
     "available_impls",
     "causal_lm_logprob_entropy",
+    "copy_to_vocab_parallel",
     "linear_logprob_entropy",
     "logprob_entropy_from_logits",
     "sequence_mean",

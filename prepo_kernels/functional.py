@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -12,6 +12,10 @@ from .autograd import linear_logprob_entropy_rows
 from .backends import registry
 from .backends.base import KernelParams, accumulation_dtype
 from .reference import reference_linear_logprob_entropy
+from .vocab_parallel import vocab_parallel_logprob_entropy
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 
 def linear_logprob_entropy(
@@ -25,6 +29,7 @@ def linear_logprob_entropy(
     compute_entropy: bool = True,
     impl: str = "auto",
     params: Optional[KernelParams] = None,
+    process_group: Optional[ProcessGroup] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Log-prob of ``targets`` and entropy of the full softmax over z = (hidden @ weight.T + bias) / temperature,
     without materializing the [N, V] logits (forward or backward).
@@ -41,6 +46,12 @@ def linear_logprob_entropy(
         impl: "auto" (fastest available; env PREPO_KERNELS_IMPL overrides), "reference", "torch",
             "cpu", "triton" or "cuda".
         params: backend options (deterministic, grad_filter); compute_entropy above wins.
+        process_group: the group over which the LM head is sharded by vocabulary (tensor parallel):
+            ``weight`` [Vs, D] (and ``bias`` [Vs]) is then this rank's contiguous shard, rank r holding
+            global rows [r*Vs, (r+1)*Vs); every rank passes the same hidden, the same GLOBAL targets in
+            [0, Vs * world) and gets the global outputs. The hidden gradient is this rank's partial sum,
+            left for the caller's all-reduce (Megatron's copy_to_tensor_model_parallel_region, or
+            ``prepo_kernels.copy_to_vocab_parallel``). See ``prepo_kernels.vocab_parallel``.
 
     Returns:
         (logprob, entropy), each float32 (float64 for float64 inputs) with ``targets``' shape, in nats.
@@ -60,6 +71,11 @@ def linear_logprob_entropy(
     ``prepo_kernels::fused_lle`` (see ``prepo_kernels.autograd``), which skips ignored rows in
     forward and zero-gradient rows in backward in compiled code too.
     """
+    if process_group is not None:
+        return vocab_parallel_logprob_entropy(
+            hidden, weight, targets, process_group, bias=bias, temperature=temperature,
+            ignore_index=ignore_index, compute_entropy=compute_entropy, impl=impl, params=params,
+        )
     validation.check_linear_inputs(hidden, weight, targets, bias, ignore_index)
     backend = registry.resolve(impl, hidden.device)
     shape = targets.shape
