@@ -1,0 +1,224 @@
+"""prepo.integrations.trl on CPU with a tiny random Qwen2 and the real Qwen tokenizer: training runs,
+the window, the weights, the fused log-probs, the switches and resume, against independent
+references (full-logits float64 perplexities and entropies)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+from prepo.integrations.trl import PrepoGRPOConfig, PrepoGRPOTrainer  # noqa: E402
+
+N_PROMPTS, G, K, M = 20, 2, 2, 5  # |B| = M*K = 10 candidates, K = 2 prompts rolled out, G completions each
+WORDS = ["seven plus two", "the capital of France", "integrate x squared", "a prime above ninety",
+         "sort these letters", "one", "what is the derivative of sine", "name a colour"]
+
+
+def prompt_dataset():
+    texts = [f"{WORDS[i % len(WORDS)]} ({i})" + " please" * (i % 4) for i in range(N_PROMPTS)]
+    return datasets.Dataset.from_dict({"prompt": [[{"role": "user", "content": t}] for t in texts],
+                                       "uid": list(range(N_PROMPTS))})
+
+
+def reward_chars(completions, **kwargs):
+    return [float(len(c[0]["content"]) % 7) for c in completions]
+
+
+def make_config(tmp_path, **overrides):
+    kw = dict(output_dir=str(tmp_path), per_device_train_batch_size=G * K, num_generations=G,
+              max_completion_length=4, max_steps=3, learning_rate=1e-3, logging_steps=1, save_strategy="no",
+              report_to="none", use_cpu=True, seed=0, prepo_candidate_multiple=M, temperature=0.9,
+              dataloader_num_workers=0)
+    kw.update(overrides)
+    return PrepoGRPOConfig(**kw)
+
+
+class Recording(PrepoGRPOTrainer):
+    """Records each selection (inputs, perplexities, rho, rows out) and each weighting (advantages
+    before and after, the completions)."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.selections, self.weightings, self.scores = [], [], []
+
+    def _score_candidates(self, prompts):
+        ppl = super()._score_candidates(prompts)
+        self.scores.append((prompts, ppl.clone()))
+        return ppl
+
+    def _select_window(self, inputs):
+        rho = self.state.global_step / self.state.max_steps
+        rows = super()._select_window(inputs)
+        self.selections.append(dict(step=self.state.global_step, rho=rho, candidates=list(inputs), rows=rows,
+                                    ppl=self.scores[-1][1]))
+        return rows
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        if self.weightings and "advantages_out" not in self.weightings[-1]:
+            self.weightings[-1]["advantages_out"] = output["advantages"].clone()
+        return output
+
+    def _rollout_weights(self, output):
+        w = super()._rollout_weights(output)
+        self.weightings.append(dict(output={k: v.clone() for k, v in output.items() if torch.is_tensor(v)}, w=w))
+        return w
+
+
+def make_trainer(tmp_path, model_dir, cls=Recording, **overrides):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return cls(model=model, reward_funcs=reward_chars, args=make_config(tmp_path, **overrides),
+               train_dataset=prompt_dataset(), processing_class=tok)
+
+
+def reference_logits(model, input_ids, mask):
+    """float64 next-token logits [B, T-1, V] from the plain HF forward (positions from the mask)."""
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        hidden = model.model(input_ids=input_ids, attention_mask=mask, position_ids=pos).last_hidden_state
+    return (hidden.double() @ model.lm_head.weight.double().T)[:, :-1]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_qwen2_dir):
+    trainer = make_trainer(tmp_path_factory.mktemp("run"), tiny_qwen2_dir)
+    trainer.train()
+    return trainer
+
+
+def test_trains_and_logs(trained):
+    logs = [h for h in trained.state.log_history if "loss" in h]
+    assert len(logs) == 3 and trained.state.global_step == 3
+    for h in logs:
+        for key in ("prepo/ppl_window_lo", "prepo/ppl_window_hi", "prepo/weight_min", "prepo/weight_max"):
+            assert math.isfinite(h[key]), key
+        assert h["prepo/candidates_scored"] == M * K
+        assert h["prepo/ppl_window_lo"] <= h["prepo/ppl_window_hi"]
+        assert h["prepo/weight_min"] <= 1.0 <= h["prepo/weight_max"]
+
+
+def test_window_follows_the_rule(trained):
+    assert [s["step"] for s in trained.selections] == [0, 1, 2]
+    uids_seen = set()
+    for sel in trained.selections:
+        ppl = sel["ppl"].numpy()
+        assert len(sel["candidates"]) == M * K and len(ppl) == M * K
+        order = sorted(range(M * K), key=lambda i: (ppl[i], i))  # ascending, ties by candidate order
+        start = math.floor(sel["rho"] * (M * K - K))
+        expected = [sel["candidates"][i]["uid"] for i in order[start : start + K]]
+        assert [r["uid"] for r in sel["rows"]] == [u for u in expected for _ in range(G)]
+        uids_seen |= {c["uid"] for c in sel["candidates"]}
+    # the window slides: rho = 0, 1/3, 2/3 give starts 0, 2, 5
+    assert [math.floor(s["rho"] * (M * K - K)) for s in trained.selections] == [0, 2, 5]
+    assert len(uids_seen) == N_PROMPTS  # two candidate batches cover the data set, the third reshuffles
+
+
+def test_perplexities_match_full_logits(tiny_qwen2_dir, tmp_path):
+    trainer = make_trainer(tmp_path, tiny_qwen2_dir)
+    prompts = [r["prompt"] for r in prompt_dataset()][:5]
+    ppl = trainer._score_candidates(prompts)
+    ids, _, _ = trainer._tokenize_prompts(prompts)
+    for row, p in zip(ids, ppl):
+        x = torch.tensor([row])
+        logits = reference_logits(trainer.model, x, torch.ones_like(x))[0]
+        nll = -torch.log_softmax(logits, -1).gather(-1, x[0, 1:, None]).mean()
+        assert p.item() == pytest.approx(math.exp(nll.item()), rel=1e-4)
+
+
+def test_weights_scale_advantages_exactly(trained):
+    assert len(trained.weightings) == 3
+    for rec in trained.weightings:
+        before, w, after = rec["output"]["advantages"], rec["w"], rec["advantages_out"]
+        assert torch.equal(after, before * w)
+        cm = rec["output"]["completion_mask"].double()
+        # the token-weighted mean of w is 1 over the generation batch
+        assert ((cm.sum(1) * w.double()).sum() / cm.sum()).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_weights_match_reference_entropies(tiny_qwen2_dir, tmp_path):
+    """First generation of a fresh run (policy = the saved tiny model): advantages after = TRL's
+    advantages * H_i / H_bar with full-logits float64 entropies at the sampling temperature."""
+    from transformers import AutoModelForCausalLM
+
+    trainer = make_trainer(tmp_path, tiny_qwen2_dir, max_steps=1)
+    trainer.train()
+    rec = trainer.weightings[0]
+    out = rec["output"]
+    ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+    mask = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir, dtype=torch.float32)
+    n = out["completion_ids"].size(1)
+    logp = torch.log_softmax(reference_logits(fresh, ids, mask)[:, -n:] / 0.9, -1)
+    ent = -(logp.exp() * logp).sum(-1)
+    cm = out["completion_mask"].double()
+    h_i = (ent * cm).sum(1) / cm.sum(1)
+    h_bar = (ent * cm).sum() / cm.sum()
+    torch.testing.assert_close(rec["w"].double(), h_i / h_bar, rtol=1e-4, atol=1e-6)
+    # the recorded output holds the advantages TRL formed (before weighting): the trainer returned them times w
+    assert out["advantages"].abs().sum() > 0, "rewards should vary within some group"
+    assert not torch.allclose(rec["w"], torch.ones_like(rec["w"]))
+
+
+def test_fused_logprobs_match_trl(tiny_qwen2_dir, tmp_path):
+    trainer = make_trainer(tmp_path, tiny_qwen2_dir)
+    torch.manual_seed(1)
+    ids = torch.randint(0, 1000, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0  # right padding in the completion
+    ours, ent, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, 4, compute_entropy=True)
+    theirs, ent_t, _ = super(PrepoGRPOTrainer, trainer)._get_per_token_logps_and_entropies(
+        trainer.model, ids, mask, 4, compute_entropy=True)
+    valid = mask[:, -4:].bool()
+    torch.testing.assert_close(ours[valid], theirs[valid], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ent[valid], ent_t[valid], rtol=1e-4, atol=1e-4)
+    head = trainer.model.lm_head.weight
+    grad_ours, = torch.autograd.grad((ours * valid).sum() + (ent * valid).sum(), head)
+    grad_theirs, = torch.autograd.grad((theirs * valid).sum() + (ent_t * valid).sum(), head)
+    torch.testing.assert_close(grad_ours, grad_theirs, rtol=1e-4, atol=1e-6)
+
+
+def test_all_switches_off_is_plain_grpo(tiny_qwen2_dir, tmp_path):
+    from trl import GRPOTrainer
+
+    off = dict(prepo_curriculum=False, prepo_entropy_weighting=False, prepo_fused_logprobs=False, max_steps=2)
+    prepo = make_trainer(tmp_path / "a", tiny_qwen2_dir, cls=PrepoGRPOTrainer, **off)
+    prepo.train()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    plain = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir, dtype=torch.float32),
+                        reward_funcs=reward_chars, args=make_config(tmp_path / "b", **off),
+                        train_dataset=prompt_dataset(), processing_class=AutoTokenizer.from_pretrained(tiny_qwen2_dir))
+    plain.train()
+    ours = [h for h in prepo.state.log_history if "loss" in h]
+    theirs = [h for h in plain.state.log_history if "loss" in h]
+    assert not any(k.startswith("prepo/") for h in ours for k in h)
+    for a, b in zip(ours, theirs, strict=True):
+        assert a["loss"] == b["loss"] and a["reward"] == b["reward"]
+
+
+def test_resume_keeps_curriculum_position(tiny_qwen2_dir, tmp_path):
+    full = make_trainer(tmp_path / "full", tiny_qwen2_dir, save_strategy="steps", save_steps=2)
+    full.train()
+    resumed = make_trainer(tmp_path / "full", tiny_qwen2_dir)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+    assert [s["step"] for s in resumed.selections] == [2]
+    a, b = full.selections[2], resumed.selections[0]
+    assert b["rho"] == a["rho"] == pytest.approx(2 / 3)
+    assert [c["uid"] for c in b["candidates"]] == [c["uid"] for c in a["candidates"]]
+    torch.testing.assert_close(b["ppl"], a["ppl"])
+    assert [r["uid"] for r in b["rows"]] == [r["uid"] for r in a["rows"]]
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(prepo_candidate_multiple=0), "prepo_candidate_multiple"),
+    (dict(prepo_candidate_multiple=11), "fewer than one candidate batch"),
+])
+def test_bad_setups(tiny_qwen2_dir, tmp_path, bad, match):
+    with pytest.raises(ValueError, match=match):
+        make_trainer(tmp_path, tiny_qwen2_dir, **bad)
