@@ -31,7 +31,7 @@ def make_config(tmp_path, **overrides):
     kw = dict(output_dir=str(tmp_path), per_device_train_batch_size=G * K, num_generations=G,
               max_completion_length=4, max_steps=3, learning_rate=1e-3, logging_steps=1, save_strategy="no",
               report_to="none", use_cpu=True, seed=0, prepo_candidate_multiple=M, temperature=0.9,
-              dataloader_num_workers=0)
+              dataloader_num_workers=0, bf16=False)  # CPU bf16 autocast would blur the float64 comparisons
     kw.update(overrides)
     return PrepoGRPOConfig(**kw)
 
@@ -68,12 +68,23 @@ class Recording(PrepoGRPOTrainer):
         return w
 
 
+HEAD_SCALE = 40.0  # the random tiny model's logits are nearly flat; sharpen them so entropies and perplexities differ
+
+
+def load_model(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(HEAD_SCALE)
+    return model
+
+
 def make_trainer(tmp_path, model_dir, cls=Recording, **overrides):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    return cls(model=model, reward_funcs=reward_chars, args=make_config(tmp_path, **overrides),
+    return cls(model=load_model(model_dir), reward_funcs=reward_chars, args=make_config(tmp_path, **overrides),
                train_dataset=prompt_dataset(), processing_class=tok)
 
 
@@ -144,15 +155,13 @@ def test_weights_scale_advantages_exactly(trained):
 def test_weights_match_reference_entropies(tiny_qwen2_dir, tmp_path):
     """First generation of a fresh run (policy = the saved tiny model): advantages after = TRL's
     advantages * H_i / H_bar with full-logits float64 entropies at the sampling temperature."""
-    from transformers import AutoModelForCausalLM
-
     trainer = make_trainer(tmp_path, tiny_qwen2_dir, max_steps=1)
     trainer.train()
     rec = trainer.weightings[0]
     out = rec["output"]
     ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
     mask = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
-    fresh = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir, dtype=torch.float32)
+    fresh = load_model(tiny_qwen2_dir)
     n = out["completion_ids"].size(1)
     logp = torch.log_softmax(reference_logits(fresh, ids, mask)[:, -n:] / 0.9, -1)
     ent = -(logp.exp() * logp).sum(-1)
@@ -190,8 +199,9 @@ def test_all_switches_off_is_plain_grpo(tiny_qwen2_dir, tmp_path):
     prepo = make_trainer(tmp_path / "a", tiny_qwen2_dir, cls=PrepoGRPOTrainer, **off)
     prepo.train()
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    plain = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir, dtype=torch.float32),
+    from transformers import AutoTokenizer
+
+    plain = GRPOTrainer(model=load_model(tiny_qwen2_dir),
                         reward_funcs=reward_chars, args=make_config(tmp_path / "b", **off),
                         train_dataset=prompt_dataset(), processing_class=AutoTokenizer.from_pretrained(tiny_qwen2_dir))
     plain.train()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from accelerate.utils import gather_object
 from packaging.version import Version
@@ -35,7 +36,6 @@ from packaging.version import Version
 import prepo_kernels
 import trl
 from trl import GRPOConfig, GRPOTrainer
-from trl.trainer.utils import RepeatSampler
 
 from ..curriculum import pacing_rho, window_select
 from ..weighting import relative_entropy_weights
@@ -65,6 +65,33 @@ class PrepoGRPOConfig(GRPOConfig):
         if isinstance(self.prepo_candidate_multiple, bool) or not isinstance(self.prepo_candidate_multiple, int) \
                 or self.prepo_candidate_multiple < 1:
             raise ValueError(f"prepo_candidate_multiple must be an int >= 1, got {self.prepo_candidate_multiple!r}")
+
+
+class CandidateSampler(torch.utils.data.Sampler):
+    """Dataset indices for the curriculum's candidate batches: each epoch's order (a permutation
+    seeded by (seed, epoch), or the identity without shuffling) is cut into batches of
+    ``batch_size`` distinct indices (an incomplete tail is dropped), each yielded ``repeat_count``
+    times in a row (once per step that reuses one generation). The Trainer sets the epoch, also
+    when it resumes, so a resumed run sees the uninterrupted run's order."""
+
+    def __init__(self, num_items: int, batch_size: int, repeat_count: int, shuffle: bool, seed: int):
+        self.num_items, self.batch_size, self.repeat_count = num_items, batch_size, repeat_count
+        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        order = np.arange(self.num_items)
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_items)
+        for start in range(0, len(self) // self.repeat_count, self.batch_size):
+            batch = order[start : start + self.batch_size].tolist()
+            for _ in range(self.repeat_count):
+                yield from batch
+
+    def __len__(self) -> int:
+        return (self.num_items // self.batch_size) * self.batch_size * self.repeat_count
 
 
 class PrepoGRPOTrainer(GRPOTrainer):
@@ -125,12 +152,11 @@ class PrepoGRPOTrainer(GRPOTrainer):
     def _get_train_sampler(self, dataset=None):
         if not self.args.prepo_curriculum:
             return super()._get_train_sampler(dataset)
-        # Distinct candidates per batch (no num_generations repeats: the window is repeated after
-        # selection); each batch is repeated for every step that reuses one generation, as in TRL.
-        return RepeatSampler(
-            data_source=self.train_dataset if dataset is None else dataset, mini_repeat_count=1,
-            batch_size=self.candidate_batch_size, repeat_count=self.num_iterations * self.args.steps_per_generation,
-            shuffle=self.shuffle_dataset, seed=self.args.seed,
+        # Distinct candidates (the window is repeated num_generations times after selection).
+        return CandidateSampler(
+            len(self.train_dataset if dataset is None else dataset), self.candidate_batch_size,
+            repeat_count=self.num_iterations * self.args.steps_per_generation, shuffle=self.shuffle_dataset,
+            seed=self.args.seed,
         )
 
     def _score_candidates(self, prompts: list) -> torch.Tensor:
