@@ -232,3 +232,95 @@ def test_resume_keeps_curriculum_position(tiny_qwen2_dir, tmp_path):
 def test_bad_setups(tiny_qwen2_dir, tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):
         make_trainer(tmp_path, tiny_qwen2_dir, **bad)
+
+
+def test_entropies_reuse_trls_old_logprob_pass(tiny_qwen2_dir, tmp_path):
+    """steps_per_generation=2 with one accumulation step: TRL makes a no-grad pass for the old
+    log-probs, and the weights take their entropies from it instead of a pass of their own."""
+
+    class Counting(Recording):
+        extra_passes = 0
+
+        def _completion_entropy(self, output):
+            self.extra_passes += 1
+            return super()._completion_entropy(output)
+
+    trainer = make_trainer(tmp_path, tiny_qwen2_dir, cls=Counting, per_device_train_batch_size=G * K // 2,
+                           steps_per_generation=2, max_steps=2)
+    trainer.train()
+    assert trainer.extra_passes == 0 and len(trainer.weightings) == 1
+    rec = trainer.weightings[0]
+    assert "old_per_token_logps" in rec["output"]
+    trainer.model.load_state_dict(load_model(tiny_qwen2_dir).state_dict())  # the policy that generated
+    entropy = trainer._completion_entropy(rec["output"])
+    from prepo.weighting import relative_entropy_weights
+
+    torch.testing.assert_close(rec["w"], relative_entropy_weights(entropy, rec["output"]["completion_mask"]))
+    assert torch.equal(rec["advantages_out"], rec["output"]["advantages"] * rec["w"])
+
+
+def _two_rank_worker(model_dir: str, out_dir: str) -> None:
+    """Run under torchrun with 2 CPU processes: 2 steps, then rank 0 writes what every rank saw."""
+    import json
+    import pathlib
+
+    from accelerate.utils import gather_object
+
+    class WithEntropy(Recording):
+        def _rollout_weights(self, output):
+            w = super()._rollout_weights(output)
+            self.weightings[-1]["entropy"] = self._completion_entropy(output)  # same policy and inputs
+            return w
+
+    trainer = make_trainer(pathlib.Path(out_dir), model_dir, cls=WithEntropy, per_device_train_batch_size=G,
+                           max_steps=2)
+    trainer.train()
+    seen = dict(
+        selections=[dict(rho=s["rho"], candidates=[c["uid"] for c in s["candidates"]], ppl=s["ppl"].tolist(),
+                         rows=[r["uid"] for r in s["rows"]]) for s in trainer.selections],
+        weights=[r["w"].tolist() for r in trainer.weightings],
+        entropy_sums=[(r["entropy"] * r["output"]["completion_mask"]).sum(1).tolist() for r in trainer.weightings],
+        masks=[r["output"]["completion_mask"].sum(1).tolist() for r in trainer.weightings],
+        param_sum=sum(p.double().sum().item() for p in trainer.model.parameters()),
+    )
+    every = gather_object([seen])
+    if trainer.accelerator.is_main_process:
+        logs = [h for h in trainer.state.log_history if "loss" in h]
+        pathlib.Path(out_dir, "ranks.json").write_text(json.dumps(dict(ranks=every, logs=logs)))
+
+
+def test_two_processes_select_the_same_window(tiny_qwen2_dir, tmp_path):
+    """2 CPU ranks (torchrun, gloo): each scores its half of the candidates; the gathered scores
+    give one window, split over the ranks in TRL's group layout; H_bar spans both ranks; DDP keeps
+    the replicas equal through the fused loss path."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           __file__, str(tiny_qwen2_dir), str(tmp_path)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "ranks.json").read_text())
+    r0, r1 = result["ranks"]
+    assert r0["param_sum"] == r1["param_sum"]
+    for step, (s0, s1) in enumerate(zip(r0["selections"], r1["selections"], strict=True)):
+        candidates, ppl = s0["candidates"] + s1["candidates"], s0["ppl"] + s1["ppl"]
+        assert len(set(candidates)) == M * K and s0["rho"] == s1["rho"] == step / 2
+        order = sorted(range(M * K), key=lambda i: (ppl[i], i))
+        start = math.floor(s0["rho"] * (M * K - K))
+        window = [candidates[i] for i in order[start : start + K]]
+        assert s0["rows"] + s1["rows"] == [u for u in window for _ in range(G)]
+        assert result["logs"][step]["prepo/candidates_scored"] == M * K
+    for i in range(len(r0["weights"])):
+        w, n = np.array(r0["weights"][i] + r1["weights"][i]), np.array(r0["masks"][i] + r1["masks"][i])
+        h_sum = np.array(r0["entropy_sums"][i] + r1["entropy_sums"][i])
+        np.testing.assert_allclose(w, (h_sum / n) / (h_sum.sum() / n.sum()), rtol=1e-5)  # H_bar over both ranks
+
+
+if __name__ == "__main__":
+    import sys
+
+    _two_rank_worker(sys.argv[1], sys.argv[2])
