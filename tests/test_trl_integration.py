@@ -234,6 +234,22 @@ def test_bad_setups(tiny_qwen2_dir, tmp_path, bad, match):
         make_trainer(tmp_path, tiny_qwen2_dir, **bad)
 
 
+def test_bad_dataset_and_config(tiny_qwen2_dir, tmp_path):
+    from transformers import AutoTokenizer
+    from trl import GRPOConfig
+
+    tok = AutoTokenizer.from_pretrained(tiny_qwen2_dir)
+    iterable = prompt_dataset().to_iterable_dataset()
+    with pytest.raises(ValueError, match="map-style train_dataset"):
+        PrepoGRPOTrainer(model=load_model(tiny_qwen2_dir), reward_funcs=reward_chars, args=make_config(tmp_path),
+                         train_dataset=iterable, processing_class=tok)
+    plain_args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=G * K, num_generations=G,
+                            use_cpu=True, report_to="none")
+    with pytest.raises(TypeError, match="PrepoGRPOConfig"):
+        PrepoGRPOTrainer(model=load_model(tiny_qwen2_dir), reward_funcs=reward_chars, args=plain_args,
+                         train_dataset=prompt_dataset(), processing_class=tok)
+
+
 def test_entropies_reuse_trls_old_logprob_pass(tiny_qwen2_dir, tmp_path):
     """steps_per_generation=2 with one accumulation step: TRL makes a no-grad pass for the old
     log-probs, and the weights take their entropies from it instead of a pass of their own."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import datasets
 import numpy as np
 import torch
 from accelerate.utils import gather_object
@@ -126,8 +127,8 @@ class PrepoGRPOTrainer(GRPOTrainer):
 
     def _check_curriculum_setup(self) -> None:
         dataset = self.train_dataset
-        if dataset is None or not hasattr(dataset, "__len__") or isinstance(dataset, torch.utils.data.IterableDataset) \
-                or type(dataset).__name__ == "IterableDataset":
+        if not hasattr(dataset, "__len__") or isinstance(dataset, (torch.utils.data.IterableDataset,
+                                                                   datasets.IterableDataset)):
             raise ValueError("prepo_curriculum needs a map-style train_dataset (it indexes candidate batches); "
                              "got an iterable or no dataset")
         if self.environment_factories is not None or self.rollout_func is not None or self._is_vlm:
@@ -163,15 +164,13 @@ class PrepoGRPOTrainer(GRPOTrainer):
         """Prompt perplexity [len(prompts)] float32 under the current policy (temperature 1), on the
         prompts exactly as TRL tokenizes them for generation (chat template applied)."""
         prompt_ids, _, _ = self._tokenize_prompts(prompts)
-        device = self.accelerator.device
-        pad = self.processing_class.pad_token_id if hasattr(self.processing_class, "pad_token_id") else 0
         width = max(max(len(ids) for ids in prompt_ids), 2)
-        input_ids = torch.full((len(prompt_ids), width), pad if pad is not None else 0, dtype=torch.long)
+        input_ids = torch.zeros((len(prompt_ids), width), dtype=torch.long)  # padding is masked: any id will do
         mask = torch.zeros_like(input_ids)
         for row, ids in enumerate(prompt_ids):
             input_ids[row, : len(ids)] = torch.as_tensor(ids)
             mask[row, : len(ids)] = 1
-        input_ids, mask = input_ids.to(device), mask.to(device)
+        input_ids, mask = input_ids.to(self.accelerator.device), mask.to(self.accelerator.device)
         logprob = self._fused_no_grad(input_ids, mask, width - 1, temperature=1.0, compute_entropy=False)[0]
         return prepo_kernels.sequence_perplexity(logprob, mask[:, 1:].bool())
 
@@ -256,11 +255,14 @@ class PrepoGRPOTrainer(GRPOTrainer):
         if compute_aux_loss or extras:
             raise ValueError("prepo_fused_logprobs supports text-only models without an MoE aux loss; got "
                              f"{extras or ['compute_aux_loss']}: set prepo_fused_logprobs=False")
+        # A no-grad pass of the policy (TRL's old log-probs) also yields the entropies the weights need
+        policy_pass = not torch.is_grad_enabled() and model is self.model and self.args.prepo_entropy_weighting
         batch_size = batch_size or input_ids.size(0)
         parts = [self._fused(model, input_ids[s : s + batch_size], attention_mask[s : s + batch_size],
-                             logits_to_keep, temperature=self.temperature, compute_entropy=True)
+                             logits_to_keep, temperature=self.temperature,
+                             compute_entropy=compute_entropy or policy_pass)
                  for s in range(0, input_ids.size(0), batch_size)]
-        logps, entropy = (torch.cat(p) for p in zip(*parts))
-        if not torch.is_grad_enabled() and model is self.model:
-            self._fused_passes.append((logps, entropy))  # the entropies come free with the log-probs
+        logps, entropy = (None if p[0] is None else torch.cat(p) for p in zip(*parts))
+        if policy_pass:
+            self._fused_passes.append((logps, entropy))
         return logps, entropy if compute_entropy else None, None
