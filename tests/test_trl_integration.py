@@ -46,14 +46,14 @@ class Recording(PrepoGRPOTrainer):
 
     def _score_candidates(self, prompts):
         ppl = super()._score_candidates(prompts)
-        self.scores.append((prompts, ppl.clone()))
+        self.scores.append(ppl.clone())
         return ppl
 
     def _select_window(self, inputs):
         rho = self.state.global_step / self.state.max_steps
         rows = super()._select_window(inputs)
         self.selections.append(dict(step=self.state.global_step, rho=rho, candidates=list(inputs), rows=rows,
-                                    ppl=self.scores[-1][1]))
+                                    ppl=self.scores[-1]))
         return rows
 
     def _generate_and_score_completions(self, inputs):
@@ -314,7 +314,7 @@ def test_two_processes_select_the_same_window(tiny_qwen2_dir, tmp_path):
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            __file__, str(tiny_qwen2_dir), str(tmp_path)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
