@@ -143,6 +143,7 @@ setup(
         "test": ["pytest", "pytest-benchmark", "dashscope", "tiktoken"],
         "triton": ["triton"],
         "vllm": ["vllm"],
+        "trl": ["trl>=1.16,<1.17", "accelerate"],  # the range prepo.integrations.trl checks at import
     },
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext_cls},

@@ -1,0 +1,89 @@
+"""Per-token log-probs and entropies of a (possibly wrapped) Hugging Face causal LM through
+prepo_kernels' fused LM head.
+
+The model is called through its wrapper (DDP, PEFT, accelerate) so that the wrapper's forward
+hooks run (DDP's gradient reduction depends on them); a forward hook on the decoder takes its last
+hidden state, the model itself computes logits for one position only (``logits_to_keep=1``), and
+:func:`prepo_kernels.linear_logprob_entropy` projects the requested positions through the LM head
+weight without holding the [tokens, vocab] logits.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import prepo_kernels
+
+IGNORE = -100
+# config attributes that put a non-linear or scaled transform between the LM head and the logits
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                     "logits_scaling")
+
+
+def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
+    """The decoder (whose output's ``last_hidden_state`` feeds the head) and the linear LM head of an
+    unwrapped HF causal LM (a PEFT model forwards these look-ups to its base model)."""
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for attr in _LOGIT_TRANSFORMS:
+        value = getattr(text_config, attr, None)
+        if value not in (None, 1, 1.0):
+            raise ValueError(f"unsupported model for the fused log-probs: config.{attr}={value} transforms the "
+                             "logits after the LM head; switch the fused path off")
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"unsupported model for the fused log-probs: its output embedding is "
+                         f"{type(head).__name__}, not an nn.Linear")
+    decoder = model.get_decoder()
+    if decoder is None or decoder is model:
+        raise ValueError(f"unsupported model for the fused log-probs: {type(model).__name__} exposes no decoder")
+    return decoder, head
+
+
+def tail_logprob_entropy(
+    model: nn.Module,
+    unwrapped: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    n_keep: int,
+    *,
+    temperature: float = 1.0,
+    compute_entropy: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-prob of each of the last ``n_keep`` tokens of ``input_ids`` given its prefix, and the
+    full-vocabulary entropy of the next-token distribution at those positions.
+
+    Args:
+        model: the causal LM as it is called in training (maybe wrapped); ``unwrapped`` the module
+            inside it (``accelerator.unwrap_model(model)``), which owns the decoder and the head.
+        input_ids, attention_mask: [B, T] (left or right padding); position ids are rebuilt from
+            the mask as generation does.
+        n_keep: 1 <= n_keep < T.
+        temperature: the logits are divided by it.
+    Returns:
+        (logprob, entropy) [B, n_keep] float32 (entropy None unless ``compute_entropy``), in nats;
+        0 where the token or its context position is padding. Differentiable when grad is enabled.
+    """
+    if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
+                         "must both be [B, T]")
+    if not 1 <= n_keep < input_ids.size(1):
+        raise ValueError(f"n_keep must be in [1, T) with T={input_ids.size(1)}, got {n_keep}")
+    decoder, head = decoder_and_head(unwrapped)
+    captured = []
+    handle = decoder.register_forward_hook(lambda _m, _a, out: captured.append(out.last_hidden_state))
+    try:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+              logits_to_keep=1)
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        raise RuntimeError(f"expected one decoder call in the model's forward, saw {len(captured)}")
+    hidden = captured[0][:, -n_keep - 1 : -1]
+    valid = attention_mask[:, -n_keep:].bool() & attention_mask[:, -n_keep - 1 : -1].bool()
+    targets = torch.where(valid, input_ids[:, -n_keep:], IGNORE)
+    return prepo_kernels.linear_logprob_entropy(
+        hidden.to(head.weight.dtype), head.weight, targets, bias=head.bias, temperature=temperature,
+        ignore_index=IGNORE, compute_entropy=compute_entropy,
+    )

@@ -1,0 +1,268 @@
+"""PREPO on TRL's GRPO: :class:`PrepoGRPOTrainer` and :class:`PrepoGRPOConfig`, used exactly like
+``trl.GRPOTrainer`` / ``trl.GRPOConfig`` (same constructor, dataset format and reward functions).
+
+Three parts, each switched by one config flag (all off is plain TRL GRPO):
+
+* ``prepo_curriculum``: the dataloader yields a candidate batch ``prepo_candidate_multiple`` times
+  the generation batch's prompts (``|B| = m K``, K = generation_batch_size / num_generations). At
+  generation time every rank scores its share of the candidates' prompt perplexities under the
+  current policy (fused, no logits held), the scores and rows are gathered, and every rank picks the
+  same window: the K consecutive prompts starting at ``floor(rho (|B| - K))`` of the ascending
+  order, ``rho = global_step / max_steps``. Each chosen prompt is repeated num_generations times
+  (TRL's group layout) and each rank keeps its slice. The candidate order is TRL's seeded sampler
+  and rho comes from the global step, so both resume from a TRL checkpoint with the Trainer's own
+  data skipping; there is no other curriculum state.
+* ``prepo_entropy_weighting``: each completion's advantage is multiplied by ``w_i = H_i / H_bar``
+  (H_i its mean token entropy under the current policy at the sampling temperature, H_bar the
+  token-weighted mean over the whole generation batch of all ranks; detached). The entropies come
+  from the no-grad fused pass TRL makes for the old log-probs when it makes one, otherwise from one
+  extra no-grad fused pass.
+* ``prepo_fused_logprobs``: log-probs and entropies (loss, old and reference log-probs) come from
+  prepo_kernels' fused LM head instead of TRL's (text-only models with a linear LM head; DDP yes,
+  FSDP / ZeRO-3 sharded heads no).
+
+Logged in the trainer's log history: ``prepo/ppl_window_lo``, ``prepo/ppl_window_hi``,
+``prepo/candidates_scored`` (curriculum) and ``prepo/weight_min``, ``prepo/weight_max`` (weighting).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import datasets
+import numpy as np
+import torch
+from accelerate.utils import gather_object
+from packaging.version import Version
+
+import prepo_kernels
+import trl
+from trl import GRPOConfig, GRPOTrainer
+
+from ..curriculum import pacing_rho, window_select
+from ..weighting import relative_entropy_weights
+from .hf_fused import tail_logprob_entropy
+
+SUPPORTED_TRL = (Version("1.16.0"), Version("1.17.0"))  # [lo, hi): the overridden methods' contracts
+if not SUPPORTED_TRL[0] <= Version(trl.__version__) < SUPPORTED_TRL[1]:
+    raise ImportError(f"prepo.integrations.trl supports trl>={SUPPORTED_TRL[0]},<{SUPPORTED_TRL[1]}; "
+                      f"found trl {trl.__version__} (pip install 'prepo[trl]')")
+
+
+@dataclass
+class PrepoGRPOConfig(GRPOConfig):
+    """``trl.GRPOConfig`` plus PREPO's switches (all False gives plain TRL GRPO)."""
+
+    prepo_curriculum: bool = field(default=True, metadata={
+        "help": "Roll out the perplexity window of a larger candidate batch (PREPO's curriculum)."})
+    prepo_candidate_multiple: int = field(default=5, metadata={
+        "help": "Candidate batch size over rolled-out prompts, |B| / K (5 gives K / |B| = 20%)."})
+    prepo_entropy_weighting: bool = field(default=True, metadata={
+        "help": "Multiply each completion's advantage by its relative entropy H_i / H_bar."})
+    prepo_fused_logprobs: bool = field(default=True, metadata={
+        "help": "Compute log-probs and entropies with prepo_kernels' fused LM head instead of TRL's."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.prepo_candidate_multiple, bool) or not isinstance(self.prepo_candidate_multiple, int) \
+                or self.prepo_candidate_multiple < 1:
+            raise ValueError(f"prepo_candidate_multiple must be an int >= 1, got {self.prepo_candidate_multiple!r}")
+
+
+class CandidateSampler(torch.utils.data.Sampler):
+    """Dataset indices for the curriculum's candidate batches: each epoch's order (a permutation
+    seeded by (seed, epoch), or the identity without shuffling) is cut into batches of
+    ``batch_size`` distinct indices (an incomplete tail is dropped), each yielded ``repeat_count``
+    times in a row (once per step that reuses one generation). The Trainer sets the epoch, also
+    when it resumes, so a resumed run sees the uninterrupted run's order."""
+
+    def __init__(self, num_items: int, batch_size: int, repeat_count: int, shuffle: bool, seed: int):
+        self.num_items, self.batch_size, self.repeat_count = num_items, batch_size, repeat_count
+        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        order = np.arange(self.num_items)
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_items)
+        for start in range(0, len(self) // self.repeat_count, self.batch_size):
+            batch = order[start : start + self.batch_size].tolist()
+            for _ in range(self.repeat_count):
+                yield from batch
+
+    def __len__(self) -> int:
+        return (self.num_items // self.batch_size) * self.batch_size * self.repeat_count
+
+
+class PrepoGRPOTrainer(GRPOTrainer):
+    """``trl.GRPOTrainer`` with PREPO's curriculum, relative-entropy weighting and fused log-probs.
+
+    Overrides: ``get_train_dataloader`` / ``_get_train_sampler`` (candidate batches),
+    ``_generate_and_score_completions`` (window before generation, weights after the advantages),
+    ``_get_per_token_logps_and_entropies`` (fused log-probs and entropies).
+    """
+
+    def __init__(self, model, reward_funcs=None, args: PrepoGRPOConfig | None = None, *pargs, **kwargs):
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = PrepoGRPOConfig(f"{name.rstrip('/').split('/')[-1]}-PREPO")
+        if not isinstance(args, PrepoGRPOConfig):
+            raise TypeError(f"PrepoGRPOTrainer needs a PrepoGRPOConfig, got {type(args).__name__}")
+        super().__init__(model, reward_funcs, args, *pargs, **kwargs)
+        self._fused_passes: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if args.prepo_curriculum:
+            self._check_curriculum_setup()
+
+    # ---------------------------------------------------------------- curriculum
+    @property
+    def window_size(self) -> int:
+        """K: distinct prompts rolled out per generation batch (all ranks)."""
+        return self.args.generation_batch_size // self.num_generations
+
+    @property
+    def candidate_batch_size(self) -> int:
+        """|B| = prepo_candidate_multiple * K: prompts scored per generation batch (all ranks)."""
+        return self.args.prepo_candidate_multiple * self.window_size
+
+    def _check_curriculum_setup(self) -> None:
+        dataset = self.train_dataset
+        if not hasattr(dataset, "__len__") or isinstance(dataset, (torch.utils.data.IterableDataset,
+                                                                   datasets.IterableDataset)):
+            raise ValueError("prepo_curriculum needs a map-style train_dataset (it indexes candidate batches); "
+                             "got an iterable or no dataset")
+        if self.environment_factories is not None or self.rollout_func is not None or self._is_vlm:
+            raise ValueError("prepo_curriculum supports text prompts generated by the trainer itself (no "
+                             "environment_factory, rollout_func or vision-language model)")
+        if len(dataset) < self.candidate_batch_size:
+            raise ValueError(f"train_dataset has {len(dataset)} prompts, fewer than one candidate batch "
+                             f"(prepo_candidate_multiple * K = {self.candidate_batch_size})")
+        if self.candidate_batch_size % self.accelerator.num_processes:
+            raise ValueError(f"the candidate batch ({self.candidate_batch_size} prompts) must split evenly over "
+                             f"{self.accelerator.num_processes} processes")
+
+    def get_train_dataloader(self):
+        if not self.args.prepo_curriculum:
+            return super().get_train_dataloader()
+        return self._get_dataloader(
+            dataset=self.train_dataset, description="Training",
+            batch_size=self.candidate_batch_size // self.accelerator.num_processes,
+            sampler_fn=self._get_train_sampler, is_training=True,
+        )
+
+    def _get_train_sampler(self, dataset=None):
+        if not self.args.prepo_curriculum:
+            return super()._get_train_sampler(dataset)
+        # Distinct candidates (the window is repeated num_generations times after selection).
+        return CandidateSampler(
+            len(self.train_dataset if dataset is None else dataset), self.candidate_batch_size,
+            repeat_count=self.num_iterations * self.args.steps_per_generation, shuffle=self.shuffle_dataset,
+            seed=self.args.seed,
+        )
+
+    def _score_candidates(self, prompts: list) -> torch.Tensor:
+        """Prompt perplexity [len(prompts)] float32 under the current policy (temperature 1), on the
+        prompts exactly as TRL tokenizes them for generation (chat template applied)."""
+        prompt_ids, _, _ = self._tokenize_prompts(prompts)
+        width = max(max(len(ids) for ids in prompt_ids), 2)
+        input_ids = torch.zeros((len(prompt_ids), width), dtype=torch.long)  # padding is masked: any id will do
+        mask = torch.zeros_like(input_ids)
+        for row, ids in enumerate(prompt_ids):
+            input_ids[row, : len(ids)] = torch.as_tensor(ids)
+            mask[row, : len(ids)] = 1
+        input_ids, mask = input_ids.to(self.accelerator.device), mask.to(self.accelerator.device)
+        logprob = self._fused_no_grad(input_ids, mask, width - 1, temperature=1.0, compute_entropy=False)[0]
+        return prepo_kernels.sequence_perplexity(logprob, mask[:, 1:].bool())
+
+    def _select_window(self, inputs: list[dict]) -> list[dict]:
+        """This rank's rows of the window: ``inputs`` is this rank's share of the candidate batch;
+        returns K * num_generations / num_processes rows, each chosen prompt num_generations times
+        in a row, the same selection on every rank."""
+        candidates = gather_object(inputs)  # every rank: all candidates, in rank order
+        ppl = self.accelerator.gather(self._score_candidates([x["prompt"] for x in inputs])).cpu()
+        rho = pacing_rho(self.state.global_step, self.state.max_steps)
+        chosen = window_select(ppl.numpy(), self.window_size, rho)
+        window = [candidates[i] for i in chosen for _ in range(self.num_generations)]
+        n_local = len(window) // self.accelerator.num_processes
+        rank = self.accelerator.process_index
+        metrics = self._metrics["train"]
+        metrics["prepo/ppl_window_lo"].append(ppl[chosen].min().item())
+        metrics["prepo/ppl_window_hi"].append(ppl[chosen].max().item())
+        metrics["prepo/candidates_scored"].append(float(len(candidates)))
+        return window[rank * n_local : (rank + 1) * n_local]
+
+    # ---------------------------------------------------------------- weighting
+    def _generate_and_score_completions(self, inputs):
+        training = self.model.training
+        if training and self.args.prepo_curriculum:
+            inputs = self._select_window(inputs)
+        self._fused_passes.clear()
+        output = super()._generate_and_score_completions(inputs)
+        if training and self.args.prepo_entropy_weighting:
+            output["advantages"] = output["advantages"] * self._rollout_weights(output)
+        self._fused_passes.clear()
+        return output
+
+    def _rollout_weights(self, output: dict) -> torch.Tensor:
+        """w [local completions]: relative entropy over the whole generation batch of all ranks."""
+        mask = output["completion_mask"] * output.get("tool_mask", 1)
+        old = output.get("old_per_token_logps")
+        # TRL's no-grad pass for the old log-probs (when it made one through our fused path) already
+        # holds the entropies; otherwise this is PREPO's one extra fused pass.
+        entropy = next((ent for logps, ent in self._fused_passes if logps is old), None) if old is not None else None
+        if entropy is None:
+            entropy = self._completion_entropy(output)
+        entropy = self.accelerator.pad_across_processes(entropy, dim=1)
+        mask = self.accelerator.pad_across_processes(mask, dim=1)
+        w_all = relative_entropy_weights(self.accelerator.gather(entropy), self.accelerator.gather(mask))
+        metrics = self._metrics["train"]
+        metrics["prepo/weight_min"].append(w_all.min().item())
+        metrics["prepo/weight_max"].append(w_all.max().item())
+        n_local = output["completion_ids"].size(0)
+        rank = self.accelerator.process_index
+        return w_all[rank * n_local : (rank + 1) * n_local].to(output["advantages"].dtype)
+
+    def _completion_entropy(self, output: dict) -> torch.Tensor:
+        """[B, completion length] token entropies of the completions under the current policy."""
+        input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+        mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+        return self._fused_no_grad(input_ids, mask, output["completion_ids"].size(1), temperature=self.temperature,
+                                   compute_entropy=True)[1]
+
+    # ---------------------------------------------------------------- fused log-probs
+    def _fused_no_grad(self, input_ids, mask, n_keep, *, temperature, compute_entropy):
+        """tail_logprob_entropy of the policy, no grad, in chunks of per_device_train_batch_size rows."""
+        chunk = self.args.per_device_train_batch_size
+        parts = []
+        with torch.no_grad():
+            for start in range(0, input_ids.size(0), chunk):
+                parts.append(self._fused(self.model, input_ids[start : start + chunk], mask[start : start + chunk],
+                                         n_keep, temperature=temperature, compute_entropy=compute_entropy))
+        return tuple(None if p[0] is None else torch.cat(p) for p in zip(*parts))
+
+    def _fused(self, model, input_ids, mask, n_keep, *, temperature, compute_entropy):
+        with self.accelerator.autocast():
+            return tail_logprob_entropy(model, self.accelerator.unwrap_model(model), input_ids, mask, n_keep,
+                                        temperature=temperature, compute_entropy=compute_entropy)
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **model_extras):
+        if not self.args.prepo_fused_logprobs:
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **model_extras)
+        extras = sorted(k for k, v in model_extras.items() if v is not None)
+        if compute_aux_loss or extras:
+            raise ValueError("prepo_fused_logprobs supports text-only models without an MoE aux loss; got "
+                             f"{extras or ['compute_aux_loss']}: set prepo_fused_logprobs=False")
+        # A no-grad pass of the policy (TRL's old log-probs) also yields the entropies the weights need
+        policy_pass = not torch.is_grad_enabled() and model is self.model and self.args.prepo_entropy_weighting
+        batch_size = batch_size or input_ids.size(0)
+        parts = [self._fused(model, input_ids[s : s + batch_size], attention_mask[s : s + batch_size],
+                             logits_to_keep, temperature=self.temperature,
+                             compute_entropy=compute_entropy or policy_pass)
+                 for s in range(0, input_ids.size(0), batch_size)]
+        logps, entropy = (None if p[0] is None else torch.cat(p) for p in zip(*parts))
+        if policy_pass:
+            self._fused_passes.append((logps, entropy))
+        return logps, entropy if compute_entropy else None, None
