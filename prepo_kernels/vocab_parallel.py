@@ -102,7 +102,7 @@ def vocab_parallel_logprob_entropy(
     params = dataclasses.replace(params or KernelParams(), compute_entropy=compute_entropy)
     y = targets.reshape(-1).long()
     world = _check_same_on_every_rank(process_group, hidden, weight, bias, y, ignore_index, compute_entropy)
-    validation.check_targets(targets, weight.shape[0] * world, ignore_index)
+    y = validation.checked_targets(y, weight.shape[0] * world, ignore_index)
     logprob, entropy = VocabParallelLinearLogprobEntropy.apply(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, y, inv_temp, ignore_index, backend, params, process_group
     )

@@ -18,14 +18,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import fused_cpu_impls
 from prepo_kernels import copy_to_vocab_parallel, linear_logprob_entropy, vocab_parallel
 from prepo_kernels.backends.registry import unavailable_reason
 
 WORLD = 2
 F64 = torch.float64
-# triton joins when its interpreter runs on CPU (TRITON_INTERPRET=1; slow)
-IMPLS = fused_cpu_impls() + [impl for impl in ("triton",) if unavailable_reason(impl, "cpu") is None]
+# the fused backends that run on CPU tensors here (triton through its interpreter: conftest.py sets
+# TRITON_INTERPRET=1 when there is no CUDA device)
+IMPLS = [impl for impl in ("torch", "cpu", "triton") if unavailable_reason(impl, "cpu") is None]
 
 
 @dataclass(frozen=True)
