@@ -1,0 +1,1 @@
+"""Integrations of PREPO into other training frameworks (each behind its own extra)."""
