@@ -1,11 +1,16 @@
 """PREPOTrainer against verl 0.9's real config, trainer registry, Ray and TransferQueue (CPU).
 
 What runs here: verl's Hydra config composed with the documented overrides, the trainer built
-from it, the registration reaching a Ray worker through the documented setup hook, and the
-advantage step (verl's GRPO, then the entropy weights) on a batch in a real TransferQueue.
-What cannot: the actor worker group (FSDP engine) and the rollout (vLLM/SGLang) need GPUs.
+from it, the registration reaching a Ray worker through the documented setup hook, the advantage
+step (verl's GRPO, then the entropy weights) on a batch in a real TransferQueue, and the candidate
+scoring + window through verl's dataloader (the documented parquet layout), a real Ray worker
+group, dispatch and TransferQueue bridge, with a tiny Qwen2 standing in for the FSDP actor.
+What cannot: verl's FSDP/Megatron actor engine and the rollout (vLLM/SGLang) need GPUs.
 """
+import os
+
 import numpy as np
+import pandas as pd
 import pytest
 import ray
 import torch
@@ -16,9 +21,13 @@ from tensordict import TensorDict
 
 import prepo.integrations.verl as prepo_verl
 from prepo.integrations.verl import PREPOTrainer, VerlPrepoParams, check_trainer_config, check_verl_version
+from verl.single_controller.base.decorator import make_nd_compute_dataproto_dispatch_fn, register
+from verl.single_controller.base.worker import Worker
+from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
 from verl.trainer.constants_ppo import get_ppo_ray_runtime_env
 from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
 from verl.trainer.ppo.v1 import get_trainer_cls
+from verl.utils import tensordict_utils as tu
 
 HOOK = "+ray_kwargs.ray_init.runtime_env.worker_process_setup_hook=prepo.integrations.verl.register"
 
@@ -73,8 +82,11 @@ def ray_tq():
     override), and a TransferQueue on it (one storage unit: this machine is small)."""
     cfg = verl_config(HOOK)
     runtime_env = OmegaConf.merge(get_ppo_ray_runtime_env(cfg), cfg.ray_kwargs.ray_init.runtime_env)
-    runtime_env.setdefault("env_vars", {})["TRANSFER_QUEUE_ENABLE"] = "1"
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env=OmegaConf.to_container(runtime_env))
+    env_vars = runtime_env.setdefault("env_vars", {})
+    env_vars["TRANSFER_QUEUE_ENABLE"] = "1"
+    # Ray workers import this module to build TinyActorWorker
+    env_vars["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(__file__), os.environ.get("PYTHONPATH")]))
+    ray.init(num_cpus=8, include_dashboard=False, runtime_env=OmegaConf.to_container(runtime_env))
     cfg.transfer_queue.enable = True
     cfg.transfer_queue.backend.SimpleStorage.num_data_storage_units = 1
     tq.init(cfg.transfer_queue)
@@ -83,7 +95,7 @@ def ray_tq():
     ray.shutdown()
 
 
-@ray.remote(num_cpus=0)  # the TransferQueue actors hold this small machine's CPUs
+@ray.remote
 def _trainer_in_worker():
     import sys
 
@@ -149,3 +161,90 @@ def test_compute_advantage_weights_verl_grpo(ray_tq, weighting):
         assert not any(k.startswith("prepo/") for k in metrics)
     assert adv.is_nested and adv.offsets().diff().tolist() == lengths
     torch.testing.assert_close(adv.to_padded_tensor(0.0).double(), (ref_adv * mask).double(), rtol=1e-5, atol=1e-6)
+
+
+TINY_QWEN2 = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
+
+
+def tiny_policy(vocab_size):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(1234)  # the same weights in every process
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab_size, **TINY_QWEN2)).eval()
+
+
+@ray.remote
+class TinyActorWorker(Worker):
+    """Stands in for verl's FSDP actor (which needs a GPU) behind the real single-controller
+    dispatch and TransferQueue bridge: compute_log_prob returns per-token log-probs in the engine's
+    layout (jagged over the whole sequence, position t holding log p(x_{t+1}), the last 0)."""
+
+    def __init__(self, vocab_size):
+        super().__init__()
+        self.model = tiny_policy(vocab_size)
+        self._register_dispatch_collect_info(mesh_name="actor", dp_rank=self.rank, is_collect=True)
+
+    @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="actor"))
+    def compute_log_prob(self, data: TensorDict) -> TensorDict:
+        assert tu.get(data, "temperature") == 1.0 and tu.get(data, "calculate_entropy") is False
+        out = []
+        with torch.no_grad():
+            for ids in data["input_ids"].unbind(0):
+                logits = self.model(ids.unsqueeze(0)).logits[0].float()
+                lp = torch.log_softmax(logits[:-1], -1).gather(-1, ids[1:, None])[:, 0]
+                out.append(torch.cat([lp, lp.new_zeros(1)]))
+        return TensorDict({"log_probs": torch.nested.as_nested_tensor(out, layout=torch.jagged)},
+                          batch_size=len(out))
+
+
+def write_parquet(path, questions):
+    """The documented layout: verl's RLHFDataset columns (prompt = chat messages)."""
+    pd.DataFrame({
+        "data_source": ["prepo_arith"] * len(questions),
+        "prompt": [[{"role": "user", "content": q}] for q in questions],
+        "ability": ["math"] * len(questions),
+        "reward_model": [{"style": "rule", "ground_truth": str(i)} for i in range(len(questions))],
+        "extra_info": [{"split": "train", "index": i} for i in range(len(questions))],
+    }).to_parquet(path)
+
+
+def test_next_train_batch_scores_candidates_through_actor_worker_group(ray_tq, tokenizer, tmp_path):
+    """15 prompts, train_batch_size 3, candidate_multiple 5: every candidate batch is the whole data
+    set (in a shuffled order), so the window is known: sort all 15 by float64 perplexity under the
+    same policy, take 3 consecutive from floor(rho * 12). 15 candidates over 2 dp ranks also
+    exercises the padding to the dispatcher's even split."""
+    questions = [" ".join(["what is"] + [str(d) for d in range(i % 7 + 1)] + ["+ 1 ?"] * (i % 3 + 1))
+                 for i in range(15)]
+    write_parquet(tmp_path / "train.parquet", questions)
+    write_parquet(tmp_path / "val.parquet", questions[:4])
+    cfg = verl_config(f"data.train_files={tmp_path / 'train.parquet'}", f"data.val_files={tmp_path / 'val.parquet'}",
+                      "data.train_batch_size=3", "data.dataloader_num_workers=0", "data.max_prompt_length=64",
+                      "trainer.total_training_steps=4", "+trainer.prepo.candidate_multiple=5")
+    trainer = PREPOTrainer(cfg)
+    trainer.tokenizer, trainer.processor = tokenizer, None  # _init_tokenizer would load a hub model path
+    trainer._init_dataloader()
+    pool = RayResourcePool([2], use_gpu=False, max_colocate_count=1)
+    trainer.actor_rollout_wg = RayWorkerGroup(pool, RayClassWithInitArgs(cls=TinyActorWorker, vocab_size=len(tokenizer)))
+
+    policy = tiny_policy(len(tokenizer)).double()
+    ref_ppl = {}
+    with torch.no_grad():
+        for q in questions:
+            s = tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                              tokenize=True, return_dict=True)["input_ids"]
+            lp = torch.log_softmax(policy(torch.tensor([s])).logits[0, :-1], -1).gather(-1, torch.tensor(s[1:])[:, None])
+            ref_ppl[q] = torch.exp(-lp.mean()).item()
+    by_ppl = sorted(questions, key=ref_ppl.get)
+
+    for step in (1, 2, 4):
+        trainer.global_steps = step
+        batch = trainer._next_train_batch()
+        rho = (step - 1) / 4
+        start = int(np.floor(rho * (15 - 3)))
+        assert [m[0]["content"] for m in batch["raw_prompt"]] == by_ppl[start : start + 3]
+        assert trainer._prepo_metrics["prepo/rho"] == rho
+        np.testing.assert_allclose(trainer._prepo_metrics["prepo/window_ppl_mean"],
+                                   np.mean([ref_ppl[q] for q in by_ppl[start : start + 3]]), rtol=1e-5)
+        np.testing.assert_allclose(trainer._prepo_metrics["prepo/candidate_ppl_mean"],
+                                   np.mean(list(ref_ppl.values())), rtol=1e-5)
+    assert not tq.kv_list("prepo_score").get("prepo_score")  # the scoring samples were cleared
