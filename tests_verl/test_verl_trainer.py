@@ -248,3 +248,45 @@ def test_next_train_batch_scores_candidates_through_actor_worker_group(ray_tq, t
         np.testing.assert_allclose(trainer._prepo_metrics["prepo/candidate_ppl_mean"],
                                    np.mean(list(ref_ppl.values())), rtol=1e-5)
     assert not tq.kv_list("prepo_score").get("prepo_score")  # the scoring samples were cleared
+
+
+# The README's launch command, minus `python -m verl.trainer.main_ppo` (paths need not exist here).
+LAUNCH_OVERRIDES = [
+    "trainer.v1.trainer_mode=prepo",
+    "+ray_kwargs.ray_init.runtime_env.worker_process_setup_hook=prepo.integrations.verl.register",
+    "+trainer.prepo.candidate_multiple=5",
+    "+trainer.prepo.pacing=linear",
+    "algorithm.adv_estimator=grpo",
+    "algorithm.use_kl_in_reward=false",
+    "data.train_files=data/prepo_math/train.parquet",
+    "data.val_files=data/prepo_math/test.parquet",
+    "data.train_batch_size=128",
+    "data.max_prompt_length=512",
+    "data.max_response_length=2048",
+    "actor_rollout_ref.model.path=Qwen/Qwen2.5-Math-1.5B",
+    "actor_rollout_ref.actor.ppo_mini_batch_size=32",
+    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4",
+    "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=8",
+    "actor_rollout_ref.actor.use_kl_loss=false",
+    "actor_rollout_ref.actor.clip_ratio_low=0.2",
+    "actor_rollout_ref.actor.clip_ratio_high=0.28",
+    "actor_rollout_ref.actor.loss_agg_mode=token-mean",
+    "actor_rollout_ref.rollout.name=vllm",
+    "actor_rollout_ref.rollout.n=8",
+    "trainer.n_gpus_per_node=8",
+    "trainer.nnodes=1",
+    "trainer.total_training_steps=200",
+]
+
+
+def test_readme_launch_overrides_compose_and_validate():
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+
+    with initialize_config_module("verl.trainer.config", version_base=None):
+        cfg = compose("ppo_trainer", overrides=LAUNCH_OVERRIDES)
+    assert cfg.trainer.use_v1 and get_trainer_cls(cfg.trainer.v1.trainer_mode) is PREPOTrainer
+    assert VerlPrepoParams.from_config(cfg) == VerlPrepoParams(candidate_multiple=5, pacing="linear")
+    assert cfg.ray_kwargs.ray_init.runtime_env.worker_process_setup_hook == "prepo.integrations.verl.register"
+    check_trainer_config(cfg)
+    validate_config(config=cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))

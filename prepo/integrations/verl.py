@@ -26,7 +26,6 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import torch
-import transfer_queue as tq
 from omegaconf import open_dict
 from packaging.version import Version
 from tensordict import TensorDict
@@ -34,12 +33,6 @@ from tensordict import TensorDict
 import verl
 from prepo.config import PACINGS
 from prepo.curriculum import pacing_rho
-from verl.protocol import DataProto
-from verl.trainer.ppo.v1 import PPOTrainerSync, register_trainer
-from verl.workers.utils.padding import response_from_nested, response_to_nested
-
-from .verl_ops import (chat_prompt_ids, perplexity_from_response_log_probs, prompt_scoring_fields, select_window,
-                       weight_advantages)
 
 SUPPORTED_VERL = (Version("0.9"), Version("0.10"))
 TRAINER_NAME = "prepo"
@@ -51,6 +44,18 @@ def check_verl_version(version: str = verl.__version__) -> None:
     if not SUPPORTED_VERL[0] <= Version(version) < SUPPORTED_VERL[1]:
         raise ImportError(f"prepo.integrations.verl supports verl >= {SUPPORTED_VERL[0]}, < {SUPPORTED_VERL[1]} "
                           f"(the v1 trainer registry); verl {version} is installed")
+
+
+check_verl_version()  # before importing verl.trainer.ppo.v1, which older releases lack
+
+import transfer_queue as tq  # noqa: E402  (verl 0.9's v1 trainer stores batches there)
+
+from verl.protocol import DataProto  # noqa: E402
+from verl.trainer.ppo.v1 import PPOTrainerSync, register_trainer  # noqa: E402
+from verl.workers.utils.padding import response_from_nested, response_to_nested  # noqa: E402
+
+from .verl_ops import (chat_prompt_ids, perplexity_from_response_log_probs, prompt_scoring_fields,  # noqa: E402
+                       select_window, weight_advantages)
 
 
 @dataclass(frozen=True)
@@ -115,10 +120,10 @@ class PREPOTrainer(PPOTrainerSync):
                                "prepo/window_ppl_mean": ppl[idx].mean().item()}
         return selected
 
-    def prepare_step(self) -> dict:
-        metrics = super().prepare_step()  # fetches the batch through _next_train_batch
+    def step(self, metrics: dict, timing_raw: dict):
+        batch = super().step(metrics, timing_raw)  # fetches the prompts through _next_train_batch
         metrics.update(self._prepo_metrics if self.prepo.curriculum else {})
-        return metrics
+        return batch
 
     def _actor_dp_size(self) -> int:
         wg = self.actor_rollout_wg
@@ -160,5 +165,5 @@ class PREPOTrainer(PPOTrainerSync):
 
 
 def register() -> None:
-    """Ray ``worker_process_setup_hook``: importing this module registered :class:`PREPOTrainer`."""
-    check_verl_version()
+    """Ray ``worker_process_setup_hook``: Ray imports this module in each worker process, and
+    the import registers :class:`PREPOTrainer`; nothing is left to do."""
