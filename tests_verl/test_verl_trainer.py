@@ -19,7 +19,6 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from tensordict import TensorDict
 
-import prepo.integrations.verl as prepo_verl
 from prepo.integrations.verl import PREPOTrainer, VerlPrepoParams, check_trainer_config, check_verl_version
 from verl.single_controller.base.decorator import make_nd_compute_dataproto_dispatch_fn, register
 from verl.single_controller.base.worker import Worker
@@ -44,7 +43,7 @@ def test_registry_and_params_from_documented_overrides():
     assert VerlPrepoParams.from_config(cfg) == VerlPrepoParams(candidate_multiple=3, pacing="quadratic",
                                                                curriculum=True, weighting=False)
     assert VerlPrepoParams.from_config(verl_config()) == VerlPrepoParams()
-    check_trainer_config(cfg)
+    check_trainer_config(cfg, VerlPrepoParams.from_config(cfg))
 
 
 @pytest.mark.parametrize("overrides,match", [
@@ -63,10 +62,13 @@ def test_bad_params(overrides, match):
     (["algorithm.rollout_correction.bypass_mode=true"], "bypass_mode"),
 ])
 def test_unsupported_trainer_settings(overrides, match):
+    cfg = verl_config(*overrides)
     with pytest.raises(ValueError, match=match):
-        check_trainer_config(verl_config(*overrides))
+        check_trainer_config(cfg, VerlPrepoParams())
+    with pytest.raises(ValueError, match=match):
+        PREPOTrainer(cfg)
     if "bypass_mode" in match:  # without the weights the old-log-prob entropies are not needed
-        check_trainer_config(verl_config(*overrides, "+trainer.prepo.weighting=false"))
+        check_trainer_config(cfg, VerlPrepoParams(weighting=False))
 
 
 def test_version_gate():
@@ -249,6 +251,10 @@ def test_next_train_batch_scores_candidates_through_actor_worker_group(ray_tq, t
                                    np.mean(list(ref_ppl.values())), rtol=1e-5)
     assert not tq.kv_list("prepo_score").get("prepo_score")  # the scoring samples were cleared
 
+    trainer.prepo = VerlPrepoParams(curriculum=False)  # plain verl batch fetching: no scoring pass
+    trainer.actor_rollout_wg = None
+    assert len(trainer._next_train_batch()) == 3
+
 
 # The README's launch command, minus `python -m verl.trainer.main_ppo` (paths need not exist here).
 LAUNCH_OVERRIDES = [
@@ -288,5 +294,5 @@ def test_readme_launch_overrides_compose_and_validate():
     assert cfg.trainer.use_v1 and get_trainer_cls(cfg.trainer.v1.trainer_mode) is PREPOTrainer
     assert VerlPrepoParams.from_config(cfg) == VerlPrepoParams(candidate_multiple=5, pacing="linear")
     assert cfg.ray_kwargs.ray_init.runtime_env.worker_process_setup_hook == "prepo.integrations.verl.register"
-    check_trainer_config(cfg)
+    check_trainer_config(cfg, VerlPrepoParams.from_config(cfg))
     validate_config(config=cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))

@@ -81,15 +81,15 @@ class VerlPrepoParams:
         return cls(**section)
 
 
-def check_trainer_config(config) -> None:
-    """Reject settings this trainer does not support, naming them."""
+def check_trainer_config(config, params: VerlPrepoParams) -> None:
+    """Reject verl settings this trainer does not support with ``params``, naming them."""
     if config.algorithm.get("filter_groups") is not None and config.algorithm.filter_groups.get("enable", False):
         raise ValueError("PREPOTrainer does not support algorithm.filter_groups (DAPO dynamic sampling): "
                          "its refills would bypass the perplexity window")
     if config.trainer.v1.sampler.get("sync_refill_failed_groups", False):
         raise ValueError("PREPOTrainer does not support trainer.v1.sampler.sync_refill_failed_groups")
     rollout_corr = config.algorithm.get("rollout_correction") or {}
-    if rollout_corr.get("bypass_mode", False) and (config.trainer.get("prepo") or {}).get("weighting", True):
+    if rollout_corr.get("bypass_mode", False) and params.weighting:
         raise ValueError("trainer.prepo.weighting needs the old-log-prob pass's entropies, which "
                          "algorithm.rollout_correction.bypass_mode=True skips")
 
@@ -99,9 +99,8 @@ class PREPOTrainer(PPOTrainerSync):
     """The synchronous v1 trainer plus PREPO's perplexity window and entropy-weighted advantages."""
 
     def __init__(self, config):
-        check_verl_version()
-        check_trainer_config(config)
         self.prepo = VerlPrepoParams.from_config(config)
+        check_trainer_config(config, self.prepo)
         # the registry looked this class up by trainer_mode; the base class reads trainer_mode as
         # "sync vs async" behaviour, and this trainer is the sync one
         with open_dict(config):
