@@ -144,6 +144,11 @@ setup(
         "triton": ["triton"],
         "vllm": ["vllm"],
         "trl": ["trl>=1.16,<1.17", "accelerate"],  # the range prepo.integrations.trl checks at import
+        # verl's v1 trainer (prepo.integrations.verl). Its own extra: verl pins transformers < 5.11 and
+        # installs a top-level `tests` package. The rest is what verl.trainer.ppo.v1 imports beyond
+        # verl's base requirements (verl lists them only in its heavier `verl-core` extra).
+        "verl": ["verl>=0.9,<0.10", "TransferQueue>=0.1.10", "pyzmq", "msgspec", "cachetools", "fastapi",
+                 "uvicorn", "pytest"],
     },
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext_cls},
