@@ -16,11 +16,17 @@ from .validation import Temperature, check_tensor
 
 IGNORE = -100
 # config attributes that put a non-linear or scaled transform between hidden states and logits
-_UNSUPPORTED_CONFIG = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
+_UNSUPPORTED_CONFIG = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "output_multiplier",
+                       "lm_head_multiplier", "logits_scaling")
 
 
-def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
+def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
+    """The decoder (whose output's ``last_hidden_state`` feeds the head) and the plain linear LM head
+    of an unwrapped HF causal LM; ValueError naming the reason for a model the fused path cannot
+    serve (a logit transform after the head, a non-linear head, no decoder)."""
     config = getattr(model, "config", None)
+    if hasattr(config, "get_text_config"):  # composite (e.g. vision-language) configs
+        config = config.get_text_config()
     for attr in _UNSUPPORTED_CONFIG:
         value = getattr(config, attr, None)
         if value not in (None, 1, 1.0):
@@ -67,7 +73,7 @@ def causal_lm_logprob_entropy(
     check_tensor("input_ids", input_ids, integer=True)
     if input_ids.dim() != 2 or input_ids.shape[1] < 2:
         raise ValueError(f"input_ids must be [B, T] with T >= 2, got shape {tuple(input_ids.shape)}")
-    decoder, head = _decoder_and_head(model)
+    decoder, head = decoder_and_head(model)
     kwargs = {}
     if attention_mask is not None:
         check_tensor("attention_mask", attention_mask)

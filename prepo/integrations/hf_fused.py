@@ -13,31 +13,9 @@ import torch
 from torch import nn
 
 import prepo_kernels
+from prepo_kernels.hf import decoder_and_head
 
 IGNORE = -100
-# config attributes that put a non-linear or scaled transform between the LM head and the logits
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
-                     "logits_scaling")
-
-
-def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
-    """The decoder (whose output's ``last_hidden_state`` feeds the head) and the linear LM head of an
-    unwrapped HF causal LM (a PEFT model forwards these look-ups to its base model)."""
-    config = getattr(model, "config", None)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for attr in _LOGIT_TRANSFORMS:
-        value = getattr(text_config, attr, None)
-        if value not in (None, 1, 1.0):
-            raise ValueError(f"unsupported model for the fused log-probs: config.{attr}={value} transforms the "
-                             "logits after the LM head; switch the fused path off")
-    head = model.get_output_embeddings()
-    if not isinstance(head, nn.Linear):
-        raise ValueError(f"unsupported model for the fused log-probs: its output embedding is "
-                         f"{type(head).__name__}, not an nn.Linear")
-    decoder = model.get_decoder()
-    if decoder is None or decoder is model:
-        raise ValueError(f"unsupported model for the fused log-probs: {type(model).__name__} exposes no decoder")
-    return decoder, head
 
 
 def tail_logprob_entropy(
