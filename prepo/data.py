@@ -45,11 +45,12 @@ class LoadedData:
     skipped: int
     skipped_reasons: dict[str, int] = field(default_factory=dict)
     source: str = ""
+    duplicate_prompts: int = 0  # usable rows whose prompt an earlier row already had (kept)
 
     def summary(self) -> dict:
         """The numbers a run records (summary.json)."""
         return {"source": self.source, "examples": len(self.examples), "skipped": self.skipped,
-                "skipped_reasons": dict(self.skipped_reasons)}
+                "skipped_reasons": dict(self.skipped_reasons), "duplicate_prompts": self.duplicate_prompts}
 
 
 def load_examples(path: str | Path, *, prompt_column: str = "prompt", answer_column: str = "answer",
@@ -80,8 +81,12 @@ def load_examples(path: str | Path, *, prompt_column: str = "prompt", answer_col
                         f"column {answer_column!r}; columns found: {columns}; skipped: {dict(reasons)})")
     if skipped:
         log.warning("%s: skipped %d of %d rows: %s", path, skipped, len(rows), dict(reasons))
+    duplicates = len(examples) - len({json.dumps(e.prompt) for e in examples})
+    if duplicates:
+        log.warning("%s: %d rows repeat an earlier row's prompt (kept as they are)", path, duplicates)
     log.info("%s: %d examples (prompt %r, answer %r)", path, len(examples), prompt_column, answer_column)
-    return LoadedData(examples=examples, skipped=skipped, skipped_reasons=dict(reasons), source=str(path))
+    return LoadedData(examples=examples, skipped=skipped, skipped_reasons=dict(reasons), source=str(path),
+                      duplicate_prompts=duplicates)
 
 
 def read_rows(path: Path, split_name: str = "train") -> list[dict]:

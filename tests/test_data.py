@@ -41,16 +41,17 @@ def write_parquet(path, rows):
 
 
 def test_verl_parquet_read_as_is(tmp_path):
-    rows = [DAPO_ROW, {**DAPO_ROW, "reward_model": {"ground_truth": "", "style": "rule"}}]
+    rows = [DAPO_ROW, {**DAPO_ROW, "reward_model": {"ground_truth": "", "style": "rule"}}, DAPO_ROW]
     data = load_examples(write_parquet(tmp_path / "dapo.parquet", rows))
     assert isinstance(data, LoadedData) and data.source.endswith("dapo.parquet")
-    (ex,) = data.examples
+    ex, again = data.examples
     assert ex.prompt == DAPO_ROW["prompt"] and ex.answer == "4" and ex.difficulty is None
+    assert again == ex and data.duplicate_prompts == 1  # counted, kept
     assert ex.columns["data_source"] == "math_dapo"
     assert ex.columns["extra_info"] == DAPO_ROW["extra_info"]
     assert (data.skipped, data.skipped_reasons) == (1, {"empty answer": 1})
-    assert data.summary() == {"source": data.source, "examples": 1, "skipped": 1,
-                              "skipped_reasons": {"empty answer": 1}}
+    assert data.summary() == {"source": data.source, "examples": 2, "skipped": 1,
+                              "skipped_reasons": {"empty answer": 1}, "duplicate_prompts": 1}
     explicit = load_examples(tmp_path / "dapo.parquet", answer_column="reward_model.ground_truth")
     assert explicit.examples == data.examples
 

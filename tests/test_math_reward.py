@@ -41,6 +41,7 @@ CORRECT = [
     ("\\boxed{3.0}", "3"),
     ("\\boxed{(x+1)^2}", "x^2+2x+1"),
     ("$x = \\frac{-b}{2}$ so the answer is $\\boxed{\\frac{\\sqrt{2}}{2}}$", "\\frac{1}{\\sqrt{2}}"),
+    ("We have 12 apples and 22 more, 34 in all.\n\nAnswer: 34", "34"),  # DAPO's answer format
 ]
 # wrong but close: 0.0
 WRONG = [
@@ -62,6 +63,7 @@ WRONG = [
     ("\\boxed{\\pi}", "3.14"),
     ("4*5=20,3+20=23,23-2=20", "21"),
     ("\\boxed{(x-1)^2}", "x^2+2x+1"),
+    ("First 12, then 34? No.\n\nAnswer: 12", "34"),
 ]
 PATHOLOGICAL = "\\boxed{9^{9^{9^{9}}}}"  # sympy evaluates the power: hours
 
