@@ -142,7 +142,7 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-benchmark", "dashscope", "tiktoken"],
         "triton": ["triton"],
-        "vllm": ["vllm"],
+        "vllm": ["vllm==0.33.0"],  # prepo/vllm_engine.py was written against its source; never run here
     },
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext_cls},
