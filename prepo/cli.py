@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .config import ConfigError, parse_args
+from .rewards import RewardError
 from .task import DataError
 
 
@@ -52,7 +53,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t0 = time.perf_counter()
     try:
         summary = run(parse_args(sys.argv[1:] if argv is None else argv))
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, RewardError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print_outcome(summary, time.perf_counter() - t0)

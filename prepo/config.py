@@ -70,7 +70,9 @@ class TrainConfig:
     train_data: str = ""             # jsonl / json / parquet / csv / save_to_disk dir ("" = the built-in task)
     eval_data: str = ""              # same formats ("" with train_data set = no evaluation)
     prompt_column: str = "prompt"    # a string or a list of chat messages
-    answer_column: str = "answer"
+    answer_column: str = "answer"   # may be a dotted path (verl: reward_model.ground_truth, found by default)
+    eval_prompt_column: str = ""     # eval_data's, when it differs ("" = prompt_column; MATH-500: problem)
+    eval_answer_column: str = ""     # "" = answer_column
     train_size: int = 2000           # built-in task: training prompts (uniform over levels)
     eval_per_level: int = 40         # built-in task: held-out problems per level
     heldout_frac: float = 0.15       # built-in task (and its warm-up): share of prompts held out

@@ -82,6 +82,10 @@ class RolloutEngine(Protocol):
         """Make the next rollouts come from ``model``'s current weights (called after every update)."""
         ...
 
+    def sleep(self) -> None:
+        """Free the engine's own memory for the update (``sync_weights`` brings it back)."""
+        ...
+
 
 def completion_mask_from_ids(completion_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
     is_eos = (completion_ids == eos_id).long()
@@ -115,6 +119,9 @@ class HFGenerateEngine:
 
     def sync_weights(self, model) -> None:
         """Nothing to copy: generation runs on the policy itself."""
+
+    def sleep(self) -> None:
+        """Nothing to free: the engine holds no memory of its own."""
 
     @torch.no_grad()
     def generate(self, prompts: Sequence, num_samples: int, *, greedy: bool = False) -> Iterator[Rollouts]:

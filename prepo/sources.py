@@ -37,9 +37,10 @@ def load_data(cfg: TrainConfig) -> DataSource:
     if cfg.train_data:
         from .data import load_examples
 
-        cols = dict(prompt_column=cfg.prompt_column, answer_column=cfg.answer_column)
-        train = load_examples(cfg.train_data, split_name="train", **cols)
-        evals = load_examples(cfg.eval_data, split_name="test", **cols) if cfg.eval_data else None
+        train = load_examples(cfg.train_data, split_name="train", prompt_column=cfg.prompt_column,
+                              answer_column=cfg.answer_column)
+        evals = load_examples(cfg.eval_data, split_name="test", prompt_column=cfg.eval_prompt_column or cfg.prompt_column,
+                              answer_column=cfg.eval_answer_column or cfg.answer_column) if cfg.eval_data else None
         src = DataSource(train.examples, evals.examples if evals else [], builtin=False,
                          skipped={"train": train.summary(), **({"eval": evals.summary()} if evals else {})})
         for split, info in src.skipped.items():

@@ -37,7 +37,7 @@ import torch
 import prepo_kernels
 
 from . import checkpoint as ckpt
-from .config import TrainConfig, from_dict
+from .config import ConfigError, TrainConfig, from_dict
 from .curriculum import Collected, PromptSampler, Strategy, collect_dynamic, collect_static, get_strategy, pacing_rho
 from .data import reward_columns
 from .evaluate import evaluate, ppl_pass_rate_spearman
@@ -57,15 +57,20 @@ from .weighting import relative_entropy_weights
 log = logging.getLogger("prepo")
 
 
-def make_engine(cfg: TrainConfig, model, tokenizer, encoder: PromptEncoder, precision: Precision):
-    """The rollout engine ``--rollout-engine`` names, sampling with the config's options."""
-    sampling = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
+VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def make_engine(cfg: TrainConfig, model_source, model, tokenizer, encoder: PromptEncoder, precision: Precision):
+    """The rollout engine ``--rollout-engine`` names, sampling with the config's options. vLLM builds
+    its own copy of ``model_source`` and gets the policy's weights after every update."""
     if cfg.rollout_engine == "vllm":
         from .vllm_engine import VLLMEngine
 
-        return VLLMEngine(model, tokenizer, encoder, sampling, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-                          seed=cfg.seed)
-    return HFGenerateEngine(model, tokenizer, encoder, sampling, autocast=precision.autocast)
+        return VLLMEngine(str(model_source), tokenizer, dtype=VLLM_DTYPES[cfg.dtype], seed=cfg.seed,
+                          gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, max_new_tokens=cfg.max_new_tokens,
+                          temperature=cfg.temperature, top_p=cfg.top_p, encoder=encoder)
+    return HFGenerateEngine(model, tokenizer, encoder, Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p),
+                            autocast=precision.autocast)
 
 
 class Trainer:
@@ -79,10 +84,15 @@ class Trainer:
         self.K = cfg.num_selected
         self.device = resolve_device(cfg.device)
         self.precision = Precision(cfg.dtype, self.device)
-        if cfg.rollout_engine == "vllm":
+        if cfg.rollout_engine == "vllm":  # fail before any data or model is loaded
             from .vllm_engine import require_vllm
 
-            require_vllm()  # fail before any data or model is loaded
+            try:
+                require_vllm()
+            except ImportError as exc:
+                raise ConfigError(str(exc)) from None
+            if self.device.type != "cuda":
+                raise ConfigError(f"--rollout-engine vllm runs on a CUDA device; the device is {self.device}")
         torch.set_num_threads(cfg.num_threads)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
@@ -99,7 +109,7 @@ class Trainer:
             self.ref_model.requires_grad_(False)
         self.encoder = PromptEncoder(self.tokenizer, PromptFormat(cfg.chat_template, cfg.system_prompt,
                                                                   cfg.instruction_suffix))
-        self.engine = make_engine(cfg, self.model, self.tokenizer, self.encoder, self.precision)
+        self.engine = make_engine(cfg, self.base_dir, self.model, self.tokenizer, self.encoder, self.precision)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                            betas=(0.9, 0.99))
         self.scaler = self.precision.grad_scaler()
@@ -221,6 +231,7 @@ class Trainer:
         """Old log-probs and entropies, relative-entropy weights, advantages, the GRPO update."""
         ro, G = got.rollouts, self.cfg.group_size
         cmask = ro.completion_mask
+        self.engine.sleep()  # vLLM: free its GPU memory for the passes below; sync_weights wakes it
         with timer("time_old_logprob"):
             old_lp, ent, ref_lp = self.old_logprobs(ro)
         with timer("time_weight"):

@@ -65,14 +65,18 @@ def parity_reward(tmp_path_factory) -> str:
 def jsonl_data(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
     train = _write_jsonl(d / "train.jsonl", [{"prompt": q, "answer": a} for q, a in QUESTIONS[:9]])
-    evals = _write_jsonl(d / "eval.jsonl", [{"prompt": q, "answer": a, "level": 1} for q, a in QUESTIONS[9:]])
+    # MATH-500's layout: the prompt is `problem`; the answer column is renamed too, to test the flag
+    evals = _write_jsonl(d / "eval.jsonl", [{"problem": q, "final": a, "level": 1} for q, a in QUESTIONS[9:]])
     return train, evals
+
+
+EVAL_COLUMNS = ["--eval-prompt-column", "problem", "--eval-answer-column", "final"]
 
 
 def test_jsonl_chat_template_qwen2(tmp_path, tiny_qwen2_dir, jsonl_data, capsys):
     train, evals = jsonl_data
     out = tmp_path / "run"
-    rc = _main(["--model", tiny_qwen2_dir, "--train-data", train, "--eval-data", evals, "--chat-template",
+    rc = _main(["--model", tiny_qwen2_dir, "--train-data", train, "--eval-data", evals, *EVAL_COLUMNS, "--chat-template",
                 "--system-prompt", "You are a careful solver.", "--instruction-suffix",
                 "Please reason step by step, and put your final answer within \\boxed{}.",
                 "--output-dir", out, *small(spearman_prompts=3, spearman_samples=2, save_every=2)])
@@ -172,7 +176,7 @@ def test_microbatch_budget_and_checkpointing_do_not_change_the_update(tmp_path, 
 def test_bf16_autocast_runs_on_cpu(tmp_path, tiny_qwen2_dir, jsonl_data, parity_reward):
     train, evals = jsonl_data
     out = tmp_path / "bf16"
-    assert _main(["--model", tiny_qwen2_dir, "--train-data", train, "--eval-data", evals, "--dtype", "bf16",
+    assert _main(["--model", tiny_qwen2_dir, "--train-data", train, "--eval-data", evals, *EVAL_COLUMNS, "--dtype", "bf16",
                   "--reward", parity_reward, "--output-dir", out, *small(group_size=4, max_new_tokens=6)]) == 0
     assert all(r["entropy_mean"] > 0 and r["grad_norm"] > 0 for r in _metrics(out))
     assert _summary(out)["final_accuracy"] is not None
@@ -198,7 +202,7 @@ def test_real_command_line(tmp_path, tiny_qwen2_dir, jsonl_data):
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
     out = tmp_path / "cli"
     res = subprocess.run([sys.executable, "-m", "prepo.train", "--model", str(tiny_qwen2_dir), "--train-data",
-                          str(train), "--eval-data", str(evals), "--device", "cpu", "--dtype", "fp32",
+                          str(train), "--eval-data", str(evals), *EVAL_COLUMNS, "--device", "cpu", "--dtype", "fp32",
                           "--output-dir", str(out), *small()], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -220,3 +224,10 @@ def test_gradient_checkpointing_recomputes_layers(tiny_qwen2_dir):
         lp, _ = prepo_kernels.causal_lm_logprob_entropy(model, ids, torch.ones_like(ids), compute_entropy=False)
         lp.sum().backward()
         assert n[0] == calls and not model.training
+
+
+def test_vllm_engine_without_vllm_fails_at_start(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)   # import vllm -> ImportError, installed or not
+    assert _main(["--rollout-engine", "vllm", "--output-dir", tmp_path]) == 2
+    assert "pip install -e .[vllm]" in capsys.readouterr().err
+    assert not (tmp_path / "metrics.jsonl").exists()
