@@ -46,7 +46,9 @@ def print_outcome(summary: dict, wall: float) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    rank = int(os.environ.get("RANK", "0"))   # torchrun: the other ranks log warnings only
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     _quiet_libraries()
     from .train import run
 
@@ -56,5 +58,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ConfigError, DataError, RewardError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print_outcome(summary, time.perf_counter() - t0)
+    if summary is not None:
+        print_outcome(summary, time.perf_counter() - t0)
     return 0

@@ -42,10 +42,10 @@ def _append_jsonl(path: Path, obj: dict) -> None:
 
 class RunLog:
     """Where each step's record goes: metrics.jsonl, TensorBoard (when installed and asked for) and
-    the progress bar."""
+    the progress bar. Disabled (every method does nothing) on data-parallel ranks other than 0."""
 
-    def __init__(self, out: Path, cfg: TrainConfig):
-        self.out, self.cfg = out, cfg
+    def __init__(self, out: Path, cfg: TrainConfig, *, enabled: bool = True):
+        self.out, self.cfg, self.enabled = out, cfg, enabled
         self.metrics_path = out / "metrics.jsonl"
         self.eval_path = out / "eval.jsonl"
         self.tb = self.bar = None
@@ -53,12 +53,22 @@ class RunLog:
 
     def start_fresh(self) -> None:
         """A new run: clear old records, save the config."""
+        if not self.enabled:
+            return
         for p in (self.metrics_path, self.eval_path):
             if p.exists():
                 p.unlink()
         (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
 
+    def truncate(self, metrics_lines: int, eval_lines: int) -> None:
+        """Back to what a checkpoint had seen (resume)."""
+        if self.enabled:
+            truncate_lines(self.metrics_path, metrics_lines)
+            truncate_lines(self.eval_path, eval_lines)
+
     def open(self, step: int, *, resumed: bool, initial: dict) -> None:
+        if not self.enabled:
+            return
         if self.cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -75,10 +85,14 @@ class RunLog:
                             dynamic_ncols=True, file=sys.stderr)
 
     def write_eval(self, row: dict) -> None:
+        if not self.enabled:
+            return
         _append_jsonl(self.eval_path, row)
         self.last_eval = row["accuracy"]
 
     def write_step(self, m: StepMetrics) -> None:
+        if not self.enabled:
+            return
         _append_jsonl(self.metrics_path, m.to_dict())
         if self.tb is not None:
             for k, v in m.scalars().items():

@@ -40,6 +40,7 @@ from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig, from_dict
 from .curriculum import Collected, PromptSampler, Strategy, collect_dynamic, collect_static, get_strategy, pacing_rho
 from .data import reward_columns
+from .distributed import Dist
 from .evaluate import evaluate, ppl_pass_rate_spearman
 from .loss import grpo_loss, group_advantages
 from .metrics import BatchStats, StepMetrics, Timer, UpdateStats, step_times
@@ -47,7 +48,7 @@ from .microbatch import token_chunks
 from .model import get_base_model_dir
 from .policy import Precision, load_policy, resolve_device
 from .prompts import PromptEncoder, PromptFormat
-from .report import RunLog, count_lines, truncate_lines, write_summary
+from .report import RunLog, count_lines, write_summary
 from .rewards import compute_rewards
 from .rollout import HFGenerateEngine, Rollouts, Sampling
 from .scoring import prompt_perplexity
@@ -83,6 +84,14 @@ class Trainer:
         self.strategy: Strategy = get_strategy(cfg.strategy)
         self.K = cfg.num_selected
         self.device = resolve_device(cfg.device)
+        self.dist = Dist.from_env(self.device.type)
+        if self.dist.active:
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", self.dist.local_rank)
+            if self.strategy.dynamic:
+                raise ConfigError("dapo_dynamic runs in one process only (its refills are not shared across ranks)")
+            if self.K < self.dist.world:
+                raise ConfigError(f"{self.K} selected prompts cannot be shared by {self.dist.world} processes")
         self.precision = Precision(cfg.dtype, self.device)
         if cfg.rollout_engine == "vllm":  # fail before any data or model is loaded
             from .vllm_engine import require_vllm
@@ -96,7 +105,7 @@ class Trainer:
         torch.set_num_threads(cfg.num_threads)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed + self.dist.rank)   # ranks sample different completions
 
         self.data = load_data(cfg)
         self.reward_fn = reward_fn or load_reward_fn(cfg)
@@ -116,17 +125,22 @@ class Trainer:
         self.sampler = PromptSampler(len(self.data.train), cfg.seed)
         self.select_rng = np.random.default_rng([cfg.seed, 31337])
         self.step_idx = 0
-        self.reward_failures = 0
+        self.rollouts = 0            # every training completion generated, all ranks
+        self.reward_failures = 0     # all ranks
         self.initial: dict = {}
-        self.runlog = RunLog(self.out, cfg)
+        self.runlog = RunLog(self.out, cfg, enabled=self.dist.main)
 
     def _base_model(self) -> tuple[Path | str, float]:
         """(``--model``, or the built-in warm-up checkpoint, built on first use; seconds building)."""
         if self.cfg.model:
             return self.cfg.model, 0.0
         t0 = time.perf_counter()
+        if not self.dist.main:
+            self.dist.barrier()     # rank 0 builds the warm-up; the others then find it cached
         path, built = get_base_model_dir(self.cfg.warmup_config(), Path(self.cfg.cache_dir) if self.cfg.cache_dir else None,
                                          progress=True)
+        if self.dist.main:
+            self.dist.barrier()
         seconds = time.perf_counter() - t0 if built else 0.0
         if built:
             log.info("warm-up model built in %.1fs -> %s", seconds, path)
@@ -136,22 +150,25 @@ class Trainer:
     def state_dict(self) -> dict:
         return {
             "step": self.step_idx,
-            "rollouts": self.engine.rollouts_generated,
+            "rollouts": self.rollouts,
             "reward_failures": self.reward_failures,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "sampler": self.sampler.state_dict(),
             "select_rng": self.select_rng.bit_generator.state,
-            "rng": ckpt.rng_state(),
+            "rng": self.dist.gather([ckpt.rng_state()]),   # one per rank
             "metrics_lines": count_lines(self.runlog.metrics_path),
             "eval_lines": count_lines(self.runlog.eval_path),
             "config": self.cfg.to_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
+        if len(state["rng"]) != self.dist.world:
+            raise ConfigError(f"the checkpoint in {self.ckpt_dir} is from {len(state['rng'])} process(es); "
+                              f"resume it with as many (now {self.dist.world})")
         self.step_idx = state["step"]
-        self.engine.rollouts_generated = state["rollouts"]
+        self.rollouts = state["rollouts"]
         self.reward_failures = state["reward_failures"]
         self.model.load_state_dict(state["model"])
         self.engine.sync_weights(self.model)
@@ -160,9 +177,8 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.sampler.load_state_dict(state["sampler"])
         self.select_rng.bit_generator.state = state["select_rng"]
-        ckpt.set_rng_state(state["rng"])
-        truncate_lines(self.runlog.metrics_path, state["metrics_lines"])
-        truncate_lines(self.runlog.eval_path, state["eval_lines"])
+        ckpt.set_rng_state(state["rng"][self.dist.rank])
+        self.runlog.truncate(state["metrics_lines"], state["eval_lines"])
 
     # ------------------------------------------------------------------ one step
     def step(self) -> StepMetrics:
@@ -174,18 +190,20 @@ class Trainer:
         rho = pacing_rho(self.step_idx, cfg.total_steps, cfg.pacing)
         with timer("time_score"):
             order = self.strategy.select(ppl, len(cand), self.K, rho, self.select_rng)
-        got = self.collect(cand, order, rho, timer)               # roll out + reward
-        self.reward_failures += got.failures
-        if got.failures:
+        got = self.collect(cand, order, rho, timer)               # roll out + reward (this rank's share)
+        failures = int(self.dist.sum(torch.tensor(got.failures)))
+        self.reward_failures += failures
+        if failures:
             log.warning("step %d: %d reward(s) could not be computed and count as 0 (%d so far)",
-                        self.step_idx + 1, got.failures, self.reward_failures)
+                        self.step_idx + 1, failures, self.reward_failures)
         batch, upd = (BatchStats(), UpdateStats()) if got.rollouts is None else self.learn(got, timer)
         self.step_idx += 1
+        step_rollouts = int(self.dist.sum(torch.tensor(self.engine.rollouts_generated - rollouts_before)))
+        self.rollouts += step_rollouts
         sel_ppl = ppl[order[: self.K]] if ppl is not None and not self.strategy.dynamic else None
-        levels = [p.difficulty for p in got.problems if p.difficulty is not None]
+        levels = self.dist.gather([p.difficulty for p in got.problems if p.difficulty is not None])
         return StepMetrics(
-            step=self.step_idx, rollouts=self.engine.rollouts_generated,
-            step_rollouts=self.engine.rollouts_generated - rollouts_before, rho=rho,
+            step=self.step_idx, rollouts=self.rollouts, step_rollouts=step_rollouts, rho=rho,
             weight_applied=self.strategy.weighting, reward_failures=self.reward_failures, batch=batch, update=upd,
             ppl_window_lo=float(sel_ppl.min()) if sel_ppl is not None else None,
             ppl_window_hi=float(sel_ppl.max()) if sel_ppl is not None else None,
@@ -195,18 +213,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ its parts
     def perplexity(self, cand: list[int], timer: Timer) -> np.ndarray:
-        """[len(cand)] prompt perplexities under the current policy."""
+        """[len(cand)] prompt perplexities under the current policy (each rank scores its share)."""
         with timer("time_score"):
-            return prompt_perplexity(self.model, self.encoder, [self.data.train[i].prompt for i in cand],
-                                     impl=self.cfg.kernel_impl, max_tokens=self.cfg.max_tokens_per_microbatch,
-                                     autocast=self.precision.autocast).numpy()
+            mine = [self.data.train[i].prompt for i in self.dist.share(cand)]
+            ppl = prompt_perplexity(self.model, self.encoder, mine, impl=self.cfg.kernel_impl,
+                                    max_tokens=self.cfg.max_tokens_per_microbatch, autocast=self.precision.autocast)
+            return np.asarray(self.dist.gather(ppl.tolist()), dtype=np.float32) if self.dist.active else ppl.numpy()
 
     def collect(self, cand: list[int], order: list[int], rho: float, timer: Timer) -> Collected:
         """The strategy's collector: the K selected prompts, or DAPO dynamic sampling's refills."""
         train = self.data.train
         roll = lambda problems: self.roll_out(problems, timer)  # noqa: E731
         if not self.strategy.dynamic:
-            return collect_static([train[cand[i]] for i in order], roll)
+            return collect_static(self.dist.share([train[cand[i]] for i in order]), roll)
 
         def refill():
             nxt = self.sampler.next_batch(self.cfg.candidate_batch_size)
@@ -235,20 +254,26 @@ class Trainer:
         with timer("time_old_logprob"):
             old_lp, ent, ref_lp = self.old_logprobs(ro)
         with timer("time_weight"):
-            w = relative_entropy_weights(ent, cmask)
+            w = relative_entropy_weights(ent, cmask, reduce=self.dist.sum)   # H_bar over all ranks' rollouts
         adv = group_advantages(got.rewards, G, self.cfg.adv_eps)
         with timer("time_update"):
             upd = self.update(ro, adv, w if self.strategy.weighting else None, old_lp, ref_lp)
             self.engine.sync_weights(self.model)
-        n_tok = cmask.sum().item()
-        batch = BatchStats(
-            reward_mean=float(got.rewards.mean()),
-            zero_adv_frac=float((got.rewards.view(-1, G).std(dim=1) == 0).float().mean()),
-            entropy_mean=float((ent * cmask).sum() / max(n_tok, 1)),
+        return self.batch_stats(got.rewards, ent, cmask, w), upd
+
+    def batch_stats(self, rewards, ent, cmask, w) -> BatchStats:
+        """Rewards, entropy and weights of the global batch (all ranks' rollouts)."""
+        if self.dist.active:
+            rewards, w = torch.tensor(self.dist.gather(rewards.tolist())), torch.tensor(self.dist.gather(w.tolist()))
+        totals = self.dist.sum(torch.stack([(ent * cmask).sum(), cmask.sum().to(ent.dtype)]))
+        n_tok = totals[1].item()
+        return BatchStats(
+            reward_mean=float(rewards.mean()),
+            zero_adv_frac=float((rewards.view(-1, self.cfg.group_size).std(dim=1) == 0).float().mean()),
+            entropy_mean=float(totals[0] / max(n_tok, 1)),
             weight_min=float(w.min()), weight_max=float(w.max()),
             weight_p10=float(w.quantile(0.1)), weight_p90=float(w.quantile(0.9)),
-            completion_len=n_tok / cmask.shape[0])
-        return batch, upd
+            completion_len=n_tok / w.numel())
 
     def _logprob(self, model, ids, amask, rows, *, entropy: bool):
         """The fused kernel on ``rows`` of the batch, on the model's device, under the precision's autocast."""
@@ -275,19 +300,20 @@ class Trainer:
                ref_lp: Optional[torch.Tensor]) -> UpdateStats:
         """``mini_batches`` optimizer steps per epoch, each over a mini-batch split into micro-batches
         of at most ``max_tokens_per_microbatch`` padded tokens whose gradients accumulate (each
-        micro-batch's loss is divided by the whole mini-batch's completion tokens)."""
+        micro-batch's loss is divided by the whole mini-batch's completion tokens, all ranks')."""
         cfg, dev = self.cfg, self.device
         ids, amask, sl = ro.full_sequences()
         cmask = ro.completion_mask
         n = ids.shape[0]
+        n_all = int(self.dist.sum(torch.tensor(n)))
         stats: list[list[float]] = []
         for _ in range(cfg.ppo_epochs):
             perm = torch.randperm(n)
-            for mb in torch.tensor_split(perm, min(cfg.mini_batches, n)):
-                if mb.numel() == 0:
+            for mb in torch.tensor_split(perm, min(cfg.mini_batches, n_all)):   # as many on every rank
+                if mb.numel() == 0 and not self.dist.active:
                     continue
                 self.optimizer.zero_grad(set_to_none=True)
-                n_tok = float(cmask[mb].sum())
+                n_tok = float(self.dist.sum(cmask[mb].sum()))
                 acc = [0.0, 0.0, 0.0, 0.0]   # loss, clip_frac, kl, ratio_mean
                 for rows in token_chunks(mb, ids.shape[1], cfg.max_tokens_per_microbatch):
                     lp, _ = self._logprob(self.model, ids, amask, rows, entropy=False)
@@ -299,7 +325,11 @@ class Trainer:
                     (self.scaler.scale(out.loss) if self.scaler else out.loss).backward()
                     for i, v in enumerate((out.loss.item(), out.clip_frac, out.kl, out.ratio_mean)):
                         acc[i] += v
+                self.dist.sum_grads(self.model.parameters())
                 stats.append(acc + [self.optimizer_step()])
+        if self.dist.active:   # each rank's parts of the token means add up to the global batch's
+            summed = self.dist.sum(torch.tensor(stats, dtype=torch.float64)[:, :4])
+            stats = [list(row) + [s[4]] for row, s in zip(summed.tolist(), stats)]
         loss, clip, kl, ratio, gnorm = np.mean(stats, axis=0).tolist()
         return UpdateStats(loss=loss, clip_frac=clip, kl=kl, ratio_mean=ratio, grad_norm=gnorm)
 
@@ -343,8 +373,13 @@ class Trainer:
         return initial
 
     # ------------------------------------------------------------------ the run
-    def fit(self) -> dict:
-        cfg = self.cfg
+    def evaluates_at(self, step: int) -> bool:
+        every = self.cfg.eval_every
+        return bool(self.data.eval) and ((every and step % every == 0) or step == self.cfg.total_steps)
+
+    def fit(self) -> Optional[dict]:
+        """The whole run (or its resumption); the summary on rank 0, None on the other ranks."""
+        cfg, main = self.cfg, self.dist.main
         t_start = time.perf_counter()
         self.out.mkdir(parents=True, exist_ok=True)
         initial_path = self.out / "initial.json"
@@ -355,40 +390,52 @@ class Trainer:
         if state is not None:
             self.load_state_dict(state)
             resumed_from = self.step_idx
-            self.initial = json.loads(initial_path.read_text())
-            log.info("resumed from step %d (%d rollouts)", self.step_idx, self.engine.rollouts_generated)
+            self.initial = json.loads(initial_path.read_text()) if main else {}
+            log.info("resumed from step %d (%d rollouts)", self.step_idx, self.rollouts)
         else:
             self.runlog.start_fresh()
-            self.initial = self.initial_diagnostic()
-            initial_path.write_text(json.dumps(self.initial, indent=1))
+            if main:
+                self.initial = self.initial_diagnostic()
+                initial_path.write_text(json.dumps(self.initial, indent=1))
+            self.dist.barrier()
         self.runlog.open(self.step_idx, resumed=resumed_from is not None, initial=self.initial)
         while self.step_idx < cfg.total_steps:
             m = self.step()
-            s = m.step
-            if self.data.eval and ((cfg.eval_every and s % cfg.eval_every == 0) or s == cfg.total_steps):
-                ev = self.run_eval()
-                m.eval = {"eval_accuracy": ev["accuracy"], "time_eval": ev["time_eval"]}
-                if f"avg@{cfg.eval_avg_k}" in ev:
-                    m.eval[f"eval_avg@{cfg.eval_avg_k}"] = ev[f"avg@{cfg.eval_avg_k}"]
-                self.runlog.write_eval({"step": s, "rollouts": m.rollouts, **ev})
+            if self.evaluates_at(m.step):
+                if main:
+                    ev = self.run_eval()
+                    m.eval = {"eval_accuracy": ev["accuracy"], "time_eval": ev["time_eval"]}
+                    if f"avg@{cfg.eval_avg_k}" in ev:
+                        m.eval[f"eval_avg@{cfg.eval_avg_k}"] = ev[f"avg@{cfg.eval_avg_k}"]
+                    self.runlog.write_eval({"step": m.step, "rollouts": m.rollouts, **ev})
+                self.dist.barrier()
             self.runlog.write_step(m)
-            if (cfg.save_every and s % cfg.save_every == 0) or s == cfg.total_steps:
-                ckpt.save_checkpoint(self.ckpt_dir, self.state_dict())
+            if (cfg.save_every and m.step % cfg.save_every == 0) or m.step == cfg.total_steps:
+                state = self.state_dict()   # every rank: it gathers the ranks' RNG states
+                if main:
+                    ckpt.save_checkpoint(self.ckpt_dir, state)
         self.runlog.close()
-        return write_summary(self.out, cfg, steps=self.step_idx, rollouts=self.engine.rollouts_generated,
+        if not main:
+            return None
+        return write_summary(self.out, cfg, steps=self.step_idx, rollouts=self.rollouts,
                              reward_failures=self.reward_failures, initial=self.initial,
                              seconds=time.perf_counter() - t_start, resumed_from=resumed_from)
 
 
-def run(config: TrainConfig | dict | None = None, *, reward_fn: Optional[Callable] = None) -> dict:
-    """Run (or resume) training; returns the summary dict (also written to output_dir/summary.json)."""
+def run(config: TrainConfig | dict | None = None, *, reward_fn: Optional[Callable] = None) -> Optional[dict]:
+    """Run (or resume) training; returns the summary dict (also written to output_dir/summary.json),
+    or None on a data-parallel rank other than 0."""
     if config is None:
         cfg = TrainConfig().validate()
     elif isinstance(config, dict):
         cfg = from_dict(config)
     else:
         cfg = config.validate()
-    return Trainer(cfg, reward_fn=reward_fn).fit()
+    trainer = Trainer(cfg, reward_fn=reward_fn)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.dist.close()
 
 
 if __name__ == "__main__":
