@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +62,7 @@ class TrainConfig:
     output_dir: str = "runs/prepo"
     resume: bool = False             # continue from output_dir/checkpoints/last.pt
     num_threads: int = 1             # torch CPU threads (results depend on it; 1 is as fast for this tiny model and robust on a shared CPU)
-    device: str = "auto"             # auto (CUDA when available) | cpu | cuda | cuda:N
+    device: str = "cpu"              # cpu | cuda | cuda:N | auto (CUDA when available); cpu keeps the built-in run as it was
     dtype: str = "fp32"              # fp32 | bf16 | fp16: autocast compute, fp32 master weights and optimizer state
     gradient_checkpointing: bool = False
     progress: bool = True            # tqdm bar
@@ -145,7 +146,7 @@ class TrainConfig:
         need(0 <= self.warmup.slip_rate < 1, "warmup_slip_rate must be in [0, 1)")
         need(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
         need(self.rollout_engine in ENGINES, f"rollout_engine must be one of {', '.join(ENGINES)}; got {self.rollout_engine!r}")
-        need(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+        need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
              f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
         need(0 < self.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization must be in (0, 1]")
         need(self.max_tokens_per_microbatch >= 1, "max_tokens_per_microbatch must be >= 1")

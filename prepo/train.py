@@ -84,6 +84,8 @@ class Trainer:
         self.strategy: Strategy = get_strategy(cfg.strategy)
         self.K = cfg.num_selected
         self.device = resolve_device(cfg.device)
+        if self.device.type == "cpu" and torch.cuda.is_available():
+            log.info("running on the CPU although CUDA is available: --device cuda (or auto) uses the GPU")
         self.dist = Dist.from_env(self.device.type)
         if self.dist.active:
             if self.device.type == "cuda":

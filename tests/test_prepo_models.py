@@ -173,10 +173,11 @@ def test_microbatch_budget_and_checkpointing_do_not_change_the_update(tmp_path, 
     assert m["micro"]["loss"] == pytest.approx(m["whole"]["loss"], abs=1e-6)
 
 
-def test_bf16_autocast_runs_on_cpu(tmp_path, tiny_qwen2_dir, jsonl_data, parity_reward):
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_autocast_runs_on_cpu(tmp_path, tiny_qwen2_dir, jsonl_data, parity_reward, dtype):
     train, evals = jsonl_data
-    out = tmp_path / "bf16"
-    assert _main(["--model", tiny_qwen2_dir, "--train-data", train, "--eval-data", evals, *EVAL_COLUMNS, "--dtype", "bf16",
+    out = tmp_path / dtype
+    assert _main(["--model", tiny_qwen2_dir, "--train-data", train, "--eval-data", evals, *EVAL_COLUMNS, "--dtype", dtype,
                   "--reward", parity_reward, "--output-dir", out, *small(group_size=4, max_new_tokens=6)]) == 0
     assert all(r["entropy_mean"] > 0 and r["grad_norm"] > 0 for r in _metrics(out))
     assert _summary(out)["final_accuracy"] is not None
@@ -190,11 +191,22 @@ def test_device_cuda_without_cuda_fails_at_start(tmp_path, capsys):
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
-def test_unknown_model_offline_names_the_id(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    assert _main(["--model", "no-such-org/no-such-model", "--output-dir", tmp_path / "o"]) == 2
-    assert "model 'no-such-org/no-such-model'" in capsys.readouterr().err
+def test_device_option():
+    from prepo.config import ConfigError, parse_args
+    from prepo.policy import resolve_device
+
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="device must be"):
+        parse_args(["--device", "gpu0"])
+
+
+def test_unknown_model_offline_names_the_id(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    res = subprocess.run([sys.executable, "-m", "prepo.train", "--model", "no-such-org/no-such-model",
+                          "--output-dir", str(tmp_path / "o")], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 2 and "model 'no-such-org/no-such-model'" in res.stderr, res.stderr[-2000:]
 
 
 def test_real_command_line(tmp_path, tiny_qwen2_dir, jsonl_data):
@@ -202,7 +214,7 @@ def test_real_command_line(tmp_path, tiny_qwen2_dir, jsonl_data):
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
     out = tmp_path / "cli"
     res = subprocess.run([sys.executable, "-m", "prepo.train", "--model", str(tiny_qwen2_dir), "--train-data",
-                          str(train), "--eval-data", str(evals), *EVAL_COLUMNS, "--device", "cpu", "--dtype", "fp32",
+                          str(train), "--eval-data", str(evals), *EVAL_COLUMNS, "--device", "auto", "--dtype", "fp32",
                           "--output-dir", str(out), *small()], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
