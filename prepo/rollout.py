@@ -87,8 +87,9 @@ class RolloutEngine(Protocol):
         ...
 
 
-def completion_mask_from_ids(completion_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
-    is_eos = (completion_ids == eos_id).long()
+def completion_mask_from_ids(completion_ids: torch.Tensor, eos_id: int | Sequence[int]) -> torch.Tensor:
+    """[N, C] 1 up to and including the first stop token (any of ``eos_id``), 0 after it."""
+    is_eos = torch.isin(completion_ids, torch.as_tensor(eos_id, dtype=completion_ids.dtype)).long()
     before_or_at_first_eos = (is_eos.cumsum(dim=1) - is_eos) == 0
     return before_or_at_first_eos.long()
 
@@ -116,6 +117,9 @@ class HFGenerateEngine:
         self.chunk_prompts = chunk_prompts
         self.autocast = autocast
         self.rollouts_generated = 0
+        # stop at the tokenizer's EOS and at the model's own (a chat model's end-of-turn token)
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        self.stop_ids = sorted({tokenizer.eos_token_id, *([gen_eos] if isinstance(gen_eos, int) else gen_eos or [])})
 
     def sync_weights(self, model) -> None:
         """Nothing to copy: generation runs on the policy itself."""
@@ -136,11 +140,12 @@ class HFGenerateEngine:
             with self.autocast():
                 out = self.model.generate(
                     input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=sp.max_new_tokens,
-                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **kwargs)
+                    eos_token_id=self.stop_ids, pad_token_id=tok.pad_token_id, **kwargs)
             comp = out[:, ids.shape[1]:].cpu()
-            cmask = completion_mask_from_ids(comp, tok.eos_token_id)
-            texts = [tok.decode(row[m.bool() & (row != tok.eos_token_id)], skip_special_tokens=True)
-                     for row, m in zip(comp, cmask)]
+            cmask = completion_mask_from_ids(comp, self.stop_ids)
+            is_stop = torch.isin(comp, torch.tensor(self.stop_ids))
+            texts = [tok.decode(row[m.bool() & ~stop], skip_special_tokens=True)
+                     for row, m, stop in zip(comp, cmask, is_stop)]
             comp = torch.where(cmask.bool(), comp, tok.pad_token_id)
             self.rollouts_generated += len(texts)
             yield Rollouts(

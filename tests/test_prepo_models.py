@@ -243,3 +243,22 @@ def test_vllm_engine_without_vllm_fails_at_start(tmp_path, capsys, monkeypatch):
     assert _main(["--rollout-engine", "vllm", "--output-dir", tmp_path]) == 2
     assert "pip install -e .[vllm]" in capsys.readouterr().err
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_rollouts_stop_at_any_stop_token(tiny_qwen2_dir):
+    """The HF engine stops at the tokenizer's EOS and at the model's generation_config EOS ids (a
+    base model's <|endoftext|> next to the chat template's <|im_end|>)."""
+    from prepo.policy import load_policy
+    from prepo.prompts import PromptEncoder
+    from prepo.rollout import HFGenerateEngine, Sampling, completion_mask_from_ids
+
+    ids = torch.tensor([[5, 7, 9, 7, 3], [9, 5, 5, 5, 5]])
+    assert completion_mask_from_ids(ids, [7, 9]).tolist() == [[1, 1, 0, 0, 0], [1, 0, 0, 0, 0]]
+    assert completion_mask_from_ids(ids, 9).tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0]]
+    model, tok = load_policy(tiny_qwen2_dir, torch.device("cpu"))
+    endoftext = tok.convert_tokens_to_ids("<|endoftext|>")
+    model.generation_config.eos_token_id = [endoftext]
+    engine = HFGenerateEngine(model, tok, PromptEncoder(tok), Sampling(max_new_tokens=3))
+    assert engine.stop_ids == sorted({tok.eos_token_id, endoftext})
+    ro = next(engine.generate(["Hi"], 2))
+    assert ro.completion_ids.shape == (2, 3) and engine.rollouts_generated == 2
