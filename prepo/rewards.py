@@ -9,8 +9,8 @@ waits at most ``time_limit_s`` for each answer, kills a worker that overruns (th
 and starts a fresh one. This works from any thread or process. Verdicts are memoized: a group's G
 samples often repeat the same text.
 
-A TRL-style reward function is ``fn(prompts, completions, **columns) -> list[float]``, the columns
-being keyword lists (``answer`` and the data's other columns). :func:`compute_rewards` calls one
+A TRL-style reward function is ``fn(prompts, completions, **columns) -> list[float]``, called by
+keyword, the columns being lists (``answer`` and the data's other columns). :func:`compute_rewards` calls one
 safely: an item it fails on gets 0, failures are counted and logged, the run goes on.
 """
 from __future__ import annotations
@@ -190,12 +190,13 @@ def load_reward(spec: str) -> RewardFn:
 
 
 def compute_rewards(fn: RewardFn, prompts: Sequence, completions: Sequence[str], **columns) -> tuple[list[float], int]:
-    """(rewards, number of items whose reward could not be computed). Calls ``fn`` on the whole
-    batch; if it raises or returns something unusable, calls it item by item and gives 0 to each
+    """(rewards, number of items whose reward could not be computed). Calls ``fn`` as TRL does, by
+    keyword (``fn(prompts=..., completions=..., **columns)``, so ``def f(completions, answer,
+    **kwargs)`` works), on the whole batch; if it raises or returns something unusable, calls it item by item and gives 0 to each
     item that raises (or returns None / a non-number)."""
     n = len(completions)
     try:
-        values = list(fn(prompts, completions, **columns))
+        values = list(fn(prompts=prompts, completions=completions, **columns))
         if len(values) == n and all(_is_number(v) for v in values):
             return [float(v) for v in values], 0
         log.warning("reward function returned %d values (need %d numbers); scoring item by item", len(values), n)
@@ -205,7 +206,7 @@ def compute_rewards(fn: RewardFn, prompts: Sequence, completions: Sequence[str],
     for i in range(n):
         item_cols = {k: [v[i]] for k, v in columns.items()}
         try:
-            value = list(fn([prompts[i]], [completions[i]], **item_cols))
+            value = list(fn(prompts=[prompts[i]], completions=[completions[i]], **item_cols))
             if len(value) != 1 or not _is_number(value[0]):
                 raise ValueError(f"returned {value!r}")
             rewards.append(float(value[0]))

@@ -132,7 +132,8 @@ def test_a_broken_checker_raises_and_is_counted(monkeypatch):
     monkeypatch.setattr(sys, "executable", "/bin/false")  # the worker cannot start
     with pytest.raises(RuntimeError, match="exited with code 1"):
         checker(["\\boxed{1}"], ["1"])
-    rewards, failures = compute_rewards(lambda p, c, answer: checker(c, answer), ["p", "q"], ["1", "2"], answer=["1", "2"])
+    rewards, failures = compute_rewards(lambda prompts, completions, answer: checker(completions, answer),
+                                        ["p", "q"], ["1", "2"], answer=["1", "2"])
     assert rewards == [0.0, 0.0] and failures == 2
 
 
@@ -143,6 +144,10 @@ def test_load_reward(tmp_path, monkeypatch):
                     "    return [float(len(c)) for c in completions]\nTHRESHOLD = 3\n")
     fn = load_reward(f"{user}:length_reward")
     assert compute_rewards(fn, ["p", "q"], ["ab", "abc"], answer=["1", "2"]) == ([2.0, 3.0], 0)
+    (tmp_path / "trl_style.py").write_text(  # TRL's documented form: called by keyword
+        "def accuracy(completions, answer, **kwargs):\n    return [float(c == a) for c, a in zip(completions, answer)]\n")
+    trl = load_reward(f"{tmp_path / 'trl_style.py'}:accuracy")
+    assert compute_rewards(trl, ["p", "q"], ["1", "3"], answer=["1", "2"], data_source=["x", "y"]) == ([1.0, 0.0], 0)
     monkeypatch.syspath_prepend(str(tmp_path))
     assert load_reward("my_reward:length_reward")(["p"], ["abcd"]) == [4.0]
     for spec, msg in [

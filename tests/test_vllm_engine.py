@@ -3,6 +3,7 @@ error, the sampling-option and weight-name mappings, the rollout layout, and the
 bookkeeping against a stand-in ``vllm`` module that accepts only the names vLLM 0.33.0 defines."""
 from __future__ import annotations
 
+import os
 import sys
 import types
 
@@ -138,7 +139,6 @@ def test_engine_bookkeeping_with_a_stand_in_vllm(monkeypatch, qwen_tokenizer, ti
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     engine = VLLMEngine(tiny_qwen2_dir, tok, dtype=torch.bfloat16, gpu_memory_utilization=0.3, max_new_tokens=3,
                         temperature=0.9, top_p=0.8, top_k=5, seed=3, chunk_prompts=2)
-    import os
     assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # in-process: weights pushed without copies
     assert calls[0] == ("init", dict(model=str(tiny_qwen2_dir), dtype="bfloat16", seed=3, gpu_memory_utilization=0.3,
                                      max_model_len=None, enable_sleep_mode=True))
