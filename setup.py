@@ -142,7 +142,7 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-benchmark", "dashscope", "tiktoken"],
         "triton": ["triton"],
-        "vllm": ["vllm"],
+        "vllm": ["vllm==0.33.0"],  # prepo/vllm_engine.py was written against its source; never run here
         "trl": ["trl>=1.16,<1.17", "accelerate"],  # the range prepo.integrations.trl checks at import
         # verl's v1 trainer (prepo.integrations.verl). Its own extra: verl pins transformers < 5.11 and
         # installs a top-level `tests` package. The rest is what verl.trainer.ppo.v1 imports beyond

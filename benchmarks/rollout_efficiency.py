@@ -148,17 +148,16 @@ def _prebuild_base_model(cfg: dict) -> None:
     from prepo.config import from_dict
 
     tc = from_dict(cfg)
-    if tc.model_dir:
+    if tc.model:
         return
     import torch
 
     from prepo.model import get_base_model_dir
-    from prepo.train import warmup_config
 
     # the runs' thread count: on a busy 2-core machine extra threads slow this down many-fold
     torch.set_num_threads(tc.num_threads)
     t0 = time.perf_counter()
-    path, built = get_base_model_dir(warmup_config(tc), Path(tc.cache_dir) if tc.cache_dir else None)
+    path, built = get_base_model_dir(tc.warmup_config(), Path(tc.cache_dir) if tc.cache_dir else None)
     if built:
         print(f"built the warm-up base model in {time.perf_counter() - t0:.0f}s -> {path}", flush=True)
 

@@ -6,8 +6,11 @@ command-line overrides. Unknown keys, values of the wrong type and invalid setti
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import re
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -15,10 +18,39 @@ import yaml
 
 STRATEGIES = ("prepo", "random", "ppl_only", "entropy_only", "static_low_ppl", "dapo_dynamic")
 PACINGS = ("linear", "quadratic", "exponential")
+DTYPES = ("fp32", "bf16", "fp16")
+ENGINES = ("hf", "vllm")
+WARMUP_VERSION = 2  # bump when the warm-up code changes in a way that changes its result
 
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message says what is valid."""
+
+
+@dataclass
+class WarmupConfig:
+    """The built-in base model's supervised warm-up (:mod:`prepo.model`); its hash is the cache
+    key. Set from the command line as ``--warmup-<field>`` (``--warmup-steps 50``); the held-out
+    fraction is the task's ``heldout_frac``, so it is not a key of its own."""
+
+    seed: int = 0
+    hidden_size: int = 96
+    num_layers: int = 3
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 256
+    level_weights: tuple = (0.35, 0.25, 0.2, 0.12, 0.08)
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 3e-3
+    prompt_loss_weight: float = 0.5
+    slip_rate: float = 0.1       # corpus noise: probability that a worked-solution step is off by 1..3
+    heldout_frac: float = 0.15
+    version: int = WARMUP_VERSION
+
+    def key(self) -> str:
+        blob = json.dumps(dataclasses.asdict(self), sort_keys=True, default=list)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -30,29 +62,39 @@ class TrainConfig:
     output_dir: str = "runs/prepo"
     resume: bool = False             # continue from output_dir/checkpoints/last.pt
     num_threads: int = 1             # torch CPU threads (results depend on it; 1 is as fast for this tiny model and robust on a shared CPU)
-    device: str = "cpu"
+    device: str = "cpu"              # cpu | cuda | cuda:N | auto (CUDA when available); cpu keeps the built-in run as it was
+    dtype: str = "fp32"              # fp32 | bf16 | fp16: autocast compute, fp32 master weights and optimizer state
+    gradient_checkpointing: bool = False
     progress: bool = True            # tqdm bar
     tensorboard: bool = True         # when installed
     # --- data / task ---
+    train_data: str = ""             # jsonl / json / parquet / csv / save_to_disk dir ("" = the built-in task)
+    eval_data: str = ""              # same formats ("" with train_data set = no evaluation)
+    prompt_column: str = "prompt"    # a string or a list of chat messages
+    answer_column: str = "answer"   # may be a dotted path (verl: reward_model.ground_truth, found by default)
+    eval_prompt_column: str = ""     # eval_data's, when it differs ("" = prompt_column; MATH-500: problem)
+    eval_answer_column: str = ""     # "" = answer_column
     train_size: int = 2000           # built-in task: training prompts (uniform over levels)
     eval_per_level: int = 40         # built-in task: held-out problems per level
-    train_file: str = ""             # optional JSONL of {"prompt", "answer"[, "difficulty"]}
-    eval_file: str = ""
-    heldout_frac: float = 0.15
-    # --- base model (built-in warm-up) ---
-    model_dir: str = ""              # use this HF model dir instead of the built-in warm-up
+    heldout_frac: float = 0.15       # built-in task (and its warm-up): share of prompts held out
+    # --- prompts ---
+    chat_template: bool = False      # apply the tokenizer's chat template to plain-string prompts too
+    system_prompt: str = ""          # with a chat template: a system message (when the prompt has none)
+    instruction_suffix: str = ""     # appended to the (last user message of the) prompt
+    # --- reward ---
+    reward: str = ""                 # module:function ("" = built-in checker / math_reward for user data)
+    # --- base model ---
+    model: str = ""                  # HF hub id or local directory ("" = the built-in warm-up model)
     cache_dir: str = ""              # warm-up cache (default ~/.cache/prepo or $PREPO_CACHE)
-    warmup_steps: int = 1500
-    warmup_batch_size: int = 64
-    warmup_hidden_size: int = 96
-    warmup_layers: int = 3
-    warmup_slip_rate: float = 0.1    # corpus noise: probability that a worked-solution step is off by 1..3
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
     # --- selection (PREPO curriculum) ---
     candidate_batch_size: int = 64   # |B|
     select_ratio: float = 0.2        # K / |B|
     pacing: str = "linear"           # one of PACINGS
     dynamic_max_rounds: int = 4      # dapo_dynamic: candidate batches tried per step at most
     # --- rollouts ---
+    rollout_engine: str = "hf"       # hf (model.generate on the policy) | vllm
+    vllm_gpu_memory_utilization: float = 0.3   # vllm: share of the GPU's memory its engine may take
     group_size: int = 8              # G
     max_new_tokens: int = 48         # the longest worked solution is 40 tokens with its EOS
     temperature: float = 1.0
@@ -67,6 +109,7 @@ class TrainConfig:
     kl_beta: float = 0.0
     mini_batches: int = 2            # optimizer steps per epoch over the batch
     ppo_epochs: int = 1
+    max_tokens_per_microbatch: int = 8192   # padded tokens per forward/backward: bounds peak memory
     kernel_impl: str = "auto"
     # --- evaluation / logging / checkpoints ---
     eval_every: int = 25
@@ -74,7 +117,6 @@ class TrainConfig:
     spearman_prompts: int = 160      # prompts for the initial PPL vs pass-rate Spearman (0 = skip)
     spearman_samples: int = 16
     save_every: int = 25
-    log_every: int = 1
 
     # ------------------------------------------------------------------
     def validate(self) -> "TrainConfig":
@@ -100,8 +142,17 @@ class TrainConfig:
         need(self.train_size >= 1 and self.eval_per_level >= 1, "train_size and eval_per_level must be >= 1")
         need(self.dynamic_max_rounds >= 1, "dynamic_max_rounds must be >= 1")
         need(0 < self.heldout_frac < 1, "heldout_frac must be in (0, 1)")
-        need(self.warmup_steps >= 0 and self.warmup_batch_size >= 1, "warmup_steps >= 0 and warmup_batch_size >= 1")
-        need(0 <= self.warmup_slip_rate < 1, "warmup_slip_rate must be in [0, 1)")
+        need(self.warmup.steps >= 0 and self.warmup.batch_size >= 1, "warmup_steps >= 0 and warmup_batch_size >= 1")
+        need(0 <= self.warmup.slip_rate < 1, "warmup_slip_rate must be in [0, 1)")
+        need(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+        need(self.rollout_engine in ENGINES, f"rollout_engine must be one of {', '.join(ENGINES)}; got {self.rollout_engine!r}")
+        need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
+             f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+        need(0 < self.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization must be in (0, 1]")
+        need(self.max_tokens_per_microbatch >= 1, "max_tokens_per_microbatch must be >= 1")
+        need(bool(self.prompt_column) and bool(self.answer_column), "prompt_column and answer_column must be set")
+        need(not self.eval_data or bool(self.train_data), "eval_data needs train_data (the built-in task has its own held-out split)")
+        need(not self.reward or ":" in self.reward, f"reward must be module:function; got {self.reward!r}")
         need(self.num_selected >= 1, "candidate_batch_size * select_ratio must select at least 1 prompt")
         return self
 
@@ -110,12 +161,32 @@ class TrainConfig:
         """K = round(select_ratio * |B|), at least 1."""
         return max(1, int(round(self.select_ratio * self.candidate_batch_size)))
 
+    def warmup_config(self) -> WarmupConfig:
+        """The warm-up that builds the built-in base model (its held-out split is the task's)."""
+        return dataclasses.replace(self.warmup, heldout_frac=self.heldout_frac)
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain JSON/YAML types (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-_TYPES = typing.get_type_hints(TrainConfig)
+# flat keys: TrainConfig's own fields, and WarmupConfig's as warmup_<field> (-> (owner, attribute))
+_NESTED_HIDDEN = ("heldout_frac", "version")
+_TYPES: dict[str, Any] = {}
+_OWNER: dict[str, tuple[Optional[str], str]] = {}
+for _f, _t in typing.get_type_hints(TrainConfig).items():
+    if _t is WarmupConfig:
+        for _wf, _wt in typing.get_type_hints(WarmupConfig).items():
+            if _wf not in _NESTED_HIDDEN:
+                _TYPES[f"warmup_{_wf}"], _OWNER[f"warmup_{_wf}"] = _wt, ("warmup", _wf)
+    else:
+        _TYPES[_f], _OWNER[_f] = _t, (None, _f)
+FIELDS = {k: _OWNER[k] for k in _TYPES}
+
+
+def _default(key: str) -> Any:
+    owner, attr = _OWNER[key]
+    return getattr(WarmupConfig() if owner else TrainConfig(), attr)
 
 
 def _valid_keys() -> str:
@@ -146,6 +217,13 @@ def _coerce(key: str, value: Any) -> Any:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key} expects a string, got {value!r}")
         return str(value)
+    if typ is tuple:
+        if isinstance(value, str):
+            value = value.split(",")
+        try:
+            return tuple(float(v) for v in value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} expects a comma-separated list of numbers, got {value!r}") from None
     return value
 
 
@@ -156,9 +234,13 @@ def _normalize(key: str) -> str:
 def apply_overrides(cfg: TrainConfig, values: dict) -> TrainConfig:
     for raw_key, value in values.items():
         key = _normalize(str(raw_key))
+        if key == "warmup" and isinstance(value, dict):  # the nested form config.yaml is saved in
+            apply_overrides(cfg, {f"warmup_{k}": v for k, v in value.items() if k not in _NESTED_HIDDEN})
+            continue
         if key not in FIELDS:
             raise ConfigError(f"unknown config key {raw_key!r}; valid keys: {_valid_keys()}")
-        setattr(cfg, key, _coerce(key, value))
+        owner, attr = _OWNER[key]
+        setattr(getattr(cfg, owner) if owner else cfg, attr, _coerce(key, value))
     return cfg
 
 
@@ -216,8 +298,8 @@ def parse_args(argv: Optional[Sequence[str]] = None, base: Optional[TrainConfig]
 
 def usage() -> str:
     lines = ["usage: python -m prepo.train [--config file.yaml] [--key value ...]", "", "keys (default):"]
-    for name, f in FIELDS.items():
-        lines.append(f"  --{name.replace('_', '-'):24s} {f.default!r}")
+    for name in FIELDS:
+        lines.append(f"  --{name.replace('_', '-'):28s} {_default(name)!r}")
     return "\n".join(lines)
 
 

@@ -14,10 +14,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 import numpy as np
+import torch
 
 from .config import PACINGS, STRATEGIES
+from .rollout import Rollouts
+
+# roll(problems) -> (rollouts, rewards [N] float32, reward failures); G rows per problem, grouped
+RollFn = Callable[[Sequence], "tuple[Rollouts, torch.Tensor, int]"]
 
 
 def pacing_rho(step: int, total_steps: int, pacing: str = "linear") -> float:
@@ -68,6 +74,56 @@ class Strategy:
             return window_select(ppl, k, 0.0).tolist()
         perm = rng.permutation(n)
         return perm.tolist() if self.dynamic else perm[:k].tolist()
+
+
+@dataclass
+class Collected:
+    """What a step rolled out and keeps for the update (rollouts None: nothing kept)."""
+
+    problems: list
+    rollouts: Optional[Rollouts]
+    rewards: Optional[torch.Tensor]
+    failures: int
+    dynamic: Optional[dict] = None
+
+
+def collect_static(problems: Sequence, roll: RollFn) -> Collected:
+    ro, rewards, failures = roll(problems)
+    return Collected(list(problems), ro, rewards, failures)
+
+
+def collect_dynamic(first: Sequence, refill: Callable[[], Sequence], roll: RollFn, *, k: int, group_size: int,
+                    max_rounds: int, pad_id: int) -> Collected:
+    """DAPO dynamic sampling: roll out candidates (``first``, problems in priority order) k at a
+    time, keep the groups whose rewards are not all equal, take the next candidate batch from
+    ``refill()`` when one is spent, until k groups are kept or ``max_rounds`` batches are spent.
+    Every generated rollout is counted by the engine, kept or not."""
+    G = group_size
+    kept_ro: list[Rollouts] = []
+    kept_r: list[torch.Tensor] = []
+    kept: list = []
+    queue, rounds, pos, failures, generated = list(first), 1, 0, 0, 0
+    while len(kept) < k:
+        if pos >= len(queue):
+            if rounds >= max_rounds:
+                break
+            rounds += 1
+            queue, pos = list(refill()), 0
+        problems = queue[pos : pos + k - len(kept)]
+        pos += len(problems)
+        ro, r, f = roll(problems)
+        failures += f
+        generated += len(problems)
+        r = r.view(-1, G)
+        keep = [g for g in range(len(problems)) if bool((r[g] != r[g, 0]).any())]
+        if keep:
+            kept_ro.append(ro.select([g * G + j for g in keep for j in range(G)]))
+            kept_r.append(r[keep].reshape(-1))
+            kept += [problems[g] for g in keep]
+    stats = {"dynamic_rounds": rounds, "dynamic_groups_generated": generated, "dynamic_groups_kept": len(kept)}
+    if not kept:
+        return Collected([], None, None, failures, stats)
+    return Collected(kept, Rollouts.concat(kept_ro, pad_id), torch.cat(kept_r), failures, stats)
 
 
 _STRATEGIES = {

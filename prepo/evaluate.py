@@ -13,19 +13,20 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .data import reward_columns
 from .rewards import compute_rewards
 from .rollout import Rollouts
 from .scoring import prompt_perplexity
 
 
 def _accuracy(engine, reward_fn, problems, samples: int, greedy: bool) -> np.ndarray:
-    prompts = [p.prompt for p in problems]
+    """[len(problems)] share of ``samples`` completions per problem with reward > 0.5."""
     before = engine.rollouts_generated
-    chunks = list(engine.generate(prompts, samples, greedy=greedy))
+    chunks = list(engine.generate([p.prompt for p in problems], samples, greedy=greedy))
     engine.rollouts_generated = before  # evaluation rollouts are not training rollouts
     ro = Rollouts.concat(chunks, engine.tokenizer.pad_token_id)
-    answers = [problems[i].answer for i in ro.prompt_index]
-    rewards, _ = compute_rewards(reward_fn, [prompts[i] for i in ro.prompt_index], ro.completions, answer=answers)
+    rows = [problems[i] for i in ro.prompt_index]
+    rewards, _ = compute_rewards(reward_fn, [p.prompt for p in rows], ro.completions, **reward_columns(rows))
     return (np.asarray(rewards) > 0.5).astype(float).reshape(len(problems), samples).mean(axis=1)
 
 
@@ -37,7 +38,8 @@ def evaluate(engine, reward_fn, problems: Sequence, *, avg_k: int = 0, seed: int
     out["accuracy"] = float(greedy.mean())
     by_level = defaultdict(list)
     for p, a in zip(problems, greedy):
-        by_level[p.difficulty].append(a)
+        if p.difficulty is not None:
+            by_level[p.difficulty].append(a)
     for level in sorted(by_level):
         out[f"accuracy_level{level}"] = float(np.mean(by_level[level]))
     if avg_k > 0:
@@ -48,15 +50,16 @@ def evaluate(engine, reward_fn, problems: Sequence, *, avg_k: int = 0, seed: int
 
 
 @torch.no_grad()
-def ppl_pass_rate_spearman(model, tokenizer, engine, reward_fn, problems: Sequence, samples: int,
-                           *, seed: int = 0, impl: str = "auto") -> dict:
-    """Spearman(prompt perplexity, pass rate over ``samples`` sampled completions) on ``problems``."""
+def ppl_pass_rate_spearman(model, engine, reward_fn, problems: Sequence, samples: int, *, seed: int = 0,
+                           **score_opts) -> dict:
+    """Spearman(prompt perplexity, pass rate over ``samples`` sampled completions) on ``problems``;
+    ``score_opts`` go to :func:`prompt_perplexity` (impl, max_tokens, autocast)."""
     from scipy.stats import spearmanr
 
     with torch.random.fork_rng():
         torch.manual_seed(seed + 54321)
         rate = _accuracy(engine, reward_fn, problems, samples, greedy=False)
-    ppl = prompt_perplexity(model, tokenizer, [p.prompt for p in problems], impl=impl).numpy()
+    ppl = prompt_perplexity(model, engine.encoder, [p.prompt for p in problems], **score_opts).numpy()
     rho, pval = spearmanr(ppl, rate)
     return {
         "spearman_ppl_passrate": float(rho),

@@ -43,10 +43,15 @@ def grpo_loss(
     eps_high: float = 0.28,
     ref_logprob: Optional[torch.Tensor] = None,
     kl_beta: float = 0.0,
+    num_tokens: Optional[float] = None,
 ) -> LossOutput:
-    """Loss over a mini-batch: logprob / old_logprob / mask are [N, T], advantages and weights [N]."""
+    """Loss over a mini-batch: logprob / old_logprob / mask are [N, T], advantages and weights [N].
+    ``num_tokens``: the token-mean's denominator when these rows are one micro-batch (or one
+    rank's share) of a larger mini-batch: the mini-batch's total completion tokens, so that the
+    parts' losses (and clip_frac, ratio_mean, kl) sum to the whole mini-batch's. Default: this
+    mask's tokens."""
     maskf = mask.to(logprob.dtype)
-    n_tok = maskf.sum().clamp(min=1)
+    n_tok = maskf.sum().clamp(min=1) if num_tokens is None else max(float(num_tokens), 1.0)
     adv = advantages.detach().to(logprob.dtype)[:, None]
     ratio = torch.exp(logprob - old_logprob.detach())
     surr1 = ratio * adv

@@ -14,7 +14,6 @@ All log-probs go through ``prepo_kernels.causal_lm_logprob_entropy``.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -22,44 +21,20 @@ import random
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 import prepo_kernels
 
+from .config import WarmupConfig
 from .task import generate_problems, worked_solution
 from .tokenizer import build_tokenizer
 
 log = logging.getLogger(__name__)
-WARMUP_VERSION = 2  # bump when the warm-up code changes in a way that changes its result
-
-
-@dataclass
-class WarmupConfig:
-    """Everything that determines the warm-up checkpoint (its hash is the cache key)."""
-
-    seed: int = 0
-    hidden_size: int = 96
-    num_layers: int = 3
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 256
-    level_weights: tuple = (0.35, 0.25, 0.2, 0.12, 0.08)
-    steps: int = 3000
-    batch_size: int = 64
-    lr: float = 3e-3
-    prompt_loss_weight: float = 0.5
-    slip_rate: float = 0.1       # probability that a solution step in the corpus is off by 1..3
-    heldout_frac: float = 0.15
-    version: int = WARMUP_VERSION
-
-    def key(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True, default=list)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def make_model(cfg: WarmupConfig, tokenizer: PreTrainedTokenizerFast) -> Qwen2ForCausalLM:
@@ -168,11 +143,3 @@ def get_base_model_dir(cfg: WarmupConfig, cache_dir: Optional[Path] = None, prog
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target, True
-
-
-def load_policy(model_dir: str | Path):
-    """(model, tokenizer) from a Hugging Face directory, through from_pretrained."""
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    return model, tokenizer

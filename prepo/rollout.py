@@ -8,6 +8,7 @@ max_new_tokens, stop at EOS).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Iterator, Protocol, Sequence
 
@@ -72,62 +73,83 @@ class Rollouts:
 class RolloutEngine(Protocol):
     rollouts_generated: int
 
-    def generate(self, prompts: Sequence[str], num_samples: int, *, greedy: bool = False) -> Iterator[Rollouts]:
+    def generate(self, prompts: Sequence, num_samples: int, *, greedy: bool = False) -> Iterator[Rollouts]:
         """Yield chunks of rollouts for ``prompts`` (each prompt ``num_samples`` times, grouped:
         a prompt's samples are consecutive rows of one chunk)."""
         ...
 
+    def sync_weights(self, model) -> None:
+        """Make the next rollouts come from ``model``'s current weights (called after every update)."""
+        ...
 
-def completion_mask_from_ids(completion_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
-    is_eos = (completion_ids == eos_id).long()
+    def sleep(self) -> None:
+        """Free the engine's own memory for the update (``sync_weights`` brings it back)."""
+        ...
+
+
+def completion_mask_from_ids(completion_ids: torch.Tensor, eos_id: int | Sequence[int]) -> torch.Tensor:
+    """[N, C] 1 up to and including the first stop token (any of ``eos_id``), 0 after it."""
+    is_eos = torch.isin(completion_ids, torch.as_tensor(eos_id, dtype=completion_ids.dtype)).long()
     before_or_at_first_eos = (is_eos.cumsum(dim=1) - is_eos) == 0
     return before_or_at_first_eos.long()
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How rollouts are sampled (both engines)."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
 class HFGenerateEngine:
-    """Samples with ``model.generate`` from the live policy (no separate inference copy)."""
+    """Samples with ``model.generate`` from the live policy (no separate inference copy, so
+    :meth:`sync_weights` has nothing to do). Prompts are encoded by ``encoder`` (chat template,
+    suffix); rollouts come back on the CPU."""
 
-    def __init__(self, model, tokenizer, *, max_new_tokens: int, temperature: float = 1.0,
-                 top_p: float = 1.0, chunk_prompts: int = 64, encoder=None):
-        from .scoring import PromptEncoder
-
-        self.encoder = encoder or PromptEncoder(tokenizer)
+    def __init__(self, model, tokenizer, encoder, sampling: Sampling, *, chunk_prompts: int = 64,
+                 autocast=contextlib.nullcontext):
+        self.encoder = encoder
         self.model = model
         self.tokenizer = tokenizer
-        self.max_new_tokens = max_new_tokens
-        self.temperature = temperature
-        self.top_p = top_p
+        self.sampling = sampling
         self.chunk_prompts = chunk_prompts
+        self.autocast = autocast
         self.rollouts_generated = 0
+        # stop at the tokenizer's EOS and at the model's own (a chat model's end-of-turn token)
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        self.stop_ids = sorted({tokenizer.eos_token_id, *([gen_eos] if isinstance(gen_eos, int) else gen_eos or [])})
+
+    def sync_weights(self, model) -> None:
+        """Nothing to copy: generation runs on the policy itself."""
+
+    def sleep(self) -> None:
+        """Nothing to free: the engine holds no memory of its own."""
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str], num_samples: int, *, greedy: bool = False) -> Iterator[Rollouts]:
-        tok = self.tokenizer
-        was_training = self.model.training
-        if was_training:
-            self.model.eval()
-        try:
-            for start in range(0, len(prompts), self.chunk_prompts):
-                chunk = list(prompts[start : start + self.chunk_prompts])
-                ids, mask = self.encoder(chunk)
-                ids = ids.repeat_interleave(num_samples, dim=0)
-                mask = mask.repeat_interleave(num_samples, dim=0)
-                kwargs = dict(do_sample=False) if greedy else dict(
-                    do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=0)
+    def generate(self, prompts: Sequence, num_samples: int, *, greedy: bool = False) -> Iterator[Rollouts]:
+        tok, sp = self.tokenizer, self.sampling
+        device = next(self.model.parameters()).device
+        for start in range(0, len(prompts), self.chunk_prompts):
+            ids, mask = self.encoder(list(prompts[start : start + self.chunk_prompts]))
+            ids = ids.repeat_interleave(num_samples, dim=0)
+            mask = mask.repeat_interleave(num_samples, dim=0)
+            kwargs = dict(do_sample=False) if greedy else dict(
+                do_sample=True, temperature=sp.temperature, top_p=sp.top_p, top_k=0)
+            with self.autocast():
                 out = self.model.generate(
-                    input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new_tokens,
-                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **kwargs)
-                comp = out[:, ids.shape[1]:]
-                cmask = completion_mask_from_ids(comp, tok.eos_token_id)
-                texts = [tok.decode(row[m.bool() & (row != tok.eos_token_id)], skip_special_tokens=True)
-                         for row, m in zip(comp, cmask)]
-                comp = torch.where(cmask.bool(), comp, tok.pad_token_id)
-                self.rollouts_generated += len(texts)
-                yield Rollouts(
-                    prompt_index=[start + i // num_samples for i in range(len(texts))],
-                    prompt_ids=ids, prompt_mask=mask, completion_ids=comp,
-                    completion_mask=cmask, completions=texts,
-                )
-        finally:
-            if was_training:
-                self.model.train()
+                    input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=sp.max_new_tokens,
+                    eos_token_id=self.stop_ids, pad_token_id=tok.pad_token_id, **kwargs)
+            comp = out[:, ids.shape[1]:].cpu()
+            cmask = completion_mask_from_ids(comp, self.stop_ids)
+            is_stop = torch.isin(comp, torch.tensor(self.stop_ids))
+            texts = [tok.decode(row[m.bool() & ~stop], skip_special_tokens=True)
+                     for row, m, stop in zip(comp, cmask, is_stop)]
+            comp = torch.where(cmask.bool(), comp, tok.pad_token_id)
+            self.rollouts_generated += len(texts)
+            yield Rollouts(
+                prompt_index=[start + i // num_samples for i in range(len(texts))],
+                prompt_ids=ids, prompt_mask=mask, completion_ids=comp,
+                completion_mask=cmask, completions=texts,
+            )

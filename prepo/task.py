@@ -14,17 +14,18 @@ Splits are disjoint by construction: a problem belongs to the held-out split iff
 prompt text falls in the held-out bucket, so no generation order or seed can leak an evaluation
 problem into training. Everything is deterministic given the seed.
 
-Problems can also be read from a JSONL file (one ``{"prompt": ..., "answer": ...}`` object a line,
-optional ``"difficulty"``) through :func:`load_problems_jsonl`, which validates its input.
+Problems from files (jsonl, json, parquet, ``datasets`` directories; verl and TRL layouts) are read
+by :func:`prepo.data.load_examples`; :func:`load_problems_jsonl` is that loader restricted to this
+task's alphabet.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 # level -> (number of single-digit operands, operator alphabet): 1, 2, 2, 3, 4 solution steps.
 LEVELS: tuple[tuple[int, str], ...] = (
@@ -43,14 +44,23 @@ class DataError(ValueError):
     """Problem data that cannot be used (bad file, missing field, wrong answer type...)."""
 
 
+# A prompt is plain text or a chat: a list of {"role": ..., "content": ...} messages.
+Prompt = Union[str, list]
+
+
 @dataclass(frozen=True)
 class Problem:
-    prompt: str          # e.g. "2+7*3="
-    answer: str          # e.g. "23" (canonical integer string)
-    difficulty: int      # level, 0 = easiest
+    prompt: Prompt                   # e.g. "2+7*3=", or [{"role": "user", "content": "..."}]
+    answer: str                      # e.g. "23" (the gold answer as text)
+    difficulty: Optional[int] = None  # level, 0 = easiest; None when the data has none
+    # The row's other columns (verl: data_source, extra_info, reward_model...), passed to a
+    # TRL-style reward function as keyword lists. Not part of equality.
+    columns: dict = field(default_factory=dict, compare=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """prompt, answer, difficulty and the row's other columns, flat (as a data row)."""
+        d = asdict(self)
+        return {**d.pop("columns"), **d}
 
 
 def _tokens(expr: str) -> list:
@@ -182,38 +192,15 @@ def balanced_problems(n_per_level: int, seed: int, split: str, heldout_frac: flo
 
 
 def load_problems_jsonl(path: str | Path) -> list[Problem]:
-    """Problems from a JSONL file; raises :class:`DataError` naming the file and line on bad input."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"problem file {str(path)!r} does not exist")
-    problems: list[Problem] = []
-    with path.open() as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            for key in ("prompt", "answer"):
-                if key not in obj:
-                    raise DataError(f"{path}:{lineno}: missing field {key!r}")
-            prompt, answer = obj["prompt"], obj["answer"]
-            if not isinstance(prompt, str) or not prompt:
-                raise DataError(f"{path}:{lineno}: 'prompt' must be a non-empty string")
-            if isinstance(answer, bool) or not isinstance(answer, (str, int)):
-                raise DataError(f"{path}:{lineno}: 'answer' must be a string or an integer")
-            bad = sorted(set(prompt) - set(CHARS))
-            if bad:
-                raise DataError(f"{path}:{lineno}: prompt has characters outside the task alphabet {CHARS!r}: {bad}")
-            diff = obj.get("difficulty", 0)
-            if isinstance(diff, bool) or not isinstance(diff, int):
-                raise DataError(f"{path}:{lineno}: 'difficulty' must be an integer")
-            problems.append(Problem(prompt=prompt, answer=str(answer), difficulty=diff))
-    if not problems:
-        raise DataError(f"problem file {str(path)!r} holds no problems")
+    """This task's problems from a JSONL file (see :func:`prepo.data.load_examples`); raises
+    :class:`DataError` when the file has no usable row or a prompt leaves the task alphabet."""
+    from .data import load_examples
+
+    problems = load_examples(path).examples
+    for p in problems:
+        bad = sorted(set(p.prompt) - set(CHARS)) if isinstance(p.prompt, str) else ["<chat prompt>"]
+        if bad:
+            raise DataError(f"{path}: prompt {p.prompt!r} has characters outside the task alphabet {CHARS!r}: {bad}")
     return problems
 
 

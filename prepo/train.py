@@ -1,121 +1,77 @@
-"""PREPO trainer: ``python -m prepo.train [--config file.yaml] [--key value ...]``.
+"""PREPO trainer: ``python -m prepo.train [--config file.yaml] [--key value ...]`` (CLI in
+:mod:`prepo.cli`); from Python, ``prepo.train.run(TrainConfig(...) or dict) -> summary dict``.
 
 PREPO (arXiv 2511.00794) spends rollouts where they teach most, using two signals the policy
 already has: prompt perplexity (selection) and rollout entropy (weighting). Each step:
 
-  1. draw a candidate batch B of prompts and score each prompt's perplexity under the CURRENT
-     policy: exp(-mean log-prob of the prompt tokens), one no-grad forward (fused kernel, no
-     logits held);
-  2. sort ascending and select the window of K = ratio * |B| prompts starting at
-     l = floor(rho * (|B| - K)), rho = step / total_steps (linear pacing): familiar prompts
-     first, harder ones later. Only the selected prompts are rolled out;
-  3. roll out G completions per selected prompt and reward them (answer checking);
-  4. one no-grad pass for the old log-probs and the full-vocabulary token entropies; weight each
-     rollout by w_i = H_i / H_bar (its mean token entropy over the token-weighted batch mean),
-     detached;
-  5. DAPO-style GRPO update: group-normalized advantages, clipped surrogate with clip-higher
-     (eps_low 0.2, eps_high 0.28), token-mean aggregation, each rollout's surrogate times w_i,
-     optional k3 KL to a frozen reference, several optimizer steps (mini-batches x ppo epochs).
+  1. select: draw a candidate batch B, score each prompt's perplexity under the CURRENT policy
+     (one no-grad fused-kernel forward), sort ascending and take the window of K = ratio * |B|
+     prompts at l = floor(rho * (|B| - K)), rho = step / total_steps;
+  2. roll out G completions per selected prompt (HF generate or vLLM);
+  3. reward them (the task's checker, math_reward or the user's function);
+  4. score/weight: one no-grad pass for the old log-probs and full-vocabulary entropies, and
+     w_i = H_i / H_bar per rollout (detached);
+  5. update: DAPO-style GRPO (group-normalized advantages, clip-higher, token-mean, each rollout's
+     surrogate times w_i), micro-batched by a token budget; the rollout engine gets the new weights;
+  6. log one :class:`~prepo.metrics.StepMetrics`.
 
-``--strategy`` swaps the selection/weighting for the baselines: random (uniform K of B),
-ppl_only (curriculum, no weighting), entropy_only (random + weighting), static_low_ppl (always
-the K lowest-perplexity prompts), dapo_dynamic (over-sample, drop groups with all-equal rewards,
-refill; every generated rollout counts).
-
-Without arguments it runs the built-in task (integer arithmetic, graded difficulty) on a tiny
-Qwen2 warmed up by :mod:`prepo.model`, in a few minutes on a CPU. From Python:
-``prepo.train.run(TrainConfig(...) or dict) -> summary dict``.
+The parts sit behind small interfaces: the data source and reward (:mod:`prepo.sources`), the
+policy loader (:mod:`prepo.policy`), the rollout engine (:mod:`prepo.rollout`, vLLM in
+:mod:`prepo.vllm_engine`), the selection strategy with its collector (:mod:`prepo.curriculum`;
+DAPO dynamic sampling is its own collector), the metrics record (:mod:`prepo.metrics`), and the
+run's outputs (:mod:`prepo.report`).
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import numpy as np
 import torch
-import yaml
 
 import prepo_kernels
 
 from . import checkpoint as ckpt
-from .config import ConfigError, TrainConfig, from_dict, parse_args
-from .curriculum import PromptSampler, Strategy, get_strategy, pacing_rho
+from .config import ConfigError, TrainConfig, from_dict
+from .curriculum import Collected, PromptSampler, Strategy, collect_dynamic, collect_static, get_strategy, pacing_rho
+from .data import reward_columns
+from .distributed import Dist
 from .evaluate import evaluate, ppl_pass_rate_spearman
 from .loss import grpo_loss, group_advantages
-from .model import WarmupConfig, get_base_model_dir, load_policy
-from .rewards import compute_rewards, reward_fn as default_reward_fn
-from .rollout import HFGenerateEngine, Rollouts
+from .metrics import BatchStats, StepMetrics, Timer, UpdateStats, step_times
+from .microbatch import token_chunks
+from .model import get_base_model_dir
+from .policy import Precision, load_policy, resolve_device
+from .prompts import PromptEncoder, PromptFormat
+from .report import RunLog, count_lines, write_summary
+from .rewards import compute_rewards
+from .rollout import HFGenerateEngine, Rollouts, Sampling
 from .scoring import prompt_perplexity
-from .task import DataError, Problem, balanced_problems, generate_problems, load_problems_jsonl
+from .sources import load_data, load_reward_fn
 from .weighting import relative_entropy_weights
 
 log = logging.getLogger("prepo")
-TIME_KEYS = ("time_score", "time_generate", "time_reward", "time_old_logprob", "time_weight", "time_update")
 
 
-class Timer:
-    def __init__(self):
-        self.t: dict[str, float] = {k: 0.0 for k in TIME_KEYS}
-
-    @contextmanager
-    def __call__(self, key: str):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.t[key] = self.t.get(key, 0.0) + time.perf_counter() - t0
+VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def _truncate_lines(path: Path, n: int) -> None:
-    """Keep the first ``n`` lines of ``path`` (what a checkpoint had seen), drop the rest."""
-    if not path.exists():
-        if n:
-            raise RuntimeError(f"{path} is missing but the checkpoint expects {n} lines in it")
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    if len(lines) < n:
-        raise RuntimeError(f"{path} has {len(lines)} lines, the checkpoint expects {n}")
-    path.write_text("".join(lines[:n]))
+def make_engine(cfg: TrainConfig, model_source, model, tokenizer, encoder: PromptEncoder, precision: Precision):
+    """The rollout engine ``--rollout-engine`` names, sampling with the config's options. vLLM builds
+    its own copy of ``model_source`` and gets the policy's weights after every update."""
+    if cfg.rollout_engine == "vllm":
+        from .vllm_engine import VLLMEngine
 
-
-def _count_lines(path: Path) -> int:
-    return len(path.read_text().splitlines()) if path.exists() else 0
-
-
-def _append_jsonl(path: Path, obj: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(obj) + "\n")
-        f.flush()
-
-
-def load_data(cfg: TrainConfig) -> tuple[list[Problem], list[Problem]]:
-    if cfg.train_file:
-        train = load_problems_jsonl(cfg.train_file)
-    else:
-        train = generate_problems(cfg.train_size, cfg.seed, "train", heldout_frac=cfg.heldout_frac)
-    if cfg.eval_file:
-        evals = load_problems_jsonl(cfg.eval_file)
-    else:
-        evals = balanced_problems(cfg.eval_per_level, cfg.seed, "eval", heldout_frac=cfg.heldout_frac)
-    overlap = {p.prompt for p in train} & {p.prompt for p in evals}
-    if overlap:
-        raise DataError(f"{len(overlap)} held-out prompts also appear in training, e.g. {sorted(overlap)[:3]}")
-    return train, evals
-
-
-def warmup_config(cfg: TrainConfig) -> WarmupConfig:
-    return WarmupConfig(
-        seed=0, hidden_size=cfg.warmup_hidden_size, num_layers=cfg.warmup_layers,
-        steps=cfg.warmup_steps, batch_size=cfg.warmup_batch_size,
-        heldout_frac=cfg.heldout_frac, slip_rate=cfg.warmup_slip_rate,
-    )
+        return VLLMEngine(str(model_source), tokenizer, dtype=VLLM_DTYPES[cfg.dtype], seed=cfg.seed,
+                          gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, max_new_tokens=cfg.max_new_tokens,
+                          temperature=cfg.temperature, top_p=cfg.top_p, encoder=encoder)
+    return HFGenerateEngine(model, tokenizer, encoder, Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p),
+                            autocast=precision.autocast)
 
 
 class Trainer:
@@ -123,80 +79,164 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, reward_fn: Optional[Callable] = None):
         self.cfg = cfg
-        self.reward_fn = reward_fn or default_reward_fn
         self.out = Path(cfg.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
-        self.metrics_path = self.out / "metrics.jsonl"
-        self.eval_path = self.out / "eval.jsonl"
         self.strategy: Strategy = get_strategy(cfg.strategy)
         self.K = cfg.num_selected
+        self.device = resolve_device(cfg.device)
+        if self.device.type == "cpu" and torch.cuda.is_available():
+            log.info("running on the CPU although CUDA is available: --device cuda (or auto) uses the GPU")
+        self.dist = Dist.from_env(self.device.type)
+        if self.dist.active:
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", self.dist.local_rank)
+            if self.strategy.dynamic:
+                raise ConfigError("dapo_dynamic runs in one process only (its refills are not shared across ranks)")
+            if self.K < self.dist.world:
+                raise ConfigError(f"{self.K} selected prompts cannot be shared by {self.dist.world} processes")
+        self.precision = Precision(cfg.dtype, self.device)
+        if cfg.rollout_engine == "vllm":  # fail before any data or model is loaded
+            from .vllm_engine import require_vllm
+
+            try:
+                require_vllm()
+            except ImportError as exc:
+                raise ConfigError(str(exc)) from None
+            if self.device.type != "cuda":
+                raise ConfigError(f"--rollout-engine vllm runs on a CUDA device; the device is {self.device}")
         torch.set_num_threads(cfg.num_threads)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed + self.dist.rank)   # ranks sample different completions
 
-        self.train_problems, self.eval_problems = load_data(cfg)
-        t0 = time.perf_counter()
-        if cfg.model_dir:
-            self.base_dir, built = Path(cfg.model_dir), False
-        else:
-            self.base_dir, built = get_base_model_dir(
-                warmup_config(cfg), Path(cfg.cache_dir) if cfg.cache_dir else None, progress=True)
-        self.warmup_seconds = time.perf_counter() - t0 if built else 0.0
-        if built:
-            log.info("warm-up model built in %.1fs -> %s", self.warmup_seconds, self.base_dir)
-        self.model, self.tokenizer = load_policy(self.base_dir)
-        # dropout stays off for the whole run (eval mode), as in TRL's GRPO: rollouts, old log-probs
-        # and the update then see the same function, and the ratio is exactly 1 before any step
-        self.model.eval()
+        self.data = load_data(cfg)
+        self.reward_fn = reward_fn or load_reward_fn(cfg)
+        self.base_dir, self.warmup_seconds = self._base_model()
+        self.model, self.tokenizer = load_policy(self.base_dir, self.device,
+                                                 gradient_checkpointing=cfg.gradient_checkpointing)
         self.ref_model = None
         if cfg.kl_beta > 0:
-            self.ref_model, _ = load_policy(self.base_dir)
-            self.ref_model.eval().requires_grad_(False)
-        self.engine = HFGenerateEngine(self.model, self.tokenizer, max_new_tokens=cfg.max_new_tokens,
-                                       temperature=cfg.temperature, top_p=cfg.top_p)
+            self.ref_model, _ = load_policy(self.base_dir, self.device)
+            self.ref_model.requires_grad_(False)
+        self.encoder = PromptEncoder(self.tokenizer, PromptFormat(cfg.chat_template, cfg.system_prompt,
+                                                                  cfg.instruction_suffix))
+        self.engine = make_engine(cfg, self.base_dir, self.model, self.tokenizer, self.encoder, self.precision)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                            betas=(0.9, 0.99))
-        self.sampler = PromptSampler(len(self.train_problems), cfg.seed)
+        self.scaler = self.precision.grad_scaler()
+        self.sampler = PromptSampler(len(self.data.train), cfg.seed)
         self.select_rng = np.random.default_rng([cfg.seed, 31337])
         self.step_idx = 0
-        self.reward_failures = 0
+        self.rollouts = 0            # every training completion generated, all ranks
+        self.reward_failures = 0     # all ranks
         self.initial: dict = {}
-        self.tb = None
+        self.runlog = RunLog(self.out, cfg, enabled=self.dist.main)
+
+    def _base_model(self) -> tuple[Path | str, float]:
+        """(``--model``, or the built-in warm-up checkpoint, built on first use; seconds building)."""
+        if self.cfg.model:
+            return self.cfg.model, 0.0
+        t0 = time.perf_counter()
+        if not self.dist.main:
+            self.dist.barrier()     # rank 0 builds the warm-up; the others then find it cached
+        path, built = get_base_model_dir(self.cfg.warmup_config(), Path(self.cfg.cache_dir) if self.cfg.cache_dir else None,
+                                         progress=True)
+        if self.dist.main:
+            self.dist.barrier()
+        seconds = time.perf_counter() - t0 if built else 0.0
+        if built:
+            log.info("warm-up model built in %.1fs -> %s", seconds, path)
+        return path, seconds
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         return {
             "step": self.step_idx,
-            "rollouts": self.engine.rollouts_generated,
+            "rollouts": self.rollouts,
             "reward_failures": self.reward_failures,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
             "sampler": self.sampler.state_dict(),
             "select_rng": self.select_rng.bit_generator.state,
-            "rng": ckpt.rng_state(),
-            "metrics_lines": _count_lines(self.metrics_path),
-            "eval_lines": _count_lines(self.eval_path),
+            "rng": self.dist.gather([ckpt.rng_state()]),   # one per rank
+            "metrics_lines": count_lines(self.runlog.metrics_path),
+            "eval_lines": count_lines(self.runlog.eval_path),
             "config": self.cfg.to_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
+        if len(state["rng"]) != self.dist.world:
+            raise ConfigError(f"the checkpoint in {self.ckpt_dir} is from {len(state['rng'])} process(es); "
+                              f"resume it with as many (now {self.dist.world})")
         self.step_idx = state["step"]
-        self.engine.rollouts_generated = state["rollouts"]
+        self.rollouts = state["rollouts"]
         self.reward_failures = state["reward_failures"]
         self.model.load_state_dict(state["model"])
+        self.engine.sync_weights(self.model)
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.sampler.load_state_dict(state["sampler"])
         self.select_rng.bit_generator.state = state["select_rng"]
-        ckpt.set_rng_state(state["rng"])
-        _truncate_lines(self.metrics_path, state["metrics_lines"])
-        _truncate_lines(self.eval_path, state["eval_lines"])
+        ckpt.set_rng_state(state["rng"][self.dist.rank])
+        self.runlog.truncate(state["metrics_lines"], state["eval_lines"])
 
-    def save(self) -> None:
-        ckpt.save_checkpoint(self.ckpt_dir, self.state_dict())
+    # ------------------------------------------------------------------ one step
+    def step(self) -> StepMetrics:
+        """select -> roll out -> reward -> score/weight -> update -> log."""
+        cfg, timer, t0 = self.cfg, Timer(), time.perf_counter()
+        rollouts_before = self.engine.rollouts_generated
+        cand = self.sampler.next_batch(cfg.candidate_batch_size)
+        ppl = self.perplexity(cand, timer) if self.strategy.needs_ppl else None
+        rho = pacing_rho(self.step_idx, cfg.total_steps, cfg.pacing)
+        with timer("time_score"):
+            order = self.strategy.select(ppl, len(cand), self.K, rho, self.select_rng)
+        got = self.collect(cand, order, rho, timer)               # roll out + reward (this rank's share)
+        failures = int(self.dist.sum(torch.tensor(got.failures)))
+        self.reward_failures += failures
+        if failures:
+            log.warning("step %d: %d reward(s) could not be computed and count as 0 (%d so far)",
+                        self.step_idx + 1, failures, self.reward_failures)
+        batch, upd = (BatchStats(), UpdateStats()) if got.rollouts is None else self.learn(got, timer)
+        self.step_idx += 1
+        step_rollouts = int(self.dist.sum(torch.tensor(self.engine.rollouts_generated - rollouts_before)))
+        self.rollouts += step_rollouts
+        sel_ppl = ppl[order[: self.K]] if ppl is not None and not self.strategy.dynamic else None
+        levels = self.dist.gather([p.difficulty for p in got.problems if p.difficulty is not None])
+        return StepMetrics(
+            step=self.step_idx, rollouts=self.rollouts, step_rollouts=step_rollouts, rho=rho,
+            weight_applied=self.strategy.weighting, reward_failures=self.reward_failures, batch=batch, update=upd,
+            ppl_window_lo=float(sel_ppl.min()) if sel_ppl is not None else None,
+            ppl_window_hi=float(sel_ppl.max()) if sel_ppl is not None else None,
+            ppl_batch_mean=float(ppl.mean()) if ppl is not None else None,
+            selected_difficulty=float(np.mean(levels)) if levels else None,
+            dynamic=got.dynamic, times=step_times(timer, time.perf_counter() - t0))
 
-    # ------------------------------------------------------------------ pieces of a step
-    def rollout_and_reward(self, problems: Sequence[Problem], timer: Timer) -> tuple[Rollouts, torch.Tensor, int]:
+    # ------------------------------------------------------------------ its parts
+    def perplexity(self, cand: list[int], timer: Timer) -> np.ndarray:
+        """[len(cand)] prompt perplexities under the current policy (each rank scores its share)."""
+        with timer("time_score"):
+            mine = [self.data.train[i].prompt for i in self.dist.share(cand)]
+            ppl = prompt_perplexity(self.model, self.encoder, mine, impl=self.cfg.kernel_impl,
+                                    max_tokens=self.cfg.max_tokens_per_microbatch, autocast=self.precision.autocast)
+            return np.asarray(self.dist.gather(ppl.tolist()), dtype=np.float32) if self.dist.active else ppl.numpy()
+
+    def collect(self, cand: list[int], order: list[int], rho: float, timer: Timer) -> Collected:
+        """The strategy's collector: the K selected prompts, or DAPO dynamic sampling's refills."""
+        train = self.data.train
+        roll = lambda problems: self.roll_out(problems, timer)  # noqa: E731
+        if not self.strategy.dynamic:
+            return collect_static(self.dist.share([train[cand[i]] for i in order]), roll)
+
+        def refill():
+            nxt = self.sampler.next_batch(self.cfg.candidate_batch_size)
+            return [train[nxt[i]] for i in self.strategy.select(None, len(nxt), self.K, rho, self.select_rng)]
+
+        return collect_dynamic([train[cand[i]] for i in order], refill, roll, k=self.K, group_size=self.cfg.group_size,
+                               max_rounds=self.cfg.dynamic_max_rounds, pad_id=self.tokenizer.pad_token_id)
+
+    def roll_out(self, problems, timer: Timer) -> tuple[Rollouts, torch.Tensor, int]:
         """G completions per problem (every one counted by the engine), their rewards [N] and the
         number of reward calls that raised (those items get 0)."""
         with timer("time_generate"):
@@ -204,183 +244,144 @@ class Trainer:
             ro = Rollouts.concat(chunks, self.tokenizer.pad_token_id)
         with timer("time_reward"):
             rows = [problems[i] for i in ro.prompt_index]
-            rewards, failures = compute_rewards(
-                self.reward_fn, [p.prompt for p in rows], ro.completions,
-                answer=[p.answer for p in rows], difficulty=[p.difficulty for p in rows])
+            rewards, failures = compute_rewards(self.reward_fn, [p.prompt for p in rows], ro.completions,
+                                                **reward_columns(rows))
         return ro, torch.tensor(rewards, dtype=torch.float32), failures
 
-    def collect_dynamic(self, cand: list[int], order: list[int], timer: Timer):
-        """DAPO dynamic sampling: roll out candidates in ``order`` K at a time, keep the groups whose
-        rewards are not all equal, refill from fresh candidate batches until K groups are kept or
-        ``dynamic_max_rounds`` candidate batches are spent. Every generated rollout is counted."""
-        G, K = self.cfg.group_size, self.K
-        kept_ro: list[Rollouts] = []
-        kept_r: list[torch.Tensor] = []
-        kept_problems: list[Problem] = []
-        rounds, pos, failures, generated_groups = 1, 0, 0, 0
-        while len(kept_problems) < K:
-            if pos >= len(order):
-                if rounds >= self.cfg.dynamic_max_rounds:
-                    break
-                rounds += 1
-                cand = self.sampler.next_batch(self.cfg.candidate_batch_size)
-                order = self.select_rng.permutation(len(cand)).tolist()
-                pos = 0
-            take = order[pos : pos + K - len(kept_problems)]
-            pos += len(take)
-            problems = [self.train_problems[cand[i]] for i in take]
-            ro, r, f = self.rollout_and_reward(problems, timer)
-            failures += f
-            generated_groups += len(problems)
-            r = r.view(-1, G)
-            keep = [g for g in range(len(problems)) if bool((r[g] != r[g, 0]).any())]
-            if keep:
-                rows_keep = [g * G + j for g in keep for j in range(G)]
-                kept_ro.append(ro.select(rows_keep))
-                kept_r.append(r[keep].reshape(-1))
-                kept_problems += [problems[g] for g in keep]
-        extra = {"dynamic_rounds": rounds, "dynamic_groups_generated": generated_groups,
-                 "dynamic_groups_kept": len(kept_problems)}
-        if not kept_problems:
-            return None, None, failures, kept_problems, extra
-        return (Rollouts.concat(kept_ro, self.tokenizer.pad_token_id), torch.cat(kept_r), failures,
-                kept_problems, extra)
+    def learn(self, got: Collected, timer: Timer) -> tuple[BatchStats, UpdateStats]:
+        """Old log-probs and entropies, relative-entropy weights, advantages, the GRPO update."""
+        ro, G = got.rollouts, self.cfg.group_size
+        cmask = ro.completion_mask
+        self.engine.sleep()  # vLLM: free its GPU memory for the passes below; sync_weights wakes it
+        with timer("time_old_logprob"):
+            old_lp, ent, ref_lp = self.old_logprobs(ro)
+        with timer("time_weight"):
+            w = relative_entropy_weights(ent, cmask, reduce=self.dist.sum)   # H_bar over all ranks' rollouts
+        adv = group_advantages(got.rewards, G, self.cfg.adv_eps)
+        with timer("time_update"):
+            upd = self.update(ro, adv, w if self.strategy.weighting else None, old_lp, ref_lp)
+            self.engine.sync_weights(self.model)
+        return self.batch_stats(got.rewards, ent, cmask, w), upd
+
+    def batch_stats(self, rewards, ent, cmask, w) -> BatchStats:
+        """Rewards, entropy and weights of the global batch (all ranks' rollouts)."""
+        if self.dist.active:
+            rewards, w = torch.tensor(self.dist.gather(rewards.tolist())), torch.tensor(self.dist.gather(w.tolist()))
+        totals = self.dist.sum(torch.stack([(ent * cmask).sum(), cmask.sum().to(ent.dtype)]))
+        n_tok = totals[1].item()
+        return BatchStats(
+            reward_mean=float(rewards.mean()),
+            zero_adv_frac=float((rewards.view(-1, self.cfg.group_size).std(dim=1) == 0).float().mean()),
+            entropy_mean=float(totals[0] / max(n_tok, 1)),
+            weight_min=float(w.min()), weight_max=float(w.max()),
+            weight_p10=float(w.quantile(0.1)), weight_p90=float(w.quantile(0.9)),
+            completion_len=n_tok / w.numel())
+
+    def _logprob(self, model, ids, amask, rows, *, entropy: bool):
+        """The fused kernel on ``rows`` of the batch, on the model's device, under the precision's autocast."""
+        with self.precision.autocast():
+            return prepo_kernels.causal_lm_logprob_entropy(
+                model, ids[rows].to(self.device), amask[rows].to(self.device), temperature=self.cfg.temperature,
+                compute_entropy=entropy, impl=self.cfg.kernel_impl)
+
+    @torch.no_grad()
+    def old_logprobs(self, ro: Rollouts):
+        """(old log-probs, entropies, reference log-probs or None), each [N, C] float32 on the CPU,
+        micro-batched by the token budget."""
+        ids, amask, sl = ro.full_sequences()
+        old, ent, ref = [], [], []
+        for rows in token_chunks(torch.arange(ids.shape[0]), ids.shape[1], self.cfg.max_tokens_per_microbatch):
+            lp, h = self._logprob(self.model, ids, amask, rows, entropy=True)
+            old.append(lp[:, sl].float().cpu())
+            ent.append(h[:, sl].float().cpu())
+            if self.ref_model is not None:
+                ref.append(self._logprob(self.ref_model, ids, amask, rows, entropy=False)[0][:, sl].float().cpu())
+        return torch.cat(old), torch.cat(ent), torch.cat(ref) if ref else None
 
     def update(self, ro: Rollouts, adv: torch.Tensor, weights: Optional[torch.Tensor], old_lp: torch.Tensor,
-               ref_lp: Optional[torch.Tensor]) -> dict:
-        cfg = self.cfg
+               ref_lp: Optional[torch.Tensor]) -> UpdateStats:
+        """``mini_batches`` optimizer steps per epoch, each over a mini-batch split into micro-batches
+        of at most ``max_tokens_per_microbatch`` padded tokens whose gradients accumulate (each
+        micro-batch's loss is divided by the whole mini-batch's completion tokens, all ranks')."""
+        cfg, dev = self.cfg, self.device
         ids, amask, sl = ro.full_sequences()
         cmask = ro.completion_mask
         n = ids.shape[0]
-        losses, clips, kls, ratios, gnorms = [], [], [], [], []
+        n_all = int(self.dist.sum(torch.tensor(n)))
+        stats: list[list[float]] = []
         for _ in range(cfg.ppo_epochs):
             perm = torch.randperm(n)
-            for mb in torch.tensor_split(perm, min(cfg.mini_batches, n)):
-                if mb.numel() == 0:
+            for mb in torch.tensor_split(perm, min(cfg.mini_batches, n_all)):   # as many on every rank
+                if mb.numel() == 0 and not self.dist.active:
                     continue
-                lp, _ = prepo_kernels.causal_lm_logprob_entropy(
-                    self.model, ids[mb], amask[mb], temperature=cfg.temperature, compute_entropy=False,
-                    impl=cfg.kernel_impl)
-                out = grpo_loss(
-                    lp[:, sl], old_lp[mb], adv[mb], cmask[mb], None if weights is None else weights[mb],
-                    eps_low=cfg.eps_low, eps_high=cfg.eps_high,
-                    ref_logprob=None if ref_lp is None else ref_lp[mb], kl_beta=cfg.kl_beta)
                 self.optimizer.zero_grad(set_to_none=True)
-                out.loss.backward()
-                gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-                self.optimizer.step()
-                losses.append(out.loss.item())
-                clips.append(out.clip_frac)
-                kls.append(out.kl)
-                ratios.append(out.ratio_mean)
-                gnorms.append(float(gnorm))
-        return {"loss": float(np.mean(losses)), "clip_frac": float(np.mean(clips)), "kl": float(np.mean(kls)),
-                "ratio_mean": float(np.mean(ratios)), "grad_norm": float(np.mean(gnorms))}
+                n_tok = float(self.dist.sum(cmask[mb].sum()))
+                acc = [0.0, 0.0, 0.0, 0.0]   # loss, clip_frac, kl, ratio_mean
+                for rows in token_chunks(mb, ids.shape[1], cfg.max_tokens_per_microbatch):
+                    lp, _ = self._logprob(self.model, ids, amask, rows, entropy=False)
+                    out = grpo_loss(
+                        lp[:, sl], old_lp[rows].to(dev), adv[rows].to(dev), cmask[rows].to(dev),
+                        None if weights is None else weights[rows].to(dev), eps_low=cfg.eps_low,
+                        eps_high=cfg.eps_high, ref_logprob=None if ref_lp is None else ref_lp[rows].to(dev),
+                        kl_beta=cfg.kl_beta, num_tokens=n_tok)
+                    (self.scaler.scale(out.loss) if self.scaler else out.loss).backward()
+                    for i, v in enumerate((out.loss.item(), out.clip_frac, out.kl, out.ratio_mean)):
+                        acc[i] += v
+                self.dist.sum_grads(self.model.parameters())
+                stats.append(acc + [self.optimizer_step()])
+        if self.dist.active:   # each rank's parts of the token means add up to the global batch's
+            summed = self.dist.sum(torch.tensor(stats, dtype=torch.float64)[:, :4])
+            stats = [list(row) + [s[4]] for row, s in zip(summed.tolist(), stats)]
+        loss, clip, kl, ratio, gnorm = np.mean(stats, axis=0).tolist()
+        return UpdateStats(loss=loss, clip_frac=clip, kl=kl, ratio_mean=ratio, grad_norm=gnorm)
 
-    # ------------------------------------------------------------------ one step
-    def step(self) -> dict:
-        cfg, G, K = self.cfg, self.cfg.group_size, self.K
-        timer = Timer()
-        t_step = time.perf_counter()
-        rollouts_before = self.engine.rollouts_generated
-        m: dict = {"step": self.step_idx + 1}
-
-        # 1. candidate batch, scored by prompt perplexity under the current policy
-        cand = self.sampler.next_batch(cfg.candidate_batch_size)
-        ppl = None
-        if self.strategy.needs_ppl:
-            with timer("time_score"):
-                ppl = prompt_perplexity(self.model, self.tokenizer, [self.train_problems[i].prompt for i in cand],
-                                        impl=cfg.kernel_impl, encoder=self.engine.encoder).numpy()
-
-        # 2. select: the perplexity window at rho (or a baseline's choice)
-        rho = pacing_rho(self.step_idx, cfg.total_steps, cfg.pacing)
-        with timer("time_score"):
-            order = self.strategy.select(ppl, len(cand), K, rho, self.select_rng)
-
-        # 3. roll out G completions per selected prompt and reward them
-        extra: dict = {}
-        if self.strategy.dynamic:
-            ro, rewards, failures, selected, extra = self.collect_dynamic(cand, order, timer)
+    def optimizer_step(self) -> float:
+        """Clip the gradient norm, step (through the fp16 loss scaler when there is one); the norm."""
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        gnorm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm))
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         else:
-            selected = [self.train_problems[cand[i]] for i in order]
-            ro, rewards, failures = self.rollout_and_reward(selected, timer)
-        self.reward_failures += failures
-        if failures:
-            log.warning("step %d: %d reward(s) could not be computed and count as 0 (%d so far)",
-                        self.step_idx + 1, failures, self.reward_failures)
-
-        if ro is not None:
-            # 4. old log-probs and full-vocabulary entropies (one no-grad pass), relative-entropy weights
-            ids, amask, sl = ro.full_sequences()
-            cmask = ro.completion_mask
-            with timer("time_old_logprob"), torch.no_grad():
-                old_lp, ent = prepo_kernels.causal_lm_logprob_entropy(
-                    self.model, ids, amask, temperature=cfg.temperature, compute_entropy=True, impl=cfg.kernel_impl)
-                old_lp, ent = old_lp[:, sl], ent[:, sl]
-                ref_lp = None
-                if self.ref_model is not None:
-                    ref_lp, _ = prepo_kernels.causal_lm_logprob_entropy(
-                        self.ref_model, ids, amask, temperature=cfg.temperature, compute_entropy=False,
-                        impl=cfg.kernel_impl)
-                    ref_lp = ref_lp[:, sl]
-            with timer("time_weight"):
-                w = relative_entropy_weights(ent, cmask)
-                weights = w if self.strategy.weighting else None
-            adv = group_advantages(rewards, G, cfg.adv_eps)
-
-            # 5. DAPO-style GRPO update
-            with timer("time_update"):
-                upd = self.update(ro, adv, weights, old_lp, ref_lp)
-
-            groups = rewards.view(-1, G)
-            n_tok = cmask.sum().item()
-            m.update({
-                "reward_mean": float(rewards.mean()),
-                "zero_adv_frac": float((groups.std(dim=1) == 0).float().mean()),
-                "entropy_mean": float((ent * cmask).sum() / max(n_tok, 1)),
-                "weight_min": float(w.min()), "weight_max": float(w.max()),
-                "weight_p10": float(w.quantile(0.1)), "weight_p90": float(w.quantile(0.9)),
-                "weight_applied": self.strategy.weighting,
-                "completion_len": n_tok / cmask.shape[0],
-                **upd,
-            })
-        else:
-            m.update({"reward_mean": 0.0, "zero_adv_frac": 1.0, "entropy_mean": 0.0, "weight_min": 1.0,
-                      "weight_max": 1.0, "weight_p10": 1.0, "weight_p90": 1.0, "weight_applied": self.strategy.weighting, "completion_len": 0.0,
-                      "loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "ratio_mean": 1.0, "grad_norm": 0.0})
-
-        sel_ppl = None
-        if ppl is not None:
-            sel_ppl = ppl[order[:K]] if not self.strategy.dynamic else None
-        levels = [p.difficulty for p in selected]
-        m.update({
-            "rollouts": self.engine.rollouts_generated,
-            "step_rollouts": self.engine.rollouts_generated - rollouts_before,
-            "rho": rho,
-            "ppl_window_lo": float(sel_ppl.min()) if sel_ppl is not None else None,
-            "ppl_window_hi": float(sel_ppl.max()) if sel_ppl is not None else None,
-            "ppl_batch_mean": float(ppl.mean()) if ppl is not None else None,
-            "selected_difficulty": float(np.mean(levels)) if levels else None,
-            "reward_failures": self.reward_failures,
-            **extra,
-        })
-        m.update({k: round(v, 6) for k, v in timer.t.items()})
-        m["time_step"] = round(time.perf_counter() - t_step, 6)
-        m["time_prepo_overhead_frac"] = round((timer.t["time_score"] + timer.t["time_weight"]) / m["time_step"], 6)
-        self.step_idx += 1
-        return m
+            self.optimizer.step()
+        return gnorm
 
     # ------------------------------------------------------------------ evaluation
     def run_eval(self) -> dict:
         t0 = time.perf_counter()
-        res = evaluate(self.engine, self.reward_fn, self.eval_problems, avg_k=self.cfg.eval_avg_k, seed=self.cfg.seed)
+        res = evaluate(self.engine, self.reward_fn, self.data.eval, avg_k=self.cfg.eval_avg_k, seed=self.cfg.seed)
         res["time_eval"] = round(time.perf_counter() - t0, 6)
         return res
 
-    # ------------------------------------------------------------------ the run
-    def fit(self) -> dict:
+    def initial_diagnostic(self) -> dict:
+        """Before training: Spearman(prompt perplexity, pass rate) and the step-0 evaluation."""
         cfg = self.cfg
+        initial = {"warmup_seconds": self.warmup_seconds, "base_model": str(self.base_dir), "data": self.data.skipped}
+        if cfg.spearman_prompts > 0:
+            t0 = time.perf_counter()
+            pool = self.data.spearman_pool(cfg)
+            initial.update(ppl_pass_rate_spearman(
+                self.model, self.engine, self.reward_fn, pool, cfg.spearman_samples, seed=cfg.seed,
+                impl=cfg.kernel_impl, max_tokens=cfg.max_tokens_per_microbatch, autocast=self.precision.autocast))
+            initial["time_spearman"] = time.perf_counter() - t0
+            log.info("initial Spearman(prompt ppl, pass rate) = %.3f over %d prompts (pass-rate histogram %s)",
+                     initial["spearman_ppl_passrate"], len(pool), initial["pass_rate_hist"])
+        if self.data.eval:
+            ev = self.run_eval()
+            initial["eval"] = ev
+            self.runlog.write_eval({"step": 0, "rollouts": 0, **ev})
+            log.info("initial held-out greedy accuracy %.3f", ev["accuracy"])
+        return initial
+
+    # ------------------------------------------------------------------ the run
+    def evaluates_at(self, step: int) -> bool:
+        every = self.cfg.eval_every
+        return bool(self.data.eval) and ((every and step % every == 0) or step == self.cfg.total_steps)
+
+    def fit(self) -> Optional[dict]:
+        """The whole run (or its resumption); the summary on rank 0, None on the other ranks."""
+        cfg, main = self.cfg, self.dist.main
         t_start = time.perf_counter()
         self.out.mkdir(parents=True, exist_ok=True)
         initial_path = self.out / "initial.json"
@@ -391,177 +392,55 @@ class Trainer:
         if state is not None:
             self.load_state_dict(state)
             resumed_from = self.step_idx
-            self.initial = json.loads(initial_path.read_text())
-            log.info("resumed from step %d (%d rollouts)", self.step_idx, self.engine.rollouts_generated)
+            self.initial = json.loads(initial_path.read_text()) if main else {}
+            log.info("resumed from step %d (%d rollouts)", self.step_idx, self.rollouts)
         else:
-            for p in (self.metrics_path, self.eval_path):
-                if p.exists():
-                    p.unlink()
-            (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-            self.initial = {"warmup_seconds": self.warmup_seconds, "base_model": str(self.base_dir)}
-            if cfg.spearman_prompts > 0:
-                t0 = time.perf_counter()
-                pool = generate_problems(cfg.spearman_prompts, cfg.seed + 777, "train", heldout_frac=cfg.heldout_frac) \
-                    if not cfg.train_file else self.train_problems[: cfg.spearman_prompts]
-                self.initial.update(ppl_pass_rate_spearman(
-                    self.model, self.tokenizer, self.engine, self.reward_fn, pool, cfg.spearman_samples,
-                    seed=cfg.seed, impl=cfg.kernel_impl))
-                self.initial["time_spearman"] = time.perf_counter() - t0
-                log.info("initial Spearman(prompt ppl, pass rate) = %.3f over %d prompts (pass-rate histogram %s)",
-                         self.initial["spearman_ppl_passrate"], len(pool), self.initial["pass_rate_hist"])
-            ev = self.run_eval()
-            self.initial["eval"] = ev
-            _append_jsonl(self.eval_path, {"step": 0, "rollouts": 0, **ev})
-            initial_path.write_text(json.dumps(self.initial, indent=1))
-            log.info("initial held-out greedy accuracy %.3f", ev["accuracy"])
-
-        if cfg.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(self.out / "tb"), purge_step=self.step_idx + 1 if resumed_from else None)
-            except ImportError:
-                self.tb = None
-
-        last_eval = self.initial.get("eval", {}).get("accuracy")
-        if self.eval_path.exists():
-            lines = self.eval_path.read_text().splitlines()
-            if lines:
-                last_eval = json.loads(lines[-1])["accuracy"]
-        bar = None
-        if cfg.progress:
-            from tqdm import tqdm
-            bar = tqdm(total=cfg.total_steps, initial=self.step_idx, desc=f"prepo[{cfg.strategy}]",
-                       dynamic_ncols=True, file=sys.stderr)
+            self.runlog.start_fresh()
+            if main:
+                self.initial = self.initial_diagnostic()
+                initial_path.write_text(json.dumps(self.initial, indent=1))
+            self.dist.barrier()
+        self.runlog.open(self.step_idx, resumed=resumed_from is not None, initial=self.initial)
         while self.step_idx < cfg.total_steps:
             m = self.step()
-            s = m["step"]
-            if (cfg.eval_every and s % cfg.eval_every == 0) or s == cfg.total_steps:
-                ev = self.run_eval()
-                m["eval_accuracy"] = ev["accuracy"]
-                m["time_eval"] = ev["time_eval"]
-                if f"avg@{cfg.eval_avg_k}" in ev:
-                    m[f"eval_avg@{cfg.eval_avg_k}"] = ev[f"avg@{cfg.eval_avg_k}"]
-                _append_jsonl(self.eval_path, {"step": s, "rollouts": m["rollouts"], **ev})
-                last_eval = ev["accuracy"]
-            _append_jsonl(self.metrics_path, m)
-            if self.tb is not None:
-                for k, v in m.items():
-                    if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
-                        self.tb.add_scalar(k, v, s)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(rollouts=m["rollouts"], reward=f"{m['reward_mean']:.2f}",
-                                acc="-" if last_eval is None else f"{last_eval:.3f}")
-            if (cfg.save_every and s % cfg.save_every == 0) or s == cfg.total_steps:
-                self.save()
-        if bar is not None:
-            bar.close()
-        if self.tb is not None:
-            self.tb.close()
-        return self.finish(time.perf_counter() - t_start, resumed_from)
-
-    def finish(self, seconds: float, resumed_from: Optional[int]) -> dict:
-        metrics = [json.loads(l) for l in self.metrics_path.read_text().splitlines()] if self.metrics_path.exists() else []
-        evals = [json.loads(l) for l in self.eval_path.read_text().splitlines()] if self.eval_path.exists() else []
-        split = {k: float(sum(m.get(k, 0.0) for m in metrics)) for k in TIME_KEYS + ("time_step",)}
-        step_total = split["time_step"] or 1.0
-        plot_path = plot_curve(evals, self.out / "accuracy_vs_rollouts.png", self.cfg.strategy)
-        summary = {
-            "strategy": self.cfg.strategy,
-            "seed": self.cfg.seed,
-            "steps": self.step_idx,
-            "rollouts": self.engine.rollouts_generated,
-            "initial_accuracy": evals[0]["accuracy"] if evals else None,
-            "final_accuracy": evals[-1]["accuracy"] if evals else None,
-            "curve": [(e["rollouts"], e["accuracy"]) for e in evals],
-            "avg_k": self.cfg.eval_avg_k,
-            "initial_avg_k": evals[0].get(f"avg@{self.cfg.eval_avg_k}") if evals else None,
-            "final_avg_k": evals[-1].get(f"avg@{self.cfg.eval_avg_k}") if evals else None,
-            "spearman_ppl_passrate": self.initial.get("spearman_ppl_passrate"),
-            "reward_failures": self.reward_failures,
-            "time_split_seconds": split,
-            "time_split_frac": {k: split[k] / step_total for k in TIME_KEYS},
-            "prepo_overhead_frac": (split["time_score"] + split["time_weight"]) / step_total,
-            "train_seconds_this_process": seconds,
-            "warmup_seconds": self.initial.get("warmup_seconds", 0.0),
-            "resumed_from_step": resumed_from,
-            "output_dir": str(self.out),
-            "metrics": str(self.metrics_path),
-            "plot": str(plot_path) if plot_path else None,
-        }
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
-        return summary
+            if self.evaluates_at(m.step):
+                if main:
+                    ev = self.run_eval()
+                    m.eval = {"eval_accuracy": ev["accuracy"], "time_eval": ev["time_eval"]}
+                    if f"avg@{cfg.eval_avg_k}" in ev:
+                        m.eval[f"eval_avg@{cfg.eval_avg_k}"] = ev[f"avg@{cfg.eval_avg_k}"]
+                    self.runlog.write_eval({"step": m.step, "rollouts": m.rollouts, **ev})
+                self.dist.barrier()
+            self.runlog.write_step(m)
+            if (cfg.save_every and m.step % cfg.save_every == 0) or m.step == cfg.total_steps:
+                state = self.state_dict()   # every rank: it gathers the ranks' RNG states
+                if main:
+                    ckpt.save_checkpoint(self.ckpt_dir, state)
+        self.runlog.close()
+        if not main:
+            return None
+        return write_summary(self.out, cfg, steps=self.step_idx, rollouts=self.rollouts,
+                             reward_failures=self.reward_failures, initial=self.initial,
+                             seconds=time.perf_counter() - t_start, resumed_from=resumed_from)
 
 
-def plot_curve(evals: list[dict], path: Path, label: str) -> Optional[Path]:
-    if not evals:
-        return None
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    xs = [e["rollouts"] for e in evals]
-    ax.plot(xs, [e["accuracy"] for e in evals], marker="o", label=f"{label}: greedy")
-    avg_keys = sorted({k for e in evals for k in e if k.startswith("avg@")})
-    for k in avg_keys:
-        pts = [(e["rollouts"], e[k]) for e in evals if k in e]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="s", label=f"{label}: {k}")
-    ax.set_xlabel("cumulative rollouts")
-    ax.set_ylabel("held-out accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def run(config: TrainConfig | dict | None = None, *, reward_fn: Optional[Callable] = None) -> dict:
-    """Run (or resume) training; returns the summary dict (also written to output_dir/summary.json)."""
+def run(config: TrainConfig | dict | None = None, *, reward_fn: Optional[Callable] = None) -> Optional[dict]:
+    """Run (or resume) training; returns the summary dict (also written to output_dir/summary.json),
+    or None on a data-parallel rank other than 0."""
     if config is None:
         cfg = TrainConfig().validate()
     elif isinstance(config, dict):
         cfg = from_dict(config)
     else:
         cfg = config.validate()
-    return Trainer(cfg, reward_fn=reward_fn).fit()
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("transformers", "httpx", "huggingface_hub"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    trainer = Trainer(cfg, reward_fn=reward_fn)
     try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # no "Loading weights" / "Writing model shards" bars
-    except ImportError:
-        pass
-    t0 = time.perf_counter()
-    try:
-        cfg = parse_args(sys.argv[1:] if argv is None else argv)
-        summary = run(cfg)
-    except (ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    wall = time.perf_counter() - t0
-    fr = summary["time_split_frac"]
-    print(f"strategy {summary['strategy']}, {summary['steps']} steps, {summary['rollouts']} rollouts, wall {wall:.0f}s")
-    if summary["spearman_ppl_passrate"] is not None:
-        print(f"Spearman(prompt perplexity, pass rate) of the base policy: {summary['spearman_ppl_passrate']:.3f}")
-    print(f"held-out greedy accuracy: initial {summary['initial_accuracy']:.3f} -> final {summary['final_accuracy']:.3f}")
-    if summary["initial_avg_k"] is not None:
-        print(f"held-out avg@{summary['avg_k']} (sampled): initial {summary['initial_avg_k']:.3f} -> final {summary['final_avg_k']:.3f}")
-    print("step time split: " + ", ".join(f"{k[5:]} {100 * v:.1f}%" for k, v in fr.items())
-          + f"; PREPO overhead (scoring + weighting) {100 * summary['prepo_overhead_frac']:.2f}%")
-    print(f"results in {summary['output_dir']} (metrics.jsonl, eval.jsonl, summary.json, {Path(summary['plot']).name if summary['plot'] else 'no plot'})")
-    return 0
+        return trainer.fit()
+    finally:
+        trainer.dist.close()
 
 
 if __name__ == "__main__":
+    from .cli import main
+
     sys.exit(main())

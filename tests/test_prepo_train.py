@@ -13,7 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {
-    "warmup_steps": 40, "warmup_hidden_size": 32, "warmup_layers": 1,
+    "warmup_steps": 40, "warmup_hidden_size": 32, "warmup_num_layers": 1,
     "warmup_batch_size": 32, "train_size": 200, "eval_per_level": 4, "candidate_batch_size": 10,
     "group_size": 4, "max_new_tokens": 4, "spearman_prompts": 12, "spearman_samples": 4,
     "num_threads": 1, "eval_every": 3, "save_every": 2, "progress": False,
@@ -106,13 +106,13 @@ def test_reward_failures_counted_in_run(tmp_path, cache_dir):
 
 
 def test_bad_config_exits_with_message(tmp_path, capsys):
-    from prepo.train import main
+    from prepo.cli import main
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "1+1="}\n')
     for args, msg in ((["--total-stepz", "2"], "valid keys"), (["--strategy", "nope"], "strategy must be one of"),
-                      (["--seed", "x"], "expects an integer"), (["--train-file", str(bad), "--output-dir", str(tmp_path)],
-                                                               "missing field 'answer'")):
+                      (["--seed", "x"], "expects an integer"), (["--train-data", str(bad), "--output-dir", str(tmp_path)],
+                                                               "no answer column 'answer'")):
         assert main(args) == 2
         assert msg in capsys.readouterr().err
     # and through the real command line

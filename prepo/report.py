@@ -1,0 +1,172 @@
+"""A run's outputs: metrics.jsonl / eval.jsonl (one record a line), TensorBoard scalars, the tqdm
+bar, config.yaml, summary.json and the accuracy-vs-rollouts plot. Everything here reads the
+:class:`~prepo.metrics.StepMetrics` record or the files written from it."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from .config import TrainConfig
+from .metrics import TIME_KEYS, StepMetrics
+
+
+def count_lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def truncate_lines(path: Path, n: int) -> None:
+    """Keep the first ``n`` lines of ``path`` (what a checkpoint had seen), drop the rest."""
+    if not path.exists():
+        if n:
+            raise RuntimeError(f"{path} is missing but the checkpoint expects {n} lines in it")
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    if len(lines) < n:
+        raise RuntimeError(f"{path} has {len(lines)} lines, the checkpoint expects {n}")
+    path.write_text("".join(lines[:n]))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _append_jsonl(path: Path, obj: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(obj) + "\n")
+        f.flush()
+
+
+class RunLog:
+    """Where each step's record goes: metrics.jsonl, TensorBoard (when installed and asked for) and
+    the progress bar. Disabled (every method does nothing) on data-parallel ranks other than 0."""
+
+    def __init__(self, out: Path, cfg: TrainConfig, *, enabled: bool = True):
+        self.out, self.cfg, self.enabled = out, cfg, enabled
+        self.metrics_path = out / "metrics.jsonl"
+        self.eval_path = out / "eval.jsonl"
+        self.tb = self.bar = None
+        self.last_eval: Optional[float] = None
+
+    def start_fresh(self) -> None:
+        """A new run: clear old records, save the config."""
+        if not self.enabled:
+            return
+        for p in (self.metrics_path, self.eval_path):
+            if p.exists():
+                p.unlink()
+        (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+
+    def truncate(self, metrics_lines: int, eval_lines: int) -> None:
+        """Back to what a checkpoint had seen (resume)."""
+        if self.enabled:
+            truncate_lines(self.metrics_path, metrics_lines)
+            truncate_lines(self.eval_path, eval_lines)
+
+    def open(self, step: int, *, resumed: bool, initial: dict) -> None:
+        if not self.enabled:
+            return
+        if self.cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.out / "tb"), purge_step=step + 1 if resumed else None)
+            except ImportError:
+                self.tb = None
+        evals = read_jsonl(self.eval_path)
+        self.last_eval = evals[-1]["accuracy"] if evals else initial.get("eval", {}).get("accuracy")
+        if self.cfg.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.cfg.total_steps, initial=step, desc=f"prepo[{self.cfg.strategy}]",
+                            dynamic_ncols=True, file=sys.stderr)
+
+    def write_eval(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        _append_jsonl(self.eval_path, row)
+        self.last_eval = row["accuracy"]
+
+    def write_step(self, m: StepMetrics) -> None:
+        if not self.enabled:
+            return
+        _append_jsonl(self.metrics_path, m.to_dict())
+        if self.tb is not None:
+            for k, v in m.scalars().items():
+                self.tb.add_scalar(k, v, m.step)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(rollouts=m.rollouts, reward=f"{m.reward_mean:.2f}",
+                                 acc="-" if self.last_eval is None else f"{self.last_eval:.3f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def write_summary(out: Path, cfg: TrainConfig, *, steps: int, rollouts: int, reward_failures: int, initial: dict,
+                  seconds: float, resumed_from: Optional[int]) -> dict:
+    """summary.json (returned): accuracy curve, rollouts, time split, skipped data rows, ..."""
+    metrics = [StepMetrics.from_dict(r) for r in read_jsonl(out / "metrics.jsonl")]
+    evals = read_jsonl(out / "eval.jsonl")
+    split = {k: float(sum(m.times.get(k, 0.0) for m in metrics)) for k in TIME_KEYS + ("time_step",)}
+    step_total = split["time_step"] or 1.0
+    k = cfg.eval_avg_k
+    plot_path = plot_curve(evals, out / "accuracy_vs_rollouts.png", cfg.strategy)
+    summary = {
+        "strategy": cfg.strategy,
+        "seed": cfg.seed,
+        "steps": steps,
+        "rollouts": rollouts,
+        "initial_accuracy": evals[0]["accuracy"] if evals else None,
+        "final_accuracy": evals[-1]["accuracy"] if evals else None,
+        "curve": [(e["rollouts"], e["accuracy"]) for e in evals],
+        "avg_k": k,
+        "initial_avg_k": evals[0].get(f"avg@{k}") if evals else None,
+        "final_avg_k": evals[-1].get(f"avg@{k}") if evals else None,
+        "spearman_ppl_passrate": initial.get("spearman_ppl_passrate"),
+        "reward_failures": reward_failures,
+        "data": initial.get("data", {}),
+        "time_split_seconds": split,
+        "time_split_frac": {key: split[key] / step_total for key in TIME_KEYS},
+        "prepo_overhead_frac": (split["time_score"] + split["time_weight"]) / step_total,
+        "train_seconds_this_process": seconds,
+        "warmup_seconds": initial.get("warmup_seconds", 0.0),
+        "resumed_from_step": resumed_from,
+        "output_dir": str(out),
+        "metrics": str(out / "metrics.jsonl"),
+        "plot": str(plot_path) if plot_path else None,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def plot_curve(evals: list[dict], path: Path, label: str) -> Optional[Path]:
+    if not evals:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    xs = [e["rollouts"] for e in evals]
+    ax.plot(xs, [e["accuracy"] for e in evals], marker="o", label=f"{label}: greedy")
+    for key in sorted({k for e in evals for k in e if k.startswith("avg@")}):
+        pts = [(e["rollouts"], e[key]) for e in evals if key in e]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="s", label=f"{label}: {key}")
+    ax.set_xlabel("cumulative rollouts")
+    ax.set_ylabel("held-out accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

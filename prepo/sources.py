@@ -1,0 +1,67 @@
+"""Where a run's problems and its reward come from: the built-in arithmetic task (generated) or
+the user's files (``--train-data`` / ``--eval-data``, read by :func:`prepo.data.load_examples`),
+scored by the math checker or ``--reward module:function``."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .config import TrainConfig
+from .task import DataError, Problem, balanced_problems, generate_problems
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataSource:
+    train: list[Problem]
+    eval: list[Problem]
+    builtin: bool
+    skipped: dict = field(default_factory=dict)   # split -> LoadedData.summary() (files only)
+
+    def spearman_pool(self, cfg: TrainConfig) -> list[Problem]:
+        """Prompts for the initial perplexity / pass-rate diagnostic: fresh built-in problems, or
+        the first training rows."""
+        if self.builtin:
+            return generate_problems(cfg.spearman_prompts, cfg.seed + 777, "train", heldout_frac=cfg.heldout_frac)
+        return self.train[: cfg.spearman_prompts]
+
+
+def _key(prompt) -> str:
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+
+
+def load_data(cfg: TrainConfig) -> DataSource:
+    if cfg.train_data:
+        from .data import load_examples
+
+        train = load_examples(cfg.train_data, split_name="train", prompt_column=cfg.prompt_column,
+                              answer_column=cfg.answer_column)
+        evals = load_examples(cfg.eval_data, split_name="test", prompt_column=cfg.eval_prompt_column or cfg.prompt_column,
+                              answer_column=cfg.eval_answer_column or cfg.answer_column) if cfg.eval_data else None
+        src = DataSource(train.examples, evals.examples if evals else [], builtin=False,
+                         skipped={"train": train.summary(), **({"eval": evals.summary()} if evals else {})})
+        for split, info in src.skipped.items():
+            log.info("%s data %s: %d rows used, %d skipped %s", split, info["source"], info["examples"],
+                     info["skipped"], info["skipped_reasons"] or "")
+        if not evals:
+            log.warning("no --eval-data: the run will not evaluate")
+    else:
+        src = DataSource(generate_problems(cfg.train_size, cfg.seed, "train", heldout_frac=cfg.heldout_frac),
+                         balanced_problems(cfg.eval_per_level, cfg.seed, "eval", heldout_frac=cfg.heldout_frac),
+                         builtin=True)
+    overlap = {_key(p.prompt) for p in src.train} & {_key(p.prompt) for p in src.eval}
+    if overlap:
+        raise DataError(f"{len(overlap)} held-out prompts also appear in training, e.g. {sorted(overlap)[:3]}")
+    return src
+
+
+def load_reward_fn(cfg: TrainConfig) -> Callable:
+    """``--reward module:function`` (TRL's signature ``fn(prompts, completions, **columns)``), else
+    the math checker (math-verify against the ``answer`` column: the built-in task's answers are
+    integers, a math data set's are LaTeX / numbers)."""
+    from . import rewards
+
+    return rewards.load_reward(cfg.reward) if cfg.reward else rewards.math_verify_reward
