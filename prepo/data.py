@@ -218,16 +218,6 @@ def _difficulty(row: dict) -> Optional[int]:
     return None
 
 
-def render_prompt(prompt: Prompt, tokenizer) -> str:
-    """The text the policy sees: a text prompt as it is; a chat through the tokenizer's chat template
-    with the assistant turn opened (``add_generation_prompt``)."""
-    if isinstance(prompt, str):
-        return prompt
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataError("the data has chat prompts but the tokenizer has no chat template")
-    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-
-
 def reward_columns(problems: Sequence[Problem]) -> dict[str, list]:
     """Keyword lists for a TRL-style reward function: ``answer`` plus every other column of the
     rows (None where a row lacks it). ``answer`` is always the resolved gold answer."""

@@ -103,6 +103,13 @@ class Sampling:
     top_p: float = 1.0
 
 
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The ids a rollout stops at (both engines): the tokenizer's EOS and the model's own
+    ``generation_config`` EOS ids (a chat model's end-of-turn token)."""
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return sorted({tokenizer.eos_token_id, *([gen_eos] if isinstance(gen_eos, int) else gen_eos or [])})
+
+
 class HFGenerateEngine:
     """Samples with ``model.generate`` from the live policy (no separate inference copy, so
     :meth:`sync_weights` has nothing to do). Prompts are encoded by ``encoder`` (chat template,
@@ -117,9 +124,7 @@ class HFGenerateEngine:
         self.chunk_prompts = chunk_prompts
         self.autocast = autocast
         self.rollouts_generated = 0
-        # stop at the tokenizer's EOS and at the model's own (a chat model's end-of-turn token)
-        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        self.stop_ids = sorted({tokenizer.eos_token_id, *([gen_eos] if isinstance(gen_eos, int) else gen_eos or [])})
+        self.stop_ids = stop_token_ids(model, tokenizer)
 
     def sync_weights(self, model) -> None:
         """Nothing to copy: generation runs on the policy itself."""

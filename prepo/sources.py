@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .config import TrainConfig
-from .task import DataError, Problem, balanced_problems, generate_problems
+from .task import DataError, Problem, balanced_problems, check_task_alphabet, generate_problems
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,8 @@ def load_data(cfg: TrainConfig) -> DataSource:
                      info["skipped"], info["skipped_reasons"] or "")
         if not evals:
             log.warning("no --eval-data: the run will not evaluate")
+        if not cfg.model:
+            check_task_alphabet(src.train + src.eval, f"{cfg.train_data} / {cfg.eval_data or '-'}")
     else:
         src = DataSource(generate_problems(cfg.train_size, cfg.seed, "train", heldout_frac=cfg.heldout_frac),
                          balanced_problems(cfg.eval_per_level, cfg.seed, "eval", heldout_frac=cfg.heldout_frac),

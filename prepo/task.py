@@ -15,15 +15,14 @@ prompt text falls in the held-out bucket, so no generation order or seed can lea
 problem into training. Everything is deterministic given the seed.
 
 Problems from files (jsonl, json, parquet, ``datasets`` directories; verl and TRL layouts) are read
-by :func:`prepo.data.load_examples`; :func:`load_problems_jsonl` is that loader restricted to this
-task's alphabet.
+by :func:`prepo.data.load_examples`; :func:`check_task_alphabet` says whether the built-in model can
+read them.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -56,11 +55,6 @@ class Problem:
     # The row's other columns (verl: data_source, extra_info, reward_model...), passed to a
     # TRL-style reward function as keyword lists. Not part of equality.
     columns: dict = field(default_factory=dict, compare=False)
-
-    def to_dict(self) -> dict:
-        """prompt, answer, difficulty and the row's other columns, flat (as a data row)."""
-        d = asdict(self)
-        return {**d.pop("columns"), **d}
 
 
 def _tokens(expr: str) -> list:
@@ -191,20 +185,12 @@ def balanced_problems(n_per_level: int, seed: int, split: str, heldout_frac: flo
     return out
 
 
-def load_problems_jsonl(path: str | Path) -> list[Problem]:
-    """This task's problems from a JSONL file (see :func:`prepo.data.load_examples`); raises
-    :class:`DataError` when the file has no usable row or a prompt leaves the task alphabet."""
-    from .data import load_examples
-
-    problems = load_examples(path).examples
+def check_task_alphabet(problems: Sequence[Problem], source: str) -> None:
+    """Raise :class:`DataError` unless every prompt is text in this task's alphabet: the built-in
+    model's character tokenizer reads nothing else (other data needs ``--model``)."""
     for p in problems:
         bad = sorted(set(p.prompt) - set(CHARS)) if isinstance(p.prompt, str) else ["<chat prompt>"]
         if bad:
-            raise DataError(f"{path}: prompt {p.prompt!r} has characters outside the task alphabet {CHARS!r}: {bad}")
-    return problems
-
-
-def save_problems_jsonl(problems: Sequence[Problem], path: str | Path) -> None:
-    with Path(path).open("w") as f:
-        for p in problems:
-            f.write(json.dumps(p.to_dict()) + "\n")
+            raise DataError(f"{source}: prompt {p.prompt!r} has characters outside the built-in task's alphabet "
+                            f"{CHARS!r}: {bad}; the built-in model reads only that alphabet, name a model "
+                            "with --model for other data")

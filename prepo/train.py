@@ -50,7 +50,7 @@ from .policy import Precision, load_policy, resolve_device
 from .prompts import PromptEncoder, PromptFormat
 from .report import RunLog, count_lines, write_summary
 from .rewards import compute_rewards
-from .rollout import HFGenerateEngine, Rollouts, Sampling
+from .rollout import HFGenerateEngine, Rollouts, Sampling, stop_token_ids
 from .scoring import prompt_perplexity
 from .sources import load_data, load_reward_fn
 from .weighting import relative_entropy_weights
@@ -69,7 +69,8 @@ def make_engine(cfg: TrainConfig, model_source, model, tokenizer, encoder: Promp
 
         return VLLMEngine(str(model_source), tokenizer, dtype=VLLM_DTYPES[cfg.dtype], seed=cfg.seed,
                           gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, max_new_tokens=cfg.max_new_tokens,
-                          temperature=cfg.temperature, top_p=cfg.top_p, encoder=encoder)
+                          temperature=cfg.temperature, top_p=cfg.top_p, encoder=encoder,
+                          stop_ids=stop_token_ids(model, tokenizer))
     return HFGenerateEngine(model, tokenizer, encoder, Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p),
                             autocast=precision.autocast)
 

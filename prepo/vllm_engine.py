@@ -60,15 +60,15 @@ def require_vllm():
 
 def sampling_params_kwargs(*, num_samples: int, max_new_tokens: int, temperature: float = 1.0,
                            top_p: float = 1.0, top_k: Optional[int] = 0, greedy: bool = False,
-                           stop_token_id: int) -> dict:
+                           stop_token_ids: Sequence[int]) -> dict:
     """Keyword arguments of ``vllm.SamplingParams`` for one request: ``num_samples`` completions
-    (``n``) of at most ``max_new_tokens`` tokens, stopping at ``stop_token_id``. ``top_k`` 0 or
+    (``n``) of at most ``max_new_tokens`` tokens, stopping at any of ``stop_token_ids``. ``top_k`` 0 or
     None: no top-k, as in the HF engine. Greedy decoding is ``temperature=0`` with ``n=1`` (vLLM
     refuses ``n > 1`` greedy): the caller sends a greedy prompt once per sample. No log-probs and no
     detokenizing: the trainer computes its own log-probs and decodes with its own tokenizer."""
     if num_samples < 1 or max_new_tokens < 1:
         raise ValueError(f"num_samples and max_new_tokens must be >= 1, got {num_samples}, {max_new_tokens}")
-    common = dict(max_tokens=max_new_tokens, stop_token_ids=[stop_token_id], logprobs=None, detokenize=False)
+    common = dict(max_tokens=max_new_tokens, stop_token_ids=list(stop_token_ids), logprobs=None, detokenize=False)
     if greedy:
         return dict(n=1, temperature=0.0, **common)
     if not temperature > 0:
@@ -121,25 +121,28 @@ def rollouts_from_tokens(prompt_index: list[int], prompt_ids: torch.Tensor, prom
 class VLLMEngine:
     """Rollouts from a colocated vLLM engine; the :class:`~prepo.rollout.RolloutEngine` interface
     plus ``sync_weights`` and ``sleep``. ``model_path``: the HF model directory the
-    policy was loaded from (vLLM builds its own copy, then receives the policy's weights)."""
+    policy was loaded from (vLLM builds its own copy, then receives the policy's weights);
+    ``stop_ids``: the ids a completion stops at (:func:`prepo.rollout.stop_token_ids`, as the HF
+    engine; default the tokenizer's EOS)."""
 
     def __init__(self, model_path: str, tokenizer, *, dtype: str = "bfloat16", gpu_memory_utilization: float = 0.5,
                  max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: Optional[int] = 0,
                  seed: int = 0, max_model_len: Optional[int] = None, enable_sleep_mode: bool = True,
-                 chunk_prompts: int = 64, encoder=None):
+                 chunk_prompts: int = 64, encoder=None, stop_ids: Sequence[int] = ()):
         vllm = require_vllm()
-        from .scoring import PromptEncoder
+        from .prompts import PromptEncoder
 
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         sampling_params_kwargs(num_samples=1, max_new_tokens=max_new_tokens, temperature=temperature,
-                               top_p=top_p, top_k=top_k, stop_token_id=0)  # bad options fail here, at start
+                               top_p=top_p, top_k=top_k, stop_token_ids=stop_ids)  # bad options fail here, at start
         if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
             log.warning("VLLM_ENABLE_V1_MULTIPROCESSING=0 is forced: weights are pushed in this process")
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         self._vllm = vllm
         self.tokenizer = tokenizer
         self.encoder = encoder or PromptEncoder(tokenizer)
+        self.stop_ids = list(stop_ids) or [tokenizer.eos_token_id]
         self.max_new_tokens, self.temperature, self.top_p, self.top_k = max_new_tokens, temperature, top_p, top_k
         self.chunk_prompts = chunk_prompts
         self.rollouts_generated = 0
@@ -152,7 +155,7 @@ class VLLMEngine:
     def _params(self, num_samples: int, greedy: bool):
         return self._vllm.SamplingParams(**sampling_params_kwargs(
             num_samples=num_samples, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-            top_p=self.top_p, top_k=self.top_k, greedy=greedy, stop_token_id=self.tokenizer.eos_token_id))
+            top_p=self.top_p, top_k=self.top_k, greedy=greedy, stop_token_ids=self.stop_ids))
 
     def generate(self, prompts: Sequence[str], num_samples: int, *, greedy: bool = False) -> Iterator[Rollouts]:
         """Chunks of ``chunk_prompts`` prompts, each prompt's ``num_samples`` rows consecutive."""

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from prepo.data import LoadedData, load_examples, render_prompt, reward_columns
-from prepo.task import DataError, Problem, load_problems_jsonl
+from prepo.data import LoadedData, load_examples, reward_columns
+from prepo.task import DataError, Problem
 
 # One row of each public layout the README documents (texts shortened).
 DAPO_ROW = {  # BytedTsinghua-SIA/DAPO-Math-17k (verl parquet)
@@ -152,34 +152,8 @@ def test_bad_files(tmp_path):
         load_examples(tmp_path / "bad.parquet")
 
 
-def test_render_prompt_applies_the_chat_template(qwen_tokenizer):
-    assert render_prompt("2+2=", qwen_tokenizer) == "2+2="
-    text = render_prompt([{"role": "user", "content": "What is 2+2?"}], qwen_tokenizer)
-    assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-                    "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n")
-
-    class NoTemplate:
-        chat_template = None
-
-    with pytest.raises(DataError, match="no chat template"):
-        render_prompt([{"role": "user", "content": "hi"}], NoTemplate())
-
-
 def test_reward_columns_are_keyword_lists():
     probs = [Problem("a", "1", columns={"data_source": "x", "extra_info": {"i": 0}}),
              Problem("b", "2", columns={"data_source": "y", "answer": "stale"})]
     cols = reward_columns(probs)
     assert cols == {"answer": ["1", "2"], "data_source": ["x", "y"], "extra_info": [{"i": 0}, None]}
-
-
-def test_problem_round_trip_and_task_loader(tmp_path):
-    from prepo.task import save_problems_jsonl
-
-    probs = [Problem("1+2=", "3", 0), Problem("9*9=", "81", 4, columns={"tag": "t"})]
-    save_problems_jsonl(probs, tmp_path / "p.jsonl")
-    back = load_problems_jsonl(tmp_path / "p.jsonl")
-    assert back == probs  # columns are not compared: every column but prompt and answer is kept
-    assert back[1].columns == {"tag": "t", "difficulty": 4}
-    write_jsonl(tmp_path / "words.jsonl", [{"prompt": "what is 1+2?", "answer": "3"}])
-    with pytest.raises(DataError, match="task alphabet"):
-        load_problems_jsonl(tmp_path / "words.jsonl")

@@ -110,9 +110,12 @@ def test_bad_config_exits_with_message(tmp_path, capsys):
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "1+1="}\n')
+    words = tmp_path / "words.jsonl"
+    words.write_text('{"prompt": "What is 1+1?", "answer": "2"}\n')
     for args, msg in ((["--total-stepz", "2"], "valid keys"), (["--strategy", "nope"], "strategy must be one of"),
                       (["--seed", "x"], "expects an integer"), (["--train-data", str(bad), "--output-dir", str(tmp_path)],
-                                                               "no answer column 'answer'")):
+                                                               "no answer column 'answer'"),
+                      (["--train-data", str(words), "--output-dir", str(tmp_path)], "name a model with --model")):
         assert main(args) == 2
         assert msg in capsys.readouterr().err
     # and through the real command line

@@ -13,8 +13,8 @@ from prepo.curriculum import PromptSampler, get_strategy, pacing_rho, window_sel
 from prepo.loss import group_advantages, grpo_loss
 from prepo.rewards import compute_rewards, math_verify_reward
 from prepo.task import (
-    DataError, LEVELS, balanced_problems, evaluate_expression, generate_problems, is_heldout,
-    load_problems_jsonl, worked_solution,
+    DataError, LEVELS, Problem, balanced_problems, evaluate_expression, generate_problems, is_heldout,
+    check_task_alphabet, worked_solution,
 )
 from prepo.weighting import relative_entropy_weights
 
@@ -208,25 +208,11 @@ def test_task_deterministic_and_disjoint():
     assert levels == {0, 1, 2, 3, 4}
 
 
-def test_bad_data_errors(tmp_path):
-    cases = {
-        "notjson.jsonl": "{oops\n",
-        "missing.jsonl": json.dumps({"prompt": "1+2="}) + "\n",
-        "badanswer.jsonl": json.dumps({"prompt": "1+2=", "answer": [3]}) + "\n",
-        "badchars.jsonl": json.dumps({"prompt": "what is 1+2?", "answer": "3"}) + "\n",
-        "empty.jsonl": "\n",
-        "notobject.jsonl": "[1, 2]\n",
-    }
-    for name, text in cases.items():
-        path = tmp_path / name
-        path.write_text(text)
-        with pytest.raises(DataError):
-            load_problems_jsonl(path)
-    with pytest.raises(DataError, match="does not exist"):
-        load_problems_jsonl(tmp_path / "nope.jsonl")
-    good = tmp_path / "good.jsonl"
-    good.write_text(json.dumps({"prompt": "1+2=", "answer": 3, "difficulty": 0}) + "\n")
-    assert load_problems_jsonl(good)[0].answer == "3"
+def test_task_alphabet_check():
+    check_task_alphabet([Problem("1+2=", "3", 0)], "ok")
+    for prompt in ("what is 1+2?", [{"role": "user", "content": "1+2="}]):
+        with pytest.raises(DataError, match="alphabet"):
+            check_task_alphabet([Problem(prompt, "3")], "data.jsonl")
 
 
 # ---------------------------------------------------------------- rewards

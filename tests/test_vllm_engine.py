@@ -25,16 +25,16 @@ def test_missing_vllm_names_the_extra(monkeypatch, qwen_tokenizer):
 
 def test_sampling_params_mapping():
     kw = sampling_params_kwargs(num_samples=8, max_new_tokens=64, temperature=0.7, top_p=0.95, top_k=None,
-                                stop_token_id=5)
+                                stop_token_ids=[5])
     assert kw == dict(n=8, temperature=0.7, top_p=0.95, top_k=0, max_tokens=64, stop_token_ids=[5],
                       logprobs=None, detokenize=False)
-    assert sampling_params_kwargs(num_samples=2, max_new_tokens=4, top_k=20, stop_token_id=1)["top_k"] == 20
-    greedy = sampling_params_kwargs(num_samples=4, max_new_tokens=16, temperature=0.7, greedy=True, stop_token_id=5)
+    assert sampling_params_kwargs(num_samples=2, max_new_tokens=4, top_k=20, stop_token_ids=[1])["top_k"] == 20
+    greedy = sampling_params_kwargs(num_samples=4, max_new_tokens=16, temperature=0.7, greedy=True, stop_token_ids=[5])
     assert greedy == dict(n=1, temperature=0.0, max_tokens=16, stop_token_ids=[5], logprobs=None, detokenize=False)
     for bad, msg in [(dict(temperature=0.0), "temperature > 0"), (dict(top_p=0.0), "top_p"),
                      (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"), (dict(max_new_tokens=0), ">= 1")]:
         with pytest.raises(ValueError, match=msg):
-            sampling_params_kwargs(**{"num_samples": 2, "max_new_tokens": 8, "stop_token_id": 0, **bad})
+            sampling_params_kwargs(**{"num_samples": 2, "max_new_tokens": 8, "stop_token_ids": [0], **bad})
 
 
 @pytest.mark.parametrize("model_dir", ["tiny_qwen2_dir", "tiny_llama_dir"])
