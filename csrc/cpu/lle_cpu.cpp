@@ -29,13 +29,23 @@
 
 #include "../lle_common.h"
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <ATen/native/CPUBlas.h>
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
+#define PREPO_HAVE_BRGEMM
+#endif
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <tuple>
+#include <type_traits>
+#include <vector>
 
 namespace prepo_kernels {
 namespace {
@@ -291,7 +301,6 @@ inline void merge_stats(const RowStats& r, int64_t i, double mt, double st, doub
 // that require grad.
 struct Operands {
   Tensor hidden, weight, targets, inv_temp, bias;  // bias undefined when absent
-  bool lowp;                                       // hidden/weight are bf16/fp16: tiles are upcast
 };
 
 Operands prepare_operands(const Tensor& hidden_in, const Tensor& weight_in, const std::optional<Tensor>& bias_in,
@@ -302,7 +311,6 @@ Operands prepare_operands(const Tensor& hidden_in, const Tensor& weight_in, cons
   o.targets = targets_in.contiguous();
   o.inv_temp = inv_temp_in.to(acc).contiguous();
   if (bias_in.has_value()) o.bias = bias_in->detach().to(acc).contiguous();
-  o.lowp = o.hidden.scalar_type() != acc;
   const int64_t n = o.targets.size(0), V = o.weight.size(0);
   const int64_t* y = o.targets.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i)
@@ -310,12 +318,212 @@ Operands prepare_operands(const Tensor& hidden_in, const Tensor& weight_in, cons
   return o;
 }
 
+// ---------------------------------------------------------------------------------------------
+// tile GEMM engines. Each worker thread owns one engine; for each of its vocab tiles the drivers call
+//   set_tile(v0, vt)                        load (upcast / pack) the weight tile W[v0 : v0 + vt]
+//   logits(r0, nt, Z)                       Z [nt, vt] = h[r0 : r0 + nt] W_tile^T         (acc dtype)
+//   grads(r0, nt, Z, dh, dWt, accumulate)   dh += dz W_tile, dWt (+)= dz^T h[r0 : r0 + nt], where Z
+//                                           holds dz * inv_temp of the row block of the last logits()
+
+// ATen BLAS (MKL / OpenBLAS) in the accumulation dtype; bf16 / fp16 tiles are upcast to fp32 first.
+template <typename acc_t>
+class BlasTiles {
+ public:
+  BlasTiles(const Tensor& hidden, const Tensor& weight, int64_t Nt, int64_t Vt)
+      : hidden_(hidden), weight_(weight), lowp_(hidden.scalar_type() != c10::CppTypeToScalarType<acc_t>::value) {
+    const auto fopts = hidden.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    if (lowp_) {
+      wbuf_ = at::empty({Vt * hidden.size(1)}, fopts);
+      hbuf_ = at::empty({Nt * hidden.size(1)}, fopts);
+    }
+  }
+  void set_tile(int64_t v0, int64_t vt) {
+    Wt_ = weight_.narrow(0, v0, vt);
+    if (lowp_) Wt_ = tile_view(wbuf_, vt, weight_.size(1)).copy_(Wt_);
+  }
+  void logits(int64_t r0, int64_t nt, Tensor& Z) {
+    hb_ = hidden_.narrow(0, r0, nt);
+    if (lowp_) hb_ = tile_view(hbuf_, nt, hidden_.size(1)).copy_(hb_);
+    at::mm_out(Z, hb_, Wt_.t());
+  }
+  void grads(int64_t /*r0*/, int64_t /*nt*/, const Tensor& Z, Tensor dh, Tensor dWt, bool accumulate) {
+    dh.addmm_(Z, Wt_);
+    if (accumulate) {
+      dWt.addmm_(Z.t(), hb_);
+    } else {
+      at::mm_out(dWt, Z.t(), hb_);
+    }
+  }
+
+ private:
+  const Tensor& hidden_;
+  const Tensor& weight_;
+  const bool lowp_;
+  Tensor wbuf_, hbuf_, Wt_, hb_;
+};
+
+#if defined(PREPO_HAVE_BRGEMM)
+// bf16 x bf16 -> fp32 tile GEMMs on oneDNN's brgemm micro-kernel (at::native::cpublas::brgemm, the one
+// ATen's CPU flash attention uses), at the speed of the bf16 matmuls. brgemm computes C (+)= A B for a
+// row-major A and a B in VNNI layout; pack_vnni builds that layout itself (cpublas::pack only exists
+// with AMX). dz is rounded to bf16 for the two backward GEMMs (as Liger / CCE do); the logits, the
+// softmax statistics, dz, dh and dW stay fp32.
+using at::BFloat16;
+constexpr int64_t kPanel = 64;      // columns of one packed B panel (one brgemm call's N)
+constexpr int64_t kBlockRows = 64;  // rows of A per brgemm call (one call's M)
+
+int64_t round_even(int64_t k) { return (k + 1) / 2 * 2; }
+int64_t packed_size(int64_t K, int64_t N) { return (N + kPanel - 1) / kPanel * kPanel * round_even(K); }
+
+// B [K, N] with B[k, n] = src[k * ks + n * ns] -> panels of kPanel columns in VNNI pairs:
+// dst[p][k / 2][j][k % 2] = B[k, p * kPanel + j], zero-padded to an even K and whole panels.
+void pack_vnni(const BFloat16* src, int64_t K, int64_t N, int64_t ks, int64_t ns, BFloat16* dst) {
+  const int64_t K2 = round_even(K) / 2;
+  for (int64_t p = 0; p * kPanel < N; ++p) {
+    for (int64_t k2 = 0; k2 < K2; ++k2) {
+      BFloat16* d = dst + (p * K2 + k2) * 2 * kPanel;
+      for (int64_t j = 0; j < kPanel; ++j) {
+        const int64_t n = p * kPanel + j;
+        for (int64_t h = 0; h < 2; ++h) {
+          const int64_t k = 2 * k2 + h;
+          d[2 * j + h] = (n < N && k < K) ? src[k * ks + n * ns] : BFloat16(0.0f);
+        }
+      }
+    }
+  }
+}
+
+// C [M, N] (+)= A [M, K] B for B packed by pack_vnni; A has round_even(K) columns (a zero column
+// when K is odd), ld_a apart; C rows are ld_c apart.
+void brgemm_bf16(int64_t M, int64_t N, int64_t K, const BFloat16* A, int64_t ld_a, const BFloat16* Bp, float* C,
+                 int64_t ld_c, bool accumulate) {
+  const int64_t Ke = round_even(K);
+  for (int64_t p = 0; p * kPanel < N; ++p) {
+    const int64_t nb = std::min(kPanel, N - p * kPanel);
+    for (int64_t m0 = 0; m0 < M; m0 += kBlockRows) {
+      at::native::cpublas::brgemm(std::min(kBlockRows, M - m0), nb, Ke, ld_a, kPanel, ld_c, accumulate,
+                                  A + m0 * ld_a, Bp + p * Ke * kPanel, C + m0 * ld_c + p * kPanel, true);
+    }
+  }
+}
+
+// Whether this CPU / ATen build runs the bf16 brgemm with VNNI operands (oneDNN ukernels, AVX-512
+// bf16 or AMX): one tiny call, checked once. PREPO_CPU_BF16_BRGEMM=0 forces the upcast path.
+bool bf16_brgemm_usable() {
+  static const bool ok = [] {
+    try {
+      const BFloat16 a[2] = {BFloat16(1.0f), BFloat16(2.0f)};
+      std::vector<BFloat16> b(2 * kPanel, BFloat16(0.0f));
+      b[0] = BFloat16(3.0f);
+      b[1] = BFloat16(4.0f);
+      float c = 0.0f;
+      at::native::cpublas::brgemm(1, 1, 2, 2, kPanel, 1, false, a, b.data(), &c, true);
+      at::native::cpublas::brgemm_release(true);
+      return c == 11.0f;
+    } catch (const std::exception&) {
+      return false;
+    }
+  }();
+  const char* env = std::getenv("PREPO_CPU_BF16_BRGEMM");
+  return ok && !(env != nullptr && std::string(env) == "0");
+}
+
+// hidden [n, D] packed once per backward as the B operand of dW_tile += dz^T h_block: one
+// packed_size(Nt, D) block per row tile.
+Tensor pack_hidden(const Tensor& hidden, int64_t Nt) {
+  const int64_t n = hidden.size(0), D = hidden.size(1), blocks = (n + Nt - 1) / Nt;
+  Tensor out = at::empty({blocks * packed_size(Nt, D)}, hidden.options());
+  const BFloat16* h = hidden.data_ptr<BFloat16>();
+  BFloat16* o = out.data_ptr<BFloat16>();
+  at::parallel_for(0, blocks, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t b = lo; b < hi; ++b)
+      pack_vnni(h + b * Nt * D, std::min(Nt, n - b * Nt), D, D, 1, o + b * packed_size(Nt, D));
+  });
+  return out;
+}
+
+class Bf16Tiles {
+ public:
+  // hidden_packed: pack_hidden(hidden, Nt), or undefined when only logits() is called (forward)
+  Bf16Tiles(const Tensor& hidden, const Tensor& weight, const Tensor& hidden_packed, int64_t Nt, int64_t Vt)
+      : h_(hidden.data_ptr<BFloat16>()), w_(weight.data_ptr<BFloat16>()), D_(hidden.size(1)), Nt_(Nt),
+        hp_(hidden_packed.defined() ? hidden_packed.data_ptr<BFloat16>() : nullptr) {
+    const auto opts = hidden.options();
+    wt_pack_ = at::empty({packed_size(D_, Vt)}, opts);
+    if (hp_ != nullptr) {
+      w_pack_ = at::empty({packed_size(Vt, D_)}, opts);
+      dz_ = at::empty({Nt * round_even(Vt)}, opts);
+      dzt_ = at::empty({Vt * round_even(Nt)}, opts);
+    }
+  }
+  ~Bf16Tiles() { at::native::cpublas::brgemm_release(true); }
+  void set_tile(int64_t v0, int64_t vt) {
+    vt_ = vt;
+    const BFloat16* W = w_ + v0 * D_;
+    pack_vnni(W, D_, vt, 1, D_, wt_pack_.data_ptr<BFloat16>());  // B = W_tile^T [D, vt]
+    if (hp_ != nullptr) pack_vnni(W, vt, D_, D_, 1, w_pack_.data_ptr<BFloat16>());  // B = W_tile [vt, D]
+  }
+  void logits(int64_t r0, int64_t nt, Tensor& Z) {
+    brgemm_bf16(nt, vt_, D_, h_ + r0 * D_, D_, wt_pack_.data_ptr<BFloat16>(), Z.data_ptr<float>(), vt_, false);
+  }
+  void grads(int64_t r0, int64_t nt, const Tensor& Z, Tensor dh, Tensor dWt, bool accumulate) {
+    const int64_t vte = round_even(vt_), nte = round_even(nt);
+    BFloat16* dz = dz_.data_ptr<BFloat16>();
+    BFloat16* dzt = dzt_.data_ptr<BFloat16>();
+    round_dz(Z.data_ptr<float>(), nt, dz, vte, dzt, nte);
+    brgemm_bf16(nt, D_, vt_, dz, vte, w_pack_.data_ptr<BFloat16>(), dh.data_ptr<float>(), D_, true);
+    brgemm_bf16(vt_, D_, nt, dzt, nte, hp_ + (r0 / Nt_) * packed_size(Nt_, D_), dWt.data_ptr<float>(), D_,
+                accumulate);
+  }
+
+ private:
+  // dz [nt, vt] fp32 -> bf16 twice: dz [nt, vte] and its transpose dzt [vt, nte], the padding zero
+  void round_dz(const float* z, int64_t nt, BFloat16* dz, int64_t vte, BFloat16* dzt, int64_t nte) const {
+    for (int64_t i = 0; i < nt; ++i) {
+      const float* zr = z + i * vt_;
+      BFloat16* dr = dz + i * vte;
+      for (int64_t c = 0; c < vt_; ++c) {
+        const BFloat16 b(zr[c]);
+        dr[c] = b;
+        dzt[c * nte + i] = b;
+      }
+      if (vte > vt_) dr[vt_] = BFloat16(0.0f);
+    }
+    if (nte > nt)
+      for (int64_t c = 0; c < vt_; ++c) dzt[c * nte + nt] = BFloat16(0.0f);
+  }
+
+  const BFloat16* h_;
+  const BFloat16* w_;
+  const int64_t D_, Nt_;
+  const BFloat16* hp_;
+  int64_t vt_ = 0;
+  Tensor wt_pack_, w_pack_, dz_, dzt_;
+};
+#endif  // PREPO_HAVE_BRGEMM
+
+// Calls run(make_engine) with the fastest engine for these operands: make_engine(Nt, Vt) builds one
+// worker thread's engine. backward: the engines will also be asked for grads().
+template <typename acc_t, typename Run>
+void with_engine(const Tensor& hidden, const Tensor& weight, bool backward, int64_t Nt, Run&& run) {
+#if defined(PREPO_HAVE_BRGEMM)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (hidden.scalar_type() == at::kBFloat16 && hidden.size(1) % 2 == 0 && bf16_brgemm_usable()) {
+      const Tensor packed = backward ? pack_hidden(hidden, Nt) : Tensor();
+      run([&](int64_t nt, int64_t vt) { return Bf16Tiles(hidden, weight, packed, nt, vt); });
+      return;
+    }
+  }
+#endif
+  run([&](int64_t nt, int64_t vt) { return BlasTiles<acc_t>(hidden, weight, nt, vt); });
+}
+
 template <typename acc_t>
 std::tuple<Tensor, Tensor, Tensor> forward_impl(const Tensor& hidden_in, const Tensor& weight_in,
                                                 const std::optional<Tensor>& bias_in, const Tensor& targets_in,
                                                 const Tensor& inv_temp_in, bool compute_entropy) {
   const auto acc = acc_type(hidden_in);
-  const int64_t n = hidden_in.size(0), D = hidden_in.size(1), V = weight_in.size(0);
+  const int64_t n = hidden_in.size(0), V = weight_in.size(0);
   auto fopts = hidden_in.options().dtype(acc);
   Tensor logprob = at::empty({n}, fopts);
   Tensor lse = at::empty({n}, fopts);
@@ -324,7 +532,6 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Tensor& hidden_in, const T
 
   const Operands o = prepare_operands(hidden_in, weight_in, bias_in, targets_in, inv_temp_in, acc);
   const Tensor &hidden = o.hidden, &weight = o.weight, &inv_temp = o.inv_temp, &bias = o.bias;
-  const bool lowp = o.lowp;
   const int64_t* y = o.targets.data_ptr<int64_t>();
   const acc_t* itp = inv_temp.data_ptr<acc_t>();
   const acc_t* bp = bias.defined() ? bias.data_ptr<acc_t>() : nullptr;
@@ -347,24 +554,21 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Tensor& hidden_in, const T
   }
   std::fill(Zy, Zy + n, 0.0);
 
+  with_engine<acc_t>(hidden, weight, false, Nt, [&](auto make_engine) {
   at::parallel_for(0, P, 1, [&](int64_t plo, int64_t phi) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     Tensor zbuf = at::empty({Nt * Vt}, fopts);
-    Tensor wbuf = lowp ? at::empty({Vt * D}, fopts) : Tensor();
-    Tensor hbuf = lowp ? at::empty({Nt * D}, fopts) : Tensor();
+    auto engine = make_engine(Nt, Vt);
     for (int64_t p = plo; p < phi; ++p) {
       const RowStats rs = part_stats(p);
       for (int64_t tile = p * ntiles / P; tile < (p + 1) * ntiles / P; ++tile) {
         const int64_t v0 = tile * Vt, vt = std::min(Vt, V - v0);
-        Tensor Wt = weight.narrow(0, v0, vt);
-        if (lowp) Wt = tile_view(wbuf, vt, D).copy_(Wt);
+        engine.set_tile(v0, vt);
         const acc_t* bt = bp != nullptr ? bp + v0 : nullptr;
         for (int64_t r0 = 0; r0 < n; r0 += Nt) {
           const int64_t nt = std::min(Nt, n - r0);
-          Tensor hb = hidden.narrow(0, r0, nt);
-          if (lowp) hb = tile_view(hbuf, nt, D).copy_(hb);
           Tensor Z = tile_view(zbuf, nt, vt);
-          at::mm_out(Z, hb, Wt.t());
+          engine.logits(r0, nt, Z);
           const acc_t* zp = Z.data_ptr<acc_t>();
           for (int64_t li = 0; li < nt; ++li) {
             const int64_t i = r0 + li;
@@ -380,6 +584,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Tensor& hidden_in, const T
         }
       }
     }
+  });
   });
 
   // merge the partitions, in partition order
@@ -425,7 +630,6 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& grad_logprob, con
   const bool has_e = grad_entropy.has_value() && grad_entropy->defined();
   const Operands o = prepare_operands(hidden_in, weight_in, bias_in, targets_in, inv_temp_in, acc);
   const Tensor &hidden = o.hidden, &weight = o.weight, &inv_temp = o.inv_temp, &bias = o.bias;
-  const bool lowp = o.lowp;
   const int64_t* y = o.targets.data_ptr<int64_t>();
   const Tensor g = grad_logprob.to(acc).contiguous();
   const Tensor lse = lse_in.to(acc).contiguous();
@@ -457,28 +661,25 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& grad_logprob, con
   }
   Tensor dh_private = P > 1 ? at::empty({P - 1, R, D}, fopts) : Tensor();
 
+  with_engine<acc_t>(hidden, weight, true, Nt, [&](auto make_engine) {
   for (int64_t c0 = 0; c0 < n; c0 += R) {
     const int64_t rc = std::min(R, n - c0);
     at::parallel_for(0, P, 1, [&](int64_t plo, int64_t phi) {
       const at::AutoDispatchBelowADInplaceOrView below_autograd;
       Tensor zbuf = at::empty({Nt * Vt}, fopts);
-      Tensor wbuf = lowp ? at::empty({Vt * D}, fopts) : Tensor();
-      Tensor hbuf = lowp ? at::empty({Nt * D}, fopts) : Tensor();
+      auto engine = make_engine(Nt, Vt);
       for (int64_t p = plo; p < phi; ++p) {
         Tensor dh = p == 0 ? grad_hidden.narrow(0, c0, rc) : dh_private[p - 1].narrow(0, 0, rc);
         if (p > 0) dh.zero_();
         for (int64_t tile = p * ntiles / P; tile < (p + 1) * ntiles / P; ++tile) {
           const int64_t v0 = tile * Vt, vt = std::min(Vt, V - v0);
-          Tensor Wt = weight.narrow(0, v0, vt);
-          if (lowp) Wt = tile_view(wbuf, vt, D).copy_(Wt);
+          engine.set_tile(v0, vt);
           Tensor dWt = grad_weight.narrow(0, v0, vt);
           const acc_t* bt = bp != nullptr ? bp + v0 : nullptr;
           for (int64_t r0 = c0; r0 < c0 + rc; r0 += Nt) {
             const int64_t nt = std::min(Nt, c0 + rc - r0);
-            Tensor hb = hidden.narrow(0, r0, nt);
-            if (lowp) hb = tile_view(hbuf, nt, D).copy_(hb);
             Tensor Z = tile_view(zbuf, nt, vt);
-            at::mm_out(Z, hb, Wt.t());
+            engine.logits(r0, nt, Z);
             acc_t* zp = Z.data_ptr<acc_t>();
             for (int64_t li = 0; li < nt; ++li) {
               const int64_t i = r0 + li;
@@ -496,18 +697,14 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& grad_logprob, con
                 for (int64_t c = 0; c < vt; ++c) db[c] += row[c];
               }
             }
-            dh.narrow(0, r0 - c0, nt).addmm_(Z, Wt);
-            if (r0 == 0) {
-              at::mm_out(dWt, Z.t(), hb);
-            } else {
-              dWt.addmm_(Z.t(), hb);
-            }
+            engine.grads(r0, nt, Z, dh.narrow(0, r0 - c0, nt), dWt, r0 > 0);
           }
         }
       }
     });
     for (int64_t p = 1; p < P; ++p) grad_hidden.narrow(0, c0, rc).add_(dh_private[p - 1].narrow(0, 0, rc));
   }
+  });
   return {grad_hidden, grad_weight, grad_bias};
 }
 
