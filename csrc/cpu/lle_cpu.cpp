@@ -254,7 +254,6 @@ inline void row_backward(double* z, const double* b, int64_t len, double sc, dou
   row_backward_f64(z, b, len, sc, lse, g, e, H);
 }
 
-
 #if defined(PREPO_HAVE_BRGEMM)
 // bf16 x bf16 -> fp32 tile GEMMs on oneDNN's brgemm micro-kernel (at::native::cpublas::brgemm, the one
 // ATen's CPU flash attention uses), at the speed of the bf16 matmuls. brgemm computes C (+)= A B for a
