@@ -1,19 +1,16 @@
-// CPU kernels for prepo_kernels::lle_forward / lle_backward (schemas in csrc/ops.cpp, semantics in
-// prepo_kernels/backends/base.py).
+// CPU device of the shared driver (csrc/lle_driver.h) for prepo_kernels::lle_forward / lle_backward
+// (schemas in csrc/ops.cpp, semantics in prepo_kernels/backends/base.py): the tile-GEMM engines, the
+// fused element loops of the two hooks and the threading.
 //
-// The [n, V] logits are never materialized. The vocabulary is cut into tiles (outer loop) and the
-// rows into blocks (inner loop); for each (vocab tile, row block) one BLAS matmul (ATen -> MKL /
-// OpenBLAS) writes a cache-sized fp32 (fp64 for fp64 inputs) logit tile Z, then fused C++ loops turn
-// Z into
-//   forward : per-row online statistics, merged across vocab tiles in double:
+//   tile statistics: per-row online statistics of a logit tile, merged across vocab tiles in double:
 //             m = running max, s = sum exp(z - m), t = sum exp(z - m) (z - m), z_y
 //             lse = m + log s, entropy = log s - t / s   (stable for |z| ~ 1e4)
-//   backward: dz (written over Z in place), followed by dh += dz @ W_tile and
-//             dW_tile (+)= dz^T @ h_block (BLAS again), db_tile += sum_rows dz.
-// bf16 / fp16 inputs are upcast tile by tile to fp32 and every product accumulates in fp32.
+//   tile gradient: dz written over the logit tile in place, db_tile += sum_rows dz.
+// Engines: fp32 / fp64 tiles on ATen BLAS (MKL / OpenBLAS); bf16 tiles on oneDNN's bf16 brgemm with
+// fp32 accumulation (Bf16Tiles), or upcast to fp32 where that is not available; fp16 upcast to fp32.
 //
 // Threading: the vocab tiles are split into one contiguous partition per thread; each thread runs
-// single-threaded BLAS and the fused loops on its own tiles (its own dW rows, its own row
+// single-threaded GEMMs and the fused loops on its own tiles (its own dW rows, its own row
 // statistics / private dh, merged in partition order at the end). One synchronization per op (per
 // row chunk in backward) instead of several per tile, and results are bitwise reproducible for a
 // given thread count.
@@ -27,7 +24,14 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "../lle_common.h"
+#include "../lle_driver.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <ATen/native/CPUBlas.h>
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
+#define PREPO_HAVE_BRGEMM
+#endif
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -35,7 +39,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <tuple>
+#include <type_traits>
+#include <vector>
 
 namespace prepo_kernels {
 namespace {
@@ -247,298 +254,272 @@ inline void row_backward(double* z, const double* b, int64_t len, double sc, dou
   row_backward_f64(z, b, len, sc, lse, g, e, H);
 }
 
-// ---------------------------------------------------------------------------------------------
-// drivers
+#if defined(PREPO_HAVE_BRGEMM)
+// bf16 x bf16 -> fp32 tile GEMMs on oneDNN's brgemm micro-kernel (at::native::cpublas::brgemm, the one
+// ATen's CPU flash attention uses), at the speed of the bf16 matmuls. brgemm computes C (+)= A B for a
+// row-major A and a B in VNNI layout; pack_vnni builds that layout itself (cpublas::pack only exists
+// with AMX). dz is rounded to bf16 for the two backward GEMMs (as Liger / CCE do); the logits, the
+// softmax statistics, dz, dh and dW stay fp32.
+using at::BFloat16;
+constexpr int64_t kPanel = 64;      // columns of one packed B panel (one brgemm call's N)
+constexpr int64_t kBlockRows = 64;  // rows of A per brgemm call (one call's M)
 
+int64_t round_even(int64_t k) { return (k + 1) / 2 * 2; }
+int64_t packed_size(int64_t K, int64_t N) { return (N + kPanel - 1) / kPanel * kPanel * round_even(K); }
 
-// Threading: the vocabulary tiles are split into P contiguous partitions, one per thread, and each
-// thread runs single-threaded BLAS (MKL / OpenBLAS run sequentially inside a parallel region) and
-// the fused loops on its own tiles. So the whole op has one parallel region (forward) or one per
-// row chunk (backward) instead of several synchronizations per tile, and the work assigned to each
-// partition, hence every result, is a fixed function of P (= the number of threads): run-to-run
-// deterministic. Partition p works on tiles [p * ntiles / P, (p + 1) * ntiles / P).
-int64_t num_partitions(int64_t ntiles) {
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntiles));
-}
-
-// Per-row forward statistics of one partition: m (running max), s = sum e^{z-m}, t = sum e^{z-m}(z-m).
-struct RowStats {
-  double* m;
-  double* s;
-  double* t;
-};
-
-// Merge a segment's (mt, st, tt) into the running statistics of row i.
-inline void merge_stats(const RowStats& r, int64_t i, double mt, double st, double tt) {
-  if (!(st > 0)) return;  // segment all -inf
-  const double M = r.m[i];
-  if (mt <= M) {
-    const double a = std::exp(mt - M);
-    r.s[i] += a * st;
-    r.t[i] += a * (tt + (mt - M) * st);
-  } else {
-    const double S = r.s[i];
-    const double a = std::exp(M - mt);  // 0 while M = -inf
-    r.s[i] = a * S + st;
-    r.t[i] = (S > 0 ? a * (r.t[i] + (M - mt) * S) : 0.0) + tt;
-    r.m[i] = mt;
-  }
-}
-
-// The operands both passes read, detached and contiguous, small ones in the accumulation dtype;
-// targets are checked against the vocabulary. Detached because the worker threads do not inherit
-// the dispatcher's thread-local "below autograd" state, so their ATen calls must not see tensors
-// that require grad.
-struct Operands {
-  Tensor hidden, weight, targets, inv_temp, bias;  // bias undefined when absent
-  bool lowp;                                       // hidden/weight are bf16/fp16: tiles are upcast
-};
-
-Operands prepare_operands(const Tensor& hidden_in, const Tensor& weight_in, const std::optional<Tensor>& bias_in,
-                          const Tensor& targets_in, const Tensor& inv_temp_in, at::ScalarType acc) {
-  Operands o;
-  o.hidden = hidden_in.detach().contiguous();
-  o.weight = weight_in.detach().contiguous();
-  o.targets = targets_in.contiguous();
-  o.inv_temp = inv_temp_in.to(acc).contiguous();
-  if (bias_in.has_value()) o.bias = bias_in->detach().to(acc).contiguous();
-  o.lowp = o.hidden.scalar_type() != acc;
-  const int64_t n = o.targets.size(0), V = o.weight.size(0);
-  const int64_t* y = o.targets.data_ptr<int64_t>();
-  for (int64_t i = 0; i < n; ++i)
-    TORCH_CHECK(y[i] >= 0 && y[i] < V, "target ", y[i], " of row ", i, " is outside [0, ", V, ")");
-  return o;
-}
-
-template <typename acc_t>
-std::tuple<Tensor, Tensor, Tensor> forward_impl(const Tensor& hidden_in, const Tensor& weight_in,
-                                                const std::optional<Tensor>& bias_in, const Tensor& targets_in,
-                                                const Tensor& inv_temp_in, bool compute_entropy) {
-  const auto acc = acc_type(hidden_in);
-  const int64_t n = hidden_in.size(0), D = hidden_in.size(1), V = weight_in.size(0);
-  auto fopts = hidden_in.options().dtype(acc);
-  Tensor logprob = at::empty({n}, fopts);
-  Tensor lse = at::empty({n}, fopts);
-  Tensor entropy = at::empty({compute_entropy ? n : 0}, fopts);
-  if (n == 0) return {logprob, entropy, lse};
-
-  const Operands o = prepare_operands(hidden_in, weight_in, bias_in, targets_in, inv_temp_in, acc);
-  const Tensor &hidden = o.hidden, &weight = o.weight, &inv_temp = o.inv_temp, &bias = o.bias;
-  const bool lowp = o.lowp;
-  const int64_t* y = o.targets.data_ptr<int64_t>();
-  const acc_t* itp = inv_temp.data_ptr<acc_t>();
-  const acc_t* bp = bias.defined() ? bias.data_ptr<acc_t>() : nullptr;
-
-  const int64_t Vt = vocab_tile(V, at::get_num_threads());
-  const int64_t ntiles = (V + Vt - 1) / Vt;
-  const int64_t P = num_partitions(ntiles);
-  const int64_t Nt = row_tile(n, Vt, P, sizeof(acc_t));
-
-  // [P, 3, n] running statistics (double for every dtype) + z_y (each target lies in one tile)
-  Tensor stats = at::empty({P * 3 * n + n}, hidden.options().dtype(at::kDouble));
-  double* sp = stats.data_ptr<double>();
-  double* Zy = sp + P * 3 * n;
-  auto part_stats = [&](int64_t p) { return RowStats{sp + p * 3 * n, sp + p * 3 * n + n, sp + p * 3 * n + 2 * n}; };
-  for (int64_t p = 0; p < P; ++p) {
-    RowStats r = part_stats(p);
-    std::fill(r.m, r.m + n, -std::numeric_limits<double>::infinity());
-    std::fill(r.s, r.s + n, 0.0);
-    std::fill(r.t, r.t + n, 0.0);
-  }
-  std::fill(Zy, Zy + n, 0.0);
-
-  at::parallel_for(0, P, 1, [&](int64_t plo, int64_t phi) {
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    Tensor zbuf = at::empty({Nt * Vt}, fopts);
-    Tensor wbuf = lowp ? at::empty({Vt * D}, fopts) : Tensor();
-    Tensor hbuf = lowp ? at::empty({Nt * D}, fopts) : Tensor();
-    for (int64_t p = plo; p < phi; ++p) {
-      const RowStats rs = part_stats(p);
-      for (int64_t tile = p * ntiles / P; tile < (p + 1) * ntiles / P; ++tile) {
-        const int64_t v0 = tile * Vt, vt = std::min(Vt, V - v0);
-        Tensor Wt = weight.narrow(0, v0, vt);
-        if (lowp) Wt = tile_view(wbuf, vt, D).copy_(Wt);
-        const acc_t* bt = bp != nullptr ? bp + v0 : nullptr;
-        for (int64_t r0 = 0; r0 < n; r0 += Nt) {
-          const int64_t nt = std::min(Nt, n - r0);
-          Tensor hb = hidden.narrow(0, r0, nt);
-          if (lowp) hb = tile_view(hbuf, nt, D).copy_(hb);
-          Tensor Z = tile_view(zbuf, nt, vt);
-          at::mm_out(Z, hb, Wt.t());
-          const acc_t* zp = Z.data_ptr<acc_t>();
-          for (int64_t li = 0; li < nt; ++li) {
-            const int64_t i = r0 + li;
-            const acc_t* row = zp + li * vt;
-            acc_t m, s, t;
-            row_forward(row, bt, vt, itp[i], &m, &s, &t);
-            merge_stats(rs, i, static_cast<double>(m), static_cast<double>(s), static_cast<double>(t));
-            const int64_t yl = y[i] - v0;
-            if (yl >= 0 && yl < vt)
-              Zy[i] = (static_cast<double>(row[yl]) + (bt != nullptr ? static_cast<double>(bt[yl]) : 0.0)) *
-                      static_cast<double>(itp[i]);
-          }
+// B [K, N] with B[k, n] = src[k * ks + n * ns] -> panels of kPanel columns in VNNI pairs:
+// dst[p][k / 2][j][k % 2] = B[k, p * kPanel + j], zero-padded to an even K and whole panels.
+void pack_vnni(const BFloat16* src, int64_t K, int64_t N, int64_t ks, int64_t ns, BFloat16* dst) {
+  const int64_t K2 = round_even(K) / 2;
+  for (int64_t p = 0; p * kPanel < N; ++p) {
+    for (int64_t k2 = 0; k2 < K2; ++k2) {
+      BFloat16* d = dst + (p * K2 + k2) * 2 * kPanel;
+      for (int64_t j = 0; j < kPanel; ++j) {
+        const int64_t n = p * kPanel + j;
+        for (int64_t h = 0; h < 2; ++h) {
+          const int64_t k = 2 * k2 + h;
+          d[2 * j + h] = (n < N && k < K) ? src[k * ks + n * ns] : BFloat16(0.0f);
         }
       }
     }
-  });
-
-  // merge the partitions, in partition order
-  const RowStats r0s = part_stats(0);
-  for (int64_t p = 1; p < P; ++p) {
-    const RowStats rp = part_stats(p);
-    for (int64_t i = 0; i < n; ++i) merge_stats(r0s, i, rp.m[i], rp.s[i], rp.t[i]);
   }
-  acc_t* lp = logprob.data_ptr<acc_t>();
-  acc_t* lsep = lse.data_ptr<acc_t>();
-  acc_t* ep = compute_entropy ? entropy.data_ptr<acc_t>() : nullptr;
-  for (int64_t i = 0; i < n; ++i) {
-    const double logs = std::log(r0s.s[i]);
-    const double l = r0s.m[i] + logs;
-    lsep[i] = static_cast<acc_t>(l);
-    lp[i] = static_cast<acc_t>(Zy[i] - l);
-    if (ep != nullptr) ep[i] = static_cast<acc_t>(logs - r0s.t[i] / r0s.s[i]);
-  }
-  return {logprob, entropy, lse};
 }
 
-// Bytes of private grad_hidden accumulators (partitions 1..P-1) the backward may hold at once; rows
-// are processed in chunks small enough for this.
+// C [M, N] (+)= A [M, K] B for B packed by pack_vnni; A has round_even(K) columns (a zero column
+// when K is odd), ld_a apart; C rows are ld_c apart.
+void brgemm_bf16(int64_t M, int64_t N, int64_t K, const BFloat16* A, int64_t ld_a, const BFloat16* Bp, float* C,
+                 int64_t ld_c, bool accumulate) {
+  const int64_t Ke = round_even(K);
+  for (int64_t p = 0; p * kPanel < N; ++p) {
+    const int64_t nb = std::min(kPanel, N - p * kPanel);
+    for (int64_t m0 = 0; m0 < M; m0 += kBlockRows) {
+      at::native::cpublas::brgemm(std::min(kBlockRows, M - m0), nb, Ke, ld_a, kPanel, ld_c, accumulate,
+                                  A + m0 * ld_a, Bp + p * Ke * kPanel, C + m0 * ld_c + p * kPanel, true);
+    }
+  }
+}
+
+// Whether this CPU / ATen build runs the bf16 brgemm with VNNI operands (oneDNN ukernels, AVX-512
+// bf16 or AMX): one tiny call, checked once. PREPO_CPU_BF16_BRGEMM=0 forces the upcast path.
+bool bf16_brgemm_usable() {
+  static const bool ok = [] {
+    try {
+      const BFloat16 a[2] = {BFloat16(1.0f), BFloat16(2.0f)};
+      std::vector<BFloat16> b(2 * kPanel, BFloat16(0.0f));
+      b[0] = BFloat16(3.0f);
+      b[1] = BFloat16(4.0f);
+      float c = 0.0f;
+      at::native::cpublas::brgemm(1, 1, 2, 2, kPanel, 1, false, a, b.data(), &c, true);
+      at::native::cpublas::brgemm_release(true);
+      return c == 11.0f;
+    } catch (const std::exception&) {
+      return false;
+    }
+  }();
+  const char* env = std::getenv("PREPO_CPU_BF16_BRGEMM");
+  return ok && !(env != nullptr && std::string(env) == "0");
+}
+
+// hidden [n, D] packed once per backward as the B operand of dW_tile += dz^T h_block: one
+// packed_size(Nt, D) block per row tile.
+Tensor pack_hidden(const Tensor& hidden, int64_t Nt) {
+  const int64_t n = hidden.size(0), D = hidden.size(1), blocks = (n + Nt - 1) / Nt;
+  Tensor out = at::empty({blocks * packed_size(Nt, D)}, hidden.options());
+  const BFloat16* h = hidden.data_ptr<BFloat16>();
+  BFloat16* o = out.data_ptr<BFloat16>();
+  at::parallel_for(0, blocks, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t b = lo; b < hi; ++b)
+      pack_vnni(h + b * Nt * D, std::min(Nt, n - b * Nt), D, D, 1, o + b * packed_size(Nt, D));
+  });
+  return out;
+}
+
+class Bf16Tiles {
+ public:
+  // hidden_packed: pack_hidden(hidden, Nt), or undefined when only logits() is called (forward)
+  Bf16Tiles(const Tensor& hidden, const Tensor& weight, const Tensor& hidden_packed, const Tiling& t)
+      : h_(hidden.data_ptr<BFloat16>()), w_(weight.data_ptr<BFloat16>()), D_(hidden.size(1)), Nt_(t.Nt),
+        hp_(hidden_packed.defined() ? hidden_packed.data_ptr<BFloat16>() : nullptr) {
+    const int64_t Nt = t.Nt, Vt = t.Vt;
+    const auto opts = hidden.options();
+    wt_pack_ = at::empty({packed_size(D_, Vt)}, opts);
+    if (hp_ != nullptr) {
+      w_pack_ = at::empty({packed_size(Vt, D_)}, opts);
+      dz_ = at::empty({Nt * round_even(Vt)}, opts);
+      dzt_ = at::empty({Vt * round_even(Nt)}, opts);
+    }
+  }
+  ~Bf16Tiles() { at::native::cpublas::brgemm_release(true); }
+  void set_tile(int64_t v0, int64_t vt) {
+    vt_ = vt;
+    const BFloat16* W = w_ + v0 * D_;
+    pack_vnni(W, D_, vt, 1, D_, wt_pack_.data_ptr<BFloat16>());  // B = W_tile^T [D, vt]
+    if (hp_ != nullptr) pack_vnni(W, vt, D_, D_, 1, w_pack_.data_ptr<BFloat16>());  // B = W_tile [vt, D]
+  }
+  void logits(int64_t r0, int64_t nt, Tensor& Z) {
+    brgemm_bf16(nt, vt_, D_, h_ + r0 * D_, D_, wt_pack_.data_ptr<BFloat16>(), Z.data_ptr<float>(), vt_, false);
+  }
+  void grads(int64_t r0, int64_t nt, const Tensor& Z, Tensor dh, Tensor dWt, bool accumulate) {
+    const int64_t vte = round_even(vt_), nte = round_even(nt);
+    BFloat16* dz = dz_.data_ptr<BFloat16>();
+    BFloat16* dzt = dzt_.data_ptr<BFloat16>();
+    round_dz(Z.data_ptr<float>(), nt, dz, vte, dzt, nte);
+    brgemm_bf16(nt, D_, vt_, dz, vte, w_pack_.data_ptr<BFloat16>(), dh.data_ptr<float>(), D_, true);
+    brgemm_bf16(vt_, D_, nt, dzt, nte, hp_ + (r0 / Nt_) * packed_size(Nt_, D_), dWt.data_ptr<float>(), D_,
+                accumulate);
+  }
+
+ private:
+  // dz [nt, vt] fp32 -> bf16 twice: dz [nt, vte] and its transpose dzt [vt, nte], the padding zero
+  void round_dz(const float* z, int64_t nt, BFloat16* dz, int64_t vte, BFloat16* dzt, int64_t nte) const {
+    for (int64_t i = 0; i < nt; ++i) {
+      const float* zr = z + i * vt_;
+      BFloat16* dr = dz + i * vte;
+      for (int64_t c = 0; c < vt_; ++c) {
+        const BFloat16 b(zr[c]);
+        dr[c] = b;
+        dzt[c * nte + i] = b;
+      }
+      if (vte > vt_) dr[vt_] = BFloat16(0.0f);
+    }
+    if (nte > nt)
+      for (int64_t c = 0; c < vt_; ++c) dzt[c * nte + nt] = BFloat16(0.0f);
+  }
+
+  const BFloat16* h_;
+  const BFloat16* w_;
+  const int64_t D_, Nt_;
+  const BFloat16* hp_;
+  int64_t vt_ = 0;
+  Tensor wt_pack_, w_pack_, dz_, dzt_;
+};
+#endif  // PREPO_HAVE_BRGEMM
+
+// ---------------------------------------------------------------------------------------------
+// the CPU device of the shared driver (csrc/lle_driver.h)
+
+// Merge a segment's (mt, st, tt) into the running statistics (m, s, t) of row i.
+inline void merge_stats(double* m, double* s, double* t, int64_t i, double mt, double st, double tt) {
+  if (!(st > 0)) return;  // segment all -inf
+  const double M = m[i];
+  if (mt <= M) {
+    const double a = std::exp(mt - M);
+    s[i] += a * st;
+    t[i] += a * (tt + (mt - M) * st);
+  } else {
+    const double S = s[i];
+    const double a = std::exp(M - mt);  // 0 while M = -inf
+    s[i] = a * S + st;
+    t[i] = (S > 0 ? a * (t[i] + (M - mt) * S) : 0.0) + tt;
+    m[i] = mt;
+  }
+}
+
+// Bytes of private grad_hidden accumulators (partitions 1..P-1) the backward may hold at once.
 constexpr int64_t kPrivateBytes = int64_t(64) << 20;
 
-template <typename acc_t>
-std::tuple<Tensor, Tensor, Tensor> backward_impl(const Tensor& grad_logprob, const std::optional<Tensor>& grad_entropy,
-                                                 const Tensor& hidden_in, const Tensor& weight_in,
-                                                 const std::optional<Tensor>& bias_in, const Tensor& targets_in,
-                                                 const Tensor& inv_temp_in, const Tensor& lse_in,
-                                                 const Tensor& entropy_in) {
-  const auto acc = acc_type(hidden_in);
-  const int64_t n = hidden_in.size(0), D = hidden_in.size(1), V = weight_in.size(0);
-  auto fopts = hidden_in.options().dtype(acc);
-  Tensor grad_hidden = at::zeros({n, D}, fopts);
-  Tensor grad_weight = at::empty({V, D}, fopts);
-  Tensor grad_bias = bias_in.has_value() ? at::zeros({V}, fopts) : at::empty({0}, fopts);
-  if (n == 0) {
-    grad_weight.zero_();
-    return {grad_hidden, grad_weight, grad_bias};
+struct CpuDevice {
+  static constexpr c10::DeviceType kType = c10::DeviceType::CPU;
+
+  // One partition per thread (each runs single-threaded BLAS on its own tiles: one synchronization
+  // per op, or per row chunk in backward, instead of several per tile).
+  static Tiling tiling(int64_t n, int64_t D, int64_t V, int64_t acc_bytes) {
+    Tiling t;
+    t.Vt = vocab_tile(V, at::get_num_threads());
+    t.ntiles = (V + t.Vt - 1) / t.Vt;
+    t.P = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), t.ntiles));
+    t.Nt = row_tile(n, t.Vt, t.P, acc_bytes);
+    t.R = n;
+    if (t.P > 1) {
+      const int64_t cap = kPrivateBytes / ((t.P - 1) * D * acc_bytes);
+      t.R = std::min(n, std::max(t.Nt, cap / t.Nt * t.Nt));
+    }
+    return t;
   }
 
-  const bool has_e = grad_entropy.has_value() && grad_entropy->defined();
-  const Operands o = prepare_operands(hidden_in, weight_in, bias_in, targets_in, inv_temp_in, acc);
-  const Tensor &hidden = o.hidden, &weight = o.weight, &inv_temp = o.inv_temp, &bias = o.bias;
-  const bool lowp = o.lowp;
-  const int64_t* y = o.targets.data_ptr<int64_t>();
-  const Tensor g = grad_logprob.to(acc).contiguous();
-  const Tensor lse = lse_in.to(acc).contiguous();
-  Tensor e, H;
-  if (has_e) {
-    TORCH_CHECK(grad_entropy->dim() == 1 && grad_entropy->size(0) == n, "grad_entropy must be [n]");
-    TORCH_CHECK(entropy_in.dim() == 1 && entropy_in.size(0) == n,
-                "entropy must be [n] when grad_entropy is given (forward ran with compute_entropy=False?)");
-    e = grad_entropy->to(acc).contiguous();
-    H = entropy_in.to(acc).contiguous();
-  }
-  const acc_t* itp = inv_temp.data_ptr<acc_t>();
-  const acc_t* gp = g.data_ptr<acc_t>();
-  const acc_t* lsep = lse.data_ptr<acc_t>();
-  const acc_t* epp = has_e ? e.data_ptr<acc_t>() : nullptr;
-  const acc_t* Hp = has_e ? H.data_ptr<acc_t>() : nullptr;
-  const acc_t* bp = bias.defined() ? bias.data_ptr<acc_t>() : nullptr;
-  acc_t* dbp = bias.defined() ? grad_bias.data_ptr<acc_t>() : nullptr;
+  // Row statistics merge in double whatever the dtype (stable entropy for |z| ~ 1e4).
+  static at::ScalarType stats_dtype(at::ScalarType /*acc*/) { return at::kDouble; }
 
-  const int64_t Vt = vocab_tile(V, at::get_num_threads());
-  const int64_t ntiles = (V + Vt - 1) / Vt;
-  const int64_t P = num_partitions(ntiles);
-  const int64_t Nt = row_tile(n, Vt, P, sizeof(acc_t));
-  // rows per chunk: the P - 1 private grad_hidden accumulators [R, D] fit in kPrivateBytes
-  int64_t R = n;
-  if (P > 1) {
-    const int64_t cap = kPrivateBytes / ((P - 1) * D * static_cast<int64_t>(sizeof(acc_t)));
-    R = std::min(n, std::max(Nt, cap / Nt * Nt));
-  }
-  Tensor dh_private = P > 1 ? at::empty({P - 1, R, D}, fopts) : Tensor();
-
-  for (int64_t c0 = 0; c0 < n; c0 += R) {
-    const int64_t rc = std::min(R, n - c0);
-    at::parallel_for(0, P, 1, [&](int64_t plo, int64_t phi) {
+  template <typename F>
+  static void parallel(int64_t P, const F& f) {
+    at::parallel_for(0, P, 1, [&](int64_t lo, int64_t hi) {
       const at::AutoDispatchBelowADInplaceOrView below_autograd;
-      Tensor zbuf = at::empty({Nt * Vt}, fopts);
-      Tensor wbuf = lowp ? at::empty({Vt * D}, fopts) : Tensor();
-      Tensor hbuf = lowp ? at::empty({Nt * D}, fopts) : Tensor();
-      for (int64_t p = plo; p < phi; ++p) {
-        Tensor dh = p == 0 ? grad_hidden.narrow(0, c0, rc) : dh_private[p - 1].narrow(0, 0, rc);
-        if (p > 0) dh.zero_();
-        for (int64_t tile = p * ntiles / P; tile < (p + 1) * ntiles / P; ++tile) {
-          const int64_t v0 = tile * Vt, vt = std::min(Vt, V - v0);
-          Tensor Wt = weight.narrow(0, v0, vt);
-          if (lowp) Wt = tile_view(wbuf, vt, D).copy_(Wt);
-          Tensor dWt = grad_weight.narrow(0, v0, vt);
-          const acc_t* bt = bp != nullptr ? bp + v0 : nullptr;
-          for (int64_t r0 = c0; r0 < c0 + rc; r0 += Nt) {
-            const int64_t nt = std::min(Nt, c0 + rc - r0);
-            Tensor hb = hidden.narrow(0, r0, nt);
-            if (lowp) hb = tile_view(hbuf, nt, D).copy_(hb);
-            Tensor Z = tile_view(zbuf, nt, vt);
-            at::mm_out(Z, hb, Wt.t());
-            acc_t* zp = Z.data_ptr<acc_t>();
-            for (int64_t li = 0; li < nt; ++li) {
-              const int64_t i = r0 + li;
-              acc_t* row = zp + li * vt;
-              const acc_t ei = has_e ? epp[i] : acc_t(0);
-              const acc_t Hi = has_e ? Hp[i] : acc_t(0);
-              row_backward(row, bt, vt, itp[i], lsep[i], gp[i], ei, Hi);
-              const int64_t yl = y[i] - v0;
-              if (yl >= 0 && yl < vt) row[yl] += gp[i] * itp[i];
-            }
-            if (dbp != nullptr) {  // this partition owns these columns of grad_bias
-              acc_t* db = dbp + v0;
-              for (int64_t li = 0; li < nt; ++li) {
-                const acc_t* row = zp + li * vt;
-                for (int64_t c = 0; c < vt; ++c) db[c] += row[c];
-              }
-            }
-            dh.narrow(0, r0 - c0, nt).addmm_(Z, Wt);
-            if (r0 == 0) {
-              at::mm_out(dWt, Z.t(), hb);
-            } else {
-              dWt.addmm_(Z.t(), hb);
-            }
-          }
-        }
-      }
+      for (int64_t p = lo; p < hi; ++p) f(p);
     });
-    for (int64_t p = 1; p < P; ++p) grad_hidden.narrow(0, c0, rc).add_(dh_private[p - 1].narrow(0, 0, rc));
   }
-  return {grad_hidden, grad_weight, grad_bias};
-}
 
-std::tuple<Tensor, Tensor, Tensor> lle_forward_cpu(const Tensor& hidden, const Tensor& weight,
-                                                   const std::optional<Tensor>& bias, const Tensor& targets,
-                                                   const Tensor& inv_temp, bool compute_entropy) {
-  check_inputs(hidden, weight, bias, targets, inv_temp, c10::DeviceType::CPU);
-  if (hidden.scalar_type() == at::kDouble)
-    return forward_impl<double>(hidden, weight, bias, targets, inv_temp, compute_entropy);
-  return forward_impl<float>(hidden, weight, bias, targets, inv_temp, compute_entropy);
-}
+  // bf16 with an even D on a CPU whose oneDNN runs the bf16 brgemm: Bf16Tiles; else BlasTiles.
+  template <typename acc_t, typename Run>
+  static void with_engine(const Operands& o, bool backward, const Tiling& t, Run&& run) {
+#if defined(PREPO_HAVE_BRGEMM)
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (o.hidden.scalar_type() == at::kBFloat16 && o.D % 2 == 0 && bf16_brgemm_usable()) {
+        const Tensor packed = backward ? pack_hidden(o.hidden, t.Nt) : Tensor();
+        run([&] { return Bf16Tiles(o.hidden, o.weight, packed, t); });
+        return;
+      }
+    }
+#endif
+    run([&] { return BlasTiles<acc_t>(o.hidden, o.weight, t); });
+  }
 
-std::tuple<Tensor, Tensor, Tensor> lle_backward_cpu(const Tensor& grad_logprob, const std::optional<Tensor>& grad_entropy,
-                                                    const Tensor& hidden, const Tensor& weight,
-                                                    const std::optional<Tensor>& bias, const Tensor& targets,
-                                                    const Tensor& inv_temp, const Tensor& lse, const Tensor& entropy) {
-  check_inputs(hidden, weight, bias, targets, inv_temp, c10::DeviceType::CPU);
-  const int64_t n = hidden.size(0);
-  TORCH_CHECK(grad_logprob.dim() == 1 && grad_logprob.size(0) == n, "grad_logprob must be [n], got ",
-              grad_logprob.sizes());
-  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == n, "lse must be [n], got ", lse.sizes());
-  if (hidden.scalar_type() == at::kDouble)
-    return backward_impl<double>(grad_logprob, grad_entropy, hidden, weight, bias, targets, inv_temp, lse, entropy);
-  return backward_impl<float>(grad_logprob, grad_entropy, hidden, weight, bias, targets, inv_temp, lse, entropy);
-}
+  template <typename acc_t>
+  static void tile_stats(const Operands& o, int64_t v0, int64_t r0, const Tensor& Z, const Tensor& stats_p,
+                         const Tensor& zy) {
+    const int64_t nt = Z.size(0), vt = Z.size(1), n = o.n;
+    const acc_t* zp = Z.data_ptr<acc_t>();
+    const acc_t* itp = o.inv_temp.data_ptr<acc_t>();
+    const acc_t* bt = o.bias.defined() ? o.bias.data_ptr<acc_t>() + v0 : nullptr;
+    const int64_t* y = o.targets.data_ptr<int64_t>();
+    double* m = stats_p.data_ptr<double>();
+    double* zyp = zy.data_ptr<double>();
+    for (int64_t li = 0; li < nt; ++li) {
+      const int64_t i = r0 + li;
+      const acc_t* row = zp + li * vt;
+      acc_t mt, st, tt;
+      row_forward(row, bt, vt, itp[i], &mt, &st, &tt);
+      merge_stats(m, m + n, m + 2 * n, i, mt, st, tt);
+      const int64_t yl = y[i] - v0;
+      if (yl >= 0 && yl < vt)
+        zyp[i] = (static_cast<double>(row[yl]) + (bt != nullptr ? static_cast<double>(bt[yl]) : 0.0)) *
+                 static_cast<double>(itp[i]);
+    }
+  }
+
+  template <typename acc_t>
+  static void tile_grad(const Operands& o, int64_t v0, int64_t r0, Tensor& Z, const Tensor& grad_bias) {
+    const int64_t nt = Z.size(0), vt = Z.size(1);
+    acc_t* zp = Z.data_ptr<acc_t>();
+    const acc_t* itp = o.inv_temp.data_ptr<acc_t>();
+    const acc_t* gp = o.g.data_ptr<acc_t>();
+    const acc_t* lsep = o.lse.data_ptr<acc_t>();
+    const acc_t* ep = o.e.defined() ? o.e.data_ptr<acc_t>() : nullptr;
+    const acc_t* Hp = o.e.defined() ? o.H.data_ptr<acc_t>() : nullptr;
+    const acc_t* bt = o.bias.defined() ? o.bias.data_ptr<acc_t>() + v0 : nullptr;
+    const int64_t* y = o.targets.data_ptr<int64_t>();
+    for (int64_t li = 0; li < nt; ++li) {
+      const int64_t i = r0 + li;
+      acc_t* row = zp + li * vt;
+      row_backward(row, bt, vt, itp[i], lsep[i], gp[i], ep != nullptr ? ep[i] : acc_t(0),
+                   ep != nullptr ? Hp[i] : acc_t(0));
+      const int64_t yl = y[i] - v0;
+      if (yl >= 0 && yl < vt) row[yl] += gp[i] * itp[i];
+    }
+    if (bt != nullptr) {  // this partition owns these columns of grad_bias
+      acc_t* db = grad_bias.data_ptr<acc_t>() + v0;
+      for (int64_t li = 0; li < nt; ++li) {
+        const acc_t* row = zp + li * vt;
+        for (int64_t c = 0; c < vt; ++c) db[c] += row[c];
+      }
+    }
+  }
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(prepo_kernels, CPU, m) {
-  m.impl("lle_forward", &lle_forward_cpu);
-  m.impl("lle_backward", &lle_backward_cpu);
+  m.impl("lle_forward", &lle_forward<CpuDevice>);
+  m.impl("lle_backward", &lle_backward<CpuDevice>);
 }
 
 }  // namespace prepo_kernels
