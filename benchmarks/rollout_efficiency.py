@@ -567,7 +567,8 @@ def findings(agg: dict, metric: str) -> list[str]:
             r[k] is not None for k in ("weight_p10_mean", "weight_p90_mean")))
     if spread:
         out.append(f"Weight spread, mean over steps: {spread}.")
-    skipped = "; ".join(f"{n} {r['greso_skipped_mean']:.2f}" for n, r in rows.items() if r["greso_skipped_mean"] is not None)
+    skipped = "; ".join(f"{n} {r['greso_skipped_mean']:.2f}" for n, r in rows.items()
+                        if r["greso_skipped_mean"] is not None)
     if skipped:
         out.append(f"Prompts skipped before rollout (GRESO's filter), mean per step: {skipped}.")
     sp = agg["spearman"]
