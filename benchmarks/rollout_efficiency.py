@@ -43,12 +43,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))   # this checkout's trainer
+
+from prepo.config import STRATEGIES, from_dict  # noqa: E402
+from prepo.metrics import StepMetrics  # noqa: E402
+
 DEFAULT_CONFIG = ROOT / "benchmarks" / "configs" / "rollout_efficiency.yaml"
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 RESULT_STEM = "rollout_efficiency"
@@ -86,6 +91,9 @@ def load_bench_config(path: Path, quick: bool = False) -> dict:
         bench["train"].update(q.pop("train", {}) or {})
         if q:
             raise SystemExit(f"{path}: unknown keys under quick: {sorted(q)}")
+    unknown = [s for s in bench["strategies"] if s not in STRATEGIES]
+    if unknown:
+        raise SystemExit(f"{path}: unknown strategies {unknown}; the trainer's: {', '.join(STRATEGIES)}")
     if bench["baseline"] not in bench["strategies"]:
         raise SystemExit(f"baseline {bench['baseline']!r} must be one of the strategies {bench['strategies']}")
     overlap = set(bench["seeds"]) & set(bench["tuning_seeds"])
@@ -114,9 +122,6 @@ def run_dir_of(runs_dir: Path, strategy: str, seed: int) -> Path:
 # ====================================================================== running
 def _full_config(cfg: dict) -> dict:
     """The trainer's full config for these overrides (defaults filled in), for comparisons."""
-    sys.path.insert(0, str(ROOT))
-    from prepo.config import from_dict
-
     return from_dict(cfg).to_dict()
 
 
@@ -144,9 +149,6 @@ def run_status(run_dir: Path, cfg: dict) -> tuple[str, list[str]]:
 
 def _prebuild_base_model(cfg: dict) -> None:
     """Build the warm-up checkpoint once, before parallel jobs would each build it."""
-    sys.path.insert(0, str(ROOT))
-    from prepo.config import from_dict
-
     tc = from_dict(cfg)
     if tc.model:
         return
@@ -237,7 +239,7 @@ class RunData:
     strategy: str
     seed: int
     curve: list  # [(cumulative rollouts, accuracy)], step 0 first when known
-    metrics: list = field(default_factory=list)
+    metrics: list[StepMetrics] = field(default_factory=list)   # the trainer's step records
     initial: dict = field(default_factory=dict)
     summary: dict = field(default_factory=dict)
     greedy_final: Optional[float] = None
@@ -255,7 +257,7 @@ class RunData:
     @property
     def total_rollouts(self) -> int:
         if self.metrics:
-            return int(self.metrics[-1]["rollouts"])
+            return int(self.metrics[-1].rollouts)
         return int(self.curve[-1][0])
 
 
@@ -263,7 +265,7 @@ def load_run(run_dir: Path, strategy: str, seed: int, metric: str) -> RunData:
     """The accuracy curve comes from metrics.jsonl (rows with the metric), preceded by the step-0
     evaluation from eval.jsonl (or initial.json)."""
     mkey, ekey = metric_keys(metric)
-    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    metrics = [StepMetrics.from_dict(row) for row in read_jsonl(run_dir / "metrics.jsonl")]
     if not metrics:
         raise FileNotFoundError(f"{run_dir / 'metrics.jsonl'} is missing or empty")
     initial = json.loads((run_dir / "initial.json").read_text()) if (run_dir / "initial.json").exists() else {}
@@ -273,10 +275,10 @@ def load_run(run_dir: Path, strategy: str, seed: int, metric: str) -> RunData:
     step0 = next((e for e in evals if e.get("step") == 0), None) or initial.get("eval")
     if step0 is not None and step0.get(ekey) is not None:
         curve.append((0, float(step0[ekey])))
-    curve += [(int(m["rollouts"]), float(m[mkey])) for m in metrics if m.get(mkey) is not None]
+    curve += [(int(m.rollouts), float(m.eval[mkey])) for m in metrics if (m.eval or {}).get(mkey) is not None]
     if not curve:
         raise ValueError(f"{run_dir}: no {metric!r} values in metrics.jsonl (is eval_avg_k set?)")
-    greedy = [m["eval_accuracy"] for m in metrics if m.get("eval_accuracy") is not None]
+    greedy = [m.eval["eval_accuracy"] for m in metrics if (m.eval or {}).get("eval_accuracy") is not None]
     def levels(e):
         return {int(k[len("accuracy_level"):]): float(v) for k, v in (e or {}).items() if k.startswith("accuracy_level")}
 
@@ -342,22 +344,28 @@ def ratio_vs_baseline(strat: dict, base: dict) -> dict:
     return {"ratio": num / den, "qualifier": qual}
 
 
-def _mean_of(metrics: list, key: str, frac: tuple = (0.0, 1.0)) -> Optional[float]:
+# a step record's value: StepMetrics -> number or None
+Field = Callable[[StepMetrics], Optional[float]]
+
+
+def _mean_of(metrics: list[StepMetrics], get: Field, frac: tuple = (0.0, 1.0)) -> Optional[float]:
+    """Mean of ``get`` over the steps in the fraction ``frac`` of the run (None values skipped)."""
     n = len(metrics)
     lo, hi = int(math.floor(frac[0] * n)), max(int(math.ceil(frac[1] * n)), int(math.floor(frac[0] * n)) + 1)
-    vals = [m[key] for m in metrics[lo:hi] if m.get(key) is not None]
+    vals = [v for v in map(get, metrics[lo:hi]) if v is not None]
     return float(np.mean(vals)) if vals else None
 
 
-def generated_zero_adv_frac(metrics: list) -> Optional[float]:
+def generated_zero_adv_frac(metrics: list[StepMetrics]) -> Optional[float]:
     """Fraction of all GENERATED groups whose rewards were all equal. For DAPO dynamic sampling the
     trained groups never are (they were dropped), so this counts the dropped ones."""
-    gen = sum(m.get("dynamic_groups_generated", 0) or 0 for m in metrics)
+    dyn = [m.dynamic or {} for m in metrics]
+    gen = sum(d.get("dynamic_groups_generated", 0) or 0 for d in dyn)
     if gen:
-        kept = sum(m.get("dynamic_groups_kept", 0) or 0 for m in metrics)
+        kept = sum(d.get("dynamic_groups_kept", 0) or 0 for d in dyn)
         # kept groups are by construction not all-equal
         return (gen - kept) / gen
-    return _mean_of(metrics, "zero_adv_frac")
+    return _mean_of(metrics, lambda m: m.batch.zero_adv_frac)
 
 
 def smooth_curve(curve: Sequence[tuple], k: int) -> list:
@@ -395,16 +403,16 @@ def aggregate(runs: dict, baseline: str) -> dict:
             base_rt = rt
         mets = [rs[k].metrics for k in seeds]
 
-        def avg(key, frac=(0.0, 1.0)):
-            vals = [_mean_of(m, key, frac) for m in mets]
+        def avg(get: Field, frac=(0.0, 1.0)):
+            vals = [_mean_of(m, get, frac) for m in mets]
             vals = [v for v in vals if v is not None]
             return float(np.mean(vals)) if vals else None
 
         fm, fs = _mean_std(finals)
         im = [rs[k].initial_acc for k in seeds if rs[k].initial_acc is not None]
         greedy = [rs[k].greedy_final for k in seeds if rs[k].greedy_final is not None]
-        wmin = [min(m["weight_min"] for m in ms if m.get("weight_min") is not None) for ms in mets]
-        wmax = [max(m["weight_max"] for m in ms if m.get("weight_max") is not None) for ms in mets]
+        wmin = [min(m.batch.weight_min for m in ms) for ms in mets if ms]
+        wmax = [max(m.batch.weight_max for m in ms) for ms in mets if ms]
         rows.append({
             "strategy": strategy,
             "seeds": seeds,
@@ -416,22 +424,22 @@ def aggregate(runs: dict, baseline: str) -> dict:
             "rollouts_to_threshold": per_seed,
             "budget_rollouts": budgets,
             **{f"rt_{k}": v for k, v in rt.items()},
-            "zero_adv_frac": avg("zero_adv_frac"),
+            "zero_adv_frac": avg(lambda m: m.batch.zero_adv_frac),
             "generated_zero_adv_frac": float(np.mean([generated_zero_adv_frac(m) for m in mets])),
             "weight_min": float(np.min(wmin)) if wmin else None,
             "weight_max": float(np.max(wmax)) if wmax else None,
-            "weight_min_mean": avg("weight_min"),
-            "weight_max_mean": avg("weight_max"),
-            # spread of the weights, if the trainer logs it (optional keys)
-            "weight_std_mean": avg("weight_std"),
-            "weight_p10_mean": avg("weight_p10"),
-            "weight_p90_mean": avg("weight_p90"),
-            "weight_applied": bool(mets[0][0].get("weight_applied")) if mets and mets[0] else None,
-            "entropy_mean": avg("entropy_mean"),
-            "entropy_first10": avg("entropy_mean", (0.0, 0.1)),
-            "entropy_last10": avg("entropy_mean", (0.9, 1.0)),
-            "reward_mean": avg("reward_mean"),
-            "selected_difficulty": avg("selected_difficulty"),
+            "weight_min_mean": avg(lambda m: m.batch.weight_min),
+            "weight_max_mean": avg(lambda m: m.batch.weight_max),
+            "weight_p10_mean": avg(lambda m: m.batch.weight_p10),
+            "weight_p90_mean": avg(lambda m: m.batch.weight_p90),
+            "weight_applied": bool(mets[0][0].weight_applied) if mets and mets[0] else None,
+            "entropy_mean": avg(lambda m: m.batch.entropy_mean),
+            "entropy_first10": avg(lambda m: m.batch.entropy_mean, (0.0, 0.1)),
+            "entropy_last10": avg(lambda m: m.batch.entropy_mean, (0.9, 1.0)),
+            "reward_mean": avg(lambda m: m.batch.reward_mean),
+            "selected_difficulty": avg(lambda m: m.selected_difficulty),
+            # greso: prompts skipped before rollout per step (None for the other strategies)
+            "greso_skipped_mean": avg(lambda m: (m.selection or {}).get("greso_skipped")),
             "levels_initial": _mean_levels([rs[k].levels_initial for k in seeds]),
             "levels_final": _mean_levels([rs[k].levels_final for k in seeds]),
             "train_seconds": float(np.mean([rs[k].summary.get("train_seconds_this_process", float("nan")) for k in seeds])),
@@ -553,12 +561,16 @@ def findings(agg: dict, metric: str) -> list[str]:
     if wts:
         out.append(f"Relative-entropy weights, mean per-step min..max where applied: {wts} (paper: mostly 0.7-1.5).")
     spread = "; ".join(
-        f"{n} " + ", ".join(f"{lab} {_fmt_num(r[k])}" for lab, k in (("p10", "weight_p10_mean"), ("p90", "weight_p90_mean"),
-                                                                 ("std", "weight_std_mean")) if r[k] is not None)
+        f"{n} " + ", ".join(f"{lab} {_fmt_num(r[k])}" for lab, k in (("p10", "weight_p10_mean"), ("p90", "weight_p90_mean"))
+                            if r[k] is not None)
         for n, r in rows.items() if r["weight_applied"] and any(
-            r[k] is not None for k in ("weight_p10_mean", "weight_p90_mean", "weight_std_mean")))
+            r[k] is not None for k in ("weight_p10_mean", "weight_p90_mean")))
     if spread:
         out.append(f"Weight spread, mean over steps: {spread}.")
+    skipped = "; ".join(f"{n} {r['greso_skipped_mean']:.2f}" for n, r in rows.items()
+                        if r["greso_skipped_mean"] is not None)
+    if skipped:
+        out.append(f"Prompts skipped before rollout (GRESO's filter), mean per step: {skipped}.")
     sp = agg["spearman"]
     if "mean" in sp:
         out.append(f"Initial policy: Spearman(prompt perplexity, pass rate) = {sp['mean']:.3f} ± {sp['std']:.3f} over "
@@ -643,14 +655,16 @@ def plot(runs: dict, agg: dict, metric: str, path: Path, diag_path: Optional[Pat
     written.append(path)
 
     if diag_path is not None:
-        keys = [("zero_adv_frac", "zero-advantage group fraction (trained)"), ("entropy_mean", "mean token entropy"),
-                ("selected_difficulty", "selected prompt difficulty (level)"), ("reward_mean", "mean reward")]
+        keys = [(lambda m: m.batch.zero_adv_frac, "zero-advantage group fraction (trained)"),
+                (lambda m: m.batch.entropy_mean, "mean token entropy"),
+                (lambda m: m.selected_difficulty, "selected prompt difficulty (level)"),
+                (lambda m: m.batch.reward_mean, "mean reward")]
         fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
-        for ax, (key, title) in zip(axes.ravel(), keys):
+        for ax, (get, title) in zip(axes.ravel(), keys):
             for i, (strategy, rs) in enumerate(runs.items()):
                 series = []
                 for r in rs.values():
-                    s = [m.get(key) for m in r.metrics]
+                    s = [get(m) for m in r.metrics]
                     series.append([np.nan if v is None else v for v in s])
                 n = min(len(s) for s in series)
                 arr = np.array([s[:n] for s in series], dtype=float)
@@ -675,8 +689,8 @@ def write_csv(agg: dict, path: Path) -> None:
     cols = ["strategy", "seeds", "final_mean", "final_std", "final_per_seed", "initial_mean", "greedy_final_mean",
             "rollouts_to_threshold", "budget_rollouts", "rt_n_reached", "rt_n", "rt_mean_reached", "rt_mean_bounded",
             "ratio_ratio", "ratio_qualifier", "zero_adv_frac", "generated_zero_adv_frac", "weight_min", "weight_max",
-            "weight_min_mean", "weight_max_mean", "weight_p10_mean", "weight_p90_mean", "weight_std_mean", "weight_applied", "entropy_mean", "entropy_first10", "entropy_last10",
-            "reward_mean", "selected_difficulty", "train_seconds"]
+            "weight_min_mean", "weight_max_mean", "weight_p10_mean", "weight_p90_mean", "weight_applied", "entropy_mean", "entropy_first10", "entropy_last10",
+            "reward_mean", "selected_difficulty", "greso_skipped_mean", "train_seconds"]
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols + ["threshold"])

@@ -16,7 +16,8 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-STRATEGIES = ("prepo", "random", "ppl_only", "entropy_only", "static_low_ppl", "dapo_dynamic")
+STRATEGIES = ("prepo", "random", "ppl_only", "entropy_only", "static_low_ppl", "static_high_ppl", "dapo_dynamic",
+              "greso")
 PACINGS = ("linear", "quadratic", "exponential")
 DTYPES = ("fp32", "bf16", "fp16")
 ENGINES = ("hf", "vllm")

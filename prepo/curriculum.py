@@ -8,18 +8,22 @@ Each strategy is a :class:`Strategy` record: whether it needs perplexities, how 
 candidates, whether it weights rollouts by relative entropy, and whether it samples dynamically
 (DAPO: roll out in order of priority, drop groups whose rewards are all equal, refill until K
 groups are kept). ``Strategy.select`` returns candidate indices in priority order; a static
-strategy uses the first K, a dynamic one keeps consuming the order.
+strategy uses the first K, a dynamic one keeps consuming the order. ``greso`` filters the candidates
+before rollout by their reward history (:mod:`prepo.greso`): the one strategy with state, which it
+updates after reward through ``Strategy.observe`` and which travels in checkpoints.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
 from .config import PACINGS, STRATEGIES
+from .greso import Greso
 from .rollout import Rollouts
 
 # roll(problems) -> (rollouts, rewards [N] float32, reward failures); G rows per problem, grouped
@@ -57,23 +61,48 @@ def window_select(ppl: np.ndarray, k: int, rho: float) -> np.ndarray:
 @dataclass(frozen=True)
 class Strategy:
     name: str
-    order: str        # "window" | "random" | "lowest"
+    order: str        # "window" | "random" | "lowest" | "highest" | "greso"
     weighting: bool   # relative-entropy rollout weights
     dynamic: bool = False
+    greso: Optional[Greso] = field(default=None, compare=False)   # order "greso": its filter state
 
     @property
     def needs_ppl(self) -> bool:
-        return self.order in ("window", "lowest")
+        return self.order in ("window", "lowest", "highest")
 
-    def select(self, ppl: np.ndarray | None, n: int, k: int, rho: float, rng: np.random.Generator) -> list[int]:
-        """Candidate indices in priority order: exactly k for a static strategy, all n (a random
-        permutation) for a dynamic one."""
+    def select(self, ppl: np.ndarray | None, cand: Sequence[int], k: int, rho: float,
+               rng: np.random.Generator) -> list[int]:
+        """Indices into ``cand`` (the candidate batch's prompt ids) in priority order: exactly k for
+        a static strategy, all of them (a random permutation) for a dynamic one."""
         if self.order == "window":
             return window_select(ppl, k, rho).tolist()
         if self.order == "lowest":
             return window_select(ppl, k, 0.0).tolist()
-        perm = rng.permutation(n)
+        if self.order == "highest":
+            return window_select(ppl, k, 1.0).tolist()
+        if self.order == "greso":
+            return self.greso.select(cand, k, rng)
+        perm = rng.permutation(len(cand))
         return perm.tolist() if self.dynamic else perm[:k].tolist()
+
+    def observe(self, prompt_ids: Sequence[int], rewards: torch.Tensor, group_size: int) -> None:
+        """After reward: the rolled-out prompts' rewards ([len(prompt_ids) * G], grouped); only
+        GRESO keeps a history."""
+        if self.greso is not None:
+            self.greso.observe(prompt_ids, rewards, group_size)
+
+    def stats(self) -> Optional[dict]:
+        """The strategy's own step-record fields (GRESO's), None for the stateless ones."""
+        return self.greso.stats() if self.greso is not None else None
+
+    def state_dict(self) -> Optional[dict]:
+        return self.greso.state_dict() if self.greso is not None else None
+
+    def load_state_dict(self, state: Optional[dict]) -> None:
+        if (state is None) != (self.greso is None):
+            raise ValueError(f"the checkpoint's selection state does not match strategy {self.name!r}")
+        if state is not None:
+            self.greso.load_state_dict(state)
 
 
 @dataclass
@@ -132,15 +161,19 @@ _STRATEGIES = {
     "ppl_only": Strategy("ppl_only", "window", weighting=False),
     "entropy_only": Strategy("entropy_only", "random", weighting=True),
     "static_low_ppl": Strategy("static_low_ppl", "lowest", weighting=False),
+    "static_high_ppl": Strategy("static_high_ppl", "highest", weighting=False),
     "dapo_dynamic": Strategy("dapo_dynamic", "random", weighting=False, dynamic=True),
+    "greso": Strategy("greso", "greso", weighting=False),
 }
 assert set(_STRATEGIES) == set(STRATEGIES)
 
 
 def get_strategy(name: str) -> Strategy:
+    """The strategy ``name``; GRESO's comes with a fresh filter state, owned by the caller."""
     if name not in _STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(_STRATEGIES)}; got {name!r}")
-    return _STRATEGIES[name]
+    s = _STRATEGIES[name]
+    return dataclasses.replace(s, greso=Greso()) if s.order == "greso" else s
 
 
 class PromptSampler:

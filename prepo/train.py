@@ -93,6 +93,8 @@ class Trainer:
                 self.device = torch.device("cuda", self.dist.local_rank)
             if self.strategy.dynamic:
                 raise ConfigError("dapo_dynamic runs in one process only (its refills are not shared across ranks)")
+            if self.strategy.greso is not None:
+                raise ConfigError("greso runs in one process only (its reward history is not shared across ranks)")
             if self.K < self.dist.world:
                 raise ConfigError(f"{self.K} selected prompts cannot be shared by {self.dist.world} processes")
         self.precision = Precision(cfg.dtype, self.device)
@@ -160,6 +162,7 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "sampler": self.sampler.state_dict(),
             "select_rng": self.select_rng.bit_generator.state,
+            "strategy": self.strategy.state_dict(),   # GRESO's history and probabilities, else None
             "rng": self.dist.gather([ckpt.rng_state()]),   # one per rank
             "metrics_lines": count_lines(self.runlog.metrics_path),
             "eval_lines": count_lines(self.runlog.eval_path),
@@ -180,6 +183,7 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.sampler.load_state_dict(state["sampler"])
         self.select_rng.bit_generator.state = state["select_rng"]
+        self.strategy.load_state_dict(state.get("strategy"))
         ckpt.set_rng_state(state["rng"][self.dist.rank])
         self.runlog.truncate(state["metrics_lines"], state["eval_lines"])
 
@@ -192,7 +196,7 @@ class Trainer:
         ppl = self.perplexity(cand, timer) if self.strategy.needs_ppl else None
         rho = pacing_rho(self.step_idx, cfg.total_steps, cfg.pacing)
         with timer("time_score"):
-            order = self.strategy.select(ppl, len(cand), self.K, rho, self.select_rng)
+            order = self.strategy.select(ppl, cand, self.K, rho, self.select_rng)
         got = self.collect(cand, order, rho, timer)               # roll out + reward (this rank's share)
         failures = int(self.dist.sum(torch.tensor(got.failures)))
         self.reward_failures += failures
@@ -212,7 +216,7 @@ class Trainer:
             ppl_window_hi=float(sel_ppl.max()) if sel_ppl is not None else None,
             ppl_batch_mean=float(ppl.mean()) if ppl is not None else None,
             selected_difficulty=float(np.mean(levels)) if levels else None,
-            dynamic=got.dynamic, times=step_times(timer, time.perf_counter() - t0))
+            dynamic=got.dynamic, selection=self.strategy.stats(), times=step_times(timer, time.perf_counter() - t0))
 
     # ------------------------------------------------------------------ its parts
     def perplexity(self, cand: list[int], timer: Timer) -> np.ndarray:
@@ -224,15 +228,19 @@ class Trainer:
             return np.asarray(self.dist.gather(ppl.tolist()), dtype=np.float32) if self.dist.active else ppl.numpy()
 
     def collect(self, cand: list[int], order: list[int], rho: float, timer: Timer) -> Collected:
-        """The strategy's collector: the K selected prompts, or DAPO dynamic sampling's refills."""
+        """The strategy's collector: the K selected prompts (whose rewards the strategy then
+        observes), or DAPO dynamic sampling's refills."""
         train = self.data.train
         roll = lambda problems: self.roll_out(problems, timer)  # noqa: E731
         if not self.strategy.dynamic:
-            return collect_static(self.dist.share([train[cand[i]] for i in order]), roll)
+            ids = [cand[i] for i in order]
+            got = collect_static(self.dist.share([train[i] for i in ids]), roll)
+            self.strategy.observe(ids, got.rewards, self.cfg.group_size)
+            return got
 
         def refill():
             nxt = self.sampler.next_batch(self.cfg.candidate_batch_size)
-            return [train[nxt[i]] for i in self.strategy.select(None, len(nxt), self.K, rho, self.select_rng)]
+            return [train[nxt[i]] for i in self.strategy.select(None, nxt, self.K, rho, self.select_rng)]
 
         return collect_dynamic([train[cand[i]] for i in order], refill, roll, k=self.K, group_size=self.cfg.group_size,
                                max_rounds=self.cfg.dynamic_max_rounds, pad_id=self.tokenizer.pad_token_id)

@@ -69,7 +69,7 @@ def test_two_step_run(tmp_path, cache_dir):
     assert -1.0 <= summary["spearman_ppl_passrate"] <= 1.0 or summary["spearman_ppl_passrate"] != summary["spearman_ppl_passrate"]
 
 
-@pytest.mark.parametrize("strategy", ["dapo_dynamic", "static_low_ppl", "entropy_only", "ppl_only"])
+@pytest.mark.parametrize("strategy", ["dapo_dynamic", "static_low_ppl", "static_high_ppl", "entropy_only", "ppl_only"])
 def test_other_strategy_runs_in_process(tmp_path, cache_dir, strategy):
     from prepo.train import run
 
@@ -119,7 +119,7 @@ def test_bad_config_exits_with_message(tmp_path, capsys):
         assert main(args) == 2
         assert msg in capsys.readouterr().err
     # and through the real command line
-    res = subprocess.run([sys.executable, "-m", "prepo.train", "--strategy", "greso"], cwd=REPO, env=_env(),
+    res = subprocess.run([sys.executable, "-m", "prepo.train", "--strategy", "gresso"], cwd=REPO, env=_env(),
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "strategy must be one of" in res.stderr, res.stderr[-2000:]
 

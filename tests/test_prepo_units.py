@@ -53,11 +53,17 @@ def test_pacing():
 def test_strategies_select():
     rng = np.random.default_rng(0)
     ppl = np.arange(20, 0, -1, dtype=float)   # candidate 19 has the lowest perplexity
-    low = get_strategy("static_low_ppl").select(ppl, 20, 4, 0.9, rng)
+    low = get_strategy("static_low_ppl").select(ppl, range(20), 4, 0.9, rng)
     assert sorted(low) == [16, 17, 18, 19]
-    r = get_strategy("random").select(None, 20, 4, 0.0, rng)
+    high = get_strategy("static_high_ppl").select(ppl, range(20), 4, 0.1, rng)   # rho is ignored
+    assert sorted(high) == [0, 1, 2, 3] and get_strategy("static_high_ppl").needs_ppl
+    assert not get_strategy("static_high_ppl").weighting
+    shuffled = np.random.default_rng(5).permutation(50).astype(float)
+    assert sorted(get_strategy("static_high_ppl").select(shuffled, range(50), 7, 0.0, rng)) == \
+        sorted(np.argsort(-shuffled)[:7].tolist())
+    r = get_strategy("random").select(None, range(20), 4, 0.0, rng)
     assert len(r) == 4 and len(set(r)) == 4
-    d = get_strategy("dapo_dynamic").select(None, 20, 4, 0.0, rng)
+    d = get_strategy("dapo_dynamic").select(None, range(20), 4, 0.0, rng)
     assert sorted(d) == list(range(20))
     assert get_strategy("prepo").weighting and not get_strategy("ppl_only").weighting
     assert get_strategy("entropy_only").weighting and not get_strategy("entropy_only").needs_ppl
@@ -260,7 +266,7 @@ def test_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="expects a boolean"):
         parse_args(["--progress", "maybe"])
     with pytest.raises(ConfigError, match="strategy must be one of"):
-        parse_args(["--strategy", "greso"])
+        parse_args(["--strategy", "gresso"])
     with pytest.raises(ConfigError, match="select_ratio"):
         parse_args(["--select-ratio", "1.5"])
     y = tmp_path / "bad.yaml"

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from prepo.metrics import StepMetrics
+
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("rollout_efficiency", ROOT / "benchmarks" / "rollout_efficiency.py")
 re_bench = importlib.util.module_from_spec(_spec)
@@ -257,7 +259,7 @@ def test_optional_weight_spread_keys_are_reported(tmp_path):
     (d / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in rows))
     agg = re_bench.aggregate(re_bench.load_runs(rd, ["random", "prepo"], [1], METRIC), "random")
     pp = {r["strategy"]: r for r in agg["rows"]}["prepo"]
-    assert pp["weight_p10_mean"] == pytest.approx(0.8) and pp["weight_std_mean"] is None
+    assert pp["weight_p10_mean"] == pytest.approx(0.8) and pp["greso_skipped_mean"] is None
     assert any("p10 0.80, p90 1.20" in s for s in re_bench.findings(agg, METRIC))
 
 
@@ -294,3 +296,29 @@ def test_levels_table(tmp_path):
     row = out["aggregate"]["rows"][0]
     assert row["levels_initial"] == {0: 1.0, 1: 0.1} and row["levels_final"] == {0: 1.0, 1: 0.2}
     assert "| (initial policy) | 100.0 | 10.0 |" in out["markdown"]
+
+
+def test_rows_are_read_as_step_records_and_greso_skips_reported(tmp_path):
+    rd = tmp_path / "runs"
+    write_run(rd, "random", 1, [0.3, 0.4], initial=0.2)
+    d = write_run(rd, "greso", 1, [0.3, 0.5], initial=0.2)
+    rows = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
+    for i, m in enumerate(rows):
+        m.update({"greso_skipped": i % 2 * 3, "greso_backfilled": 0, "greso_p_easy": 0.5, "greso_p_hard": 0.5})
+    (d / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in rows))
+    runs = re_bench.load_runs(rd, ["random", "greso"], [1], METRIC)
+    r = runs["greso"][1]
+    assert isinstance(r.metrics[0], StepMetrics) and r.metrics[1].selection["greso_skipped"] == 3
+    agg = re_bench.aggregate(runs, "random")
+    g = {x["strategy"]: x for x in agg["rows"]}["greso"]
+    assert g["greso_skipped_mean"] == pytest.approx(1.5) and r.total_rollouts == rows[-1]["rollouts"]
+    assert any("greso 1.50" in s for s in re_bench.findings(agg, METRIC))
+
+
+def test_bench_config_accepts_the_trainer_strategies_only(tmp_path):
+    cfg = tmp_path / "b.yaml"
+    cfg.write_text("strategies: [random, static_high_ppl, greso]\nseeds: [1]\n")
+    assert re_bench.load_bench_config(cfg)["strategies"] == ["random", "static_high_ppl", "greso"]
+    cfg.write_text("strategies: [random, gresso]\nseeds: [1]\n")
+    with pytest.raises(SystemExit, match="unknown strategies \\['gresso'\\]"):
+        re_bench.load_bench_config(cfg)
