@@ -178,10 +178,11 @@ class BlasTiles {
   Tensor wbuf_, hbuf_, Wt_, hb_;
 };
 
-// The tile loop of partition p over rows [r_lo, r_hi): on_tile(v0, r0, Z) for every logit tile.
-template <typename Engine, typename OnTile>
+// The tile loop of partition p over rows [r_lo, r_hi): on_tile(v0, r0, Z) for every logit tile,
+// then tile_done(v0, vt) once a vocab tile has seen all its row blocks.
+template <typename Engine, typename OnTile, typename TileDone>
 void for_each_tile(const Tiling& t, int64_t V, int64_t p, int64_t r_lo, int64_t r_hi, Engine& engine,
-                   const Tensor& zbuf, OnTile&& on_tile) {
+                   const Tensor& zbuf, OnTile&& on_tile, TileDone&& tile_done) {
   for (int64_t tile = p * t.ntiles / t.P; tile < (p + 1) * t.ntiles / t.P; ++tile) {
     const int64_t v0 = tile * t.Vt, vt = std::min(t.Vt, V - v0);
     engine.set_tile(v0, vt);
@@ -191,6 +192,7 @@ void for_each_tile(const Tiling& t, int64_t V, int64_t p, int64_t r_lo, int64_t 
       engine.logits(r0, nt, Z);
       on_tile(v0, r0, Z);
     }
+    tile_done(v0, vt);
   }
 }
 
@@ -234,9 +236,10 @@ std::tuple<Tensor, Tensor, Tensor> forward_typed(const Tensor& hidden, const Ten
       auto engine = make_engine();
       const Tensor zbuf = at::empty({t.Nt * t.Vt}, fopts);
       const Tensor stats_p = stats[p];
-      for_each_tile(t, o.V, p, 0, n, engine, zbuf, [&](int64_t v0, int64_t r0, const Tensor& Z) {
-        Device::template tile_stats<acc_t>(o, v0, r0, Z, stats_p, zy);
-      });
+      for_each_tile(
+          t, o.V, p, 0, n, engine, zbuf,
+          [&](int64_t v0, int64_t r0, const Tensor& Z) { Device::template tile_stats<acc_t>(o, v0, r0, Z, stats_p, zy); },
+          [](int64_t, int64_t) {});
     });
   });
   finalize_stats(stats, zy, logprob, entropy, lse);
@@ -252,7 +255,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_typed(const Tensor& grad_logprob, co
   const int64_t n = hidden.size(0), D = hidden.size(1), V = weight.size(0);
   const auto fopts = hidden.options().dtype(acc);
   Tensor grad_hidden = at::zeros({n, D}, fopts);
-  Tensor grad_weight = at::empty({V, D}, fopts);  // every row is written by its first row block
+  Tensor grad_weight = at::empty({V, D}, weight.options());  // the weight's dtype (ops.cpp)
   Tensor grad_bias = bias.has_value() ? at::zeros({V}, fopts) : at::empty({0}, fopts);
   Operands o = prepare_operands(hidden, weight, bias, targets, inv_temp);
   prepare_backward(o, grad_logprob, grad_entropy, lse, entropy);
@@ -262,6 +265,12 @@ std::tuple<Tensor, Tensor, Tensor> backward_typed(const Tensor& grad_logprob, co
   }
 
   const Tiling t = Device::tiling(n, D, V, sizeof(acc_t));
+  // dW accumulates in acc_t. In place when the weight is acc_t. For bf16 / fp16 weights each vocab
+  // tile accumulates in a tile-sized buffer and is written once, rounded, when its row blocks are
+  // done: no [V, D] fp32 copy. Only when the rows run in several chunks (t.R < n, bounding the
+  // private grad_hidden) is a tile revisited; then a full acc_t dW is kept and rounded at the end.
+  const bool in_place = weight.scalar_type() == acc, per_tile = !in_place && t.R >= n;
+  const Tensor dw_full = in_place ? grad_weight : (per_tile ? Tensor() : at::empty({V, D}, fopts));
   const Tensor dh_private = t.P > 1 ? at::empty({t.P - 1, t.R, D}, fopts) : Tensor();
   Device::template with_engine<acc_t>(o, true, t, [&](auto make_engine) {
     for (int64_t c0 = 0; c0 < n; c0 += t.R) {
@@ -269,17 +278,24 @@ std::tuple<Tensor, Tensor, Tensor> backward_typed(const Tensor& grad_logprob, co
       Device::parallel(t.P, [&](int64_t p) {
         auto engine = make_engine();
         const Tensor zbuf = at::empty({t.Nt * t.Vt}, fopts);
+        const Tensor dw_tile = per_tile ? at::empty({t.Vt * D}, fopts) : Tensor();
         Tensor dh = p == 0 ? grad_hidden.narrow(0, c0, rc) : dh_private[p - 1].narrow(0, 0, rc);
         if (p > 0) dh.zero_();
-        for_each_tile(t, V, p, c0, c0 + rc, engine, zbuf, [&](int64_t v0, int64_t r0, Tensor& Z) {
-          Device::template tile_grad<acc_t>(o, v0, r0, Z, grad_bias);
-          engine.grads(r0, Z.size(0), Z, dh.narrow(0, r0 - c0, Z.size(0)), grad_weight.narrow(0, v0, Z.size(1)),
-                       r0 > 0);
-        });
+        for_each_tile(
+            t, V, p, c0, c0 + rc, engine, zbuf,
+            [&](int64_t v0, int64_t r0, Tensor& Z) {
+              Device::template tile_grad<acc_t>(o, v0, r0, Z, grad_bias);
+              Tensor dWt = per_tile ? tile_view(dw_tile, Z.size(1), D) : dw_full.narrow(0, v0, Z.size(1));
+              engine.grads(r0, Z.size(0), Z, dh.narrow(0, r0 - c0, Z.size(0)), dWt, r0 > 0);
+            },
+            [&](int64_t v0, int64_t vt) {
+              if (per_tile) grad_weight.narrow(0, v0, vt).copy_(tile_view(dw_tile, vt, D));
+            });
       });
       for (int64_t p = 1; p < t.P; ++p) grad_hidden.narrow(0, c0, rc).add_(dh_private[p - 1].narrow(0, 0, rc));
     }
   });
+  if (!in_place && !per_tile) grad_weight.copy_(dw_full);
   return {grad_hidden, grad_weight, grad_bias};
 }
 

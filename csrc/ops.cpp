@@ -13,7 +13,8 @@
 //   grad_hidden = (dz * inv_temp) @ W, grad_weight = (dz * inv_temp).T @ hidden,
 //   grad_bias   = sum_rows dz * inv_temp      (an empty tensor when bias is None)
 //
-// All outputs are in the accumulation dtype: fp64 for fp64 inputs, fp32 otherwise.
+// Outputs are in the accumulation dtype (fp64 for fp64 inputs, fp32 otherwise), except grad_weight,
+// which is in the weight's dtype: accumulated in fp32 per vocab tile and written once.
 // Kernels: csrc/cpu/lle_cpu.cpp (CPU), csrc/cuda/lle_cuda.cu (CUDA, when built with CUDA).
 #include <pybind11/pybind11.h>
 #include <torch/library.h>

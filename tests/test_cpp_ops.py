@@ -58,6 +58,14 @@ def tol(dtype):
     return {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float16: 2e-5}[dtype]
 
 
+def grad_tol(dtype):
+    # grad_weight comes back in the weight's dtype (rounded once); the bf16 CPU path also rounds dz
+    # to bf16 (8 significant bits) for its two backward GEMMs, as bf16 GEMM kernels must: relative
+    # error up to ~2^-8 (tests/test_native_bf16.py and the kernel suite hold the gradients to "no
+    # worse than naive PyTorch in the same dtype")
+    return {torch.bfloat16: 1e-2, torch.float16: 1e-3}.get(dtype, tol(dtype))
+
+
 def assert_close(actual, expected, rtol, atol=None, what=""):
     atol = rtol if atol is None else atol
     scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
@@ -100,17 +108,17 @@ def test_matches_float64_oracle(case, dtype, device, tiles):
     assert logprob.dtype == entropy.dtype == lse.dtype == acc
     assert logprob.shape == entropy.shape == lse.shape == (n,)
     grad_h, grad_w, grad_b = ops.lle_backward(g, e, h, W, b, y, it, lse, entropy)
-    assert grad_h.dtype == grad_w.dtype == acc and grad_h.shape == (n, D) and grad_w.shape == (V, D)
+    assert grad_h.dtype == acc and grad_w.dtype == dtype and grad_h.shape == (n, D) and grad_w.shape == (V, D)
     ref = raw_oracle(h, W, b, y, it, g, e)
-    t = tol(dtype)
-    for name, got, want in zip(("logprob", "entropy", "lse", "grad_hidden", "grad_weight"), (logprob, entropy, lse, grad_h, grad_w), ref):
+    names = ("logprob", "entropy", "lse", "grad_hidden", "grad_weight")
+    for name, got, want in zip(names, (logprob, entropy, lse, grad_h, grad_w), ref):
         assert torch.isfinite(got).all(), name
-        assert_close(got, want, t, what=name)
+        assert_close(got, want, grad_tol(dtype) if name.startswith("grad") else tol(dtype), what=name)
     if b is None:
         assert grad_b.numel() == 0
     else:
         assert grad_b.shape == (V,) and grad_b.dtype == acc
-        assert_close(grad_b, ref[5], t, what="grad_bias")
+        assert_close(grad_b, ref[5], grad_tol(dtype), what="grad_bias")
         dead = torch.isinf(b.double()).cpu()
         if dead.any():  # -inf logits contribute exactly 0
             assert (grad_w.cpu()[dead] == 0).all() and (grad_b.cpu()[dead] == 0).all()

@@ -105,13 +105,19 @@ def test_bf16_fallback_is_exact_upcast(monkeypatch):
     _, _, grads_fast = fused(*inputs)
     monkeypatch.setenv("PREPO_CPU_BF16_BRGEMM", "0")
     _, _, grads_up = fused(*inputs)
-    for x, ref in zip(grads_up, grads_o):
-        assert rel_err(x, ref) < 1e-5
+    check_upcast_grads(grads_up, grads_o)
     if cpu_has_bf16_dot():
         assert rel_err(grads_fast[0], grads_o[0]) > 1e-5  # dz was rounded: the brgemm path ran
     monkeypatch.delenv("PREPO_CPU_BF16_BRGEMM")
     odd = make(9, 33, 300)  # odd D: the VNNI operands need an even D, so this is upcast too
     _, _, grads_o = losses_and_grads(*odd, torch.float64)
     _, _, grads_odd = fused(*odd)
-    for x, ref in zip(grads_odd, grads_o):
-        assert rel_err(x, ref) < 1e-5
+    check_upcast_grads(grads_odd, grads_o)
+
+
+def check_upcast_grads(grads, oracle):
+    """fp32 accuracy, but for grad_weight, which comes back in the weight's dtype (rounded once:
+    relative error at most 2^-9 an entry)."""
+    for i, (x, ref) in enumerate(zip(grads, oracle)):
+        assert rel_err(x, ref) < (2.0**-8 if i == 1 else 1e-5)
+    assert grads[1].dtype == torch.bfloat16

@@ -19,8 +19,10 @@ lse [n]); all in the accumulation dtype (fp32, or fp64 for fp64 inputs).
     lse = logsumexp_v z,  logprob = z_y - lse,  entropy = lse - sum_v p_v z_v
 
 backward(grad_logprob g [n], grad_entropy e [n] or None, hidden, weight, bias, targets, inv_temp,
-lse, entropy, params) returns (grad_hidden [n, D], grad_weight [V, D], grad_bias [V] or None), all in
-the accumulation dtype; the caller casts to the parameter dtypes. With
+lse, entropy, params) returns (grad_hidden [n, D], grad_weight [V, D], grad_bias [V] or None) in the
+accumulation dtype, except that a backend may return grad_weight already in the weight's dtype
+(the native backends accumulate it in fp32 per vocab tile and write it once, so a bf16 LM head
+never gets a [V, D] fp32 copy); the caller casts to the parameter dtypes. With
     dz_v = g (1[v=y] - p_v) - e p_v (z_v - lse + H)
 grad_hidden = (dz * inv_temp) @ W, grad_weight = (dz * inv_temp).T @ hidden, grad_bias = sum_rows dz * inv_temp.
 Entries with z_v = -inf (e.g. a -inf bias) have p_v = 0 and contribute exactly 0, never NaN.

@@ -67,7 +67,7 @@ if _C is not None:
         torch._check(hidden.dim() == 2 and weight.dim() == 2, lambda: "hidden [n, D] and weight [V, D] expected")
         acc = accumulation_dtype(hidden.dtype)
         grad_hidden = hidden.new_empty(hidden.shape, dtype=acc)
-        grad_weight = weight.new_empty(weight.shape, dtype=acc)
+        grad_weight = torch.empty_like(weight)  # the weight's dtype (csrc/ops.cpp)
         grad_bias = weight.new_empty((weight.shape[0],) if bias is not None else (0,), dtype=acc)
         return grad_hidden, grad_weight, grad_bias
 
