@@ -142,6 +142,7 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-benchmark", "dashscope", "tiktoken"],
         "triton": ["triton"],
+        "bench": ["liger-kernel", "cut-cross-entropy"],  # the peers benchmarks/ compares against
         "vllm": ["vllm==0.33.0"],  # prepo/vllm_engine.py was written against its source; never run here
         "trl": ["trl>=1.16,<1.17", "accelerate"],  # the range prepo.integrations.trl checks at import
         # verl's v1 trainer (prepo.integrations.verl). Its own extra: verl pins transformers < 5.11 and
