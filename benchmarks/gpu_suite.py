@@ -246,6 +246,167 @@ def gpu_name(device) -> str:
     return "cpu-dry-run"
 
 
+@dataclass
+class Suite:
+    """What every measurement of one run shares."""
+
+    args: argparse.Namespace
+    device: object
+    dtype: object
+    timer: Timer
+    providers: object
+    params: object
+    rows: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+
+
+def _split(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def output_base(args, name: str, stamp: str) -> Path:
+    if args.out_dir:
+        out_dir = Path(args.out_dir)
+    elif args.dry_run:
+        out_dir = Path(tempfile.mkdtemp(prefix="gpu_suite_dryrun_"))
+    else:
+        out_dir = REPO / "benchmarks" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir / f"gpu_suite_{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-')}_{stamp}"
+
+
+def _row_step(fn, h, w, y, g, e, mode: str):
+    """The callable timed for one row: a no-grad forward, or forward + backward of sum(g lp + e H)."""
+    import torch
+
+    if mode == "fwd":
+        def step():
+            with torch.no_grad():
+                return fn(h, w, y)
+        return step
+    hh = h.detach().clone().requires_grad_()
+    ww = w.detach().clone().requires_grad_()
+
+    def step():
+        hh.grad = ww.grad = None
+        lp, ent = fn(hh, ww, y)
+        loss = (lp.float() * g).sum()
+        if ent is not None:
+            loss = loss + (ent.float() * e).sum()
+        loss.backward()
+    return step
+
+
+def measure_row(suite: Suite, row: Row, step, flop: float, gemm_tflops: float, ref_lp) -> None:
+    """Fill ``row`` with the median time, TFLOP/s, % of the GEMM rate, peak memory and (forward)
+    the log-prob error; an OOM or an exception becomes the row's status."""
+    import torch
+
+    try:
+        if row.mode == "fwd":
+            lp, _ = step()
+            row.max_dlogprob = float((lp.float() - ref_lp).abs().max())
+            del lp
+        row.ms = suite.timer.median_ms(step, suite.args.warmup, suite.args.iters)
+        row.tflops = flop / row.ms / 1e9
+        row.pct_gemm = 100.0 * row.tflops / gemm_tflops
+        peak, extra = suite.timer.peak_bytes(step)
+        row.peak_gib = None if peak is None else peak / 2**30
+        row.extra_gib = None if extra is None else extra / 2**30
+    except torch.cuda.OutOfMemoryError:
+        row.status = "OOM"
+    except Exception as exc:  # noqa: BLE001
+        row.status = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+        traceback.print_exc()
+    finally:
+        _free(suite.device)
+
+
+def _free(device) -> None:
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _make_provider(suite: Suite, impl: str):
+    """(fn, computes), or None after noting why ``impl`` is skipped."""
+    try:
+        return suite.providers.make(impl, suite.device, suite.params)
+    except Exception as exc:  # noqa: BLE001 -- providers.Unavailable or a peer that breaks on import
+        why = str(exc) if isinstance(exc, suite.providers.Unavailable) else f"{type(exc).__name__}: {exc}"
+        msg = f"{impl}: skipped: {why}"
+        print("   " + msg, flush=True)
+        if msg not in suite.notes:
+            suite.notes.append(msg)
+        return None
+
+
+def bench_shape(suite: Suite, N: int, D: int, V: int, header: list) -> None:
+    """The GEMM yardstick, then every (impl, scenario, mode) row at one shape."""
+    import torch
+
+    args, shape = suite.args, f"{N}x{D}x{V}"
+    print(f"\n== shape N={N} D={D} V={V} {args.dtype}", flush=True)
+    h, w, y, g_all, e_all, mean_ent, ref_lp = make_inputs(N, D, V, suite.dtype, suite.device, args.entropy)
+    header.append(f"- {shape}: mean token entropy {mean_ent:.3f} nats (targets sampled from the model)")
+    print(f"   mean token entropy {mean_ent:.3f} nats", flush=True)
+    fwd_flop, fb_flop = 2.0 * N * D * V, 6.0 * N * D * V
+    gemm_ms = suite.timer.median_ms(lambda: h @ w.T, args.warmup, args.iters)
+    gemm_tflops = fwd_flop / gemm_ms / 1e9
+    peak, extra = suite.timer.peak_bytes(lambda: h @ w.T)
+    suite.rows.append(Row(shape, "-", "gemm", "bf16-gemm" if suite.dtype == torch.bfloat16 else f"{args.dtype}-gemm",
+                          "h @ W.T", gemm_ms, gemm_tflops, 100.0,
+                          None if peak is None else peak / 2**30, None if extra is None else extra / 2**30))
+    print(f"   GEMM {gemm_ms:.3f} ms, {gemm_tflops:.1f} TFLOP/s", flush=True)
+    scenarios, modes = _split(args.scenarios), _split(args.modes)
+    for impl in _split(args.impls):
+        made = _make_provider(suite, impl)
+        if made is None:
+            continue
+        fn, computes = made
+        for scenario in scenarios:
+            zero = grpo_mask(N, suite.device) if scenario == "grpo" else None
+            g = g_all if zero is None else g_all.masked_fill(zero, 0.0)
+            e = e_all if zero is None else e_all.masked_fill(zero, 0.0)
+            for mode in modes:
+                if mode == "fwd" and scenario != scenarios[0]:
+                    continue  # forward does not depend on the upstream gradient
+                row = Row(shape, scenario if mode != "fwd" else "-", mode, impl, computes)
+                measure_row(suite, row, _row_step(fn, h, w, y, g, e, mode),
+                            fwd_flop if mode == "fwd" else fb_flop, gemm_tflops, ref_lp)
+                suite.rows.append(row)
+                print(f"   {impl:15s} {mode:8s} {row.scenario:5s} " + (
+                    f"{row.ms:9.3f} ms {row.tflops:7.1f} TFLOP/s {row.pct_gemm:5.1f}% gemm"
+                    + (f" peak {row.peak_gib:.2f} GiB" if row.peak_gib is not None else "")
+                    if row.ms is not None else row.status), flush=True)
+    del h, w, y, g_all, e_all, ref_lp
+    _free(suite.device)
+
+
+def write_report(suite: Suite, base: Path, name: str, header: list) -> None:
+    """The CSV and the markdown table (also printed)."""
+    csv_path, md_path = base.with_suffix(".csv"), base.with_suffix(".md")
+    with open(csv_path, "w", newline="") as f:
+        wtr = csv.writer(f)
+        wtr.writerow(["gpu", *COLUMNS])
+        for r in suite.rows:
+            wtr.writerow([name, *(fmt(getattr(r, c)) for c in COLUMNS)])
+    titles = ("shape", "scenario", "mode", "impl", "computes", "ms (median)", "TFLOP/s", "% GEMM", "peak GiB",
+              "GiB above inputs", "max abs dlogprob vs fp32", "status")
+    lines = header + ["", "TFLOP/s counts 2NDV (fwd) / 6NDV (fwd+bwd) for every implementation, whatever it "
+                      "computes or skips (in `grpo` half the rows have zero gradient: prepo's autograd layer drops "
+                      "those rows before its backward kernels, the peers compute them).", "",
+                      "| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
+    lines += ["| " + " | ".join(fmt(getattr(r, c)) for c in COLUMNS) + " |" for r in suite.rows]
+    if suite.notes:
+        lines += ["", "Skipped:", ""] + [f"- {n}" for n in suite.notes]
+    md_path.write_text("\n".join(lines) + "\n")
+    print("\n" + "\n".join(lines))
+    print(f"\nwrote {csv_path}\nwrote {md_path}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.dry_run:
@@ -257,162 +418,38 @@ def main(argv=None) -> int:
         print("gpu_suite.py: no CUDA device is available (torch.cuda.is_available() is False). "
               "Run it on a GPU machine, or use --dry-run to smoke-test the harness on CPU.", file=sys.stderr)
         return 2
-    device = torch.device("cpu" if args.dry_run else "cuda")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    shapes = [tuple(int(x) for x in s.split(",")) for s in (args.shapes or (DRY_SHAPES if args.dry_run else DEFAULT_SHAPES)).split(";") if s.strip()]
-    impls = [s.strip() for s in args.impls.split(",") if s.strip()]
-    bad = [i for i in impls if i not in ALL_IMPLS]
+    bad = [i for i in _split(args.impls) if i not in ALL_IMPLS]
     if bad:
         print(f"unknown impl(s) {bad}; choose from {ALL_IMPLS}", file=sys.stderr)
         return 2
-    scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
-    modes = [s.strip() for s in args.modes.split(",") if s.strip()]
+    shapes = [tuple(int(x) for x in s.split(",")) for s in (args.shapes or (DRY_SHAPES if args.dry_run else DEFAULT_SHAPES)).split(";") if s.strip()]
     if args.dry_run:
         args.warmup, args.iters = min(args.warmup, 1), min(args.iters, 2)
 
     print(f"== native extension: {build_extension(args)}", flush=True)
     test_status = run_tests(args)
-
     try:
         import triton
         triton_version = triton.__version__
     except ImportError:
         triton_version = "not installed"
-    name = gpu_name(device)
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    if args.out_dir:
-        out_dir = Path(args.out_dir)
-    elif args.dry_run:
-        out_dir = Path(tempfile.mkdtemp(prefix="gpu_suite_dryrun_"))
-    else:
-        out_dir = REPO / "benchmarks" / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    base = out_dir / f"gpu_suite_{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-')}_{stamp}"
-
-    providers = load_providers()
     from prepo_kernels import KernelParams
 
-    params = KernelParams(deterministic=args.deterministic, grad_filter=not args.no_grad_filter)
-    timer = Timer(device)
-    rows: list[Row] = []
-    notes: list[str] = []
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    suite = Suite(args, device, dtype, Timer(device), load_providers(),
+                  KernelParams(deterministic=args.deterministic, grad_filter=not args.no_grad_filter))
+    name = gpu_name(device)
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     header = [f"# gpu_suite: {name}", "",
               f"- date (UTC): {stamp}", f"- torch {torch.__version__}, triton {triton_version}, "
               f"CUDA {torch.version.cuda}", f"- dtype {args.dtype}, warmup {args.warmup}, iters {args.iters}, "
               f"deterministic={args.deterministic}, grad_filter={not args.no_grad_filter}",
               f"- GPU tests (pytest -m gpu): {test_status}"]
-
     for (N, D, V) in shapes:
-        shape = f"{N}x{D}x{V}"
-        print(f"\n== shape N={N} D={D} V={V} {args.dtype}", flush=True)
-        h, w, y, g_all, e_all, mean_ent, ref_lp = make_inputs(N, D, V, dtype, device, args.entropy)
-        header.append(f"- {shape}: mean token entropy {mean_ent:.3f} nats (targets sampled from the model)")
-        print(f"   mean token entropy {mean_ent:.3f} nats", flush=True)
-        fwd_flop, fb_flop = 2.0 * N * D * V, 6.0 * N * D * V
-
-        # bare GEMM yardstick
-        gemm_ms = timer.median_ms(lambda: h @ w.T, args.warmup, args.iters)
-        gemm_tflops = fwd_flop / gemm_ms / 1e9
-        peak, extra = timer.peak_bytes(lambda: h @ w.T)
-        rows.append(Row(shape, "-", "gemm", "bf16-gemm" if dtype == torch.bfloat16 else f"{args.dtype}-gemm",
-                        "h @ W.T", gemm_ms, gemm_tflops, 100.0,
-                        None if peak is None else peak / 2**30, None if extra is None else extra / 2**30))
-        print(f"   GEMM {gemm_ms:.3f} ms, {gemm_tflops:.1f} TFLOP/s", flush=True)
-
-        for impl in impls:
-            try:
-                fn, computes = providers.make(impl, device, params)
-            except providers.Unavailable as exc:
-                msg = f"{impl}: skipped: {exc}"
-                print("   " + msg, flush=True)
-                if msg not in notes:
-                    notes.append(msg)
-                continue
-            except Exception as exc:  # noqa: BLE001
-                msg = f"{impl}: skipped: {type(exc).__name__}: {exc}"
-                print("   " + msg, flush=True)
-                notes.append(msg)
-                continue
-            for scenario in scenarios:
-                if scenario == "grpo":
-                    zero = grpo_mask(N, device)
-                    g = g_all.masked_fill(zero, 0.0)
-                    e = e_all.masked_fill(zero, 0.0)
-                else:
-                    g, e = g_all, e_all
-                for mode in modes:
-                    if mode == "fwd" and scenario != scenarios[0]:
-                        continue  # forward does not depend on the upstream gradient
-                    row = Row(shape, scenario if mode != "fwd" else "-", mode, impl, computes)
-                    try:
-                        if mode == "fwd":
-                            def step():
-                                with torch.no_grad():
-                                    return fn(h, w, y)
-                            flop = fwd_flop
-                        else:
-                            hh = h.detach().clone().requires_grad_()
-                            ww = w.detach().clone().requires_grad_()
-
-                            def step(hh=hh, ww=ww, g=g, e=e):
-                                hh.grad = None
-                                ww.grad = None
-                                lp, ent = fn(hh, ww, y)
-                                loss = (lp.float() * g).sum()
-                                if ent is not None:
-                                    loss = loss + (ent.float() * e).sum()
-                                loss.backward()
-                            flop = fb_flop
-                        if mode == "fwd":
-                            lp, _ = step()
-                            row.max_dlogprob = float((lp.float() - ref_lp).abs().max())
-                            del lp
-                        row.ms = timer.median_ms(step, args.warmup, args.iters)
-                        row.tflops = flop / row.ms / 1e9
-                        row.pct_gemm = 100.0 * row.tflops / gemm_tflops
-                        peak, extra = timer.peak_bytes(step)
-                        row.peak_gib = None if peak is None else peak / 2**30
-                        row.extra_gib = None if extra is None else extra / 2**30
-                    except torch.cuda.OutOfMemoryError:
-                        row.status = "OOM"
-                    except Exception as exc:  # noqa: BLE001
-                        row.status = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
-                        traceback.print_exc()
-                    finally:
-                        gc.collect()
-                        if device.type == "cuda":
-                            torch.cuda.empty_cache()
-                    rows.append(row)
-                    print(f"   {impl:15s} {mode:8s} {row.scenario:5s} " + (
-                        f"{row.ms:9.3f} ms {row.tflops:7.1f} TFLOP/s {row.pct_gemm:5.1f}% gemm"
-                        + (f" peak {row.peak_gib:.2f} GiB" if row.peak_gib is not None else "")
-                        if row.ms is not None else row.status), flush=True)
-        del h, w, y, g_all, e_all, ref_lp
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-
-    # ---- write CSV + markdown
-    csv_path, md_path = base.with_suffix(".csv"), base.with_suffix(".md")
-    with open(csv_path, "w", newline="") as f:
-        wtr = csv.writer(f)
-        wtr.writerow(["gpu", *COLUMNS])
-        for r in rows:
-            wtr.writerow([name, *(fmt(getattr(r, c)) for c in COLUMNS)])
-    titles = ("shape", "scenario", "mode", "impl", "computes", "ms (median)", "TFLOP/s", "% GEMM", "peak GiB",
-              "GiB above inputs", "max abs dlogprob vs fp32", "status")
-    lines = header + ["", "TFLOP/s counts 2NDV (fwd) / 6NDV (fwd+bwd) for every implementation, whatever it "
-                      "computes or skips (in `grpo` half the rows have zero gradient: prepo's autograd layer drops "
-                      "those rows before its backward kernels, the peers compute them).", "",
-                      "| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
-    for r in rows:
-        lines.append("| " + " | ".join(fmt(getattr(r, c)) for c in COLUMNS) + " |")
-    if notes:
-        lines += ["", "Skipped:", ""] + [f"- {n}" for n in notes]
-    md_path.write_text("\n".join(lines) + "\n")
-    print("\n" + "\n".join(lines))
-    print(f"\nwrote {csv_path}\nwrote {md_path}")
-    failed = any(r.status.startswith("error") for r in rows if r.impl.startswith("prepo"))
+        bench_shape(suite, N, D, V, header)
+    write_report(suite, output_base(args, name, stamp), name, header)
+    failed = any(r.status.startswith("error") for r in suite.rows if r.impl.startswith("prepo"))
     return 1 if (failed or test_status.startswith("FAILED")) else 0
 
 
