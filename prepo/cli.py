@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 from .config import ConfigError, parse_args
 from .rewards import RewardError
-from .task import DataError
+from .tasks import DataError
 
 
 def _quiet_libraries() -> None:

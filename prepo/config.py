@@ -16,6 +16,8 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
+from .tasks import TASKS
+
 STRATEGIES = ("prepo", "random", "ppl_only", "entropy_only", "static_low_ppl", "static_high_ppl", "dapo_dynamic",
               "greso")
 PACINGS = ("linear", "quadratic", "exponential")
@@ -31,8 +33,8 @@ class ConfigError(ValueError):
 @dataclass
 class WarmupConfig:
     """The built-in base model's supervised warm-up (:mod:`prepo.model`); its hash is the cache
-    key. Set from the command line as ``--warmup-<field>`` (``--warmup-steps 50``); the held-out
-    fraction is the task's ``heldout_frac``, so it is not a key of its own."""
+    key. Set from the command line as ``--warmup-<field>`` (``--warmup-steps 50``); the task and
+    the held-out fraction are the run's ``task`` and ``heldout_frac``, so they are not keys of their own."""
 
     seed: int = 0
     hidden_size: int = 96
@@ -40,13 +42,14 @@ class WarmupConfig:
     num_heads: int = 4
     num_kv_heads: int = 2
     intermediate_size: int = 256
-    level_weights: tuple = (0.35, 0.25, 0.2, 0.12, 0.08)
+    level_weights: tuple = ()    # the corpus's level mix; () = the task's own (arithmetic: many easy, few hard)
     steps: int = 1500
     batch_size: int = 64
     lr: float = 3e-3
     prompt_loss_weight: float = 0.5
     slip_rate: float = 0.1       # corpus noise: probability that a worked-solution step is off by 1..3
     heldout_frac: float = 0.15
+    task: str = "arithmetic"
     version: int = WARMUP_VERSION
 
     def key(self) -> str:
@@ -69,6 +72,7 @@ class TrainConfig:
     progress: bool = True            # tqdm bar
     tensorboard: bool = True         # when installed
     # --- data / task ---
+    task: str = "arithmetic"         # the built-in task (testbed): arithmetic | phrasing | countdown
     train_data: str = ""             # jsonl / json / parquet / csv / save_to_disk dir ("" = the built-in task)
     eval_data: str = ""              # same formats ("" with train_data set = no evaluation)
     prompt_column: str = "prompt"    # a string or a list of chat messages
@@ -126,6 +130,10 @@ class TrainConfig:
                 raise ConfigError(msg)
 
         need(self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}; got {self.strategy!r}")
+        need(self.task in TASKS, f"task must be one of {', '.join(TASKS)}; got {self.task!r}")
+        n_levels = TASKS[self.task].num_levels if self.task in TASKS else 0
+        need(not self.warmup.level_weights or len(self.warmup.level_weights) == n_levels,
+             f"warmup_level_weights must be {n_levels} numbers for task {self.task!r} (or empty for its default)")
         need(self.pacing in PACINGS, f"pacing must be one of {', '.join(PACINGS)}; got {self.pacing!r}")
         need(self.total_steps >= 1, "total_steps must be >= 1")
         need(self.candidate_batch_size >= 1, "candidate_batch_size must be >= 1")
@@ -164,7 +172,7 @@ class TrainConfig:
 
     def warmup_config(self) -> WarmupConfig:
         """The warm-up that builds the built-in base model (its held-out split is the task's)."""
-        return dataclasses.replace(self.warmup, heldout_frac=self.heldout_frac)
+        return dataclasses.replace(self.warmup, heldout_frac=self.heldout_frac, task=self.task)
 
     def to_dict(self) -> dict:
         """Plain JSON/YAML types (tuples become lists)."""
@@ -172,7 +180,7 @@ class TrainConfig:
 
 
 # flat keys: TrainConfig's own fields, and WarmupConfig's as warmup_<field> (-> (owner, attribute))
-_NESTED_HIDDEN = ("heldout_frac", "version")
+_NESTED_HIDDEN = ("heldout_frac", "task", "version")
 _TYPES: dict[str, Any] = {}
 _OWNER: dict[str, tuple[Optional[str], str]] = {}
 for _f, _t in typing.get_type_hints(TrainConfig).items():
@@ -220,7 +228,7 @@ def _coerce(key: str, value: Any) -> Any:
         return str(value)
     if typ is tuple:
         if isinstance(value, str):
-            value = value.split(",")
+            value = [v for v in value.split(",") if v.strip()]
         try:
             return tuple(float(v) for v in value)
         except (TypeError, ValueError):

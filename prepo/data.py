@@ -14,7 +14,7 @@ empty (blank text, an empty chat) or of the wrong type. Numbers (int or float, n
 accepted as answers in their ``str`` form (``42`` -> ``"42"``): datasets often store integer
 answers as numbers. Lists and dicts are not answers. A chat prompt must be a non-empty list of
 messages whose ``role`` and ``content`` are strings. A file with no usable row, a missing file, an
-unknown format or a missing column raises :class:`~prepo.task.DataError` naming the file.
+unknown format or a missing column raises :class:`~prepo.tasks.DataError` naming the file.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .task import DataError, Problem, Prompt
+from .tasks import DataError, Problem, Prompt
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,7 @@
 """The built-in base model: a tiny Qwen2 (random init from a config) given a short supervised
-warm-up on a skewed mix of arithmetic problems (many easy, few hard) with worked solutions,
-saved in Hugging Face format and cached, keyed by a hash of the warm-up config.
+warm-up on a built-in task's problems (:mod:`prepo.tasks`; the arithmetic task's mix is many
+easy, few hard) with worked solutions, saved in Hugging Face format and cached, keyed by a hash
+of the warm-up config.
 
 The warm-up trains next-token prediction on the whole text ``<bos>prompt solution<eos>`` (prompt
 tokens included, with weight ``prompt_loss_weight``), so the policy has a prompt distribution and
@@ -31,7 +32,7 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 import prepo_kernels
 
 from .config import WarmupConfig
-from .task import generate_problems, worked_solution
+from .tasks import get_task
 from .tokenizer import build_tokenizer
 
 log = logging.getLogger(__name__)
@@ -85,11 +86,12 @@ def encode_sft(tokenizer, prompts: list[str], answers: list[str], prompt_loss_we
 
 def warmup(cfg: WarmupConfig, out_dir: Path, progress: bool = False) -> None:
     """Build the tokenizer and model, run the supervised warm-up, save both to ``out_dir``."""
-    tokenizer = build_tokenizer()
+    task = get_task(cfg.task)
+    tokenizer = build_tokenizer(task.chars)
     model = make_model(cfg, tokenizer)
-    problems = generate_problems(  # fresh problems for every step
-        cfg.steps * cfg.batch_size, cfg.seed + 1000, "train", level_weights=cfg.level_weights,
-        heldout_frac=cfg.heldout_frac, unique=False,
+    problems = task.generate(  # fresh problems for every step
+        cfg.steps * cfg.batch_size, cfg.seed + 1000, "train", level_weights=cfg.level_weights or task.warmup_level_weights,
+        heldout_frac=cfg.heldout_frac, unique=False, for_warmup=True,
     )
     rng = random.Random(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -100,7 +102,7 @@ def warmup(cfg: WarmupConfig, out_dir: Path, progress: bool = False) -> None:
     t0 = time.time()
     for step in range(cfg.steps):
         batch = problems[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-        solutions = [worked_solution(p.prompt[:-1], rng, cfg.slip_rate) for p in batch]
+        solutions = [task.corpus_solution(p, rng, cfg.slip_rate) for p in batch]
         ids, mask, weight = encode_sft(tokenizer, [p.prompt for p in batch], solutions, cfg.prompt_loss_weight)
         logprob, _ = prepo_kernels.causal_lm_logprob_entropy(model, ids, mask, compute_entropy=False)
         loss = -(logprob * weight).sum() / weight.sum()

@@ -1,6 +1,6 @@
-"""Where a run's problems and its reward come from: the built-in arithmetic task (generated) or
+"""Where a run's problems and its reward come from: a built-in task (generated, :mod:`prepo.tasks`) or
 the user's files (``--train-data`` / ``--eval-data``, read by :func:`prepo.data.load_examples`),
-scored by the math checker or ``--reward module:function``."""
+scored by the task's checker, the math checker or ``--reward module:function``."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .config import TrainConfig
-from .task import DataError, Problem, balanced_problems, check_task_alphabet, generate_problems
+from .tasks import DataError, Problem, get_task
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ class DataSource:
         """Prompts for the initial perplexity / pass-rate diagnostic: fresh built-in problems, or
         the first training rows."""
         if self.builtin:
-            return generate_problems(cfg.spearman_prompts, cfg.seed + 777, "train", heldout_frac=cfg.heldout_frac)
+            return get_task(cfg.task).generate(cfg.spearman_prompts, cfg.seed + 777, "train", heldout_frac=cfg.heldout_frac)
         return self.train[: cfg.spearman_prompts]
 
 
@@ -49,10 +49,11 @@ def load_data(cfg: TrainConfig) -> DataSource:
         if not evals:
             log.warning("no --eval-data: the run will not evaluate")
         if not cfg.model:
-            check_task_alphabet(src.train + src.eval, f"{cfg.train_data} / {cfg.eval_data or '-'}")
+            get_task(cfg.task).check_alphabet(src.train + src.eval, f"{cfg.train_data} / {cfg.eval_data or '-'}")
     else:
-        src = DataSource(generate_problems(cfg.train_size, cfg.seed, "train", heldout_frac=cfg.heldout_frac),
-                         balanced_problems(cfg.eval_per_level, cfg.seed, "eval", heldout_frac=cfg.heldout_frac),
+        task = get_task(cfg.task)
+        src = DataSource(task.generate(cfg.train_size, cfg.seed, "train", heldout_frac=cfg.heldout_frac),
+                         task.balanced(cfg.eval_per_level, cfg.seed, "eval", heldout_frac=cfg.heldout_frac),
                          builtin=True)
     overlap = {_key(p.prompt) for p in src.train} & {_key(p.prompt) for p in src.eval}
     if overlap:
@@ -62,8 +63,12 @@ def load_data(cfg: TrainConfig) -> DataSource:
 
 def load_reward_fn(cfg: TrainConfig) -> Callable:
     """``--reward module:function`` (TRL's signature ``fn(prompts, completions, **columns)``), else
-    the math checker (math-verify against the ``answer`` column: the built-in task's answers are
-    integers, a math data set's are LaTeX / numbers)."""
+    the built-in task's own checker when it has one (Countdown) and its problems are the data, else
+    the math checker (math-verify against the ``answer`` column: the built-in arithmetic answers
+    are integers, a math data set's are LaTeX / numbers)."""
     from . import rewards
 
-    return rewards.load_reward(cfg.reward) if cfg.reward else rewards.math_verify_reward
+    if cfg.reward:
+        return rewards.load_reward(cfg.reward)
+    task_reward = get_task(cfg.task).reward
+    return task_reward if task_reward is not None and not cfg.train_data else rewards.math_verify_reward

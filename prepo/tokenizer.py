@@ -1,7 +1,7 @@
-"""A character-level tokenizer for the arithmetic task, built with the ``tokenizers`` library and
+"""A character-level tokenizer for a built-in task's alphabet, built with the ``tokenizers`` library and
 wrapped as a Hugging Face ``PreTrainedTokenizerFast`` (save_pretrained / from_pretrained work).
 
-Every character of the task alphabet is one token; ``<bos>`` is prepended to every encoded text
+Every character of the alphabet is one token (in its order, after the special tokens); ``<bos>`` is prepended to every encoded text
 (so the first prompt character also gets a log-prob and counts in the prompt perplexity);
 ``<eos>`` ends a completion; ``<pad>`` pads on the left for generation.
 """
@@ -10,15 +10,13 @@ from __future__ import annotations
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from .task import CHARS
-
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer(chars: str) -> PreTrainedTokenizerFast:
     vocab = {tok: i for i, tok in enumerate(SPECIALS)}
-    for ch in CHARS:
+    for ch in chars:
         vocab[ch] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")

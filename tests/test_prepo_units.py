@@ -12,10 +12,8 @@ from prepo.config import ConfigError, TrainConfig, from_dict, parse_args
 from prepo.curriculum import PromptSampler, get_strategy, pacing_rho, window_select, window_start
 from prepo.loss import group_advantages, grpo_loss
 from prepo.rewards import compute_rewards, math_verify_reward
-from prepo.task import (
-    DataError, LEVELS, Problem, balanced_problems, evaluate_expression, generate_problems, is_heldout,
-    check_task_alphabet, worked_solution,
-)
+from prepo.tasks import DataError, Problem, get_task, is_heldout
+from prepo.tasks.arithmetic import LEVELS, TASK as ARITHMETIC, evaluate_expression, worked_solution
 from prepo.weighting import relative_entropy_weights
 
 
@@ -166,7 +164,7 @@ def test_loss_kl_term():
 
 # ---------------------------------------------------------------- task
 def test_task_answers_verified():
-    probs = generate_problems(500, seed=0) + generate_problems(200, seed=0, split="eval")
+    probs = ARITHMETIC.generate(500, seed=0) + ARITHMETIC.generate(200, seed=0, split="eval")
     for p in probs:
         assert int(p.answer) == eval(p.prompt[:-1])  # noqa: S307 -- independent check of the task's own evaluator
     assert evaluate_expression("12+7*3") == 33 and evaluate_expression("20-4*5") == 0
@@ -177,7 +175,7 @@ def test_worked_solution_steps_and_length():
     assert worked_solution("3-8+9") == "3-8=-5,-5+9=4"
     assert worked_solution("7") == "7"
     # every exact solution is a chain of correct steps ending in the answer; steps = operators
-    for p in generate_problems(300, seed=1):
+    for p in ARITHMETIC.generate(300, seed=1):
         sol = worked_solution(p.prompt[:-1])
         steps = sol.split(",")
         assert len(steps) == LEVELS[p.difficulty][0] - 1
@@ -204,10 +202,10 @@ def test_worked_solution_slips_propagate():
 
 
 def test_task_deterministic_and_disjoint():
-    assert generate_problems(100, seed=5) == generate_problems(100, seed=5)
-    assert generate_problems(100, seed=5) != generate_problems(100, seed=6)
-    train = {p.prompt for p in generate_problems(3000, seed=0)}
-    evals = balanced_problems(40, 0, "eval")
+    assert ARITHMETIC.generate(100, seed=5) == ARITHMETIC.generate(100, seed=5)
+    assert ARITHMETIC.generate(100, seed=5) != ARITHMETIC.generate(100, seed=6)
+    train = {p.prompt for p in ARITHMETIC.generate(3000, seed=0)}
+    evals = ARITHMETIC.balanced(40, 0, "eval")
     assert not train & {p.prompt for p in evals}
     assert all(is_heldout(p.prompt) for p in evals)
     levels = {p.difficulty for p in evals}
@@ -215,10 +213,10 @@ def test_task_deterministic_and_disjoint():
 
 
 def test_task_alphabet_check():
-    check_task_alphabet([Problem("1+2=", "3", 0)], "ok")
+    ARITHMETIC.check_alphabet([Problem("1+2=", "3", 0)], "ok")
     for prompt in ("what is 1+2?", [{"role": "user", "content": "1+2="}]):
         with pytest.raises(DataError, match="alphabet"):
-            check_task_alphabet([Problem(prompt, "3")], "data.jsonl")
+            ARITHMETIC.check_alphabet([Problem(prompt, "3")], "data.jsonl")
 
 
 # ---------------------------------------------------------------- rewards

@@ -1,0 +1,26 @@
+"""The built-in verifiable tasks (testbeds) for CPU runs, by name (``--task``):
+
+* ``arithmetic`` (default, testbed 1): integer arithmetic with worked solutions; rarer levels are
+  both less familiar and harder (:mod:`prepo.tasks.arithmetic`);
+* ``phrasing`` (testbed 2): the same problems in four phrasings whose familiarity is independent
+  of difficulty (:mod:`prepo.tasks.phrasing`);
+* ``countdown`` (testbed 3): reach a target with + - * /, many right answers
+  (:mod:`prepo.tasks.countdown`).
+
+The shared parts (problems, held-out split, the task interface) are in :mod:`prepo.tasks.base`.
+"""
+from __future__ import annotations
+
+from . import arithmetic, countdown, phrasing
+from .base import BuiltinTask, DataError, Problem, Prompt, is_heldout
+
+TASKS: dict[str, BuiltinTask] = {t.name: t for t in (arithmetic.TASK, phrasing.TASK, countdown.TASK)}
+
+
+def get_task(name: str) -> BuiltinTask:
+    if name not in TASKS:
+        raise ValueError(f"unknown built-in task {name!r}; known: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+__all__ = ["BuiltinTask", "DataError", "Problem", "Prompt", "TASKS", "get_task", "is_heldout"]
