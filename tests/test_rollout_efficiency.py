@@ -1,49 +1,54 @@
-"""Aggregation logic of benchmarks/rollout_efficiency.py on synthetic run directories (no training)."""
+"""The rollout-efficiency benchmark (benchmarks/rollout_efficiency.py, benchmarks/efficiency/) on
+synthetic curves and synthetic run directories in the trainer's format (no training)."""
 from __future__ import annotations
 
-import importlib.util
+import csv
 import json
+import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
-from prepo.metrics import StepMetrics
+from prepo.metrics import BatchStats, StepMetrics
 
 ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("rollout_efficiency", ROOT / "benchmarks" / "rollout_efficiency.py")
-re_bench = importlib.util.module_from_spec(_spec)
-sys.modules["rollout_efficiency"] = re_bench  # dataclasses look their module up there
-_spec.loader.exec_module(re_bench)
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import rollout_efficiency  # noqa: E402
+from efficiency import config, diagnostics, report, runner, runs, stats  # noqa: E402
+from efficiency.runs import RunData  # noqa: E402
 
 METRIC = "eval_accuracy"
 
 
 def write_run(runs_dir: Path, strategy: str, seed: int, curve, *, per_step: int = 10, eval_every: int = 2,
-              initial=None, spearman=None, dynamic=False, zero_adv=0.25, weights=(0.8, 1.3)):
-    """A run dir like the trainer's: metrics.jsonl (one row a step, eval_accuracy every
-    ``eval_every`` steps), eval.jsonl (step 0 + evals), initial.json, summary.json.
-    ``curve`` lists the accuracies at the evaluations after step 0."""
-    d = re_bench.run_dir_of(runs_dir, strategy, seed)
+              initial=None, spearman=None, dynamic=False, zero_adv=0.25, weights=(0.8, 1.3), edit=None):
+    """A run dir as the trainer writes it: metrics.jsonl (a StepMetrics record a step, eval_accuracy
+    every ``eval_every`` steps), eval.jsonl (step 0 + evals), initial.json, summary.json. ``curve``
+    lists the accuracies at the evaluations after step 0; ``edit(i, record)`` changes step i's record."""
+    d = config.run_dir_of(runs_dir, strategy, seed)
     d.mkdir(parents=True)
     steps = eval_every * len(curve)
-    rows, evals = [], [{"step": 0, "rollouts": 0, "accuracy": initial}] if initial is not None else []
+    records, evals = [], [{"step": 0, "rollouts": 0, "accuracy": initial}] if initial is not None else []
     rollouts = 0
     for s in range(1, steps + 1):
         step_r = per_step * (2 if dynamic and s % 2 else 1)
         rollouts += step_r
-        m = {"step": s, "rollouts": rollouts, "step_rollouts": step_r, "reward_mean": 0.5,
-             "zero_adv_frac": 0.0 if dynamic else zero_adv, "entropy_mean": 1.0 - s / (10 * steps),
-             "weight_min": weights[0], "weight_max": weights[1], "weight_applied": strategy == "prepo",
-             "selected_difficulty": 2.0}
-        if dynamic:
-            m.update({"dynamic_groups_generated": 4 if s % 2 else 2, "dynamic_groups_kept": 2})
+        m = StepMetrics(step=s, rollouts=rollouts, step_rollouts=step_r, rho=s / steps,
+                        weight_applied=strategy == "prepo", reward_failures=0, selected_difficulty=2.0,
+                        batch=BatchStats(reward_mean=0.5, zero_adv_frac=0.0 if dynamic else zero_adv,
+                                         entropy_mean=1.0 - s / (10 * steps), weight_min=weights[0], weight_max=weights[1]),
+                        dynamic={"dynamic_groups_generated": 4 if s % 2 else 2, "dynamic_groups_kept": 2} if dynamic else None)
         if s % eval_every == 0:
-            m["eval_accuracy"] = curve[s // eval_every - 1]
-            evals.append({"step": s, "rollouts": rollouts, "accuracy": m["eval_accuracy"]})
-        rows.append(m)
-    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            m.eval = {"eval_accuracy": curve[s // eval_every - 1], "time_eval": 0.1}
+            evals.append({"step": s, "rollouts": rollouts, "accuracy": m.eval["eval_accuracy"]})
+        if edit is not None:
+            edit(s - 1, m)
+        records.append(m)
+    (d / "metrics.jsonl").write_text("".join(json.dumps(m.to_dict()) + "\n" for m in records))
     (d / "eval.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
     init = {"eval": {"accuracy": initial}} if initial is not None else {}
     if spearman is not None:
@@ -54,67 +59,180 @@ def write_run(runs_dir: Path, strategy: str, seed: int, curve, *, per_step: int 
     return d
 
 
-# ---------------------------------------------------------------- rollouts-to-threshold
+def bench_file(tmp_path: Path, name: str = "testbed_demo", **keys) -> config.BenchConfig:
+    """A benchmark config file ``<name>.yaml`` in tmp_path, loaded."""
+    data = {"strategies": ["random", "prepo"], "seeds": [1, 2, 3], "baseline": "random", "metric": METRIC,
+            "train": {"total_steps": 6}, **keys}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return config.load_bench_config(path)
+
+
+def run_data(seed: int, curve, strategy: str = "x") -> RunData:
+    """A run without step records: its budget is its curve's last rollout count."""
+    return RunData(strategy, seed, list(curve))
+
+
+# ---------------------------------------------------------------- one curve
+def test_smooth_curve_and_final_accuracy():
+    curve = [(0, 0.0), (10, 0.3), (20, 0.6), (30, 0.3)]
+    sm = stats.smooth_curve(curve, 3)
+    assert [x for x, _ in sm] == [0, 10, 20, 30]
+    assert [a for _, a in sm] == pytest.approx([0.0, 0.15, 0.3, 0.4])
+    assert stats.smooth_curve(curve, 1) == curve
+    assert stats.final_accuracy(curve, 1) == 0.3
+    assert stats.final_accuracy(curve, 3) == pytest.approx(0.4)       # mean of the last 3
+    assert stats.final_accuracy(curve, 10) == pytest.approx(0.3)      # fewer points: all of them
+
+
 def test_rollouts_to_threshold_first_crossing():
     curve = [(0, 0.1), (100, 0.3), (200, 0.5), (300, 0.4), (400, 0.6)]
-    assert re_bench.rollouts_to_threshold(curve, 0.5) == 200  # first reach, not the last
-    assert re_bench.rollouts_to_threshold(curve, 0.45) == 200
-    assert re_bench.rollouts_to_threshold(curve, 0.6) == 400
-    assert re_bench.rollouts_to_threshold(curve, 0.1) == 0    # reached before training
-    assert re_bench.rollouts_to_threshold(curve, 0.61) is None
+    assert stats.rollouts_to_threshold(curve, 0.5) == 200  # first reach, not the last
+    assert stats.rollouts_to_threshold(curve, 0.45) == 200
+    assert stats.rollouts_to_threshold(curve, 0.6) == 400
+    assert stats.rollouts_to_threshold(curve, 0.1) == 0    # reached before training
+    assert stats.rollouts_to_threshold(curve, 0.61) is None
+    # a mean that equals a point only up to rounding counts as reached
+    assert stats.rollouts_to_threshold([(0, 0.0), (50, 1 / 3)], (0.1 + 0.2 + 0.7) / 3) == 50
 
 
-def test_rollouts_to_threshold_float_equality_counts_as_reached():
-    accs = [0.1, 0.2, 0.7]
-    thr = sum(accs) / 3  # a mean that is itself one of the values up to rounding
-    assert re_bench.rollouts_to_threshold([(0, 0.0), (50, thr)], sum(accs) / 3) == 50
-    assert re_bench.rollouts_to_threshold([(0, 0.0), (50, 1 / 3)], (0.1 + 0.2 + 0.7) / 3) == 50
+def test_rollouts_to_reach_uses_the_smoothed_curve_and_censors():
+    curve = [(0, 0.1), (100, 0.5), (200, 0.3), (300, 0.6)]
+    assert stats.rollouts_to_reach(curve, 0.5, 1, 350) == (100, False)
+    # trailing mean over 2: 0.1, 0.3, 0.4, 0.45 -> 0.5 never reached: the budget, censored
+    assert stats.rollouts_to_reach(curve, 0.5, 2, 350) == (350, True)
+    assert stats.rollouts_to_reach(curve, 0.4, 2, 350) == (200, False)
 
 
-# ---------------------------------------------------------------- ratio and not-reached
-def test_rollouts_summary_and_ratio_all_reached():
-    s = re_bench.rollouts_summary([100, 200, 300], [1000, 1000, 1000])
-    b = re_bench.rollouts_summary([400, 400, 400], [1000, 1000, 1000])
-    assert s["n_reached"] == 3 and s["mean_reached"] == 200 and s["mean_bounded"] == 200
-    r = re_bench.ratio_vs_baseline(s, b)
-    assert r["ratio"] == pytest.approx(0.5) and r["qualifier"] == "="
+def test_normalized_auc_hand_numbers():
+    # (0.2 + 0.4) / 2 * 100 + (0.4 + 0.5) / 2 * 100 = 75, over 200 rollouts
+    assert stats.normalized_auc([(0, 0.2), (100, 0.4), (200, 0.5)], 200) == pytest.approx(0.375)
+    # longer than the budget: cut at 200 where it is 0.5 + 50 / 150 * 0.4
+    at200 = 0.5 + 0.4 / 3
+    assert stats.normalized_auc([(0, 0.2), (150, 0.5), (300, 0.9)], 200) == pytest.approx(
+        ((0.2 + 0.5) / 2 * 150 + (0.5 + at200) / 2 * 50) / 200)
+    # shorter than the budget: held at its last value, 40 + 60 over 200
+    assert stats.normalized_auc([(0, 0.2), (100, 0.6)], 200) == pytest.approx(0.5)
+    # no step-0 point: held at its first value before it
+    assert stats.normalized_auc([(100, 0.4), (200, 0.4)], 200) == pytest.approx(0.4)
+    with pytest.raises(ValueError, match="budget"):
+        stats.normalized_auc([(0, 0.2)], 0)
 
 
-def test_not_reached_counts_at_budget_as_lower_bound():
-    s = re_bench.rollouts_summary([100, None, 300], [1000, 1200, 1000])
-    assert s["n_reached"] == 2 and s["mean_reached"] == 200
-    assert s["mean_bounded"] == pytest.approx((100 + 1200 + 300) / 3)
-    b = re_bench.rollouts_summary([400, 400, 400], [1000] * 3)
-    r = re_bench.ratio_vs_baseline(s, b)
-    assert r["qualifier"] == ">=" and r["ratio"] == pytest.approx(((100 + 1200 + 300) / 3) / 400)
+# ---------------------------------------------------------------- over seeds
+def test_bootstrap_ci_hand_checkable():
+    assert stats.bootstrap_ci([0.7]) == (pytest.approx(0.7), pytest.approx(0.7))   # one seed: no spread
+    # two seeds: the resampled mean is 0 (p 1/4), 0.5 (p 1/2) or 1 (p 1/4): 2.5% / 97.5% = 0 / 1
+    lo, hi = stats.bootstrap_ci([0.0, 1.0])
+    assert (lo, hi) == (0.0, 1.0)
+    # a narrower level cuts off the extremes
+    assert stats.bootstrap_ci([0.0, 1.0], level=0.4) == (0.5, 0.5)
+    # seeds on axis 0, trailing dims kept (a curve per seed)
+    lo, hi = stats.bootstrap_ci([[0.0, 2.0], [1.0, 2.0]])
+    assert lo.tolist() == [0.0, 2.0] and hi.tolist() == [1.0, 2.0]
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=12)
+    a, b = stats.bootstrap_ci(x), stats.bootstrap_ci(x)
+    assert a == b and a[0] < x.mean() < a[1]   # reproducible (fixed RNG seed), around the mean
+    assert stats.bootstrap_ci(x, seed=1) != a
+    with pytest.raises(ValueError, match="one value per seed"):
+        stats.bootstrap_ci([])
 
 
-def test_baseline_not_reached_is_not_a_bound():
-    s = re_bench.rollouts_summary([100, 100], [500, 500])
-    b = re_bench.rollouts_summary([200, None], [500, 500])
-    assert re_bench.ratio_vs_baseline(s, b)["qualifier"] == "~"
+def test_geometric_mean_and_decision_rule():
+    assert stats.geometric_mean(np.array([0.5, 2.0])) == pytest.approx(1.0)
+    assert stats.geometric_mean(np.array([[1.0, 4.0], [1.0, 1.0]]), axis=1).tolist() == pytest.approx([2.0, 1.0])
+    est = lambda lo, hi: stats.PairedEstimate([], (lo + hi) / 2, lo, hi)  # noqa: E731
+    assert stats.decide(est(0.5, 0.99)) == "saves rollouts"
+    assert stats.decide(est(1.01, 2.0)) == "costs rollouts"
+    assert stats.decide(est(0.5, 1.0)) == "inconclusive"
+    assert stats.decide(est(1.0, 1.5)) == "inconclusive"
+    assert stats.decide(None) == "n/a"
 
 
-def test_nobody_reached():
-    s = re_bench.rollouts_summary([None, None], [500, 600])
-    assert s["mean_reached"] is None and s["n_reached"] == 0 and s["mean_bounded"] == 550
+BASE = {1: run_data(1, [(0, 0.2), (100, 0.4), (200, 0.5)], "random"),    # final 0.5, reached at 200
+        2: run_data(2, [(0, 0.2), (100, 0.6), (200, 0.6)], "random")}    # final 0.6, reached at 100
 
 
-def test_zero_over_zero_is_na():
-    s = re_bench.rollouts_summary([0, 0], [500, 500])
-    r = re_bench.ratio_vs_baseline(s, s)
-    assert r["ratio"] is None and r["qualifier"] == "n/a"
+def test_primary_and_secondary_hand_checked():
+    strat = {1: run_data(1, [(0, 0.2), (100, 0.5), (200, 0.7)]),    # reaches 0.5 at 100
+             2: run_data(2, [(0, 0.2), (100, 0.3), (200, 0.55)])}   # never 0.6: censored at its budget 200
+    c = stats.compare(strat, BASE, final_evals=1)
+    # ratios 100 / 200 and 200 / 100: geometric mean 1; bootstrap over 2 seeds spans both
+    assert c.ratio.per_seed == pytest.approx([0.5, 2.0])
+    assert c.ratio.estimate == pytest.approx(1.0)
+    assert (c.ratio.lo, c.ratio.hi) == (pytest.approx(0.5), pytest.approx(2.0))
+    assert c.n_censored == 1 and c.lower_bound and c.decision == "inconclusive"
+    # final: 0.7 - 0.5, 0.55 - 0.6
+    assert c.final_diff.per_seed == pytest.approx([0.2, -0.05])
+    assert c.final_diff.estimate == pytest.approx(0.075)
+    assert (c.final_diff.lo, c.final_diff.hi) == (pytest.approx(-0.05), pytest.approx(0.2))
+    # AUC over 200 rollouts: strategy (35 + 60) / 200 vs 75 / 200; (25 + 42.5) / 200 vs (40 + 60) / 200
+    assert c.auc_diff.per_seed == pytest.approx([0.475 - 0.375, 0.3375 - 0.5])
+    assert c.auc_diff.estimate == pytest.approx((0.1 - 0.1625) / 2)
+
+
+def test_final_evals_sets_final_and_reach():
+    strat = {1: run_data(1, [(0, 0.2), (100, 0.5), (200, 0.4)]),
+             2: run_data(2, [(0, 0.2), (100, 0.7), (200, 0.7)])}
+    # last-2 means: baseline 0.45 / 0.6; strategy 0.45 / 0.7
+    assert stats.baseline_thresholds(BASE, 2) == {1: pytest.approx(0.45), 2: pytest.approx(0.6)}
+    c = stats.compare(strat, BASE, final_evals=2)
+    assert c.final_diff.per_seed == pytest.approx([0.0, 0.1])
+    # smoothed: strategy 0.2, 0.35, 0.45 / 0.2, 0.45, 0.7 -> 200, 200; baseline 0.2, 0.3, 0.45 / 0.2, 0.4, 0.6 -> 200, 200
+    assert stats.reach_per_seed(strat, {1: 0.45, 2: 0.6}, 2) == ([200, 200], [False, False])
+    assert c.ratio.per_seed == pytest.approx([1.0, 1.0]) and c.n_censored == 0
+    # with final_evals = 1 the same strategy reaches 0.5 / 0.6 at 100 / 100
+    assert stats.compare(strat, BASE, final_evals=1).ratio.per_seed == pytest.approx([0.5, 1.0])
+
+
+def test_decisions_on_clear_cases():
+    base = {s: run_data(s, [(0, 0.2), (100, 0.3), (200, 0.4), (400, 0.6)]) for s in (1, 2, 3)}
+    fast = {s: run_data(s, [(0, 0.2), (100, 0.4), (200, 0.6), (400, 0.7)]) for s in (1, 2, 3)}
+    slow = {s: run_data(s, [(0, 0.2), (400, 0.4), (800, 0.6)]) for s in (1, 2, 3)}
+    c = stats.compare(fast, base, 1)
+    assert c.ratio.estimate == pytest.approx(0.5) and c.ratio.hi == pytest.approx(0.5) and c.decision == "saves rollouts"
+    c = stats.compare(slow, base, 1)
+    assert c.ratio.estimate == pytest.approx(2.0) and c.decision == "costs rollouts" and not c.lower_bound
+
+
+def test_degenerate_seed_has_no_ratio(tmp_path):
+    rd = tmp_path / "runs"
+    for k in (1, 2):
+        write_run(rd, "random", k, [0.2, 0.25], initial=0.3)  # training made it worse
+        write_run(rd, "prepo", k, [0.1, 0.2], initial=0.3)
+    agg = stats.aggregate(runs.load_runs(rd, ["random", "prepo"], [1, 2], METRIC), "random")
+    assert agg.degenerate_seeds == [1, 2]
+    pp = agg.rows[1]
+    assert pp.reach == [0, 0] and pp.comparison.ratio is None and pp.comparison.decision == "n/a"
+    assert "Degenerate on seed(s) [1, 2]" in report.protocol_note(agg)
+    assert "| prepo | n/a |" in report.primary_table(agg, METRIC)
+
+
+def test_seeds_must_pair():
+    with pytest.raises(ValueError, match="paired"):
+        stats.compare({1: BASE[1]}, BASE, 1)
+
+
+def test_curve_band():
+    curves = [[(0, 0.2), (100, 0.4)], [(0, 0.4), (50, 0.4), (120, 0.8)]]
+    x, mean, lo, hi = stats.curve_band(curves, n_points=3)
+    assert x.tolist() == [0, 50, 100]   # the range both curves cover
+    assert mean.tolist() == pytest.approx([0.3, 0.35, (0.4 + 0.4 + 0.4 * 50 / 70) / 2])
+    assert lo.tolist() == pytest.approx([0.2, 0.3, 0.4]) and hi[0] == pytest.approx(0.4)
+    x, mean, lo, hi = stats.curve_band([curves[0]] * 3, n_points=2)
+    assert lo.tolist() == mean.tolist() == hi.tolist() == pytest.approx([0.2, 0.4])
 
 
 # ---------------------------------------------------------------- whole aggregation from files
 @pytest.fixture
-def runs(tmp_path):
+def runs_dir(tmp_path):
     rd = tmp_path / "runs"
-    # random: finals 0.5, 0.6, 0.7 -> threshold 0.6
+    # random: finals 0.5, 0.6, 0.7 = the thresholds of seeds 1, 2, 3
     write_run(rd, "random", 1, [0.3, 0.4, 0.5], initial=0.2, spearman=-0.2)
     write_run(rd, "random", 2, [0.3, 0.6, 0.6], initial=0.2, spearman=-0.3)
     write_run(rd, "random", 3, [0.4, 0.5, 0.7], initial=0.2, spearman=-0.1)
-    # prepo reaches 0.6 after the first eval on every seed; one seed never reaches it
+    # prepo reaches its seed's threshold at the first eval on seeds 1, 2; never on seed 3
     write_run(rd, "prepo", 1, [0.6, 0.7, 0.7], initial=0.2, spearman=-0.2, weights=(0.5, 2.0))
     write_run(rd, "prepo", 2, [0.65, 0.7, 0.8], initial=0.2, spearman=-0.3)
     write_run(rd, "prepo", 3, [0.4, 0.5, 0.55], initial=0.2, spearman=-0.1)
@@ -124,201 +242,234 @@ def runs(tmp_path):
     return rd
 
 
-def test_aggregate_from_files(runs):
-    loaded = re_bench.load_runs(runs, ["random", "prepo", "dapo_dynamic"], [1, 2, 3], METRIC)
+def test_aggregate_from_files(runs_dir):
+    loaded = runs.load_runs(runs_dir, ["random", "prepo", "dapo_dynamic"], [1, 2, 3], METRIC)
     assert loaded["random"][1].curve == [(0, 0.2), (20, 0.3), (40, 0.4), (60, 0.5)]
-    agg = re_bench.aggregate(loaded, "random")
-    assert agg["threshold"] == pytest.approx(0.6)
-    assert not agg["degenerate_threshold"]
-    rows = {r["strategy"]: r for r in agg["rows"]}
-    assert agg["rows"][0]["strategy"] == "random"
+    agg = stats.aggregate(loaded, "random")
+    assert agg.thresholds == {1: 0.5, 2: 0.6, 3: 0.7} and not agg.degenerate_seeds
+    rows = {r.strategy: r for r in agg.rows}
+    assert agg.rows[0].strategy == "random" and rows["random"].comparison is None
 
     rnd = rows["random"]
-    assert rnd["final_mean"] == pytest.approx(0.6)
-    assert rnd["final_std"] == pytest.approx(0.1)
-    assert rnd["rollouts_to_threshold"] == [None, 40, 60]
-    assert rnd["rt_mean_reached"] == 50 and rnd["rt_n_reached"] == 2
-    assert rnd["rt_mean_bounded"] == pytest.approx((60 + 40 + 60) / 3)
-    assert rnd["ratio_ratio"] == pytest.approx(1.0) and rnd["ratio_qualifier"] == "~"
+    assert rnd.final_mean == pytest.approx(0.6) and rnd.final_std == pytest.approx(0.1)
+    assert rnd.reach == [60, 40, 60] and not any(rnd.censored)   # the baseline reaches its own final
 
     pp = rows["prepo"]
-    assert pp["rollouts_to_threshold"] == [20, 20, None]
-    assert pp["rt_mean_bounded"] == pytest.approx((20 + 20 + 60) / 3)
-    assert pp["ratio_ratio"] == pytest.approx(((20 + 20 + 60) / 3) / ((60 + 40 + 60) / 3))
-    assert pp["weight_min"] == 0.5 and pp["weight_max"] == 2.0 and pp["weight_applied"]
-    assert pp["zero_adv_frac"] == pytest.approx(0.25)
+    assert pp.reach == [20, 20, 60] and pp.censored == [False, False, True]
+    assert pp.comparison.ratio.per_seed == pytest.approx([1 / 3, 0.5, 1.0])
+    assert pp.comparison.ratio.estimate == pytest.approx((1 / 6) ** (1 / 3))
+    assert pp.comparison.n_censored == 1
+    assert pp.comparison.final_diff.per_seed == pytest.approx([0.2, 0.2, -0.15])
+    assert pp.diagnostics.weight_min == 0.5 and pp.diagnostics.weight_max == 2.0 and pp.diagnostics.weight_applied
+    assert pp.diagnostics.zero_adv_frac == pytest.approx(0.25)
 
     dd = rows["dapo_dynamic"]
     # 6 steps: odd steps 20 rollouts, even 10 -> evals at 30, 60, 90
-    assert dd["rollouts_to_threshold"] == [60, 60, 60]
-    assert dd["budget_rollouts"] == [90, 90, 90]
-    assert dd["zero_adv_frac"] == 0.0
+    assert dd.reach == [30, 60, 90] and dd.censored == [False, False, True] and dd.budgets == [90, 90, 90]
+    assert dd.comparison.ratio.estimate == pytest.approx((0.5 * 1.5 * 1.5) ** (1 / 3))
+    # AUC on random's 60 rollouts: (0.2+0.5)/2*30 + (0.5+0.6)/2*30 = 27 vs (0.25+0.35+0.45)*20 = 21
+    assert dd.comparison.auc_diff.per_seed[0] == pytest.approx(27 / 60 - 21 / 60)
+    assert dd.diagnostics.zero_adv_frac == 0.0
     # 3 odd steps generate 4 keep 2, 3 even generate 2 keep 2 -> 6 dropped of 18
-    assert dd["generated_zero_adv_frac"] == pytest.approx(6 / 18)
+    assert dd.diagnostics.generated_zero_adv_frac == pytest.approx(6 / 18)
 
-    sp = agg["spearman"]
-    assert sp["mean"] == pytest.approx(-0.2) and sorted(sp["per_seed"]) == [1, 2, 3]
-
-
-def test_degenerate_threshold_flagged(tmp_path):
-    rd = tmp_path / "runs"
-    for k in (1, 2):
-        write_run(rd, "random", k, [0.2, 0.25], initial=0.3)  # training made it worse
-        write_run(rd, "prepo", k, [0.1, 0.2], initial=0.3)
-    agg = re_bench.aggregate(re_bench.load_runs(rd, ["random", "prepo"], [1, 2], METRIC), "random")
-    assert agg["degenerate_threshold"]
-    rows = {r["strategy"]: r for r in agg["rows"]}
-    assert rows["prepo"]["rollouts_to_threshold"] == [0, 0]
-    assert rows["prepo"]["ratio_ratio"] is None
-    assert any("does not exceed the initial" in s for s in re_bench.findings(agg, METRIC))
+    assert agg.spearman["mean"] == pytest.approx(-0.2) and sorted(agg.spearman["per_seed"]) == [1, 2, 3]
 
 
 def test_curve_without_step0_and_avg_metric(tmp_path):
-    rd = tmp_path / "runs"
-    d = write_run(rd, "random", 1, [0.3, 0.4])
-    lines = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
-    for m in lines:
-        if "eval_accuracy" in m:
-            m["eval_avg@8"] = m["eval_accuracy"] / 2
-    (d / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
-    r = re_bench.load_run(d, "random", 1, "eval_avg@8")
+    def add_avg(i, m):
+        if m.eval:
+            m.eval["eval_avg@8"] = m.eval["eval_accuracy"] / 2
+
+    d = write_run(tmp_path / "runs", "random", 1, [0.3, 0.4], edit=add_avg)
+    r = runs.load_run(d, "random", 1, "eval_avg@8")
     assert r.curve == [(20, 0.15), (40, 0.2)] and r.initial_acc is None and r.greedy_final == 0.4
-    with pytest.raises(ValueError):
-        re_bench.load_run(d, "random", 1, "eval_avg@16")
+    with pytest.raises(ValueError, match="eval_avg@16"):
+        runs.load_run(d, "random", 1, "eval_avg@16")
 
 
 def test_missing_run_is_reported(tmp_path):
     with pytest.raises(SystemExit, match="missing"):
-        re_bench.load_runs(tmp_path, ["random"], [1], METRIC)
+        runs.load_runs(tmp_path, ["random"], [1], METRIC)
 
 
-def test_report_writes_files_and_readme(runs, tmp_path):
+def test_step_records_diagnostics(tmp_path):
+    rd = tmp_path / "runs"
+    write_run(rd, "random", 1, [0.3, 0.4], initial=0.2)
+
+    def spread_and_skips(i, m):
+        m.batch.weight_p10, m.batch.weight_p90 = 0.8, 1.2
+        m.selection = {"greso_skipped": i % 2 * 3, "greso_backfilled": 0}
+
+    write_run(rd, "greso", 1, [0.3, 0.5], initial=0.2, edit=spread_and_skips)
+    loaded = runs.load_runs(rd, ["random", "greso"], [1], METRIC)
+    r = loaded["greso"][1]
+    assert isinstance(r.metrics[0], StepMetrics) and r.metrics[1].selection["greso_skipped"] == 3
+    assert r.total_rollouts == r.metrics[-1].rollouts == 40
+    d = diagnostics.diagnose(loaded["greso"])
+    assert d.weight_p10_mean == pytest.approx(0.8) and d.weight_p90_mean == pytest.approx(1.2)
+    assert d.greso_skipped_mean == pytest.approx(1.5)
+    assert diagnostics.diagnose(loaded["random"]).greso_skipped_mean is None
+    table = report.diagnostics_table(stats.aggregate(loaded, "random"))
+    assert "| 0.80 / 1.20 |" in table and "| 1.50 |" in table
+    # entropy over the first / last 10% of the 4 steps: step 1 and step 4
+    assert d.entropy_first10 == pytest.approx(1 - 1 / 40) and d.entropy_last10 == pytest.approx(1 - 4 / 40)
+
+
+# ---------------------------------------------------------------- the report
+def test_report_files_named_by_config_and_primary_table_first(runs_dir, tmp_path):
     pytest.importorskip("matplotlib")
-    bench = {"strategies": ["random", "prepo", "dapo_dynamic"], "seeds": [1, 2, 3], "tuning_seeds": [101],
-             "baseline": "random", "metric": METRIC, "jobs": 1, "runs_dir": str(runs), "train": {"total_steps": 6}}
+    bench = bench_file(tmp_path, strategies=["random", "prepo", "dapo_dynamic"], title="Testbed 9: demo",
+                       description="Why this testbed.", final_evals=2)
+    res = tmp_path / "results"
+    out = report.write_report(bench, runs_dir, res, "python benchmarks/rollout_efficiency.py", "cfg.yaml")
+    for name in ("testbed_demo.md", "testbed_demo.csv", "testbed_demo.png", "testbed_demo.json",
+                 "testbed_demo_diagnostics.png"):
+        assert (res / name).exists(), name
+    md = (res / "testbed_demo.md").read_text()
+    assert md.startswith("# Testbed 9: demo\n\nWhy this testbed.\n")
+    assert "Setup: task `arithmetic`" in md and "mean of its last 2 evaluations" in md
+    first_table = md.index("| strategy | rollouts to reach random's final")
+    assert first_table < md.index("## Diagnostics") < md.index("## Prompt perplexity") < md.index("## Plots")
+    assert "| random | 1 (reference) | 0/3 | reference |" in md and "≥" in md
+    assert out["aggregate"].final_evals == 2
+    with (res / "testbed_demo.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["strategy"] for r in rows] == ["random", "prepo", "dapo_dynamic"]
+    assert rows[0]["decision"] == "reference" and rows[1]["decision"] in ("inconclusive", "saves rollouts", "costs rollouts")
+    data = json.loads((res / "testbed_demo.json").read_text())
+    assert data["bench"]["stem"] == "testbed_demo" and len(data["aggregate"]["rows"]) == 3
+
+
+def test_setup_line_names_the_task(runs_dir, tmp_path, monkeypatch):
+    # the trainer's config may not know `task` yet: stand in for its resolution of that key
+    monkeypatch.setattr(report, "full_config", lambda o: {**config.full_config({k: v for k, v in o.items() if k != "task"}),
+                                                          "task": o["task"]})
+    bench = bench_file(tmp_path, train={"total_steps": 6, "task": "countdown"})
+    lines = report.header(bench, "cmd", "cfg.yaml", runner.machine_info(), {})
+    assert any(line.startswith("Setup: task `countdown`, 6 steps") for line in lines)
+
+
+def test_readme_blocks_per_stem(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# project\n\nintro\n")
-    res_dir = tmp_path / "results"
-    out = re_bench.report(bench, runs, res_dir, "python benchmarks/rollout_efficiency.py", "cfg.yaml", readme=readme)
-    for ext in ("md", "csv", "png", "json"):
-        assert (res_dir / f"rollout_efficiency.{ext}").exists()
-    assert (res_dir / "rollout_efficiency_diagnostics.png").exists()
-    md = (res_dir / "rollout_efficiency.md").read_text()
-    assert "not reached" in md and "| prepo |" in md and "≥" in md and "Spearman" in md
+    report.update_readme(readme, "rollout_efficiency", "table A", "Rollout efficiency")
+    report.update_readme(readme, "testbed_countdown", "table B", "Testbed 1: countdown")
+    report.update_readme(readme, "rollout_efficiency", "table A2", "Rollout efficiency")   # in place
     text = readme.read_text()
-    assert text.startswith("# project") and text.count(re_bench.README_BEGIN) == 1
-    re_bench.update_readme(readme, "table v2")  # replaced in place, not appended twice
-    text = readme.read_text()
-    assert text.count(re_bench.README_BEGIN) == 1 and "table v2" in text and "| prepo |" not in text
+    assert text.startswith("# project")
+    for stem in ("rollout_efficiency", "testbed_countdown"):
+        begin, end = report.readme_markers(stem)
+        assert text.count(begin) == 1 and text.count(end) == 1
+    assert "table A2" in text and "table A\n" not in text and "table B" in text
+    assert text.count("## Testbed 1: countdown") == 1
+    assert text.index("table A2") < text.index("table B")
 
 
+def test_levels_and_per_seed_tables(tmp_path):
+    pytest.importorskip("matplotlib")
+    rd = tmp_path / "runs"
+    for s in ("random", "prepo"):
+        d = write_run(rd, s, 1, [0.3, 0.4 if s == "random" else 0.35], initial=0.2)
+        evals = [json.loads(line) for line in (d / "eval.jsonl").read_text().splitlines()]
+        for e in evals:
+            e.update({"accuracy_level0": 1.0, "accuracy_level1": e["accuracy"] / 2})
+        (d / "eval.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
+    bench = bench_file(tmp_path, seeds=[1], train={"total_steps": 4})
+    out = report.write_report(bench, rd, tmp_path / "res", "cmd", "cfg.yaml")
+    d = out["aggregate"].rows[0].diagnostics
+    assert d.levels_initial == {0: 1.0, 1: 0.1} and d.levels_final == {0: 1.0, 1: 0.2}
+    assert "| (initial policy) | 100.0 | 10.0 |" in out["markdown"]
+    assert "| random | 20.0 | 40.0 / 40 |" in out["markdown"]
+    assert "| prepo | 20.0 | 35.0 / not reached (≥40) |" in out["markdown"]
+
+
+def test_cli_aggregate_only(runs_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    cfg = tmp_path / "testbed_cli.yaml"
+    cfg.write_text(yaml.safe_dump({"strategies": ["random", "prepo"], "seeds": [1, 2, 3], "metric": METRIC,
+                                   "title": "Testbed 0: cli", "train": {"total_steps": 6}}))
+    readme = tmp_path / "README.md"
+    res = tmp_path / "results"
+    assert rollout_efficiency.main(["--config", str(cfg), "--aggregate-only", "--runs-dir", str(runs_dir),
+                                    "--results-dir", str(res), "--update-readme", str(readme)]) == 0
+    assert (res / "testbed_cli.md").read_text().startswith("# Testbed 0: cli")
+    text = readme.read_text()
+    assert "<!-- testbed_cli:begin -->" in text and "## Testbed 0: cli" in text and "| prepo | ≥" in text
+
+
+# ---------------------------------------------------------------- the config
 def test_bench_config_committed_is_valid():
-    bench = re_bench.load_bench_config(re_bench.DEFAULT_CONFIG)
-    assert bench["baseline"] == "random"
-    assert {"random", "prepo", "ppl_only", "entropy_only", "static_low_ppl", "dapo_dynamic"} <= set(bench["strategies"])
-    assert len(bench["seeds"]) >= 3
-    assert all(s >= 100 or s == 0 for s in bench["tuning_seeds"])  # 0: the trainer's development seed
-    assert not set(bench["seeds"]) & set(bench["tuning_seeds"])
+    bench = config.load_bench_config(config.DEFAULT_CONFIG)
+    assert bench.stem == "rollout_efficiency" and bench.baseline == "random"
+    assert bench.runs_dir == "runs/rollout_efficiency" and bench.final_evals == 1
+    assert {"random", "prepo", "ppl_only", "entropy_only", "static_low_ppl", "dapo_dynamic"} <= set(bench.strategies)
+    assert len(bench.seeds) >= 3
+    assert all(s >= 100 or s == 0 for s in bench.tuning_seeds)  # 0: the trainer's development seed
+    assert not set(bench.seeds) & set(bench.tuning_seeds)
     for quick in (False, True):
-        b = re_bench.load_bench_config(re_bench.DEFAULT_CONFIG, quick=quick)
-        re_bench._full_config(re_bench.run_config(b, b["baseline"], b["seeds"][0], Path("/tmp/x")))  # trainer accepts it
-    q = re_bench.load_bench_config(re_bench.DEFAULT_CONFIG, quick=True)
-    assert q["train"]["total_steps"] < bench["train"]["total_steps"]
+        b = config.load_bench_config(config.DEFAULT_CONFIG, quick=quick)
+        config.full_config(config.run_config(b, b.baseline, b.seeds[0], Path("/tmp/x")))  # the trainer accepts it
+    q = config.load_bench_config(config.DEFAULT_CONFIG, quick=True)
+    assert q.is_quick and q.train["total_steps"] < bench.train["total_steps"] and q.metric == "eval_accuracy"
+    assert config.run_config(b, "prepo", 2, Path("/r"))["output_dir"] == "/r/prepo/seed2"
 
 
-def test_reported_seed_used_for_tuning_is_refused(tmp_path):
-    p = tmp_path / "b.yaml"
-    p.write_text(yaml.safe_dump({"strategies": ["random"], "seeds": [1, 2], "tuning_seeds": [2]}))
-    with pytest.raises(SystemExit, match="tuning"):
-        re_bench.load_bench_config(p)
+def test_bench_config_optional_keys(tmp_path):
+    b = bench_file(tmp_path, "testbed_phrasing", title="Testbed 2: phrasing", description="  A paragraph.\n",
+                   final_evals=3, quick={"final_evals": 1, "seeds": [1], "train": {"total_steps": 2}})
+    assert (b.stem, b.title, b.description, b.final_evals) == ("testbed_phrasing", "Testbed 2: phrasing", "A paragraph.", 3)
+    assert b.runs_dir == "runs/testbed_phrasing"   # default: per config
+    q = config.load_bench_config(tmp_path / "testbed_phrasing.yaml", quick=True)
+    assert q.final_evals == 1 and q.seeds == [1] and q.train == {"total_steps": 2}
+    b = bench_file(tmp_path, runs_dir="elsewhere/x")
+    assert b.runs_dir == "elsewhere/x" and b.title == config.DEFAULT_TITLE and b.description == ""
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"seeds": [1, 2], "tuning_seeds": [2]}, "tuning"),
+    ({"strategies": ["random", "gresso"]}, "unknown strategies \\['gresso'\\]"),
+    ({"baseline": "ppl_only"}, "baseline 'ppl_only'"),
+    ({"metric": "accuracy"}, "eval key"),
+    ({"final_evals": 0}, "final_evals"),
+    ({"seeds": []}, "no seeds"),
+    ({"smoothing": 3}, "unknown keys \\['smoothing'\\]"),
+    ({"quick": {"baseline": "prepo"}}, "unknown keys under quick"),
+])
+def test_bad_bench_config_is_refused(tmp_path, keys, message):
+    with pytest.raises(SystemExit, match=message):
+        bench_file(tmp_path, **keys)
+
+
+def test_bench_config_accepts_the_trainer_strategies(tmp_path):
+    b = bench_file(tmp_path, strategies=["random", "static_high_ppl", "greso"])
+    assert b.strategies == ["random", "static_high_ppl", "greso"]
 
 
 def test_run_status_detects_mismatch_and_done(tmp_path):
     cfg = {"strategy": "random", "seed": 1, "total_steps": 4, "output_dir": str(tmp_path / "r")}
     d = Path(cfg["output_dir"])
-    assert re_bench.run_status(d, cfg)[0] == "new"
+    assert runner.run_status(d, cfg)[0] == "new"
     d.mkdir()
-    full = re_bench._full_config(cfg)
-    (d / "config.yaml").write_text(yaml.safe_dump(full))
-    assert re_bench.run_status(d, cfg)[0] == "new"
+    (d / "config.yaml").write_text(yaml.safe_dump(config.full_config(cfg)))
+    assert runner.run_status(d, cfg)[0] == "new"
+    (d / "checkpoints").mkdir()
+    (d / "checkpoints" / "step2").mkdir()
+    assert runner.run_status(d, cfg)[0] == "resume"
     (d / "summary.json").write_text(json.dumps({"steps": 4}))
-    assert re_bench.run_status(d, cfg)[0] == "done"
-    status, diff = re_bench.run_status(d, dict(cfg, lr=1e-5))
+    assert runner.run_status(d, cfg)[0] == "done"
+    status, diff = runner.run_status(d, dict(cfg, lr=1e-5))
     assert status == "mismatch" and diff == ["lr"]
     # keys that cannot change the result do not count
-    assert re_bench.run_status(d, dict(cfg, progress=False))[0] == "done"
+    assert runner.run_status(d, dict(cfg, progress=False))[0] == "done"
 
 
-def test_optional_weight_spread_keys_are_reported(tmp_path):
-    rd = tmp_path / "runs"
-    write_run(rd, "random", 1, [0.3, 0.4], initial=0.2)
-    d = write_run(rd, "prepo", 1, [0.3, 0.5], initial=0.2)
-    rows = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
-    for m in rows:
-        m.update({"weight_p10": 0.8, "weight_p90": 1.2})
-    (d / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in rows))
-    agg = re_bench.aggregate(re_bench.load_runs(rd, ["random", "prepo"], [1], METRIC), "random")
-    pp = {r["strategy"]: r for r in agg["rows"]}["prepo"]
-    assert pp["weight_p10_mean"] == pytest.approx(0.8) and pp["greso_skipped_mean"] is None
-    assert any("p10 0.80, p90 1.20" in s for s in re_bench.findings(agg, METRIC))
-
-
-def test_smoothed_variant():
-    sm = re_bench.smooth_curve([(0, 0.0), (10, 0.3), (20, 0.6), (30, 0.3)], 3)
-    assert [x for x, _ in sm] == [0, 10, 20, 30]
-    assert [a for _, a in sm] == pytest.approx([0.0, 0.15, 0.3, 0.4])
-    assert re_bench.smooth_curve([(0, 0.2), (10, 0.4)], 1) == [(0, 0.2), (10, 0.4)]
-
-
-def test_report_has_smoothed_table(runs, tmp_path):
-    pytest.importorskip("matplotlib")
-    bench = {"strategies": ["random", "prepo"], "seeds": [1, 2, 3], "tuning_seeds": [], "baseline": "random",
-             "metric": METRIC, "jobs": 1, "runs_dir": str(runs), "train": {"total_steps": 6}}
-    out = re_bench.report(bench, runs, tmp_path / "res", "cmd", "cfg.yaml")
-    sm = out["aggregate"]["smoothed"]
-    # random's last-3 means: 0.4, 0.5, 0.5333 -> threshold 0.4778
-    assert sm["threshold"] == pytest.approx((0.4 + 0.5 + 1.6 / 3) / 3)
-    assert "trailing mean over 3 evaluations" in out["markdown"]
-
-
-def test_levels_table(tmp_path):
-    pytest.importorskip("matplotlib")
-    rd = tmp_path / "runs"
-    for s in ("random", "prepo"):
-        d = write_run(rd, s, 1, [0.3, 0.4], initial=0.2)
-        evals = [json.loads(l) for l in (d / "eval.jsonl").read_text().splitlines()]
-        for e in evals:
-            e.update({"accuracy_level0": 1.0, "accuracy_level1": e["accuracy"] / 2})
-        (d / "eval.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
-    bench = {"strategies": ["random", "prepo"], "seeds": [1], "tuning_seeds": [], "baseline": "random",
-             "metric": METRIC, "jobs": 1, "runs_dir": str(rd), "train": {"total_steps": 4}}
-    out = re_bench.report(bench, rd, tmp_path / "res", "cmd", "cfg.yaml")
-    row = out["aggregate"]["rows"][0]
-    assert row["levels_initial"] == {0: 1.0, 1: 0.1} and row["levels_final"] == {0: 1.0, 1: 0.2}
-    assert "| (initial policy) | 100.0 | 10.0 |" in out["markdown"]
-
-
-def test_rows_are_read_as_step_records_and_greso_skips_reported(tmp_path):
-    rd = tmp_path / "runs"
-    write_run(rd, "random", 1, [0.3, 0.4], initial=0.2)
-    d = write_run(rd, "greso", 1, [0.3, 0.5], initial=0.2)
-    rows = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
-    for i, m in enumerate(rows):
-        m.update({"greso_skipped": i % 2 * 3, "greso_backfilled": 0, "greso_p_easy": 0.5, "greso_p_hard": 0.5})
-    (d / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in rows))
-    runs = re_bench.load_runs(rd, ["random", "greso"], [1], METRIC)
-    r = runs["greso"][1]
-    assert isinstance(r.metrics[0], StepMetrics) and r.metrics[1].selection["greso_skipped"] == 3
-    agg = re_bench.aggregate(runs, "random")
-    g = {x["strategy"]: x for x in agg["rows"]}["greso"]
-    assert g["greso_skipped_mean"] == pytest.approx(1.5) and r.total_rollouts == rows[-1]["rollouts"]
-    assert any("greso 1.50" in s for s in re_bench.findings(agg, METRIC))
-
-
-def test_bench_config_accepts_the_trainer_strategies_only(tmp_path):
-    cfg = tmp_path / "b.yaml"
-    cfg.write_text("strategies: [random, static_high_ppl, greso]\nseeds: [1]\n")
-    assert re_bench.load_bench_config(cfg)["strategies"] == ["random", "static_high_ppl", "greso"]
-    cfg.write_text("strategies: [random, gresso]\nseeds: [1]\n")
-    with pytest.raises(SystemExit, match="unknown strategies \\['gresso'\\]"):
-        re_bench.load_bench_config(cfg)
+def test_harness_meta_adds_up_invocations(tmp_path):
+    t1 = {"wall_seconds": 10.0, "total_seconds_incl_setup": 12.0, "run_seconds": {"random/seed1": 10.0}}
+    runner.save_harness_meta(tmp_path, "cmd", t1, 2)
+    t2 = runner.save_harness_meta(tmp_path, "cmd", {"wall_seconds": 5.0, "total_seconds_incl_setup": 6.0,
+                                                     "run_seconds": {"prepo/seed1": 5.0}}, 2)
+    assert t2["wall_seconds"] == 15.0 and t2["invocations"] == 2 and set(t2["run_seconds"]) == {"random/seed1", "prepo/seed1"}
+    timing, command = runner.load_harness_meta(tmp_path, "cmd --aggregate-only")
+    assert timing == t2 and command == "cmd  (aggregated with: cmd --aggregate-only)"
+    assert math.isclose(json.loads((tmp_path / "harness.json").read_text())["timing"]["total_seconds_incl_setup"], 18.0)

@@ -1,0 +1,337 @@
+"""The report of one benchmark: ``<results_dir>/<stem>.md`` (primary table first, then
+diagnostics, Spearman, plots, per-level and per-seed tables), ``<stem>.csv`` (a row per
+strategy), ``<stem>.json`` (everything), ``<stem>.png`` (accuracy vs rollouts, mean over seeds with
+a 95% bootstrap band), ``<stem>_diagnostics.png``, and optionally the primary table in a README
+between ``<!-- <stem>:begin -->`` and ``<!-- <stem>:end -->``."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import yaml
+
+from .config import ROOT, BenchConfig, full_config
+from .runner import machine_info
+from .runs import load_runs
+from .stats import LEVEL, N_BOOT, Aggregate, PairedEstimate, StrategyResult, aggregate, curve_band
+
+
+# ---------------------------------------------------------------- formatting
+def _pct(x: Optional[float]) -> str:
+    """An accuracy (0..1) in percent."""
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def _num(x: Optional[float], fmt: str = ".2f") -> str:
+    """A number in ``fmt``; '-' for None or NaN."""
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def _ratio(r: StrategyResult) -> str:
+    """'≥0.85 [0.70, 1.02]', '1 (reference)' or 'n/a'."""
+    c = r.comparison
+    if c is None:
+        return "1 (reference)"
+    if c.ratio is None:
+        return "n/a"
+    return f"{'≥' if c.lower_bound else ''}{c.ratio.estimate:.2f} [{c.ratio.lo:.2f}, {c.ratio.hi:.2f}]"
+
+
+def _diff_pts(e: Optional[PairedEstimate]) -> str:
+    """A difference of accuracies in percentage points with its CI."""
+    return "-" if e is None else f"{100 * e.estimate:+.1f} [{100 * e.lo:+.1f}, {100 * e.hi:+.1f}]"
+
+
+def _rel(path: Path) -> str:
+    """``path`` relative to the repository root when inside it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+# ---------------------------------------------------------------- tables
+def primary_table(agg: Aggregate, metric: str) -> str:
+    """The pre-registered result: a row per strategy, the baseline first."""
+    base, pct = agg.baseline, int(100 * LEVEL)
+    lines = [f"| strategy | rollouts to reach {base}'s final, ratio vs {base} (geo-mean [{pct}% CI]) | censored seeds | "
+             f"decision | final {metric} diff, pts [{pct}% CI] | AUC diff, pts [{pct}% CI] | final {metric} % (mean ± std) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in agg.rows:
+        c = r.comparison
+        lines.append(f"| {r.strategy} | {_ratio(r)} | {sum(r.censored)}/{len(r.seeds)} | "
+                     f"{'reference' if c is None else c.decision} | {_diff_pts(c and c.final_diff)} | "
+                     f"{_diff_pts(c and c.auc_diff)} | {_pct(r.final_mean)} ± {_pct(r.final_std)} |")
+    return "\n".join(lines)
+
+
+def protocol_note(agg: Aggregate) -> str:
+    """How to read the primary table."""
+    k, base = agg.final_evals, agg.baseline
+    final = "its last evaluation" if k == 1 else f"the mean of its last {k} evaluations"
+    note = (f"A run's final accuracy is {final}. Seeds are paired: strategy seed s must reach {base} seed s's final "
+            f"accuracy; R(s) is the cumulative rollouts at the first evaluation where the strategy's curve"
+            + ("" if k == 1 else f" (trailing mean over {k} evaluations)")
+            + " reaches it, or the strategy's whole budget when it never does (censored: the ratio is then a lower "
+            f"bound, '≥'). Ratio = geometric mean over seeds of R_strategy(s) / R_{base}(s) (< 1: fewer rollouts; the "
+            f"paper's '1.7x fewer' is 0.59). CIs: paired bootstrap over seeds ({N_BOOT:,} resamples, fixed RNG seed, "
+            "percentile interval). Decision: 'saves rollouts' when the ratio's CI lies below 1, 'costs rollouts' "
+            f"above 1, else inconclusive. Final diff: final accuracy, strategy - {base}, per seed. AUC diff: area under "
+            f"accuracy vs cumulative rollouts on [0, {base}'s budget] divided by that budget (a mean accuracy; a curve "
+            f"is held at its last value past its end), strategy - {base}, per seed.")
+    if agg.degenerate_seeds:
+        note += (f"\n\n**Degenerate on seed(s) {agg.degenerate_seeds}:** {base}'s final accuracy does not exceed its "
+                 "initial accuracy there (training did not improve on the base policy), so it is reached at 0 rollouts "
+                 "and the ratio is undefined (n/a).")
+    return note
+
+
+def diagnostics_table(agg: Aggregate) -> str:
+    """The "why" numbers per strategy (means over seeds)."""
+    lines = ["| strategy | zero-adv groups % (trained / generated) | weight range min..max (per-step mean) | "
+             "weight p10 / p90 (mean) | mean entropy (first→last 10%) | selected difficulty | mean reward | "
+             "GRESO skipped / step |", "|---|---|---|---|---|---|---|---|"]
+    for r in agg.rows:
+        d = r.diagnostics
+        weights = (f"{_num(d.weight_min)}..{_num(d.weight_max)} ({_num(d.weight_min_mean)}..{_num(d.weight_max_mean)})"
+                   + ("" if d.weight_applied else ", not applied"))
+        lines.append(f"| {r.strategy} | {_pct(d.zero_adv_frac)} / {_pct(d.generated_zero_adv_frac)} | {weights} | "
+                     f"{_num(d.weight_p10_mean)} / {_num(d.weight_p90_mean)} | {_num(d.entropy_mean, '.3f')} "
+                     f"({_num(d.entropy_first10, '.3f')}→{_num(d.entropy_last10, '.3f')}) | {_num(d.selected_difficulty)} | "
+                     f"{_num(d.reward_mean, '.3f')} | {_num(d.greso_skipped_mean)} |")
+    return "\n".join(lines)
+
+
+DIAGNOSTICS_NOTE = (
+    "Zero-adv groups: groups whose G rewards are all equal (no gradient), among trained / among all generated "
+    "groups (they differ only for dapo_dynamic, which drops them; their rollouts still count). Weights: the "
+    "relative-entropy weights w_i, computed for every strategy and applied where not noted otherwise: extremes over "
+    "whole runs, then means over steps of each step's min, max, 10th and 90th percentile (paper: mostly 0.7-1.5). "
+    "Entropy: mean token entropy (nats) of the trained rollouts over the run (its first and last 10% of steps).")
+
+
+def spearman_section(agg: Aggregate) -> list[str]:
+    """The initial policy's Spearman(prompt perplexity, pass rate), per seed."""
+    sp = agg.spearman
+    if "mean" not in sp:
+        return ["Not measured (spearman_prompts = 0 in the config)."]
+    lines = [f"Spearman(prompt perplexity, pass rate) = **{sp['mean']:.3f} ± {sp['std']:.3f}** "
+             "(paper: -0.17 to -0.23 on DAPO-Math-17K).", "",
+             "| seed | Spearman | p-value | prompts | samples/prompt | mean pass rate | pass-rate histogram (5 bins 0..1) |",
+             "|---|---|---|---|---|---|---|"]
+    for k, v in sorted(sp["per_seed"].items()):
+        lines.append(f"| {k} | {_num(v['spearman_ppl_passrate'], '.3f')} | {_num(v['spearman_pvalue'], '.2g')} | "
+                     f"{v['n_prompts']} | {v['samples']} | {_num(v['pass_rate_mean'], '.3f')} | {v['pass_rate_hist']} |")
+    return lines
+
+
+def levels_table(agg: Aggregate) -> list[str]:
+    """Greedy accuracy by difficulty level at the end (and before training), when logged."""
+    levels = sorted({k for r in agg.rows for k in r.diagnostics.levels_final})
+    if not levels:
+        return []
+    lines = ["## Final greedy accuracy by difficulty level (%, mean over seeds)", "",
+             "| strategy | " + " | ".join(f"level {k}" for k in levels) + " |", "|---|" + "---|" * len(levels)]
+    first = agg.rows[0].diagnostics.levels_initial
+    if first:
+        lines.append("| (initial policy) | " + " | ".join(_pct(first.get(k)) for k in levels) + " |")
+    for r in agg.rows:
+        lines.append(f"| {r.strategy} | " + " | ".join(_pct(r.diagnostics.levels_final.get(k)) for k in levels) + " |")
+    return lines + [""]
+
+
+def per_seed_table(agg: Aggregate, metric: str) -> list[str]:
+    """Final accuracy and rollouts-to-reach per seed: the numbers behind the primary table."""
+    seeds = agg.rows[0].seeds
+    lines = [f"## Per seed: final {metric} % / rollouts to reach {agg.baseline}'s final", "",
+             f"Thresholds ({agg.baseline}'s final, %): " + ", ".join(f"seed {s} {_pct(t)}" for s, t in agg.thresholds.items())
+             + ".", "",
+             "| strategy | initial % (mean) | " + " | ".join(f"seed {s}" for s in seeds)
+             + " | greedy final % (mean) | rollout budget per seed | train s/run |",
+             "|---|---|" + "---|" * (len(seeds) + 3)]
+    for r in agg.rows:
+        cells = [f"{_pct(f)} / " + (f"not reached (≥{x:,.0f})" if c else f"{x:,.0f}")
+                 for f, x, c in zip(r.finals, r.reach, r.censored)]
+        d = r.diagnostics
+        lines.append(f"| {r.strategy} | {_pct(d.initial_mean)} | " + " | ".join(cells)
+                     + f" | {_pct(d.greedy_final_mean)} | {', '.join(f'{b:,}' for b in r.budgets)} | "
+                     f"{_num(d.train_seconds, '.0f')} |")
+    return lines + [""]
+
+
+# ---------------------------------------------------------------- the markdown
+def header(bench: BenchConfig, command: str, config_path: str, info: dict, timing: dict) -> list[str]:
+    """Title, description, how and where the runs were made, the setup."""
+    tc = full_config({**bench.train, "strategy": bench.baseline})
+    k_prompts = max(1, round(tc["select_ratio"] * tc["candidate_batch_size"]))
+    lines = [f"# {bench.title}", ""]
+    lines += [bench.description, ""] if bench.description else []
+    lines += ["**`--quick` smoke test of the harness: a tiny config, NOT evidence.**", ""] if bench.is_quick else []
+    lines += [f"Command: `{command}`  ",
+              f"Config: `{config_path}` (fixed before measuring); reported seeds {bench.seeds}; seeds used for tuning / "
+              f"development (never reported): {bench.tuning_seeds or 'none listed'}.  ",
+              f"Machine: {info['cpu']}, {info['cores']} cores, torch {info.get('torch', '?')}, Python {info['python']}; "
+              f"{tc['num_threads']} torch thread(s) per run, {bench.jobs} run(s) in parallel.  "]
+    if timing.get("wall_seconds") is not None:
+        inv = timing.get("invocations", 1)
+        lines.append(f"Wall time of the runs: {timing['wall_seconds'] / 60:.1f} min"
+                     + (f" over {inv} invocations (resumed)" if inv > 1 else "") + ".  ")
+    lines += [f"Setup: task `{tc.get('task') or 'arithmetic'}`, {tc['total_steps']} steps, candidate batch |B| = "
+              f"{tc['candidate_batch_size']}, K = {k_prompts}, G = {tc['group_size']} ({k_prompts * tc['group_size']} "
+              f"rollouts/step except dapo_dynamic, which counts every generated rollout), lr {tc['lr']}, eval every "
+              f"{tc['eval_every']} steps. Accuracy = `{bench.metric}` on the held-out split "
+              + ("(mean accuracy over sampled completions per problem, the paper's avg@k)." if "avg@" in bench.metric
+                 else "(greedy pass@1)."), ""]
+    return lines
+
+
+def render_markdown(agg: Aggregate, bench: BenchConfig, command: str, info: dict, timing: dict,
+                    images: Sequence[Path], config_path: str) -> str:
+    """The whole report."""
+    tc = full_config({**bench.train, "strategy": bench.baseline})
+    resolved = {k: v for k, v in tc.items() if k not in ("strategy", "seed", "output_dir", "resume", "progress",
+                                                          "tensorboard", "cache_dir")}
+    lines = header(bench, command, config_path, info, timing)
+    lines += [primary_table(agg, bench.metric), "", protocol_note(agg), "",
+              "## Diagnostics (means over seeds)", "", diagnostics_table(agg), "", DIAGNOSTICS_NOTE, "",
+              "## Prompt perplexity vs pass rate (initial policy)", "", *spearman_section(agg), "",
+              "## Plots", "", *[f"![{p.stem}]({p.name})" for p in images], ""]
+    lines += levels_table(agg) + per_seed_table(agg, bench.metric)
+    lines += ["<details><summary>Resolved trainer config (all strategies and seeds; strategy and seed vary)</summary>",
+              "", "```yaml", yaml.safe_dump(resolved, sort_keys=False).rstrip(), "```", "", "</details>", ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- plots
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (imported only when plotting)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy(runs: dict, agg: Aggregate, metric: str, path: Path) -> None:
+    """Accuracy vs cumulative rollouts per strategy: the mean over seeds and its 95% bootstrap band."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for i, (strategy, rs) in enumerate(runs.items()):
+        x, mean, lo, hi = curve_band([r.curve for r in rs.values()])
+        ax.plot(x, 100 * mean, color=f"C{i}", label=f"{strategy} (n={len(rs)})")
+        ax.fill_between(x, 100 * lo, 100 * hi, color=f"C{i}", alpha=0.15, lw=0)
+    ax.axhline(100 * float(np.mean(list(agg.thresholds.values()))), color="k", ls="--", lw=0.8,
+               label=f"{agg.baseline} final (mean over seeds)")
+    ax.set_xlabel("cumulative training rollouts")
+    ax.set_ylabel(f"held-out {metric} (%)")
+    ax.set_title(f"accuracy vs rollouts (mean over seeds, band = {int(100 * LEVEL)}% bootstrap CI)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_diagnostics(runs: dict, path: Path) -> None:
+    """Zero-advantage fraction, entropy, selected difficulty and reward per step (mean over seeds,
+    moving average over 5% of the run)."""
+    plt = _pyplot()
+    panels = [(lambda m: m.batch.zero_adv_frac, "zero-advantage group fraction (trained)"),
+              (lambda m: m.batch.entropy_mean, "mean token entropy"),
+              (lambda m: m.selected_difficulty, "selected prompt difficulty (level)"),
+              (lambda m: m.batch.reward_mean, "mean reward")]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
+    for ax, (get, title) in zip(axes.ravel(), panels):
+        for i, (strategy, rs) in enumerate(runs.items()):
+            n = min(len(r.metrics) for r in rs.values())
+            arr = np.array([[np.nan if get(m) is None else get(m) for m in r.metrics[:n]] for r in rs.values()],
+                           dtype=float)
+            if np.all(np.isnan(arr)):
+                continue
+            w = max(1, n // 20)
+            smooth = np.convolve(np.nanmean(arr, axis=0), np.ones(w) / w, mode="valid")
+            ax.plot(np.arange(len(smooth)) + w, smooth, color=f"C{i}", label=strategy, lw=1.2)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- files
+def _estimate_cols(name: str, e: Optional[PairedEstimate]) -> dict:
+    """CSV columns <name>, <name>_lo, <name>_hi (None without an estimate)."""
+    return {name: e and e.estimate, f"{name}_lo": e and e.lo, f"{name}_hi": e and e.hi}
+
+
+def csv_rows(agg: Aggregate) -> list[dict]:
+    """A flat dict per strategy: the primary and secondary statistics, then the diagnostics."""
+    rows = []
+    for r in agg.rows:
+        c = r.comparison
+        row = {"strategy": r.strategy, "seeds": r.seeds, "final_mean": r.final_mean, "final_std": r.final_std,
+               "finals": r.finals, "budgets": r.budgets, "reach": r.reach, "censored": r.censored,
+               **_estimate_cols("ratio", c and c.ratio), "ratio_lower_bound": c and c.lower_bound,
+               "decision": "reference" if c is None else c.decision,
+               **_estimate_cols("final_diff", c and c.final_diff), **_estimate_cols("auc_diff", c and c.auc_diff)}
+        row.update({k: v for k, v in dataclasses.asdict(r.diagnostics).items() if not isinstance(v, dict)})
+        rows.append(row)
+    return rows
+
+
+def write_csv(agg: Aggregate, path: Path) -> None:
+    """``csv_rows`` with lists space-separated and None as an empty cell."""
+    rows = csv_rows(agg)
+    with Path(path).open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: " ".join(map(str, v)) if isinstance(v, list) else v for k, v in row.items()})
+
+
+def readme_markers(stem: str) -> tuple[str, str]:
+    """The README comments around one benchmark's block."""
+    return f"<!-- {stem}:begin -->", f"<!-- {stem}:end -->"
+
+
+def update_readme(readme: Path, stem: str, content: str, heading: str) -> None:
+    """Put ``content`` between the benchmark's markers in ``readme``, or append it under
+    ``## heading`` when they are not there yet."""
+    begin, end = readme_markers(stem)
+    text = readme.read_text() if readme.exists() else ""
+    block = f"{begin}\n{content}\n{end}"
+    if begin in text and end in text:
+        pre, rest = text.split(begin, 1)
+        text = pre + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + f"\n\n## {heading}\n\n{block}\n"
+    readme.write_text(text)
+
+
+def write_report(bench: BenchConfig, runs_dir: Path, results_dir: Path, command: str, config_path: str,
+                 timing: Optional[dict] = None, readme: Optional[Path] = None) -> dict:
+    """Aggregate the runs under ``runs_dir`` and write ``results_dir/<stem>.{md,csv,json,png}`` and
+    ``<stem>_diagnostics.png`` (and the README block). Returns {aggregate, markdown, files}."""
+    runs = load_runs(runs_dir, bench.strategies, bench.seeds, bench.metric)
+    agg = aggregate(runs, bench.baseline, bench.final_evals)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    out = {ext: results_dir / f"{bench.stem}.{ext}" for ext in ("md", "csv", "json", "png")}
+    images = [out["png"], results_dir / f"{bench.stem}_diagnostics.png"]
+    plot_accuracy(runs, agg, bench.metric, images[0])
+    plot_diagnostics(runs, images[1])
+    write_csv(agg, out["csv"])
+    info, timing = machine_info(), timing or {}
+    md = render_markdown(agg, bench, command, info, timing, images, config_path)
+    out["md"].write_text(md)
+    out["json"].write_text(json.dumps({"aggregate": dataclasses.asdict(agg), "machine": info, "command": command,
+                                       "timing": timing, "bench": dataclasses.asdict(bench)}, indent=1, default=str))
+    if readme is not None:
+        update_readme(readme, bench.stem, f"Command: `{command}` on {info['cpu']} ({info['cores']} cores). Full report: "
+                      f"`{_rel(out['md'])}`.\n\n" + primary_table(agg, bench.metric), bench.title)
+    return {"aggregate": agg, "markdown": md, "files": [str(p) for p in [*images, out["csv"], out["md"], out["json"]]]}

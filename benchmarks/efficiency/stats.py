@@ -1,0 +1,240 @@
+"""The benchmark's pre-registered statistics (issue 5) and the aggregate of all runs.
+
+Seeds are paired: strategy seed s is compared with baseline seed s (same base model, same data).
+
+* A run's *final* accuracy is the mean of its last ``final_evals`` evaluations, and whether a curve
+  *reaches* an accuracy is judged on the curve smoothed by the same trailing mean.
+* PRIMARY: threshold_s = baseline seed s's final accuracy; R_X(s) = the cumulative rollouts at X's
+  first evaluation whose smoothed accuracy is >= threshold_s, or X's whole rollout budget when it
+  never is (*censored*); ratio(s) = R_strategy(s) / R_baseline(s). Estimate: the geometric mean of
+  ratio(s) over seeds with a 95% paired-bootstrap CI over seeds; a lower bound when a strategy seed
+  is censored. Decision: 'saves rollouts' when the CI lies below 1, 'costs rollouts' above 1.
+* SECONDARY: final accuracy, strategy - baseline; area under accuracy vs cumulative rollouts on
+  [0, baseline's budget] divided by that budget (a mean accuracy), strategy - baseline. Each
+  per-seed paired, mean with a 95% paired-bootstrap CI.
+
+Accuracies are fractions in 0..1, rollouts are counts of generated completions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional, Sequence
+
+import numpy as np
+
+from .diagnostics import Diagnostics, diagnose, spearman_summary
+from .runs import RunData
+
+N_BOOT = 10_000   # bootstrap resamples
+BOOT_SEED = 0     # fixed, so a report is reproducible
+LEVEL = 0.95      # confidence level of every interval
+TOL = 1e-9        # an accuracy within TOL below a threshold counts as reaching it (float means)
+
+Curve = Sequence[tuple[float, float]]   # [(cumulative rollouts, accuracy)], rollouts increasing
+# statistic(values, axis) -> values reduced over axis (np.mean, geometric_mean)
+Statistic = Callable[..., np.ndarray]
+
+
+# ---------------------------------------------------------------- one curve
+def smooth_curve(curve: Curve, k: int) -> list[tuple[float, float]]:
+    """Trailing mean over the last ``k`` evaluations (fewer at the start): the point at x is the
+    mean of the accuracies at x and the k - 1 evaluations before it."""
+    accs = [a for _, a in curve]
+    return [(x, float(np.mean(accs[max(0, i - k + 1): i + 1]))) for i, (x, _) in enumerate(curve)]
+
+
+def final_accuracy(curve: Curve, k: int) -> float:
+    """A run's final accuracy: the mean of its last ``k`` evaluations (all of them when fewer), the
+    last point of its smoothed curve."""
+    return smooth_curve(curve, k)[-1][1]
+
+
+def rollouts_to_threshold(curve: Curve, threshold: float, tol: float = TOL) -> Optional[float]:
+    """Cumulative rollouts at the first point whose accuracy is >= ``threshold - tol``, or None."""
+    return next((x for x, acc in curve if acc >= threshold - tol), None)
+
+
+def rollouts_to_reach(curve: Curve, threshold: float, k: int, budget: float) -> tuple[float, bool]:
+    """(R, censored): the rollouts at which the curve smoothed over ``k`` evaluations first reaches
+    ``threshold``; ``(budget, True)`` when it never does."""
+    r = rollouts_to_threshold(smooth_curve(curve, k), threshold)
+    return (budget, True) if r is None else (r, False)
+
+
+def normalized_auc(curve: Curve, budget: float) -> float:
+    """Area under accuracy vs cumulative rollouts from 0 to ``budget`` (trapezoid between the
+    points, held constant at the first / last accuracy outside the curve's range), divided by
+    ``budget``: a mean accuracy over the budget."""
+    if budget <= 0:
+        raise ValueError(f"budget must be > 0 rollouts; got {budget}")
+    xs = np.array([x for x, _ in curve], dtype=float)
+    ys = np.array([a for _, a in curve], dtype=float)
+    grid = np.unique(np.concatenate([[0.0, budget], xs[(xs > 0) & (xs < budget)]]))
+    return float(np.trapezoid(np.interp(grid, xs, ys), grid) / budget)
+
+
+# ---------------------------------------------------------------- over seeds
+def geometric_mean(values, axis: int = 0) -> np.ndarray:
+    """exp(mean(log values)) over ``axis``; values must be > 0."""
+    return np.exp(np.mean(np.log(values), axis=axis))
+
+
+def bootstrap_ci(values, statistic: Statistic = np.mean, n_boot: int = N_BOOT, seed: int = BOOT_SEED,
+                 level: float = LEVEL) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile interval of ``statistic`` over seeds resampled with replacement.
+
+    values: [n_seeds] or [n_seeds, ...] floats, one row per seed (paired quantities already
+    combined per seed, so resampling rows is the paired bootstrap). ``statistic(x, axis=1)``
+    reduces the resampled [n_boot, n_seeds, ...] array over seeds. Returns (lo, hi), each of
+    values' trailing shape (floats for 1-D values)."""
+    a = np.asarray(values, dtype=float)
+    if a.ndim == 0 or len(a) == 0:
+        raise ValueError(f"bootstrap_ci needs one value per seed; got shape {a.shape}")
+    idx = np.random.default_rng(seed).integers(0, len(a), size=(n_boot, len(a)))
+    stats = statistic(a[idx], axis=1)
+    tail = 100 * (1 - level) / 2
+    lo, hi = np.percentile(stats, [tail, 100 - tail], axis=0)
+    return lo, hi
+
+
+@dataclass
+class PairedEstimate:
+    """A statistic of per-seed paired values with its paired-bootstrap CI (LEVEL)."""
+
+    per_seed: list[float]
+    estimate: float
+    lo: float
+    hi: float
+
+
+def paired_estimate(per_seed: Sequence[float], statistic: Statistic = np.mean) -> PairedEstimate:
+    """``statistic`` over the per-seed values, and its bootstrap CI."""
+    a = np.asarray(per_seed, dtype=float)
+    lo, hi = bootstrap_ci(a, statistic)
+    return PairedEstimate([float(v) for v in a], float(statistic(a, axis=0)), float(lo), float(hi))
+
+
+def decide(ratio: Optional[PairedEstimate]) -> str:
+    """The pre-registered decision from the PRIMARY ratio's CI: 'saves rollouts' (upper bound < 1),
+    'costs rollouts' (lower bound > 1), 'inconclusive', or 'n/a' without a ratio."""
+    if ratio is None:
+        return "n/a"
+    if ratio.hi < 1:
+        return "saves rollouts"
+    if ratio.lo > 1:
+        return "costs rollouts"
+    return "inconclusive"
+
+
+# ---------------------------------------------------------------- a strategy against the baseline
+def baseline_thresholds(base: Mapping[int, RunData], final_evals: int) -> dict[int, float]:
+    """{seed: the baseline seed's final accuracy}: the accuracy each paired seed must reach."""
+    return {s: final_accuracy(r.curve, final_evals) for s, r in sorted(base.items())}
+
+
+def reach_per_seed(runs: Mapping[int, RunData], thresholds: Mapping[int, float],
+                   final_evals: int) -> tuple[list[float], list[bool]]:
+    """([R(s)], [censored(s)]) over the sorted seeds: each run's rollouts to its seed's threshold."""
+    pairs = [rollouts_to_reach(runs[s].curve, thresholds[s], final_evals, runs[s].total_rollouts)
+             for s in sorted(runs)]
+    return [r for r, _ in pairs], [c for _, c in pairs]
+
+
+@dataclass
+class Comparison:
+    """One strategy against the baseline, paired by seed (see the module docstring)."""
+
+    ratio: Optional[PairedEstimate]   # PRIMARY R_strategy/R_baseline, geometric mean; None if any R is 0
+    n_censored: int                   # strategy seeds that never reached their threshold
+    decision: str                     # decide(ratio)
+    final_diff: PairedEstimate        # final accuracy, strategy - baseline
+    auc_diff: PairedEstimate          # normalized AUC on the baseline's budget, strategy - baseline
+
+    @property
+    def lower_bound(self) -> bool:
+        """The ratio counts censored seeds at their budget, so it is a lower bound ('>=')."""
+        return self.n_censored > 0
+
+
+def compare(runs: Mapping[int, RunData], base: Mapping[int, RunData], final_evals: int) -> Comparison:
+    """A strategy's runs {seed: RunData} against the baseline's, on the same seeds."""
+    if sorted(runs) != sorted(base):
+        raise ValueError(f"seeds are paired: the strategy has seeds {sorted(runs)}, the baseline {sorted(base)}")
+    seeds = sorted(base)
+    thresholds = baseline_thresholds(base, final_evals)
+    reach, censored = reach_per_seed(runs, thresholds, final_evals)
+    base_reach, _ = reach_per_seed(base, thresholds, final_evals)   # never censored: it reaches its own final
+    # a seed reached at 0 rollouts (its initial policy already there) leaves the ratio undefined
+    ratio = (paired_estimate(np.divide(reach, base_reach), geometric_mean)
+             if min(reach) > 0 and min(base_reach) > 0 else None)
+    budgets = [base[s].total_rollouts for s in seeds]
+    return Comparison(
+        ratio=ratio,
+        n_censored=sum(censored),
+        decision=decide(ratio),
+        final_diff=paired_estimate([final_accuracy(runs[s].curve, final_evals) - thresholds[s] for s in seeds]),
+        auc_diff=paired_estimate([normalized_auc(runs[s].curve, b) - normalized_auc(base[s].curve, b)
+                                  for s, b in zip(seeds, budgets)]),
+    )
+
+
+# ---------------------------------------------------------------- every strategy
+@dataclass
+class StrategyResult:
+    """One strategy's row of the report."""
+
+    strategy: str
+    seeds: list[int]
+    finals: list[float]          # final accuracy per seed
+    final_mean: float
+    final_std: float             # over seeds (ddof 1; 0 for one seed)
+    budgets: list[int]           # total rollouts per seed
+    reach: list[float]           # rollouts to reach the paired baseline seed's final accuracy (budget if censored)
+    censored: list[bool]
+    comparison: Optional[Comparison]   # None for the baseline itself
+    diagnostics: Diagnostics
+
+
+@dataclass
+class Aggregate:
+    """Everything the report shows."""
+
+    baseline: str
+    final_evals: int
+    thresholds: dict[int, float]   # {seed: baseline's final accuracy}
+    degenerate_seeds: list[int]    # seeds where the baseline's initial policy is already at its final accuracy
+    rows: list[StrategyResult]     # the baseline first
+    spearman: dict                 # diagnostics.spearman_summary
+
+
+def aggregate(runs: Mapping[str, Mapping[int, RunData]], baseline: str, final_evals: int = 1) -> Aggregate:
+    """The aggregate of {strategy: {seed: RunData}} against ``baseline``."""
+    if baseline not in runs:
+        raise ValueError(f"baseline {baseline!r} has no runs")
+    base = runs[baseline]
+    thresholds = baseline_thresholds(base, final_evals)
+    base_reach, _ = reach_per_seed(base, thresholds, final_evals)
+    rows = []
+    for strategy in [baseline] + [s for s in runs if s != baseline]:
+        rs = runs[strategy]
+        seeds = sorted(rs)
+        finals = [final_accuracy(rs[s].curve, final_evals) for s in seeds]
+        reach, censored = reach_per_seed(rs, thresholds, final_evals)
+        rows.append(StrategyResult(
+            strategy=strategy, seeds=seeds, finals=finals, final_mean=float(np.mean(finals)),
+            final_std=float(np.std(finals, ddof=1)) if len(finals) > 1 else 0.0,
+            budgets=[rs[s].total_rollouts for s in seeds], reach=reach, censored=censored,
+            comparison=None if strategy == baseline else compare(rs, base, final_evals),
+            diagnostics=diagnose(rs)))
+    return Aggregate(baseline, final_evals, thresholds, [s for s, r in zip(sorted(base), base_reach) if r == 0],
+                     rows, spearman_summary(runs))
+
+
+def curve_band(curves: Sequence[Curve], n_points: int = 101) -> tuple[np.ndarray, ...]:
+    """(x, mean, lo, hi) of several seeds' curves on a common grid of ``n_points`` rollout counts
+    (linear interpolation, over the range every curve covers): the mean over seeds and its
+    bootstrap CI over seeds, each [n_points]."""
+    x = np.linspace(max(c[0][0] for c in curves), min(c[-1][0] for c in curves), n_points)
+    ys = np.array([np.interp(x, [p[0] for p in c], [p[1] for p in c]) for c in curves])
+    lo, hi = bootstrap_ci(ys)
+    return x, ys.mean(axis=0), lo, hi
