@@ -77,10 +77,12 @@ def in_regime(props: dict) -> dict:
     }
 
 
-def measure(train_cfg: dict, seed: int, batches: int) -> dict:
+def measure(train_cfg: dict, seed: int, batches: int, spearman: tuple[int, int] = (SPEARMAN_PROMPTS, SPEARMAN_SAMPLES)) -> dict:
+    """Every property of the base policy of ``train_cfg`` (a trainer config), with ``seed``;
+    ``spearman`` = (prompts, samples per prompt) of the Spearman pool."""
     with tempfile.TemporaryDirectory() as out:
         cfg = from_dict({**train_cfg, "strategy": "random", "seed": seed, "output_dir": out, "progress": False,
-                         "tensorboard": False, "spearman_prompts": SPEARMAN_PROMPTS, "spearman_samples": SPEARMAN_SAMPLES})
+                         "tensorboard": False, "spearman_prompts": spearman[0], "spearman_samples": spearman[1]})
         torch.set_num_threads(cfg.num_threads)
         trainer = Trainer(cfg)
         props = trainer.initial_diagnostic()

@@ -5,8 +5,9 @@ of the warm-up config.
 
 The warm-up trains next-token prediction on the whole text ``<bos>prompt solution<eos>`` (prompt
 tokens included, with weight ``prompt_loss_weight``), so the policy has a prompt distribution and
-prompt perplexity means something: the skew makes hard prompts both rarer (higher perplexity) and
-less often solved, which is the negative perplexity / pass-rate correlation PREPO builds on.
+prompt perplexity means something: what the corpus shows often (the arithmetic task's easy levels,
+the phrasing task's common phrasings) gets a low perplexity, which ties perplexity to the pass rate
+as strongly as the task's design makes it (the negative correlation PREPO builds on).
 The corpus is noisy: each solution step slips (is off by 1-3) with probability ``slip_rate``, so
 the base policy solves a k-step problem with probability about (1 - slip_rate)^k -- pass rates
 spread between 0 and 1, and there is something for RL with a verifier to fix. Every batch is fresh
