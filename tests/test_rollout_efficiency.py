@@ -341,10 +341,15 @@ def test_report_files_named_by_config_and_primary_table_first(runs_dir, tmp_path
     assert data["bench"]["stem"] == "testbed_demo" and len(data["aggregate"]["rows"]) == 3
 
 
-def test_setup_line_names_the_task(runs_dir, tmp_path, monkeypatch):
-    # the trainer's config may not know `task` yet: stand in for its resolution of that key
-    monkeypatch.setattr(report, "full_config", lambda o: {**config.full_config({k: v for k, v in o.items() if k != "task"}),
-                                                          "task": o["task"]})
+def test_spearman_section_points_to_the_base_policy_measurement(tmp_path):
+    agg = type("Agg", (), {"spearman": {}})()    # runs made with spearman_prompts = 0
+    base = tmp_path / "testbed_demo_base.md"
+    assert report.spearman_section(agg, base) == ["Not measured (spearman_prompts = 0 in the config)."]
+    base.write_text("# base\n")                 # benchmarks/testbed_properties.py's measurement
+    assert "[testbed_demo_base.md](testbed_demo_base.md)" in report.spearman_section(agg, base)[0]
+
+
+def test_setup_line_names_the_task(runs_dir, tmp_path):
     bench = bench_file(tmp_path, train={"total_steps": 6, "task": "countdown"})
     lines = report.header(bench, "cmd", "cfg.yaml", runner.machine_info(), {})
     assert any(line.startswith("Setup: task `countdown`, 6 steps") for line in lines)
@@ -413,6 +418,16 @@ def test_bench_config_committed_is_valid():
     q = config.load_bench_config(config.DEFAULT_CONFIG, quick=True)
     assert q.is_quick and q.train["total_steps"] < bench.train["total_steps"] and q.metric == "eval_accuracy"
     assert config.run_config(b, "prepo", 2, Path("/r"))["output_dir"] == "/r/prepo/seed2"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "benchmarks" / "configs").glob("testbed_*.yaml")), ids=lambda p: p.stem)
+def test_testbed_configs_are_preregistered_and_valid(path):
+    bench = config.load_bench_config(path)
+    assert (ROOT / "benchmarks" / "preregistration" / f"{path.stem}.md").exists()
+    assert set(bench.strategies) == set(config.STRATEGIES) and len(bench.seeds) >= 5 and bench.final_evals == 3
+    assert not set(bench.seeds) & set(bench.tuning_seeds) and bench.title.startswith("Testbed")
+    resolved = config.full_config(config.run_config(bench, "prepo", bench.seeds[0], Path("/tmp/x")))
+    assert resolved["task"] == path.stem.removeprefix("testbed_")
 
 
 def test_bench_config_optional_keys(tmp_path):

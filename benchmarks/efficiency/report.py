@@ -113,10 +113,14 @@ DIAGNOSTICS_NOTE = (
     "Entropy: mean token entropy (nats) of the trained rollouts over the run (its first and last 10% of steps).")
 
 
-def spearman_section(agg: Aggregate) -> list[str]:
-    """The initial policy's Spearman(prompt perplexity, pass rate), per seed."""
+def spearman_section(agg: Aggregate, base_report: Optional[Path] = None) -> list[str]:
+    """The initial policy's Spearman(prompt perplexity, pass rate), per seed; without it, a pointer
+    to ``base_report`` (benchmarks/testbed_properties.py's measurement of the base policy) if it exists."""
     sp = agg.spearman
     if "mean" not in sp:
+        if base_report is not None and base_report.exists():
+            return [f"Not measured by the runs (spearman_prompts = 0): measured once on the base policy, with "
+                    f"the other base-policy properties, in [{base_report.name}]({base_report.name})."]
         return ["Not measured (spearman_prompts = 0 in the config)."]
     lines = [f"Spearman(prompt perplexity, pass rate) = **{sp['mean']:.3f} ± {sp['std']:.3f}** "
              "(paper: -0.17 to -0.23 on DAPO-Math-17K).", "",
@@ -189,7 +193,7 @@ def header(bench: BenchConfig, command: str, config_path: str, info: dict, timin
 
 
 def render_markdown(agg: Aggregate, bench: BenchConfig, command: str, info: dict, timing: dict,
-                    images: Sequence[Path], config_path: str) -> str:
+                    images: Sequence[Path], config_path: str, base_report: Optional[Path] = None) -> str:
     """The whole report."""
     tc = full_config({**bench.train, "strategy": bench.baseline})
     resolved = {k: v for k, v in tc.items() if k not in ("strategy", "seed", "output_dir", "resume", "progress",
@@ -197,7 +201,7 @@ def render_markdown(agg: Aggregate, bench: BenchConfig, command: str, info: dict
     lines = header(bench, command, config_path, info, timing)
     lines += [primary_table(agg, bench.metric), "", protocol_note(agg), "",
               "## Diagnostics (means over seeds)", "", diagnostics_table(agg), "", DIAGNOSTICS_NOTE, "",
-              "## Prompt perplexity vs pass rate (initial policy)", "", *spearman_section(agg), "",
+              "## Prompt perplexity vs pass rate (initial policy)", "", *spearman_section(agg, base_report), "",
               "## Plots", "", *[f"![{p.stem}]({p.name})" for p in images], ""]
     lines += levels_table(agg) + per_seed_table(agg, bench.metric)
     lines += ["<details><summary>Resolved trainer config (all strategies and seeds; strategy and seed vary)</summary>",
@@ -327,7 +331,8 @@ def write_report(bench: BenchConfig, runs_dir: Path, results_dir: Path, command:
     plot_diagnostics(runs, images[1])
     write_csv(agg, out["csv"])
     info, timing = machine_info(), timing or {}
-    md = render_markdown(agg, bench, command, info, timing, images, config_path)
+    md = render_markdown(agg, bench, command, info, timing, images, config_path,
+                         base_report=results_dir / f"{bench.stem}_base.md")
     out["md"].write_text(md)
     out["json"].write_text(json.dumps({"aggregate": dataclasses.asdict(agg), "machine": info, "command": command,
                                        "timing": timing, "bench": dataclasses.asdict(bench)}, indent=1, default=str))
