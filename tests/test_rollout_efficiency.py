@@ -222,6 +222,10 @@ def test_curve_band():
     assert lo.tolist() == pytest.approx([0.2, 0.3, 0.4]) and hi[0] == pytest.approx(0.4)
     x, mean, lo, hi = stats.curve_band([curves[0]] * 3, n_points=2)
     assert lo.tolist() == mean.tolist() == hi.tolist() == pytest.approx([0.2, 0.4])
+    # paired: seed i minus baseline seed i, on the range all of them cover
+    x, mean, lo, hi = stats.curve_band(curves, n_points=3, minus=[[(0, 0.1), (100, 0.1)], [(0, 0.4), (100, 0.6)]])
+    assert x.tolist() == [0, 50, 100]
+    assert mean.tolist() == pytest.approx([(0.1 + 0.0) / 2, (0.2 + (0.4 - 0.5)) / 2, (0.3 + (0.4 + 0.4 * 50 / 70 - 0.6)) / 2])
 
 
 # ---------------------------------------------------------------- whole aggregation from files

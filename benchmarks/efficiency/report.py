@@ -221,22 +221,31 @@ def _pyplot():
 
 
 def plot_accuracy(runs: dict, agg: Aggregate, metric: str, path: Path) -> None:
-    """Accuracy vs cumulative rollouts per strategy: the mean over seeds and its 95% bootstrap band."""
+    """Left: accuracy vs cumulative rollouts per strategy, the mean over seeds and its 95% bootstrap
+    band. Right: each strategy minus the baseline, paired by seed (the comparison the statistics
+    make; the seeds' held-out sets differ, so the left bands also hold between-seed spread)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, (ax, dx) = plt.subplots(1, 2, figsize=(13, 4.8))
+    base = [runs[agg.baseline][s].curve for s in sorted(runs[agg.baseline])]
     for i, (strategy, rs) in enumerate(runs.items()):
-        x, mean, lo, hi = curve_band([r.curve for r in rs.values()])
-        ax.plot(x, 100 * mean, color=f"C{i}", label=f"{strategy} (n={len(rs)})")
-        ax.fill_between(x, 100 * lo, 100 * hi, color=f"C{i}", alpha=0.15, lw=0)
+        curves = [rs[s].curve for s in sorted(rs)]
+        for axis, band in ((ax, curve_band(curves)), (dx, curve_band(curves, minus=base))):
+            x, mean, lo, hi = band
+            axis.plot(x, 100 * mean, color=f"C{i}", label=f"{strategy} (n={len(rs)})")
+            axis.fill_between(x, 100 * lo, 100 * hi, color=f"C{i}", alpha=0.12, lw=0)
     ax.axhline(100 * float(np.mean(list(agg.thresholds.values()))), color="k", ls="--", lw=0.8,
                label=f"{agg.baseline} final (mean over seeds)")
-    ax.set_xlabel("cumulative training rollouts")
+    dx.axhline(0.0, color="k", lw=0.8)
     ax.set_ylabel(f"held-out {metric} (%)")
-    ax.set_title(f"accuracy vs rollouts (mean over seeds, band = {int(100 * LEVEL)}% bootstrap CI)")
-    ax.grid(alpha=0.3)
+    dx.set_ylabel(f"{metric} minus {agg.baseline}, same seed (points)")
+    ax.set_title(f"accuracy vs rollouts (mean over seeds, band = {int(100 * LEVEL)}% bootstrap CI)", fontsize=10)
+    dx.set_title(f"paired difference to {agg.baseline} (band = {int(100 * LEVEL)}% paired bootstrap CI)", fontsize=10)
+    for axis in (ax, dx):
+        axis.set_xlabel("cumulative training rollouts")
+        axis.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 

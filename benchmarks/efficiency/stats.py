@@ -230,11 +230,18 @@ def aggregate(runs: Mapping[str, Mapping[int, RunData]], baseline: str, final_ev
                      rows, spearman_summary(runs))
 
 
-def curve_band(curves: Sequence[Curve], n_points: int = 101) -> tuple[np.ndarray, ...]:
+def curve_band(curves: Sequence[Curve], n_points: int = 101,
+               minus: Optional[Sequence[Curve]] = None) -> tuple[np.ndarray, ...]:
     """(x, mean, lo, hi) of several seeds' curves on a common grid of ``n_points`` rollout counts
     (linear interpolation, over the range every curve covers): the mean over seeds and its
-    bootstrap CI over seeds, each [n_points]."""
-    x = np.linspace(max(c[0][0] for c in curves), min(c[-1][0] for c in curves), n_points)
-    ys = np.array([np.interp(x, [p[0] for p in c], [p[1] for p in c]) for c in curves])
+    bootstrap CI over seeds, each [n_points]. With ``minus`` (the baseline's curves, one per seed in
+    the same order) each seed's curve minus its baseline curve: the paired difference."""
+    every = list(curves) + list(minus or [])
+    x = np.linspace(max(c[0][0] for c in every), min(c[-1][0] for c in every), n_points)
+
+    def on_grid(cs: Sequence[Curve]) -> np.ndarray:
+        return np.array([np.interp(x, [p[0] for p in c], [p[1] for p in c]) for c in cs])
+
+    ys = on_grid(curves) - (on_grid(minus) if minus is not None else 0.0)
     lo, hi = bootstrap_ci(ys)
     return x, ys.mean(axis=0), lo, hi
