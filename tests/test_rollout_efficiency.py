@@ -148,6 +148,9 @@ def test_geometric_mean_and_decision_rule():
     assert stats.decide(est(0.5, 1.0)) == "inconclusive"
     assert stats.decide(est(1.0, 1.5)) == "inconclusive"
     assert stats.decide(None) == "n/a"
+    # a censored seed counts at its budget, below its true ratio: no 'saves' from such an interval
+    assert stats.decide(est(0.5, 0.99), n_censored=1) == "inconclusive (censored)"
+    assert stats.decide(est(1.01, 2.0), n_censored=1) == "costs rollouts"
 
 
 BASE = {1: run_data(1, [(0, 0.2), (100, 0.4), (200, 0.5)], "random"),    # final 0.5, reached at 200

@@ -78,8 +78,9 @@ def protocol_note(agg: Aggregate) -> str:
             + " reaches it, or the strategy's whole budget when it never does (censored: the ratio is then a lower "
             f"bound, '≥'). Ratio = geometric mean over seeds of R_strategy(s) / R_{base}(s) (< 1: fewer rollouts; the "
             f"paper's '1.7x fewer' is 0.59). CIs: paired bootstrap over seeds ({N_BOOT:,} resamples, fixed RNG seed, "
-            "percentile interval). Decision: 'saves rollouts' when the ratio's CI lies below 1, 'costs rollouts' "
-            f"above 1, else inconclusive. Final diff: final accuracy, strategy - {base}, per seed. AUC diff: area under "
+            "percentile interval). Decision: 'saves rollouts' when the ratio's CI lies below 1 and no seed is "
+            "censored (a censored seed enters at its budget, below its true ratio, so the CI's upper end is then no "
+            "bound: 'inconclusive (censored)'), 'costs rollouts' when it lies above 1, else inconclusive. Final diff: final accuracy, strategy - {base}, per seed. AUC diff: area under "
             f"accuracy vs cumulative rollouts on [0, {base}'s budget] divided by that budget (a mean accuracy; a curve "
             f"is held at its last value past its end), strategy - {base}, per seed.")
     if agg.degenerate_seeds:

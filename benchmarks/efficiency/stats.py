@@ -114,13 +114,15 @@ def paired_estimate(per_seed: Sequence[float], statistic: Statistic = np.mean) -
     return PairedEstimate([float(v) for v in a], float(statistic(a, axis=0)), float(lo), float(hi))
 
 
-def decide(ratio: Optional[PairedEstimate]) -> str:
+def decide(ratio: Optional[PairedEstimate], n_censored: int = 0) -> str:
     """The pre-registered decision from the PRIMARY ratio's CI: 'saves rollouts' (upper bound < 1),
-    'costs rollouts' (lower bound > 1), 'inconclusive', or 'n/a' without a ratio."""
+    'costs rollouts' (lower bound > 1), 'inconclusive', or 'n/a' without a ratio. A censored seed
+    enters the ratio at its budget, below its true (unknown, larger) value, so with censored seeds
+    the upper bound is not one and 'saves rollouts' cannot be read off it: 'inconclusive (censored)'."""
     if ratio is None:
         return "n/a"
     if ratio.hi < 1:
-        return "saves rollouts"
+        return "inconclusive (censored)" if n_censored else "saves rollouts"
     if ratio.lo > 1:
         return "costs rollouts"
     return "inconclusive"
@@ -146,7 +148,7 @@ class Comparison:
 
     ratio: Optional[PairedEstimate]   # PRIMARY R_strategy/R_baseline, geometric mean; None if any R is 0
     n_censored: int                   # strategy seeds that never reached their threshold
-    decision: str                     # decide(ratio)
+    decision: str                     # decide(ratio, n_censored)
     final_diff: PairedEstimate        # final accuracy, strategy - baseline
     auc_diff: PairedEstimate          # normalized AUC on the baseline's budget, strategy - baseline
 
@@ -171,7 +173,7 @@ def compare(runs: Mapping[int, RunData], base: Mapping[int, RunData], final_eval
     return Comparison(
         ratio=ratio,
         n_censored=sum(censored),
-        decision=decide(ratio),
+        decision=decide(ratio, sum(censored)),
         final_diff=paired_estimate([final_accuracy(runs[s].curve, final_evals) - thresholds[s] for s in seeds]),
         auc_diff=paired_estimate([normalized_auc(runs[s].curve, b) - normalized_auc(base[s].curve, b)
                                   for s, b in zip(seeds, budgets)]),
