@@ -93,7 +93,8 @@ def make_problem(rng: random.Random, level: int, for_warmup: bool = False) -> Pr
 
 def corpus_solution(problem: Problem, rng: random.Random, slip_rate: float) -> str:
     """The problem's generating path, each step's result off by 1 to 3 with probability
-    ``slip_rate`` (later steps use the slipped value, so the chain stays well formed but misses)."""
+    ``slip_rate``; later steps use the slipped value in place of the true one (matched by value, so
+    an equal given number may be the one replaced: noise either way), and the chain misses."""
     steps = [(int(a), op, int(b)) for a, op, b, _ in _STEP.findall(problem.columns["solution"])]
     out, renamed = [], {}
     for a, op, b in steps:
