@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from prepo.config import from_dict  # noqa: E402
+from prepo.metrics import Timer  # noqa: E402
 from prepo.train import Trainer  # noqa: E402
 from prepo.weighting import relative_entropy_weights  # noqa: E402
 
@@ -42,7 +43,7 @@ def weight_samples(trainer: Trainer, batches: int) -> dict:
     for _ in range(batches):
         idx = rng.choice(len(trainer.data.train), trainer.K, replace=False)
         problems = [trainer.data.train[i] for i in idx]
-        ro, r, _ = trainer.roll_out(problems, timer=_NoTimer())
+        ro, r, _ = trainer.roll_out(problems, timer=Timer())
         _, ent, _ = trainer.old_logprobs(ro)
         w = relative_entropy_weights(ent, ro.completion_mask).numpy()
         per_batch.append((float(np.quantile(w, 0.1)), float(np.quantile(w, 0.9)), float(w.min()), float(w.max())))
@@ -58,11 +59,6 @@ def weight_samples(trainer: Trainer, batches: int) -> dict:
         "w_batch_min_mean": float(pb[:, 2].mean()), "w_batch_max_mean": float(pb[:, 3].mean()),
         "zero_adv_frac": float(np.mean(zero_adv)), "reward_mean": float(np.mean(rewards)),
     }
-
-
-class _NoTimer:
-    def __call__(self, name):
-        return torch.no_grad()
 
 
 def in_regime(props: dict) -> dict:

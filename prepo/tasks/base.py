@@ -69,13 +69,17 @@ class BuiltinTask:
                              f"for task {self.name!r}; got {weights}")
         return w
 
+    def in_split(self, problem: Problem, split: str, heldout_frac: float) -> bool:
+        """Whether ``problem`` belongs to ``split`` ("train" or "eval") by the held-out hash."""
+        if split not in ("train", "eval"):
+            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+        return is_heldout(self.split_key(problem.prompt), heldout_frac) == (split == "eval")
+
     def generate(self, n: int, seed: int, split: str = "train", level_weights: Sequence[float] | None = None,
                  heldout_frac: float = 0.15, unique: bool = True, for_warmup: bool = False) -> list[Problem]:
         """``n`` problems of ``split`` ("train" or "eval"), levels drawn with ``level_weights``
         (default uniform). Deterministic given the arguments. With ``unique`` no prompt repeats;
         if a level's space is exhausted the remaining draws go to other levels."""
-        if split not in ("train", "eval"):
-            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
         weights = self._check_weights(level_weights)
         rng = random.Random(f"{seed}-{split}")
         out: list[Problem] = []
@@ -87,7 +91,7 @@ class BuiltinTask:
                 raise DataError(f"could not generate {n} distinct {split} problems (got {len(out)})")
             level = rng.choices(range(self.num_levels), weights=weights)[0]
             p = self.make_problem(rng, level, for_warmup)
-            if is_heldout(self.split_key(p.prompt), heldout_frac) != (split == "eval"):
+            if not self.in_split(p, split, heldout_frac):
                 continue
             if unique:
                 if p.prompt in seen:
@@ -106,7 +110,7 @@ class BuiltinTask:
             while len(seen) < n_per_level and tries < 50 * n_per_level + 2000:
                 tries += 1
                 p = self.make_problem(rng, level, False)
-                if is_heldout(self.split_key(p.prompt), heldout_frac) != (split == "eval") or p.prompt in seen:
+                if not self.in_split(p, split, heldout_frac) or p.prompt in seen:
                     continue
                 seen.add(p.prompt)
                 out.append(p)
