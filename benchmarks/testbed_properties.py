@@ -29,9 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from prepo.config import from_dict  # noqa: E402
-from prepo.metrics import Timer  # noqa: E402
+from prepo.rollout import roll_out  # noqa: E402
 from prepo.train import Trainer  # noqa: E402
-from prepo.weighting import relative_entropy_weights  # noqa: E402
+from prepo.signals.weighting import relative_entropy_weights  # noqa: E402
 
 SPEARMAN_PROMPTS, SPEARMAN_SAMPLES = 160, 16   # the Spearman diagnostic's pool (the trainer's defaults)
 
@@ -43,7 +43,8 @@ def weight_samples(trainer: Trainer, batches: int) -> dict:
     for _ in range(batches):
         idx = rng.choice(len(trainer.data.train), trainer.K, replace=False)
         problems = [trainer.data.train[i] for i in idx]
-        ro, r, _ = trainer.roll_out(problems, timer=Timer())
+        got = roll_out(trainer.engine, trainer.reward_fn, problems, trainer.cfg.group_size)
+        ro, r = got.rollouts, got.rewards
         _, ent, _ = trainer.old_logprobs(ro)
         w = relative_entropy_weights(ent, ro.completion_mask).numpy()
         per_batch.append((float(np.quantile(w, 0.1)), float(np.quantile(w, 0.9)), float(w.min()), float(w.max())))

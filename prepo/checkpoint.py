@@ -1,4 +1,4 @@
-"""Checkpoints: model, optimizer, RNG states (python, numpy, torch), sampler / selection state and
+"""Checkpoints: model, optimizer, RNG states (python, numpy, torch CPU and CUDA), sampler / selection state and
 counters in one file, written atomically (temp file in the same directory, fsync, os.replace), so
 a run killed at any instant leaves either the previous or the new checkpoint, never a torn one.
 """
@@ -17,13 +17,17 @@ LAST = "last.pt"
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy_global": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states; ``cuda`` (every visible device's) None without CUDA."""
+    return {"python": random.getstate(), "numpy_global": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy_global"])
     torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():   # sampling on the GPU draws from these
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:

@@ -1,5 +1,6 @@
 """``python -m prepo.train [--config file.yaml] [--key value ...]``: parse, run, print the outcome.
-Configuration and data errors exit with status 2 and a one-line message."""
+Configuration and data errors exit with status 2 and a one-line message. :mod:`prepo.train`
+calls :func:`main` with its ``run``; this module imports nothing of the trainer (one direction)."""
 from __future__ import annotations
 
 import logging
@@ -7,7 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from .config import ConfigError, parse_args
 from .rewards import RewardError
@@ -45,13 +46,12 @@ def print_outcome(summary: dict, wall: float) -> None:
     print(f"results in {summary['output_dir']} (metrics.jsonl, eval.jsonl, summary.json, {plot})")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(run: Callable, argv: Optional[Sequence[str]] = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``), ``run(config)``, print the outcome; the exit status."""
     rank = int(os.environ.get("RANK", "0"))   # torchrun: the other ranks log warnings only
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     _quiet_libraries()
-    from .train import run
-
     t0 = time.perf_counter()
     try:
         summary = run(parse_args(sys.argv[1:] if argv is None else argv))

@@ -2,25 +2,33 @@
 (``--config file.yaml``), then ``--key value`` / ``--key-with-dashes value`` / ``--key=value``
 command-line overrides. Unknown keys, values of the wrong type and invalid settings are errors
 (:class:`ConfigError`) whose message says what is valid.
+
+:meth:`TrainConfig.validate` is the one validation pass, run at load: the values themselves, then
+what they need of this machine and launch (the device, the vLLM extra, the kernel backend, the
+number of torchrun processes), so a run that cannot work stops before any data or model is loaded.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import torch
 import yaml
 
+from prepo_kernels.backends.registry import IMPLS, available_impls
+
+from .signals.pacing import PACINGS
+from .signals.strategies import STRATEGIES as _STRATEGY_REGISTRY, get_strategy
 from .tasks import TASKS
 
-STRATEGIES = ("prepo", "random", "ppl_only", "entropy_only", "static_low_ppl", "static_high_ppl", "dapo_dynamic",
-              "greso")
-PACINGS = ("linear", "quadratic", "exponential")
+STRATEGIES = tuple(_STRATEGY_REGISTRY)
 DTYPES = ("fp32", "bf16", "fp16")
 ENGINES = ("hf", "vllm")
 WARMUP_VERSION = 2  # bump when the warm-up code changes in a way that changes its result
@@ -30,11 +38,32 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message says what is valid."""
 
 
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ``cuda``/``cuda:N`` fail when CUDA or that device is missing."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        _need(torch.cuda.is_available(),
+              f"device {name!r} was asked for but CUDA is not available on this machine (torch {torch.__version__}, "
+              f"built {'with' if torch.version.cuda else 'without'} CUDA); use --device cpu or auto")
+        dev = torch.device(name)
+        _need(dev.index is None or dev.index < torch.cuda.device_count(),
+              f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return dev
+    return torch.device(name)
+
+
 @dataclass
 class WarmupConfig:
-    """The built-in base model's supervised warm-up (:mod:`prepo.model`); its hash is the cache
+    """The built-in base model's supervised warm-up (:mod:`prepo.warmup`); its hash is the cache
     key. Set from the command line as ``--warmup-<field>`` (``--warmup-steps 50``); the task and
-    the held-out fraction are the run's ``task`` and ``heldout_frac``, so they are not keys of their own."""
+    the held-out fraction are the run's ``task`` and ``heldout_frac`` (copied in by
+    :meth:`TrainConfig.validate`), so they are not keys of their own."""
 
     seed: int = 0
     hidden_size: int = 96
@@ -115,7 +144,7 @@ class TrainConfig:
     mini_batches: int = 2            # optimizer steps per epoch over the batch
     ppo_epochs: int = 1
     max_tokens_per_microbatch: int = 8192   # padded tokens per forward/backward: bounds peak memory
-    kernel_impl: str = "auto"
+    kernel_impl: str = "auto"        # prepo_kernels backend: auto | reference | torch | cpu | triton | cuda
     # --- evaluation / logging / checkpoints ---
     eval_every: int = 25
     eval_avg_k: int = 8              # also report avg@k (sampled, the paper's metric) when > 0
@@ -125,13 +154,18 @@ class TrainConfig:
 
     # ------------------------------------------------------------------
     def validate(self) -> "TrainConfig":
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise ConfigError(msg)
+        """Check every option (raises :class:`ConfigError` naming it), then what the options need of
+        this machine and launch; copy the run's task and held-out fraction into the warm-up config."""
+        self._check_values()
+        self._check_environment()
+        self.warmup.task, self.warmup.heldout_frac = self.task, self.heldout_frac
+        return self
 
+    def _check_values(self) -> None:
+        need = _need
         need(self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}; got {self.strategy!r}")
         need(self.task in TASKS, f"task must be one of {', '.join(TASKS)}; got {self.task!r}")
-        n_levels = TASKS[self.task].num_levels if self.task in TASKS else 0
+        n_levels = TASKS[self.task].num_levels
         need(not self.warmup.level_weights or len(self.warmup.level_weights) == n_levels,
              f"warmup_level_weights must be {n_levels} numbers for task {self.task!r} (or empty for its default)")
         need(self.pacing in PACINGS, f"pacing must be one of {', '.join(PACINGS)}; got {self.pacing!r}")
@@ -143,36 +177,71 @@ class TrainConfig:
         need(self.temperature > 0, "temperature must be > 0")
         need(0 < self.top_p <= 1, "top_p must be in (0, 1]")
         need(self.lr > 0, "lr must be > 0")
+        need(self.weight_decay >= 0, "weight_decay must be >= 0")
+        need(self.max_grad_norm > 0, "max_grad_norm must be > 0")
+        need(self.adv_eps > 0, "adv_eps must be > 0")
         need(0 <= self.eps_low < 1 and self.eps_high >= 0, "need 0 <= eps_low < 1 and eps_high >= 0")
         need(self.kl_beta >= 0, "kl_beta must be >= 0")
         need(self.mini_batches >= 1 and self.ppo_epochs >= 1, "mini_batches and ppo_epochs must be >= 1")
         need(self.eval_every >= 0 and self.save_every >= 0, "eval_every and save_every must be >= 0 (0 = only at the end)")
+        need(self.eval_avg_k >= 0, "eval_avg_k must be >= 0 (0 = no avg@k)")
+        need(self.spearman_prompts >= 0 and self.spearman_samples >= 1,
+             "spearman_prompts must be >= 0 (0 = skip) and spearman_samples >= 1")
         need(self.num_threads >= 1, "num_threads must be >= 1")
         need(self.train_size >= 1 and self.eval_per_level >= 1, "train_size and eval_per_level must be >= 1")
         need(self.dynamic_max_rounds >= 1, "dynamic_max_rounds must be >= 1")
         need(0 < self.heldout_frac < 1, "heldout_frac must be in (0, 1)")
-        need(self.warmup.steps >= 0 and self.warmup.batch_size >= 1, "warmup_steps >= 0 and warmup_batch_size >= 1")
-        need(0 <= self.warmup.slip_rate < 1, "warmup_slip_rate must be in [0, 1)")
+        self._check_warmup()
         need(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
         need(self.rollout_engine in ENGINES, f"rollout_engine must be one of {', '.join(ENGINES)}; got {self.rollout_engine!r}")
         need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
              f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+        need(self.kernel_impl in ("auto",) + IMPLS, f"kernel_impl must be one of auto, {', '.join(IMPLS)}; "
+                                                    f"got {self.kernel_impl!r}")
         need(0 < self.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization must be in (0, 1]")
         need(self.max_tokens_per_microbatch >= 1, "max_tokens_per_microbatch must be >= 1")
         need(bool(self.prompt_column) and bool(self.answer_column), "prompt_column and answer_column must be set")
         need(not self.eval_data or bool(self.train_data), "eval_data needs train_data (the built-in task has its own held-out split)")
         need(not self.reward or ":" in self.reward, f"reward must be module:function; got {self.reward!r}")
         need(self.num_selected >= 1, "candidate_batch_size * select_ratio must select at least 1 prompt")
-        return self
+
+    def _check_warmup(self) -> None:
+        w = self.warmup
+        _need(w.steps >= 0 and w.batch_size >= 1, "warmup_steps >= 0 and warmup_batch_size >= 1")
+        _need(0 <= w.slip_rate < 1, "warmup_slip_rate must be in [0, 1)")
+        _need(w.lr > 0 and w.prompt_loss_weight >= 0, "warmup_lr must be > 0 and warmup_prompt_loss_weight >= 0")
+        _need(min(w.hidden_size, w.num_layers, w.num_heads, w.num_kv_heads, w.intermediate_size) >= 1,
+              "warmup_hidden_size, _num_layers, _num_heads, _num_kv_heads and _intermediate_size must be >= 1")
+        _need(w.hidden_size % w.num_heads == 0 and w.num_heads % w.num_kv_heads == 0,
+              "warmup_hidden_size must be a multiple of warmup_num_heads, and that of warmup_num_kv_heads")
+        _need(all(x >= 0 for x in w.level_weights) and (not w.level_weights or sum(w.level_weights) > 0),
+              "warmup_level_weights must be >= 0 with a positive sum")
+
+    def _check_environment(self) -> None:
+        """What the options need of this machine and launch (torchrun's WORLD_SIZE)."""
+        device = resolve_device(self.device)
+        if self.kernel_impl != "auto":
+            impls = available_impls(device)
+            _need(self.kernel_impl in impls, f"kernel_impl {self.kernel_impl!r} is not available on {device}; "
+                                             f"available: {', '.join(impls)}")
+        if self.rollout_engine == "vllm":
+            from .vllm_engine import require_vllm
+
+            try:
+                require_vllm()
+            except ImportError as exc:
+                raise ConfigError(str(exc)) from None
+            _need(device.type == "cuda", f"--rollout-engine vllm runs on a CUDA device; the device is {device}")
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1:
+            _need(not get_strategy(self.strategy).single_process,
+                  f"{self.strategy} runs in one process only (its state is not shared across ranks)")
+            _need(self.num_selected >= world, f"{self.num_selected} selected prompts cannot be shared by {world} processes")
 
     @property
     def num_selected(self) -> int:
         """K = round(select_ratio * |B|), at least 1."""
         return max(1, int(round(self.select_ratio * self.candidate_batch_size)))
-
-    def warmup_config(self) -> WarmupConfig:
-        """The warm-up that builds the built-in base model (its held-out split is the task's)."""
-        return dataclasses.replace(self.warmup, heldout_frac=self.heldout_frac, task=self.task)
 
     def to_dict(self) -> dict:
         """Plain JSON/YAML types (tuples become lists)."""

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .tasks import DataError, Problem, Prompt
+from .tasks import DataError, Problem, Prompt, prompt_key
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def load_examples(path: str | Path, *, prompt_column: str = "prompt", answer_col
                         f"column {answer_column!r}; columns found: {columns}; skipped: {dict(reasons)})")
     if skipped:
         log.warning("%s: skipped %d of %d rows: %s", path, skipped, len(rows), dict(reasons))
-    duplicates = len(examples) - len({json.dumps(e.prompt) for e in examples})
+    duplicates = len(examples) - len({prompt_key(e.prompt) for e in examples})
     if duplicates:
         log.warning("%s: %d rows repeat an earlier row's prompt (kept as they are)", path, duplicates)
     log.info("%s: %d examples (prompt %r, answer %r)", path, len(examples), prompt_column, answer_column)

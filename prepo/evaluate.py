@@ -13,21 +13,15 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .data import reward_columns
-from .rewards import compute_rewards
-from .rollout import Rollouts
-from .scoring import prompt_perplexity
+from .rollout import RolloutEngine, roll_out
+from .signals.scoring import prompt_perplexity
 
 
-def _accuracy(engine, reward_fn, problems, samples: int, greedy: bool) -> np.ndarray:
-    """[len(problems)] share of ``samples`` completions per problem with reward > 0.5."""
-    before = engine.rollouts_generated
-    chunks = list(engine.generate([p.prompt for p in problems], samples, greedy=greedy))
-    engine.rollouts_generated = before  # evaluation rollouts are not training rollouts
-    ro = Rollouts.concat(chunks, engine.tokenizer.pad_token_id)
-    rows = [problems[i] for i in ro.prompt_index]
-    rewards, _ = compute_rewards(reward_fn, [p.prompt for p in rows], ro.completions, **reward_columns(rows))
-    return (np.asarray(rewards) > 0.5).astype(float).reshape(len(problems), samples).mean(axis=1)
+def _accuracy(engine: RolloutEngine, reward_fn, problems, samples: int, greedy: bool) -> np.ndarray:
+    """[len(problems)] share of ``samples`` completions per problem with reward > 0.5 (these
+    rollouts are not training rollouts: nothing counts them)."""
+    rewards = roll_out(engine, reward_fn, problems, samples, greedy=greedy).rewards.numpy()
+    return (rewards > 0.5).astype(float).reshape(len(problems), samples).mean(axis=1)
 
 
 @torch.no_grad()

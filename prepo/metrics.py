@@ -9,7 +9,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional
 
-TIME_KEYS = ("time_score", "time_generate", "time_reward", "time_old_logprob", "time_weight", "time_update")
+TIME_KEYS = ("time_score", "time_generate", "time_reward", "time_old_logprob", "time_weight", "time_update",
+             "time_sync")   # time_sync: the rollout engine takes the new weights (vLLM; 0 for HF)
 
 
 class Timer:

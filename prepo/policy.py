@@ -22,22 +22,6 @@ log = logging.getLogger(__name__)
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; ``cuda``/``cuda:N`` fail when CUDA is missing."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {name!r} was asked for but CUDA is not available on this machine "
-                              f"(torch {torch.__version__}, built {'with' if torch.version.cuda else 'without'} "
-                              "CUDA); use --device cpu or auto")
-        dev = torch.device(name)
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-        return dev
-    return torch.device(name)
-
-
 @dataclass
 class Precision:
     """Autocast dtype of the forward passes (None = plain fp32) on ``device``."""

@@ -11,15 +11,13 @@ built-in task's ``<bos>``); a templated text already holds its special tokens.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Sequence
 
 import torch
 
 from .config import ConfigError
-
-Prompt = Union[str, list]
+from .tasks import Prompt, prompt_key
 
 
 @dataclass(frozen=True)
@@ -62,7 +60,7 @@ class PromptEncoder:
         self._cache: dict[str, list[int]] = {}
 
     def ids(self, prompt: Prompt) -> list[int]:
-        key = prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+        key = prompt_key(prompt)
         ids = self._cache.get(key)
         if ids is None:
             text = self.fmt.text(prompt, self.tokenizer)

@@ -26,9 +26,12 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from .verify_worker import READY
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -158,9 +161,6 @@ def math_verify_reward(prompts: Sequence, completions: Sequence, answer: Sequenc
     return math_reward(completions, answer)
 
 
-reward_fn = math_verify_reward
-
-
 def load_reward(spec: str) -> RewardFn:
     """The function named by ``spec``, ``module:function`` (an importable module) or
     ``path/to/file.py:function``, with TRL's signature ``fn(prompts, completions, **columns)``."""
@@ -187,6 +187,19 @@ def load_reward(spec: str) -> RewardFn:
     if not callable(fn):
         raise RewardError(f"--reward {spec!r}: {name!r} is a {type(fn).__name__}, not a function")
     return fn
+
+
+def load_reward_fn(cfg: "TrainConfig") -> RewardFn:
+    """The run's reward: ``--reward module:function``, else the built-in task's own checker when it
+    has one (Countdown) and its problems are the data, else the math checker (math-verify against
+    the ``answer`` column: the built-in arithmetic answers are integers, a math data set's are
+    LaTeX / numbers)."""
+    from .tasks import get_task
+
+    if cfg.reward:
+        return load_reward(cfg.reward)
+    task_reward = get_task(cfg.task).reward
+    return task_reward if task_reward is not None and not cfg.train_data else math_verify_reward
 
 
 def compute_rewards(fn: RewardFn, prompts: Sequence, completions: Sequence[str], **columns) -> tuple[list[float], int]:

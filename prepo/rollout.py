@@ -1,18 +1,24 @@
-"""Rollout engines: given prompts, produce ``num_samples`` completions per prompt.
+"""Rollout engines and the one roll-out-and-reward path that training, evaluation and the
+initial diagnostic share.
 
-The interface (:class:`RolloutEngine`) yields :class:`Rollouts` chunks as a generator, so a caller
-can stop early (DAPO dynamic sampling) and every completion that was generated is counted in
-``engine.rollouts_generated`` -- cumulative rollouts is the x-axis of PREPO's efficiency claim.
-:class:`HFGenerateEngine` samples with Hugging Face ``generate`` (temperature, top_p,
-max_new_tokens, stop at EOS).
+:class:`RolloutEngine` is what callers use of an engine: its tokenizer and prompt encoder, its
+:class:`Sampling`, ``generate`` (chunks of :class:`Rollouts`), ``sync_weights`` and ``sleep``.
+:class:`HFGenerateEngine` samples with Hugging Face ``generate`` on the live policy; the colocated
+vLLM engine (:mod:`prepo.vllm_engine`) takes the same :class:`Sampling`. :func:`roll_out` rolls
+problems out and rewards them; engines count nothing: the caller that keeps the rollouts
+(:mod:`prepo.collect`) counts them.
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Protocol, Sequence
+from typing import Callable, Iterator, Optional, Protocol, Sequence
 
 import torch
+
+from .data import reward_columns
+from .metrics import Timer
+from .rewards import compute_rewards
 
 
 @dataclass
@@ -70,8 +76,20 @@ class Rollouts:
         return ids, mask, slice(P - 1, ids.shape[1] - 1)
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How rollouts are sampled (both engines). ``top_k`` 0: no top-k."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+
 class RolloutEngine(Protocol):
-    rollouts_generated: int
+    tokenizer: object         # decodes completions; its pad id pads rollouts
+    encoder: object           # :class:`~prepo.prompts.PromptEncoder`: prompt -> token ids
+    sampling: Sampling
 
     def generate(self, prompts: Sequence, num_samples: int, *, greedy: bool = False) -> Iterator[Rollouts]:
         """Yield chunks of rollouts for ``prompts`` (each prompt ``num_samples`` times, grouped:
@@ -94,15 +112,6 @@ def completion_mask_from_ids(completion_ids: torch.Tensor, eos_id: int | Sequenc
     return before_or_at_first_eos.long()
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """How rollouts are sampled (both engines)."""
-
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-
-
 def stop_token_ids(model, tokenizer) -> list[int]:
     """The ids a rollout stops at (both engines): the tokenizer's EOS and the model's own
     ``generation_config`` EOS ids (a chat model's end-of-turn token)."""
@@ -123,7 +132,6 @@ class HFGenerateEngine:
         self.sampling = sampling
         self.chunk_prompts = chunk_prompts
         self.autocast = autocast
-        self.rollouts_generated = 0
         self.stop_ids = stop_token_ids(model, tokenizer)
 
     def sync_weights(self, model) -> None:
@@ -141,7 +149,7 @@ class HFGenerateEngine:
             ids = ids.repeat_interleave(num_samples, dim=0)
             mask = mask.repeat_interleave(num_samples, dim=0)
             kwargs = dict(do_sample=False) if greedy else dict(
-                do_sample=True, temperature=sp.temperature, top_p=sp.top_p, top_k=0)
+                do_sample=True, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k)
             with self.autocast():
                 out = self.model.generate(
                     input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=sp.max_new_tokens,
@@ -152,9 +160,32 @@ class HFGenerateEngine:
             texts = [tok.decode(row[m.bool() & ~stop], skip_special_tokens=True)
                      for row, m, stop in zip(comp, cmask, is_stop)]
             comp = torch.where(cmask.bool(), comp, tok.pad_token_id)
-            self.rollouts_generated += len(texts)
             yield Rollouts(
                 prompt_index=[start + i // num_samples for i in range(len(texts))],
                 prompt_ids=ids, prompt_mask=mask, completion_ids=comp,
                 completion_mask=cmask, completions=texts,
             )
+
+
+@dataclass
+class Scored:
+    """Rollouts with their rewards."""
+
+    rollouts: Rollouts
+    rewards: torch.Tensor   # [N] float32
+    failures: int           # reward calls that raised (those rewards are 0)
+
+
+def roll_out(engine: RolloutEngine, reward_fn: Callable, problems: Sequence, num_samples: int, *,
+             greedy: bool = False, timer: Optional[Timer] = None) -> Scored:
+    """``num_samples`` completions per problem (a problem's rows consecutive, in ``problems``
+    order) and their rewards; ``timer`` times the phases as ``time_generate`` and ``time_reward``."""
+    timer = timer or Timer()
+    with timer("time_generate"):
+        chunks = list(engine.generate([p.prompt for p in problems], num_samples, greedy=greedy))
+        ro = Rollouts.concat(chunks, engine.tokenizer.pad_token_id)
+    with timer("time_reward"):
+        rows = [problems[i] for i in ro.prompt_index]
+        rewards, failures = compute_rewards(reward_fn, [p.prompt for p in rows], ro.completions,
+                                            **reward_columns(rows))
+    return Scored(ro, torch.tensor(rewards, dtype=torch.float32), failures)

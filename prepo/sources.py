@@ -1,15 +1,13 @@
-"""Where a run's problems and its reward come from: a built-in task (generated, :mod:`prepo.tasks`) or
-the user's files (``--train-data`` / ``--eval-data``, read by :func:`prepo.data.load_examples`),
-scored by the task's checker, the math checker or ``--reward module:function``."""
+"""Where a run's problems come from: a built-in task (generated, :mod:`prepo.tasks`) or the user's
+files (``--train-data`` / ``--eval-data``, read by :func:`prepo.data.load_examples`). (The reward
+that scores them is picked by :func:`prepo.rewards.load_reward_fn`.)"""
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
-from typing import Callable
 
 from .config import TrainConfig
-from .tasks import DataError, Problem, get_task
+from .tasks import DataError, Problem, get_task, prompt_key
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +25,6 @@ class DataSource:
         if self.builtin:
             return get_task(cfg.task).generate(cfg.spearman_prompts, cfg.seed + 777, "train", heldout_frac=cfg.heldout_frac)
         return self.train[: cfg.spearman_prompts]
-
-
-def _key(prompt) -> str:
-    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
 
 
 def load_data(cfg: TrainConfig) -> DataSource:
@@ -55,20 +49,7 @@ def load_data(cfg: TrainConfig) -> DataSource:
         src = DataSource(task.generate(cfg.train_size, cfg.seed, "train", heldout_frac=cfg.heldout_frac),
                          task.balanced(cfg.eval_per_level, cfg.seed, "eval", heldout_frac=cfg.heldout_frac),
                          builtin=True)
-    overlap = {_key(p.prompt) for p in src.train} & {_key(p.prompt) for p in src.eval}
+    overlap = {prompt_key(p.prompt) for p in src.train} & {prompt_key(p.prompt) for p in src.eval}
     if overlap:
         raise DataError(f"{len(overlap)} held-out prompts also appear in training, e.g. {sorted(overlap)[:3]}")
     return src
-
-
-def load_reward_fn(cfg: TrainConfig) -> Callable:
-    """``--reward module:function`` (TRL's signature ``fn(prompts, completions, **columns)``), else
-    the built-in task's own checker when it has one (Countdown) and its problems are the data, else
-    the math checker (math-verify against the ``answer`` column: the built-in arithmetic answers
-    are integers, a math data set's are LaTeX / numbers)."""
-    from . import rewards
-
-    if cfg.reward:
-        return rewards.load_reward(cfg.reward)
-    task_reward = get_task(cfg.task).reward
-    return task_reward if task_reward is not None and not cfg.train_data else rewards.math_verify_reward

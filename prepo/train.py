@@ -37,23 +37,26 @@ import torch
 import prepo_kernels
 
 from . import checkpoint as ckpt
-from .config import ConfigError, TrainConfig, from_dict
-from .curriculum import Collected, PromptSampler, Strategy, collect_dynamic, collect_static, get_strategy, pacing_rho
-from .data import reward_columns
+from .cli import main as cli_main
+from .collect import Collected, collect_dynamic, collect_static
+from .config import ConfigError, TrainConfig, from_dict, resolve_device
 from .distributed import Dist
 from .evaluate import evaluate, ppl_pass_rate_spearman
 from .loss import grpo_loss, group_advantages
 from .metrics import BatchStats, StepMetrics, Timer, UpdateStats, step_times
 from .microbatch import token_chunks
-from .model import get_base_model_dir
-from .policy import Precision, load_policy, resolve_device
+from .policy import Precision, load_policy
 from .prompts import PromptEncoder, PromptFormat
 from .report import RunLog, count_lines, write_summary
-from .rewards import compute_rewards
-from .rollout import HFGenerateEngine, Rollouts, Sampling, stop_token_ids
-from .scoring import prompt_perplexity
-from .sources import load_data, load_reward_fn
-from .weighting import relative_entropy_weights
+from .rewards import load_reward_fn
+from .rollout import HFGenerateEngine, Rollouts, Sampling, roll_out, stop_token_ids
+from .sampler import PromptSampler
+from .signals.pacing import pacing_rho
+from .signals.scoring import prompt_perplexity
+from .signals.strategies import Strategy, get_strategy
+from .signals.weighting import relative_entropy_weights
+from .sources import load_data
+from .warmup import get_base_model_dir
 
 log = logging.getLogger("prepo")
 
@@ -64,15 +67,14 @@ VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 def make_engine(cfg: TrainConfig, model_source, model, tokenizer, encoder: PromptEncoder, precision: Precision):
     """The rollout engine ``--rollout-engine`` names, sampling with the config's options. vLLM builds
     its own copy of ``model_source`` and gets the policy's weights after every update."""
+    sampling = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
     if cfg.rollout_engine == "vllm":
         from .vllm_engine import VLLMEngine
 
-        return VLLMEngine(str(model_source), tokenizer, dtype=VLLM_DTYPES[cfg.dtype], seed=cfg.seed,
-                          gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, max_new_tokens=cfg.max_new_tokens,
-                          temperature=cfg.temperature, top_p=cfg.top_p, encoder=encoder,
-                          stop_ids=stop_token_ids(model, tokenizer))
-    return HFGenerateEngine(model, tokenizer, encoder, Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p),
-                            autocast=precision.autocast)
+        return VLLMEngine(str(model_source), tokenizer, encoder, sampling, dtype=VLLM_DTYPES[cfg.dtype], seed=cfg.seed,
+                          stop_ids=stop_token_ids(model, tokenizer),
+                          gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
+    return HFGenerateEngine(model, tokenizer, encoder, sampling, autocast=precision.autocast)
 
 
 class Trainer:
@@ -88,25 +90,9 @@ class Trainer:
         if self.device.type == "cpu" and torch.cuda.is_available():
             log.info("running on the CPU although CUDA is available: --device cuda (or auto) uses the GPU")
         self.dist = Dist.from_env(self.device.type)
-        if self.dist.active:
-            if self.device.type == "cuda":
-                self.device = torch.device("cuda", self.dist.local_rank)
-            if self.strategy.dynamic:
-                raise ConfigError("dapo_dynamic runs in one process only (its refills are not shared across ranks)")
-            if self.strategy.greso is not None:
-                raise ConfigError("greso runs in one process only (its reward history is not shared across ranks)")
-            if self.K < self.dist.world:
-                raise ConfigError(f"{self.K} selected prompts cannot be shared by {self.dist.world} processes")
+        if self.dist.active and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
         self.precision = Precision(cfg.dtype, self.device)
-        if cfg.rollout_engine == "vllm":  # fail before any data or model is loaded
-            from .vllm_engine import require_vllm
-
-            try:
-                require_vllm()
-            except ImportError as exc:
-                raise ConfigError(str(exc)) from None
-            if self.device.type != "cuda":
-                raise ConfigError(f"--rollout-engine vllm runs on a CUDA device; the device is {self.device}")
         torch.set_num_threads(cfg.num_threads)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
@@ -130,7 +116,7 @@ class Trainer:
         self.sampler = PromptSampler(len(self.data.train), cfg.seed)
         self.select_rng = np.random.default_rng([cfg.seed, 31337])
         self.step_idx = 0
-        self.rollouts = 0            # every training completion generated, all ranks
+        self.total_rollouts = 0      # every training completion generated, all ranks
         self.reward_failures = 0     # all ranks
         self.initial: dict = {}
         self.runlog = RunLog(self.out, cfg, enabled=self.dist.main)
@@ -142,7 +128,7 @@ class Trainer:
         t0 = time.perf_counter()
         if not self.dist.main:
             self.dist.barrier()     # rank 0 builds the warm-up; the others then find it cached
-        path, built = get_base_model_dir(self.cfg.warmup_config(), Path(self.cfg.cache_dir) if self.cfg.cache_dir else None,
+        path, built = get_base_model_dir(self.cfg.warmup, Path(self.cfg.cache_dir) if self.cfg.cache_dir else None,
                                          progress=True)
         if self.dist.main:
             self.dist.barrier()
@@ -155,14 +141,14 @@ class Trainer:
     def state_dict(self) -> dict:
         return {
             "step": self.step_idx,
-            "rollouts": self.rollouts,
+            "rollouts": self.total_rollouts,
             "reward_failures": self.reward_failures,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "sampler": self.sampler.state_dict(),
             "select_rng": self.select_rng.bit_generator.state,
-            "strategy": self.strategy.state_dict(),   # GRESO's history and probabilities, else None
+            "strategy": self.strategy.state_dict(),   # the strategy's own state (GRESO's), else None
             "rng": self.dist.gather([ckpt.rng_state()]),   # one per rank
             "metrics_lines": count_lines(self.runlog.metrics_path),
             "eval_lines": count_lines(self.runlog.eval_path),
@@ -174,7 +160,7 @@ class Trainer:
             raise ConfigError(f"the checkpoint in {self.ckpt_dir} is from {len(state['rng'])} process(es); "
                               f"resume it with as many (now {self.dist.world})")
         self.step_idx = state["step"]
-        self.rollouts = state["rollouts"]
+        self.total_rollouts = state["rollouts"]
         self.reward_failures = state["reward_failures"]
         self.model.load_state_dict(state["model"])
         self.engine.sync_weights(self.model)
@@ -189,34 +175,36 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def step(self) -> StepMetrics:
-        """select -> roll out -> reward -> score/weight -> update -> log."""
+        """One PREPO iteration: select -> roll out -> reward -> score/weight -> update -> log."""
         cfg, timer, t0 = self.cfg, Timer(), time.perf_counter()
-        rollouts_before = self.engine.rollouts_generated
+        # 1. select: a candidate batch, its perplexities under the current policy if the strategy
+        #    reads them, and the strategy's choice at the curriculum position rho
         cand = self.sampler.next_batch(cfg.candidate_batch_size)
         ppl = self.perplexity(cand, timer) if self.strategy.needs_ppl else None
         rho = pacing_rho(self.step_idx, cfg.total_steps, cfg.pacing)
         with timer("time_score"):
             order = self.strategy.select(ppl, cand, self.K, rho, self.select_rng)
-        got = self.collect(cand, order, rho, timer)               # roll out + reward (this rank's share)
-        failures = int(self.dist.sum(torch.tensor(got.failures)))
-        self.reward_failures += failures
-        if failures:
-            log.warning("step %d: %d reward(s) could not be computed and count as 0 (%d so far)",
-                        self.step_idx + 1, failures, self.reward_failures)
-        batch, upd = (BatchStats(), UpdateStats()) if got.rollouts is None else self.learn(got, timer)
-        self.step_idx += 1
-        step_rollouts = int(self.dist.sum(torch.tensor(self.engine.rollouts_generated - rollouts_before)))
-        self.rollouts += step_rollouts
-        sel_ppl = ppl[order[: self.K]] if ppl is not None and not self.strategy.dynamic else None
-        levels = self.dist.gather([p.difficulty for p in got.problems if p.difficulty is not None])
-        return StepMetrics(
-            step=self.step_idx, rollouts=self.rollouts, step_rollouts=step_rollouts, rho=rho,
-            weight_applied=self.strategy.weighting, reward_failures=self.reward_failures, batch=batch, update=upd,
-            ppl_window_lo=float(sel_ppl.min()) if sel_ppl is not None else None,
-            ppl_window_hi=float(sel_ppl.max()) if sel_ppl is not None else None,
-            ppl_batch_mean=float(ppl.mean()) if ppl is not None else None,
-            selected_difficulty=float(np.mean(levels)) if levels else None,
-            dynamic=got.dynamic, selection=self.strategy.stats(), times=step_times(timer, time.perf_counter() - t0))
+        # 2-3. roll out G completions per selected prompt (this rank's share) and reward them
+        got = self.collect(cand, order, rho, timer)
+        batch, upd = BatchStats(), UpdateStats()   # stay so when nothing was kept (dynamic sampling)
+        if got.rollouts is not None:
+            ro = got.rollouts
+            # 4. score/weight: old log-probs and entropies in one no-grad pass, w_i = H_i / H_bar
+            #    over all ranks' rollouts, group-normalized advantages
+            self.engine.sleep()   # vLLM: free its GPU memory for the passes below; sync_weights wakes it
+            with timer("time_old_logprob"):
+                old_lp, ent, ref_lp = self.old_logprobs(ro)
+            with timer("time_weight"):
+                w = relative_entropy_weights(ent, ro.completion_mask, reduce=self.dist.sum)
+            adv = group_advantages(got.rewards, cfg.group_size, cfg.adv_eps)
+            # 5. update the policy, then hand the rollout engine its new weights
+            with timer("time_update"):
+                upd = self.update(ro, adv, w if self.strategy.weighting else None, old_lp, ref_lp)
+            with timer("time_sync"):
+                self.engine.sync_weights(self.model)
+            batch = self.batch_stats(got.rewards, ent, ro.completion_mask, w)
+        # 6. log: the step's record (counters summed over ranks)
+        return self.record(got, ppl, order, rho, batch, upd, timer, t0)
 
     # ------------------------------------------------------------------ its parts
     def perplexity(self, cand: list[int], timer: Timer) -> np.ndarray:
@@ -228,49 +216,45 @@ class Trainer:
             return np.asarray(self.dist.gather(ppl.tolist()), dtype=np.float32) if self.dist.active else ppl.numpy()
 
     def collect(self, cand: list[int], order: list[int], rho: float, timer: Timer) -> Collected:
-        """The strategy's collector: the K selected prompts (whose rewards the strategy then
-        observes), or DAPO dynamic sampling's refills."""
-        train = self.data.train
-        roll = lambda problems: self.roll_out(problems, timer)  # noqa: E731
-        if not self.strategy.dynamic:
+        """Roll out and reward the selected prompts (this rank's share), which the strategy then
+        observes; or, for a strategy that refills, dynamic sampling over fresh candidate batches."""
+        train, G = self.data.train, self.cfg.group_size
+        roll = lambda problems: roll_out(self.engine, self.reward_fn, problems, G, timer=timer)  # noqa: E731
+        if not self.strategy.refills:
             ids = [cand[i] for i in order]
             got = collect_static(self.dist.share([train[i] for i in ids]), roll)
-            self.strategy.observe(ids, got.rewards, self.cfg.group_size)
+            self.strategy.observe(ids, got.rewards, G)
             return got
 
         def refill():
             nxt = self.sampler.next_batch(self.cfg.candidate_batch_size)
             return [train[nxt[i]] for i in self.strategy.select(None, nxt, self.K, rho, self.select_rng)]
 
-        return collect_dynamic([train[cand[i]] for i in order], refill, roll, k=self.K, group_size=self.cfg.group_size,
+        return collect_dynamic([train[cand[i]] for i in order], refill, roll, k=self.K, group_size=G,
                                max_rounds=self.cfg.dynamic_max_rounds, pad_id=self.tokenizer.pad_token_id)
 
-    def roll_out(self, problems, timer: Timer) -> tuple[Rollouts, torch.Tensor, int]:
-        """G completions per problem (every one counted by the engine), their rewards [N] and the
-        number of reward calls that raised (those items get 0)."""
-        with timer("time_generate"):
-            chunks = list(self.engine.generate([p.prompt for p in problems], self.cfg.group_size))
-            ro = Rollouts.concat(chunks, self.tokenizer.pad_token_id)
-        with timer("time_reward"):
-            rows = [problems[i] for i in ro.prompt_index]
-            rewards, failures = compute_rewards(self.reward_fn, [p.prompt for p in rows], ro.completions,
-                                                **reward_columns(rows))
-        return ro, torch.tensor(rewards, dtype=torch.float32), failures
-
-    def learn(self, got: Collected, timer: Timer) -> tuple[BatchStats, UpdateStats]:
-        """Old log-probs and entropies, relative-entropy weights, advantages, the GRPO update."""
-        ro, G = got.rollouts, self.cfg.group_size
-        cmask = ro.completion_mask
-        self.engine.sleep()  # vLLM: free its GPU memory for the passes below; sync_weights wakes it
-        with timer("time_old_logprob"):
-            old_lp, ent, ref_lp = self.old_logprobs(ro)
-        with timer("time_weight"):
-            w = relative_entropy_weights(ent, cmask, reduce=self.dist.sum)   # H_bar over all ranks' rollouts
-        adv = group_advantages(got.rewards, G, self.cfg.adv_eps)
-        with timer("time_update"):
-            upd = self.update(ro, adv, w if self.strategy.weighting else None, old_lp, ref_lp)
-            self.engine.sync_weights(self.model)
-        return self.batch_stats(got.rewards, ent, cmask, w), upd
+    def record(self, got: Collected, ppl: Optional[np.ndarray], order: list[int], rho: float, batch: BatchStats,
+               upd: UpdateStats, timer: Timer, t0: float) -> StepMetrics:
+        """The step's bookkeeping: rollouts and reward failures summed over ranks into the run's
+        counters, the selected window's perplexities, and the step record."""
+        failures = int(self.dist.sum(torch.tensor(got.failures)))
+        self.reward_failures += failures
+        if failures:
+            log.warning("step %d: %d reward(s) could not be computed and count as 0 (%d so far)",
+                        self.step_idx + 1, failures, self.reward_failures)
+        self.step_idx += 1
+        step_rollouts = int(self.dist.sum(torch.tensor(got.generated)))
+        self.total_rollouts += step_rollouts
+        sel_ppl = ppl[order[: self.K]] if ppl is not None else None
+        levels = self.dist.gather([p.difficulty for p in got.problems if p.difficulty is not None])
+        return StepMetrics(
+            step=self.step_idx, rollouts=self.total_rollouts, step_rollouts=step_rollouts, rho=rho,
+            weight_applied=self.strategy.weighting, reward_failures=self.reward_failures, batch=batch, update=upd,
+            ppl_window_lo=float(sel_ppl.min()) if sel_ppl is not None else None,
+            ppl_window_hi=float(sel_ppl.max()) if sel_ppl is not None else None,
+            ppl_batch_mean=float(ppl.mean()) if ppl is not None else None,
+            selected_difficulty=float(np.mean(levels)) if levels else None,
+            dynamic=got.dynamic, selection=self.strategy.stats(), times=step_times(timer, time.perf_counter() - t0))
 
     def batch_stats(self, rewards, ent, cmask, w) -> BatchStats:
         """Rewards, entropy and weights of the global batch (all ranks' rollouts)."""
@@ -402,7 +386,7 @@ class Trainer:
             self.load_state_dict(state)
             resumed_from = self.step_idx
             self.initial = json.loads(initial_path.read_text()) if main else {}
-            log.info("resumed from step %d (%d rollouts)", self.step_idx, self.rollouts)
+            log.info("resumed from step %d (%d rollouts)", self.step_idx, self.total_rollouts)
         else:
             self.runlog.start_fresh()
             if main:
@@ -428,7 +412,7 @@ class Trainer:
         self.runlog.close()
         if not main:
             return None
-        return write_summary(self.out, cfg, steps=self.step_idx, rollouts=self.rollouts,
+        return write_summary(self.out, cfg, steps=self.step_idx, rollouts=self.total_rollouts,
                              reward_failures=self.reward_failures, initial=self.initial,
                              seconds=time.perf_counter() - t_start, resumed_from=resumed_from)
 
@@ -449,7 +433,10 @@ def run(config: TrainConfig | dict | None = None, *, reward_fn: Optional[Callabl
         trainer.dist.close()
 
 
-if __name__ == "__main__":
-    from .cli import main
+def main(argv=None) -> int:
+    """``python -m prepo.train [--config file.yaml] [--key value ...]``: the exit status."""
+    return cli_main(run, argv)
 
+
+if __name__ == "__main__":
     sys.exit(main())

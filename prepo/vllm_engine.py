@@ -12,7 +12,6 @@ How it is used, per training step:
    :class:`~prepo.rollout.HFGenerateEngine` does: our own prompt token ids (left-padded), the
    sampled ids right-padded, the mask 1 up to and including the stop token, text decoded by our
    tokenizer. vLLM's log-probs are never requested: the loss's old log-probs come from our forward.
-   Every completion is counted in ``rollouts_generated``.
 2. ``sleep()`` frees the engine's GPU memory for the update (vLLM sleep level 2: weights and KV
    cache discarded; the weights are pushed again anyway).
 3. ``sync_weights(model)`` after the optimizer step: wakes the weights, reloads them in place from
@@ -33,7 +32,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 
-from .rollout import Rollouts
+from .rollout import Rollouts, Sampling
 
 log = logging.getLogger(__name__)
 
@@ -119,43 +118,41 @@ def rollouts_from_tokens(prompt_index: list[int], prompt_ids: torch.Tensor, prom
 
 
 class VLLMEngine:
-    """Rollouts from a colocated vLLM engine; the :class:`~prepo.rollout.RolloutEngine` interface
-    plus ``sync_weights`` and ``sleep``. ``model_path``: the HF model directory the
-    policy was loaded from (vLLM builds its own copy, then receives the policy's weights);
-    ``stop_ids``: the ids a completion stops at (:func:`prepo.rollout.stop_token_ids`, as the HF
-    engine; default the tokenizer's EOS)."""
+    """Rollouts from a colocated vLLM engine: the :class:`~prepo.rollout.RolloutEngine` protocol.
+    ``model_source``: the HF model directory the policy was loaded from (vLLM builds its own copy,
+    then receives the policy's weights); ``encoder``: the trainer's
+    :class:`~prepo.prompts.PromptEncoder`; ``sampling``: the :class:`~prepo.rollout.Sampling` the HF
+    engine takes too; ``stop_ids``: the ids a completion stops at
+    (:func:`prepo.rollout.stop_token_ids`; default the tokenizer's EOS)."""
 
-    def __init__(self, model_path: str, tokenizer, *, dtype: str = "bfloat16", gpu_memory_utilization: float = 0.5,
-                 max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: Optional[int] = 0,
-                 seed: int = 0, max_model_len: Optional[int] = None, enable_sleep_mode: bool = True,
-                 chunk_prompts: int = 64, encoder=None, stop_ids: Sequence[int] = ()):
+    def __init__(self, model_source: str, tokenizer, encoder, sampling: Sampling, *, dtype: str = "bfloat16",
+                 seed: int = 0, stop_ids: Sequence[int] = (), gpu_memory_utilization: float = 0.5,
+                 max_model_len: Optional[int] = None, enable_sleep_mode: bool = True, chunk_prompts: int = 64):
         vllm = require_vllm()
-        from .prompts import PromptEncoder
-
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
-        sampling_params_kwargs(num_samples=1, max_new_tokens=max_new_tokens, temperature=temperature,
-                               top_p=top_p, top_k=top_k, stop_token_ids=stop_ids)  # bad options fail here, at start
+        sampling_params_kwargs(num_samples=1, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                               top_p=sampling.top_p, top_k=sampling.top_k, stop_token_ids=stop_ids)  # fail at start
         if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
             log.warning("VLLM_ENABLE_V1_MULTIPROCESSING=0 is forced: weights are pushed in this process")
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         self._vllm = vllm
         self.tokenizer = tokenizer
-        self.encoder = encoder or PromptEncoder(tokenizer)
+        self.encoder = encoder
+        self.sampling = sampling
         self.stop_ids = list(stop_ids) or [tokenizer.eos_token_id]
-        self.max_new_tokens, self.temperature, self.top_p, self.top_k = max_new_tokens, temperature, top_p, top_k
         self.chunk_prompts = chunk_prompts
-        self.rollouts_generated = 0
         self.sleep_enabled = enable_sleep_mode
         self.asleep = False
-        self.llm = vllm.LLM(model=str(model_path), dtype=str(dtype).removeprefix("torch."), seed=seed,
+        self.llm = vllm.LLM(model=str(model_source), dtype=str(dtype).removeprefix("torch."), seed=seed,
                             gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
                             enable_sleep_mode=enable_sleep_mode)
 
     def _params(self, num_samples: int, greedy: bool):
+        sp = self.sampling
         return self._vllm.SamplingParams(**sampling_params_kwargs(
-            num_samples=num_samples, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-            top_p=self.top_p, top_k=self.top_k, greedy=greedy, stop_token_ids=self.stop_ids))
+            num_samples=num_samples, max_new_tokens=sp.max_new_tokens, temperature=sp.temperature,
+            top_p=sp.top_p, top_k=sp.top_k, greedy=greedy, stop_token_ids=self.stop_ids))
 
     def generate(self, prompts: Sequence[str], num_samples: int, *, greedy: bool = False) -> Iterator[Rollouts]:
         """Chunks of ``chunk_prompts`` prompts, each prompt's ``num_samples`` rows consecutive."""
@@ -175,7 +172,6 @@ class VLLMEngine:
                 [start + i // num_samples for i in range(len(samples))],
                 ids.repeat_interleave(num_samples, dim=0), mask.repeat_interleave(num_samples, dim=0),
                 [list(c.token_ids) for c in samples], [c.finish_reason == "stop" for c in samples], self.tokenizer)
-            self.rollouts_generated += len(ro)
             yield ro
 
     @torch.no_grad()

@@ -10,8 +10,9 @@ import sys
 import torch
 
 from prepo.config import from_dict
-from prepo.curriculum import Collected
-from prepo.metrics import Timer
+from prepo.loss import group_advantages
+from prepo.rollout import roll_out
+from prepo.signals.weighting import relative_entropy_weights
 from prepo.train import Trainer
 
 cfg = from_dict(json.loads(sys.argv[1]))
@@ -20,12 +21,17 @@ G = cfg.group_size
 problems = trainer.data.train[: cfg.num_selected]
 # the fixed global batch: every rank generates all of it alike (same seed, same weights) ...
 torch.manual_seed(1234)
-ro, rewards, _ = trainer.roll_out(problems, Timer())
+whole = roll_out(trainer.engine, trainer.reward_fn, problems, G)
+rewards = whole.rewards
 # ... and keeps its contiguous share of the groups, as the trainer shares the selected prompts
 mine = trainer.dist.share(list(range(len(problems))))
 rows = [g * G + j for g in mine for j in range(G)]
-got = Collected([problems[g] for g in mine], ro.select(rows), rewards[rows], 0)
-batch, update = trainer.learn(got, Timer())
+ro, mine_r = whole.rollouts.select(rows), rewards[rows]
+# steps 4-5 of Trainer.step on that batch
+old_lp, ent, ref_lp = trainer.old_logprobs(ro)
+w = relative_entropy_weights(ent, ro.completion_mask, reduce=trainer.dist.sum)
+update = trainer.update(ro, group_advantages(mine_r, G, cfg.adv_eps), w, old_lp, ref_lp)
+batch = trainer.batch_stats(mine_r, ent, ro.completion_mask, w)
 if trainer.dist.main:
     torch.save({"params": trainer.model.state_dict(), "batch": dataclasses.asdict(batch),
                 "update": dataclasses.asdict(update), "rewards": rewards.tolist()}, sys.argv[2])

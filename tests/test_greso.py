@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from prepo.curriculum import get_strategy
-from prepo.greso import EASY, HARD, Greso, GresoParams, group_kinds
+from prepo.signals.strategies import get_strategy
+from prepo.signals.greso import EASY, HARD, Greso, GresoParams, group_kinds
 
 from test_prepo_train import REPO, TINY, _cmd, _env
 
@@ -124,7 +124,7 @@ def test_state_round_trips_through_torch_save(tmp_path):
     assert t.state_dict() == s.state_dict() and t.greso.streaks == {3: (EASY, 1), 4: (HARD, 1)}
     a, b = np.random.default_rng(9), np.random.default_rng(9)
     assert s.select(None, list(range(10)), 4, 0.0, a) == t.select(None, list(range(10)), 4, 0.0, b)
-    with pytest.raises(ValueError, match="does not match strategy 'random'"):
+    with pytest.raises(ValueError, match="strategy .random. does not have"):
         get_strategy("random").load_state_dict(s.state_dict())
     get_strategy("random").load_state_dict(None)
 

@@ -38,7 +38,7 @@ def _verl_rows(pairs):
 
 
 def _main(args) -> int:
-    from prepo.cli import main
+    from prepo.train import main
 
     return main([str(a) for a in args])
 
@@ -192,8 +192,7 @@ def test_device_cuda_without_cuda_fails_at_start(tmp_path, capsys):
 
 
 def test_device_option():
-    from prepo.config import ConfigError, parse_args
-    from prepo.policy import resolve_device
+    from prepo.config import ConfigError, parse_args, resolve_device
 
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_device("cpu") == torch.device("cpu")

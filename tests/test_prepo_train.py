@@ -106,7 +106,7 @@ def test_reward_failures_counted_in_run(tmp_path, cache_dir):
 
 
 def test_bad_config_exits_with_message(tmp_path, capsys):
-    from prepo.cli import main
+    from prepo.train import main
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "1+1="}\n')

@@ -7,7 +7,8 @@ from collections import Counter
 import pytest
 
 from prepo.config import ConfigError, from_dict
-from prepo.sources import load_data, load_reward_fn
+from prepo.rewards import load_reward_fn
+from prepo.sources import load_data
 from prepo.tasks import TASKS, get_task, is_heldout
 from prepo.tasks import countdown, phrasing
 from prepo.tokenizer import build_tokenizer
@@ -81,8 +82,8 @@ def test_phrasing_round_trip_and_familiarity_mix():
 
 
 def test_task_config_and_reward(tmp_path):
-    assert from_dict({"task": "countdown"}).warmup_config().task == "countdown"
-    assert from_dict({}).warmup_config().key() != from_dict({"task": "phrasing"}).warmup_config().key()
+    assert from_dict({"task": "countdown"}).warmup.task == "countdown"
+    assert from_dict({}).warmup.key() != from_dict({"task": "phrasing"}).warmup.key()
     with pytest.raises(ConfigError, match="task must be one of"):
         from_dict({"task": "sudoku"})
     with pytest.raises(ConfigError, match="warmup_level_weights must be 4"):

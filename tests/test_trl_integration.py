@@ -269,7 +269,7 @@ def test_entropies_reuse_trls_old_logprob_pass(tiny_qwen2_dir, tmp_path):
     assert "old_per_token_logps" in rec["output"]
     trainer.model.load_state_dict(load_model(tiny_qwen2_dir).state_dict())  # the policy that generated
     entropy = trainer._completion_entropy(rec["output"])
-    from prepo.weighting import relative_entropy_weights
+    from prepo.signals.weighting import relative_entropy_weights
 
     torch.testing.assert_close(rec["w"], relative_entropy_weights(entropy, rec["output"]["completion_mask"]))
     assert torch.equal(rec["advantages_out"], rec["output"]["advantages"] * rec["w"])

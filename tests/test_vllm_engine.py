@@ -10,8 +10,8 @@ import types
 import pytest
 import torch
 
-from prepo.rollout import Rollouts, completion_mask_from_ids
-from prepo.scoring import PromptEncoder
+from prepo.prompts import PromptEncoder
+from prepo.rollout import Rollouts, Sampling, completion_mask_from_ids
 from prepo.vllm_engine import VLLMEngine, require_vllm, rollouts_from_tokens, sampling_params_kwargs, weight_names
 
 
@@ -20,7 +20,7 @@ def test_missing_vllm_names_the_extra(monkeypatch, qwen_tokenizer):
     with pytest.raises(ImportError, match=r"pip install -e \.\[vllm\]"):
         require_vllm()
     with pytest.raises(ImportError, match=r"--rollout-engine vllm needs vLLM: pip install -e \.\[vllm\]"):
-        VLLMEngine("some/model", qwen_tokenizer, max_new_tokens=8)
+        VLLMEngine("some/model", qwen_tokenizer, PromptEncoder(qwen_tokenizer), Sampling(8))
 
 
 def test_sampling_params_mapping():
@@ -137,21 +137,21 @@ def test_engine_bookkeeping_with_a_stand_in_vllm(monkeypatch, qwen_tokenizer, ti
     mod, calls = fake_vllm(tok.eos_token_id)
     monkeypatch.setitem(sys.modules, "vllm", mod)
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
-    engine = VLLMEngine(tiny_qwen2_dir, tok, dtype=torch.bfloat16, gpu_memory_utilization=0.3, max_new_tokens=3,
-                        temperature=0.9, top_p=0.8, top_k=5, seed=3, chunk_prompts=2)
+    engine = VLLMEngine(tiny_qwen2_dir, tok, PromptEncoder(tok), Sampling(3, temperature=0.9, top_p=0.8, top_k=5),
+                        dtype=torch.bfloat16, gpu_memory_utilization=0.3, seed=3, chunk_prompts=2)
     assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # in-process: weights pushed without copies
     assert calls[0] == ("init", dict(model=str(tiny_qwen2_dir), dtype="bfloat16", seed=3, gpu_memory_utilization=0.3,
                                      max_model_len=None, enable_sleep_mode=True))
     prompts = ["1+1=", "2+2=", "3+3="]
     chunks = list(engine.generate(prompts, 4))
-    assert [len(c) for c in chunks] == [8, 4] and engine.rollouts_generated == 12
+    assert [len(c) for c in chunks] == [8, 4]
     ro = Rollouts.concat(chunks, tok.pad_token_id)
     assert ro.prompt_index == [0] * 4 + [1] * 4 + [2] * 4
     assert calls[1] == ("generate", [engine.encoder.ids("1+1="), engine.encoder.ids("2+2=")], 4)
     assert ro.completion_mask.sum(dim=1).tolist() == [3, 2] * 6
     greedy = list(engine.generate(prompts[:1], 3, greedy=True))
     assert calls[-1] == ("generate", [engine.encoder.ids("1+1=")] * 3, 1)  # n=1, the prompt thrice
-    assert len(greedy[0]) == 3 and engine.rollouts_generated == 15
+    assert len(greedy[0]) == 3
 
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir)
     del calls[:]
@@ -165,6 +165,6 @@ def test_engine_bookkeeping_with_a_stand_in_vllm(monkeypatch, qwen_tokenizer, ti
                      ("wake_up", ["kv_cache"]), ("reset_prefix_cache",)]
     assert len(list(engine.generate(prompts, 1))) == 2
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
-        VLLMEngine(tiny_qwen2_dir, tok, gpu_memory_utilization=1.5, max_new_tokens=3)
+        VLLMEngine(tiny_qwen2_dir, tok, PromptEncoder(tok), Sampling(3), gpu_memory_utilization=1.5)
     with pytest.raises(ValueError, match="temperature"):
-        VLLMEngine(tiny_qwen2_dir, tok, temperature=0.0, max_new_tokens=3)
+        VLLMEngine(tiny_qwen2_dir, tok, PromptEncoder(tok), Sampling(3, temperature=0.0))

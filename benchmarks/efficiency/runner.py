@@ -55,12 +55,12 @@ def prebuild_base_model(cfg: dict) -> None:
         return
     import torch
 
-    from prepo.model import get_base_model_dir
+    from prepo.warmup import get_base_model_dir
 
     # the runs' thread count: on a busy 2-core machine extra threads slow this down many-fold
     torch.set_num_threads(tc.num_threads)
     t0 = time.perf_counter()
-    path, built = get_base_model_dir(tc.warmup_config(), Path(tc.cache_dir) if tc.cache_dir else None)
+    path, built = get_base_model_dir(tc.warmup, Path(tc.cache_dir) if tc.cache_dir else None)
     if built:
         print(f"built the warm-up base model in {time.perf_counter() - t0:.0f}s -> {path}", flush=True)
 

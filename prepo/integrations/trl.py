@@ -38,8 +38,8 @@ import prepo_kernels
 import trl
 from trl import GRPOConfig, GRPOTrainer
 
-from ..curriculum import pacing_rho, window_select
-from ..weighting import relative_entropy_weights
+from ..signals.pacing import pacing_rho, window_select
+from ..signals.weighting import relative_entropy_weights
 from .hf_fused import tail_logprob_entropy
 
 SUPPORTED_TRL = (Version("1.16.0"), Version("1.17.0"))  # [lo, hi): the overridden methods' contracts

@@ -31,8 +31,7 @@ from packaging.version import Version
 from tensordict import TensorDict
 
 import verl
-from prepo.config import PACINGS
-from prepo.curriculum import pacing_rho
+from prepo.signals.pacing import PACINGS, pacing_rho
 
 SUPPORTED_VERL = (Version("0.9"), Version("0.10"))
 TRAINER_NAME = "prepo"

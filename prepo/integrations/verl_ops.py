@@ -2,13 +2,13 @@
 
 * Curriculum window over a candidate batch (a verl ``DataProto`` or the v1 trainer's ``TensorDict``):
   sort ascending by prompt perplexity, keep the ``K`` consecutive prompts that start at
-  ``l = floor(rho * (|B| - K))`` (:func:`prepo.curriculum.window_select`).
+  ``l = floor(rho * (|B| - K))`` (:func:`prepo.signals.pacing.window_select`).
 * The extra log-prob pass that scores prompts: each prompt ``p`` becomes one sample in the layout
   verl's agent loop writes (jagged ``prompts = p[:1]``, ``responses = p[1:]``), so the actor's
   ``compute_log_prob`` returns ``log p(p[1:])`` and the perplexity is ``exp(-mean)`` over them
-  (the tokens after the first, as :func:`prepo.scoring.prompt_perplexity` scores them).
+  (the tokens after the first, as :func:`prepo.signals.scoring.prompt_perplexity` scores them).
 * Relative-entropy weights from the old-log-prob pass: ``w_i = H_i / H_bar`` (token-weighted,
-  detached, :func:`prepo.weighting.relative_entropy_weights`), multiplied into ``advantages``.
+  detached, :func:`prepo.signals.weighting.relative_entropy_weights`), multiplied into ``advantages``.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import torch
 from tensordict import TensorDict
 
 import prepo_kernels
-from prepo.curriculum import window_select
-from prepo.weighting import relative_entropy_weights
+from prepo.signals.pacing import window_select
+from prepo.signals.weighting import relative_entropy_weights
 from verl.protocol import DataProto
 
 

@@ -13,6 +13,7 @@ seed can leak an evaluation problem into training. Everything is deterministic g
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
@@ -24,6 +25,12 @@ class DataError(ValueError):
 
 # A prompt is plain text or a chat: a list of {"role": ..., "content": ...} messages.
 Prompt = Union[str, list]
+
+
+def prompt_key(prompt: Prompt) -> str:
+    """A prompt as one string, equal for equal prompts (text as is, a chat as sorted-key JSON):
+    the key of the encoder's cache, the train / held-out overlap check and duplicate counting."""
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
 
 
 @dataclass(frozen=True)

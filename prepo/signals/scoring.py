@@ -4,18 +4,20 @@ project's fused kernel (no [tokens, vocab] logits held), exp(-mean log-prob of t
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 import prepo_kernels
 
-from .microbatch import token_chunks
-from .prompts import Prompt, PromptEncoder
+from ..microbatch import token_chunks
+
+if TYPE_CHECKING:  # the encoder is the caller's; signals import nothing from the trainer's other parts
+    from ..prompts import Prompt, PromptEncoder
 
 
 @torch.inference_mode()
-def prompt_perplexity(model, encoder: PromptEncoder, prompts: Sequence[Prompt], *, impl: str = "auto",
+def prompt_perplexity(model, encoder: "PromptEncoder", prompts: Sequence["Prompt"], *, impl: str = "auto",
                       max_tokens: int = 8192, autocast=contextlib.nullcontext) -> torch.Tensor:
     """[len(prompts)] float32 perplexities on the CPU. A prompt's scored tokens are all its tokens
     after the first (the built-in task's <bos>, a chat template's first marker). Runs under
