@@ -140,7 +140,7 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "dashscope", "tiktoken"],
+        "test": ["pytest", "pytest-benchmark", "pytest-timeout", "dashscope", "tiktoken"],
         "triton": ["triton"],
         "bench": ["liger-kernel", "cut-cross-entropy"],  # the peers benchmarks/ compares against
         "vllm": ["vllm==0.33.0"],  # prepo/vllm_engine.py was written against its source; never run here
@@ -149,7 +149,7 @@ setup(
         # installs a top-level `tests` package. The rest is what verl.trainer.ppo.v1 imports beyond
         # verl's base requirements (verl lists them only in its heavier `verl-core` extra).
         "verl": ["verl>=0.9,<0.10", "TransferQueue>=0.1.10", "pyzmq", "msgspec", "cachetools", "fastapi",
-                 "uvicorn", "pytest"],
+                 "uvicorn", "pytest", "pytest-timeout"],
     },
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext_cls},

@@ -203,7 +203,6 @@ class TrainConfig:
         need(bool(self.prompt_column) and bool(self.answer_column), "prompt_column and answer_column must be set")
         need(not self.eval_data or bool(self.train_data), "eval_data needs train_data (the built-in task has its own held-out split)")
         need(not self.reward or ":" in self.reward, f"reward must be module:function; got {self.reward!r}")
-        need(self.num_selected >= 1, "candidate_batch_size * select_ratio must select at least 1 prompt")
 
     def _check_warmup(self) -> None:
         w = self.warmup

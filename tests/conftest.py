@@ -114,3 +114,21 @@ def tiny_qwen2_dir(tmp_path_factory, qwen_tokenizer):
 def tiny_llama_dir(tmp_path_factory, qwen_tokenizer):
     """A local HF model directory: tiny random Llama + the Qwen tokenizer (no downloads)."""
     return save_tiny_causal_lm(tmp_path_factory.mktemp("tiny_llama"), qwen_tokenizer, "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_cache_dir(tmp_path_factory):
+    """A warm-up cache holding the built-in base model of tests/trainer_harness.py's TINY config,
+    built once per test session (the trainer's tests pass it as ``cache_dir``)."""
+    from prepo.config import from_dict
+    from prepo.warmup import get_base_model_dir
+    from trainer_harness import TINY
+
+    cache = tmp_path_factory.mktemp("prepo-cache")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(TINY["num_threads"])   # as a run builds it
+    try:
+        get_base_model_dir(from_dict(TINY).warmup, cache)
+    finally:
+        torch.set_num_threads(threads)
+    return cache

@@ -1,18 +1,13 @@
-"""GRESO's pre-rollout filter (prepo/greso.py): the skip rule, exploration, adaptation, state, and
-a short run of ``--strategy greso`` with a resume."""
+"""GRESO's pre-rollout filter (prepo/signals/greso.py): the skip rule, exploration, adaptation and
+state (a killed and resumed ``--strategy greso`` run: tests/test_prepo_train.py)."""
 from __future__ import annotations
-
-import json
-import subprocess
 
 import numpy as np
 import pytest
 import torch
 
-from prepo.signals.strategies import get_strategy
 from prepo.signals.greso import EASY, HARD, Greso, GresoParams, group_kinds
-
-from test_prepo_train import REPO, TINY, _cmd, _env
+from prepo.signals.strategies import get_strategy
 
 
 def _rewards(*groups) -> torch.Tensor:
@@ -128,33 +123,3 @@ def test_state_round_trips_through_torch_save(tmp_path):
         get_strategy("random").load_state_dict(s.state_dict())
     get_strategy("random").load_state_dict(None)
 
-
-def _rows(path):
-    drop = ("time_", "eval_", "rho")
-    return [{k: v for k, v in json.loads(l).items() if not k.startswith(drop)}
-            for l in (path / "metrics.jsonl").read_text().splitlines()]
-
-
-def test_greso_cli_run_and_resume(tmp_path):
-    """--strategy greso runs; its checkpoint holds the history; stopping after 2 steps and resuming
-    to 4 gives the uninterrupted run's metrics (rho differs: it depends on total_steps)."""
-    base = {**TINY, "strategy": "greso", "cache_dir": tmp_path / "cache", "tensorboard": False,
-            "spearman_prompts": 0, "eval_every": 0, "save_every": 2, "train_size": 20}   # prompts recur from step 3
-
-    def run(out, steps, resume=False):
-        cfg = {**base, "output_dir": out, "total_steps": steps, **({"resume": True} if resume else {})}
-        res = subprocess.run(_cmd(cfg), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
-        assert res.returncode == 0, res.stderr[-3000:]
-
-    run(tmp_path / "two", 2)
-    rows = _rows(tmp_path / "two")
-    assert [r["step"] for r in rows] == [1, 2] and all(r["step_rollouts"] == 2 * 4 for r in rows)
-    assert {"greso_skipped", "greso_backfilled", "greso_p_easy", "greso_p_hard"} <= set(rows[0])
-    state = torch.load(tmp_path / "two" / "checkpoints" / "last.pt", weights_only=False)["strategy"]
-    assert state["p_easy"] == rows[-1]["greso_p_easy"] and state["p_hard"] == rows[-1]["greso_p_hard"]
-    assert state["p_easy"] != 0.5 or state["p_hard"] != 0.5          # adapted after each step
-    run(tmp_path / "two", 4, resume=True)
-    run(tmp_path / "four", 4)
-    assert _rows(tmp_path / "two") == _rows(tmp_path / "four")
-    later = _rows(tmp_path / "four")[2:]
-    assert sum(r["greso_skipped"] + r["greso_backfilled"] for r in later) > 0   # the history was used

@@ -4,7 +4,6 @@ uninterrupted run writes."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,23 +11,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_prepo_train import TINY, _args
+from trainer_harness import REPO, TINY, args as _args, env as _env
 
-REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
 
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-
-
-def _torchrun(nproc: int, args: list, timeout: int = 300) -> subprocess.CompletedProcess:
-    res = subprocess.run([*TORCHRUN, "--nproc_per_node", str(nproc), *map(str, args)], cwd=REPO, env=_env(),
+def _torchrun(nproc: int, argv: list, timeout: int = 300) -> subprocess.CompletedProcess:
+    res = subprocess.run([*TORCHRUN, "--nproc_per_node", str(nproc), *map(str, argv)], cwd=REPO, env=_env(),
                          capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 0, res.stderr[-4000:]
     return res
 
 
+@pytest.mark.slow
 def test_two_process_update_equals_one_process(tmp_path, tiny_qwen2_dir):
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"What is {a} plus 2?", "answer": str(a + 2)}) + "\n"
@@ -60,9 +55,9 @@ def _rows(out: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith(("time_", "eval_")) and k != "rho"} for r in rows]
 
 
-def test_torchrun_run_completes_and_resumes(tmp_path):
-    cache = tmp_path / "cache"
-    base = {**TINY, "strategy": "random", "cache_dir": cache, "tensorboard": False, "spearman_prompts": 0,
+@pytest.mark.slow
+def test_torchrun_run_completes_and_resumes(tmp_path, tiny_cache_dir):
+    base = {**TINY, "strategy": "random", "cache_dir": tiny_cache_dir, "tensorboard": False, "spearman_prompts": 0,
             "eval_every": 0, "save_every": 2}
     ref, run = tmp_path / "ref", tmp_path / "run"
     res = _torchrun(2, ["-m", "prepo.train", *_args({**base, "total_steps": 4, "output_dir": ref})])
@@ -78,6 +73,7 @@ def test_torchrun_run_completes_and_resumes(tmp_path):
     assert summary["rollouts"] == 32 and summary["resumed_from_step"] == 2
 
 
+@pytest.mark.slow
 def test_torchrun_refuses_dynamic_sampling(tmp_path):
     res = subprocess.run([*TORCHRUN, "--nproc_per_node", "2", "-m", "prepo.train", "--strategy", "dapo_dynamic",
                           "--output-dir", str(tmp_path)], cwd=REPO, env=_env(), capture_output=True, text=True,

@@ -2,63 +2,30 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = {
-    "warmup_steps": 40, "warmup_hidden_size": 32, "warmup_num_layers": 1,
-    "warmup_batch_size": 32, "train_size": 200, "eval_per_level": 4, "candidate_batch_size": 10,
-    "group_size": 4, "max_new_tokens": 4, "spearman_prompts": 12, "spearman_samples": 4,
-    "num_threads": 1, "eval_every": 3, "save_every": 2, "progress": False,
-}
+from trainer_harness import REPO, TINY, cmd, env, metrics
 
 
-def _args(cfg: dict) -> list[str]:
-    out = []
-    for k, v in cfg.items():
-        out += [f"--{k.replace('_', '-')}", str(v).lower() if isinstance(v, bool) else str(v)]
-    return out
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env["TOKENIZERS_PARALLELISM"] = "false"
-    return env
-
-
-def _cmd(cfg: dict) -> list[str]:
-    return [sys.executable, "-m", "prepo.train", *_args(cfg)]
-
-
-def _metrics(out_dir: Path) -> list[dict]:
-    rows = [json.loads(l) for l in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("prepo-cache")
-
-
-def test_two_step_run(tmp_path, cache_dir):
+@pytest.mark.slow
+def test_two_step_run(tmp_path, tiny_cache_dir):
     out = tmp_path / "run"
-    cfg = {**TINY, "total_steps": 2, "output_dir": out, "cache_dir": cache_dir, "tensorboard": True}
-    res = subprocess.run(_cmd(cfg), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
+    cfg = {**TINY, "total_steps": 2, "output_dir": out, "cache_dir": tiny_cache_dir, "tensorboard": True}
+    res = subprocess.run(cmd(cfg), cwd=REPO, env=env(), capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "held-out greedy accuracy: initial" in res.stdout and "rollouts" in res.stdout
-    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     need = {"step", "rollouts", "reward_mean", "zero_adv_frac", "ppl_window_lo", "ppl_window_hi", "entropy_mean",
             "weight_min", "weight_max", "loss", "clip_frac", "time_score", "time_generate", "time_old_logprob",
-            "time_update"}
+            "time_update", "time_sync"}
     assert need <= set(rows[0])
     assert rows[0]["rollouts"] == 2 * 4 and rows[1]["rollouts"] == 16   # K=2 prompts x G=4
     assert "eval_accuracy" in rows[1]                                       # evaluated at the end
@@ -66,16 +33,25 @@ def test_two_step_run(tmp_path, cache_dir):
     assert summary["rollouts"] == 16 and summary["initial_accuracy"] is not None
     assert (out / "accuracy_vs_rollouts.png").is_file() and (out / "checkpoints" / "last.pt").is_file()
     assert any((out / "tb").iterdir())
-    assert -1.0 <= summary["spearman_ppl_passrate"] <= 1.0 or summary["spearman_ppl_passrate"] != summary["spearman_ppl_passrate"]
+    # Spearman is undefined (NaN) exactly when every pass rate is equal, else in [-1, 1]
+    initial = json.loads((out / "initial.json").read_text())
+    assert initial["n_prompts"] == sum(initial["pass_rate_hist"]) == TINY["spearman_prompts"]
+    rho = summary["spearman_ppl_passrate"]
+    assert rho == initial["spearman_ppl_passrate"] or math.isnan(rho)
+    if initial["pass_rate_mean"] in (0.0, 1.0):
+        assert math.isnan(rho)
+    else:
+        assert -1.0 <= rho <= 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["dapo_dynamic", "static_low_ppl", "static_high_ppl", "entropy_only", "ppl_only"])
-def test_other_strategy_runs_in_process(tmp_path, cache_dir, strategy):
+def test_other_strategy_runs_in_process(tmp_path, tiny_cache_dir, strategy):
     from prepo.train import run
 
     summary = run({**TINY, "strategy": strategy, "total_steps": 2, "output_dir": str(tmp_path / strategy),
-                   "cache_dir": str(cache_dir), "spearman_prompts": 0, "tensorboard": False, "eval_every": 0})
-    rows = [json.loads(l) for l in (tmp_path / strategy / "metrics.jsonl").read_text().splitlines()]
+                   "cache_dir": str(tiny_cache_dir), "spearman_prompts": 0, "tensorboard": False, "eval_every": 0})
+    rows = metrics(tmp_path / strategy)
     assert len(rows) == 2 and summary["rollouts"] == rows[-1]["rollouts"]
     if strategy == "dapo_dynamic":
         # dynamic sampling counts every generated rollout, kept or dropped
@@ -86,23 +62,29 @@ def test_other_strategy_runs_in_process(tmp_path, cache_dir, strategy):
         assert (rows[0]["ppl_window_lo"] is None) == (strategy == "entropy_only")
 
 
-def test_reward_failures_counted_in_run(tmp_path, cache_dir):
+@pytest.mark.slow
+def test_reward_failures_counted_in_run(tmp_path, tiny_cache_dir):
+    from prepo.config import from_dict
+    from prepo.sources import load_data
     from prepo.train import run
 
-    calls = {"n": 0}
+    cfg = {**TINY, "total_steps": 2, "output_dir": str(tmp_path / "r"), "cache_dir": str(tiny_cache_dir),
+           "spearman_prompts": 0, "tensorboard": False, "strategy": "random"}
+    failed = []   # prompts of the items the reward raised on
 
     def flaky(prompts, completions, answer, **kw):
-        calls["n"] += 1
         if len(completions) > 1:
             raise RuntimeError("batch scoring is broken")
         if completions[0].endswith("1"):
+            failed.append(prompts[0])
             raise ValueError("cannot score")
         return [float(completions[0] == answer[0])]
 
-    run({**TINY, "total_steps": 2, "output_dir": str(tmp_path / "r"), "cache_dir": str(cache_dir),
-         "spearman_prompts": 0, "tensorboard": False, "strategy": "random"}, reward_fn=flaky)
-    rows = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 and "reward_failures" in rows[-1] and calls["n"] > 2
+    run(cfg, reward_fn=flaky)
+    rows = metrics(tmp_path / "r")
+    train = {p.prompt for p in load_data(from_dict(cfg)).train}   # evaluation's failures are not counted
+    expected = sum(p in train for p in failed)
+    assert expected > 0 and rows[-1]["reward_failures"] == expected
 
 
 def test_bad_config_exits_with_message(tmp_path, capsys):
@@ -112,38 +94,27 @@ def test_bad_config_exits_with_message(tmp_path, capsys):
     bad.write_text('{"prompt": "1+1="}\n')
     words = tmp_path / "words.jsonl"
     words.write_text('{"prompt": "What is 1+1?", "answer": "2"}\n')
-    for args, msg in ((["--total-stepz", "2"], "valid keys"), (["--strategy", "nope"], "strategy must be one of"),
-                      (["--seed", "x"], "expects an integer"), (["--train-data", str(bad), "--output-dir", str(tmp_path)],
-                                                               "no answer column 'answer'"),
+    for argv, msg in ((["--total-stepz", "2"], "valid keys"), (["--strategy", "nope"], "strategy must be one of"),
+                      (["--seed", "x"], "expects an integer"), (["--kernel-impl", "fastest"], "kernel_impl must be"),
+                      (["--train-data", str(bad), "--output-dir", str(tmp_path)], "no answer column 'answer'"),
                       (["--train-data", str(words), "--output-dir", str(tmp_path)], "name a model with --model")):
-        assert main(args) == 2
+        assert main(argv) == 2
         assert msg in capsys.readouterr().err
-    # and through the real command line
-    res = subprocess.run([sys.executable, "-m", "prepo.train", "--strategy", "gresso"], cwd=REPO, env=_env(),
+
+
+@pytest.mark.slow
+def test_bad_config_through_the_real_command_line():
+    res = subprocess.run([sys.executable, "-m", "prepo.train", "--strategy", "gresso"], cwd=REPO, env=env(),
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "strategy must be one of" in res.stderr, res.stderr[-2000:]
 
 
-def test_kill_and_resume_matches_uninterrupted(tmp_path, cache_dir):
-    steps = 24
-    base = {**TINY, "total_steps": steps, "cache_dir": cache_dir, "tensorboard": False, "spearman_prompts": 0}
-    # uninterrupted reference (also builds the cached warm-up)
-    ref_dir = tmp_path / "ref"
-    res = subprocess.run(_cmd({**base, "output_dir": ref_dir}), cwd=REPO, env=_env(), capture_output=True,
-                         text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-
-    run_dir = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd({**base, "output_dir": run_dir}), cwd=REPO, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + 240
+def _kill_after(proc: subprocess.Popen, metrics_path, steps: int, timeout: float = 240) -> None:
+    """SIGKILL ``proc`` once ``metrics_path`` holds ``steps`` lines."""
+    deadline = time.time() + timeout
     try:
-        # kill after step 5: the last checkpoint (step 4) is behind the metrics file, which resume must truncate
-        while time.time() < deadline:
-            if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
-                break
-            if proc.poll() is not None:
+        while time.time() < deadline and proc.poll() is None:
+            if metrics_path.exists() and len(metrics_path.read_text().splitlines()) >= steps:
                 break
             time.sleep(0.005)
         assert proc.poll() is None, "run finished before it could be killed"
@@ -151,15 +122,32 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, cache_dir):
     finally:
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
-    killed_at = len(metrics.read_text().splitlines())
-    assert killed_at < steps
 
-    res = subprocess.run(_cmd({**base, "output_dir": run_dir, "resume": True}), cwd=REPO, env=_env(),
+
+@pytest.mark.slow
+def test_kill_and_resume_matches_uninterrupted(tmp_path, tiny_cache_dir):
+    """A run killed at an arbitrary point and resumed writes what an uninterrupted run writes. GRESO,
+    the strategy with the most state (its reward history travels in the checkpoint), on a pool
+    small enough that prompts recur; killed after step 5, so the last checkpoint (step 4) is behind
+    the metrics file, which resume must truncate."""
+    steps = 8
+    base = {**TINY, "strategy": "greso", "total_steps": steps, "train_size": 20, "cache_dir": tiny_cache_dir,
+            "tensorboard": False, "spearman_prompts": 0}
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
+    res = subprocess.run(cmd({**base, "output_dir": ref_dir}), cwd=REPO, env=env(), capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    _kill_after(subprocess.Popen(cmd({**base, "output_dir": run_dir}), cwd=REPO, env=env(),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), run_dir / "metrics.jsonl", 5)
+    assert len(metrics(run_dir)) < steps
+    res = subprocess.run(cmd({**base, "output_dir": run_dir, "resume": True}), cwd=REPO, env=env(),
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "resumed from step" in res.stderr
-    assert _metrics(run_dir) == _metrics(ref_dir)
-    ref_eval = [json.loads(l) for l in (ref_dir / "eval.jsonl").read_text().splitlines()]
-    got_eval = [json.loads(l) for l in (run_dir / "eval.jsonl").read_text().splitlines()]
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "time_eval"} for r in rows]  # noqa: E731
-    assert strip(got_eval) == strip(ref_eval)
+    assert "resumed from step 4" in res.stderr
+    assert metrics(run_dir) == metrics(ref_dir)
+    strip = lambda d: [{k: v for k, v in json.loads(l).items() if k != "time_eval"}  # noqa: E731
+                       for l in (d / "eval.jsonl").read_text().splitlines()]
+    assert strip(run_dir) == strip(ref_dir)
+    rows = metrics(ref_dir)
+    assert sum(r["greso_skipped"] + r["greso_backfilled"] for r in rows[2:]) > 0   # the history was used
+    assert rows[0]["greso_p_easy"] != 0.5 or rows[0]["greso_p_hard"] != 0.5        # adapted after each step

@@ -4,11 +4,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import testbed_properties as tp  # noqa: E402
 
 
+@pytest.mark.slow
 def test_measure_and_render_a_tiny_testbed(tmp_path):
     train = {"task": "countdown", "warmup_steps": 5, "warmup_batch_size": 8, "train_size": 40, "eval_per_level": 2,
              "max_new_tokens": 12, "eval_avg_k": 2, "candidate_batch_size": 10, "group_size": 2,

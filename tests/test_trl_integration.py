@@ -9,6 +9,7 @@ import torch
 
 pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
+pytestmark = pytest.mark.slow   # each test trains or builds a TRL trainer: seconds to minutes on 2 cores
 
 from prepo.integrations.trl import PrepoGRPOConfig, PrepoGRPOTrainer  # noqa: E402
 

@@ -79,6 +79,7 @@ class DapoDynamic(Strategy):
     """DAPO dynamic sampling: every candidate in a random order, refilled until K informative groups."""
 
     refills = True
+    single_process = True   # each rank would refill on its own
 
 
 class GresoFilter(Strategy):
