@@ -37,7 +37,10 @@ namespace prepo_kernels {
 using at::Tensor;
 
 // The op's contract: hidden [n, D], weight [V, D] and bias [V] of one float dtype, targets [n] int64
-// in [0, V), inv_temp [n], all on one device of `device_type`.
+// in [0, V), inv_temp [n], all on one device of `device_type`. Shapes, dtypes and devices are checked
+// here; the target values are not: the public API checks them once per call (prepo_kernels/
+// validation.py), and a device sync per op to check them again would cost more than the check is
+// worth. The kernels never index with a target: an id outside [0, V) matches no column (z_y = 0).
 inline void check_inputs(const Tensor& hidden, const Tensor& weight, const std::optional<Tensor>& bias,
                          const Tensor& targets, const Tensor& inv_temp, c10::DeviceType device_type) {
   TORCH_CHECK(hidden.device().type() == device_type, "prepo_kernels ", device_type,
@@ -78,10 +81,10 @@ inline Tensor tile_view(const Tensor& flat, int64_t rows, int64_t cols) {
   return flat.narrow(0, 0, rows * cols).view({rows, cols});
 }
 
-// The operands, detached (CPU worker threads do not inherit the dispatcher's thread-local "below
-// autograd" state, so their ATen calls must not see tensors that require grad) and contiguous, the
-// small ones in the accumulation dtype. g, e, H, lse: backward only; e and H undefined without
-// grad_entropy.
+// The operands of one op call as one record, detached (CPU worker threads do not inherit the
+// dispatcher's thread-local "below autograd" state, so their ATen calls must not see tensors that
+// require grad) and contiguous, the small ones in the accumulation dtype. g, e, H, lse: backward
+// only; e and H undefined without grad_entropy.
 struct Operands {
   Tensor hidden, weight, targets, inv_temp, bias;  // bias undefined when absent
   Tensor g, e, H, lse;
@@ -100,11 +103,6 @@ inline Operands prepare_operands(const Tensor& hidden, const Tensor& weight, con
   o.n = hidden.size(0);
   o.D = hidden.size(1);
   o.V = weight.size(0);
-  const Tensor bad = o.targets.lt(0).logical_or(o.targets.ge(o.V));
-  if (o.n > 0 && bad.any().item<bool>()) {
-    const int64_t i = bad.nonzero()[0][0].item<int64_t>();
-    TORCH_CHECK(false, "target ", o.targets[i].item<int64_t>(), " of row ", i, " is outside [0, ", o.V, ")");
-  }
   return o;
 }
 
@@ -214,20 +212,16 @@ inline void finalize_stats(const Tensor& stats, const Tensor& zy, Tensor& logpro
 }
 
 template <typename Device, typename acc_t>
-std::tuple<Tensor, Tensor, Tensor> forward_typed(const Tensor& hidden, const Tensor& weight,
-                                                 const std::optional<Tensor>& bias, const Tensor& targets,
-                                                 const Tensor& inv_temp, bool compute_entropy) {
-  const auto acc = acc_type(hidden);
-  const int64_t n = hidden.size(0);
-  const auto fopts = hidden.options().dtype(acc);
+std::tuple<Tensor, Tensor, Tensor> forward_typed(const Operands& o, bool compute_entropy) {
+  const int64_t n = o.n;
+  const auto fopts = o.hidden.options().dtype(acc_type(o.hidden));
   Tensor logprob = at::empty({n}, fopts);
   Tensor lse = at::empty({n}, fopts);
   Tensor entropy = at::empty({compute_entropy ? n : 0}, fopts);
   if (n == 0) return {logprob, entropy, lse};
 
-  const Operands o = prepare_operands(hidden, weight, bias, targets, inv_temp);
   const Tiling t = Device::tiling(n, o.D, o.V, sizeof(acc_t));
-  const auto sopts = hidden.options().dtype(Device::stats_dtype(acc));
+  const auto sopts = o.hidden.options().dtype(Device::stats_dtype(acc_type(o.hidden)));
   Tensor stats = at::zeros({t.P, 3, n}, sopts);
   stats.select(1, 0).fill_(-std::numeric_limits<double>::infinity());
   Tensor zy = at::zeros({n}, sopts);
@@ -247,18 +241,13 @@ std::tuple<Tensor, Tensor, Tensor> forward_typed(const Tensor& hidden, const Ten
 }
 
 template <typename Device, typename acc_t>
-std::tuple<Tensor, Tensor, Tensor> backward_typed(const Tensor& grad_logprob, const std::optional<Tensor>& grad_entropy,
-                                                  const Tensor& hidden, const Tensor& weight,
-                                                  const std::optional<Tensor>& bias, const Tensor& targets,
-                                                  const Tensor& inv_temp, const Tensor& lse, const Tensor& entropy) {
-  const auto acc = acc_type(hidden);
-  const int64_t n = hidden.size(0), D = hidden.size(1), V = weight.size(0);
-  const auto fopts = hidden.options().dtype(acc);
+std::tuple<Tensor, Tensor, Tensor> backward_typed(const Operands& o) {
+  const auto acc = acc_type(o.hidden);
+  const int64_t n = o.n, D = o.D, V = o.V;
+  const auto fopts = o.hidden.options().dtype(acc);
   Tensor grad_hidden = at::zeros({n, D}, fopts);
-  Tensor grad_weight = at::empty({V, D}, weight.options());  // the weight's dtype (ops.cpp)
-  Tensor grad_bias = bias.has_value() ? at::zeros({V}, fopts) : at::empty({0}, fopts);
-  Operands o = prepare_operands(hidden, weight, bias, targets, inv_temp);
-  prepare_backward(o, grad_logprob, grad_entropy, lse, entropy);
+  Tensor grad_weight = at::empty({V, D}, o.weight.options());  // the weight's dtype (ops.cpp)
+  Tensor grad_bias = o.bias.defined() ? at::zeros({V}, fopts) : at::empty({0}, fopts);
   if (n == 0) {
     grad_weight.zero_();
     return {grad_hidden, grad_weight, grad_bias};
@@ -269,7 +258,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_typed(const Tensor& grad_logprob, co
   // tile accumulates in a tile-sized buffer and is written once, rounded, when its row blocks are
   // done: no [V, D] fp32 copy. Only when the rows run in several chunks (t.R < n, bounding the
   // private grad_hidden) is a tile revisited; then a full acc_t dW is kept and rounded at the end.
-  const bool in_place = weight.scalar_type() == acc, per_tile = !in_place && t.R >= n;
+  const bool in_place = o.weight.scalar_type() == acc, per_tile = !in_place && t.R >= n;
   const Tensor dw_full = in_place ? grad_weight : (per_tile ? Tensor() : at::empty({V, D}, fopts));
   const Tensor dh_private = t.P > 1 ? at::empty({t.P - 1, t.R, D}, fopts) : Tensor();
   Device::template with_engine<acc_t>(o, true, t, [&](auto make_engine) {
@@ -299,16 +288,17 @@ std::tuple<Tensor, Tensor, Tensor> backward_typed(const Tensor& grad_logprob, co
   return {grad_hidden, grad_weight, grad_bias};
 }
 
-// The op entry points: checks, device guard, dtype dispatch.
+// The op entry points (their signatures are the schemas in ops.cpp): checks, device guard, the
+// operands as one record, dtype dispatch.
 template <typename Device>
 std::tuple<Tensor, Tensor, Tensor> lle_forward(const Tensor& hidden, const Tensor& weight,
                                                const std::optional<Tensor>& bias, const Tensor& targets,
                                                const Tensor& inv_temp, bool compute_entropy) {
   check_inputs(hidden, weight, bias, targets, inv_temp, Device::kType);
   const c10::DeviceGuard guard(hidden.device());
-  if (hidden.scalar_type() == at::kDouble)
-    return forward_typed<Device, double>(hidden, weight, bias, targets, inv_temp, compute_entropy);
-  return forward_typed<Device, float>(hidden, weight, bias, targets, inv_temp, compute_entropy);
+  const Operands o = prepare_operands(hidden, weight, bias, targets, inv_temp);
+  if (hidden.scalar_type() == at::kDouble) return forward_typed<Device, double>(o, compute_entropy);
+  return forward_typed<Device, float>(o, compute_entropy);
 }
 
 template <typename Device>
@@ -318,11 +308,10 @@ std::tuple<Tensor, Tensor, Tensor> lle_backward(const Tensor& grad_logprob, cons
                                                 const Tensor& inv_temp, const Tensor& lse, const Tensor& entropy) {
   check_inputs(hidden, weight, bias, targets, inv_temp, Device::kType);
   const c10::DeviceGuard guard(hidden.device());
-  if (hidden.scalar_type() == at::kDouble)
-    return backward_typed<Device, double>(grad_logprob, grad_entropy, hidden, weight, bias, targets, inv_temp, lse,
-                                          entropy);
-  return backward_typed<Device, float>(grad_logprob, grad_entropy, hidden, weight, bias, targets, inv_temp, lse,
-                                       entropy);
+  Operands o = prepare_operands(hidden, weight, bias, targets, inv_temp);
+  prepare_backward(o, grad_logprob, grad_entropy, lse, entropy);
+  if (hidden.scalar_type() == at::kDouble) return backward_typed<Device, double>(o);
+  return backward_typed<Device, float>(o);
 }
 
 }  // namespace prepo_kernels

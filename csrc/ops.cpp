@@ -1,7 +1,8 @@
 // Operator schemas of the prepo_kernels extension (built as the Python module prepo_kernels._C).
 //
 // Both ops follow the backend contract in prepo_kernels/backends/base.py: dense rows only (the
-// autograd layer has already dropped ignore_index rows and rows without gradient), z never
+// autograd layer has already dropped ignore_index rows and rows without gradient, and the public API
+// has checked once that every target is in [0, V); the ops do not check it again), z never
 // materialized as [n, V].
 //
 //   z        = (hidden @ weight.T + bias) * inv_temp[:, None]

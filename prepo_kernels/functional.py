@@ -1,18 +1,15 @@
 """Public functional API: fused per-token log-prob and full-vocabulary entropy."""
 from __future__ import annotations
 
-import dataclasses
-
 from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from . import validation
-from .autograd import linear_logprob_entropy_rows
+from . import validation, vocab_parallel
+from .autograd import fused_lle, group_name_of
 from .backends import registry
 from .backends.base import KernelParams, accumulation_dtype
 from .reference import reference_linear_logprob_entropy
-from .vocab_parallel import vocab_parallel_logprob_entropy
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -71,22 +68,29 @@ def linear_logprob_entropy(
     ``prepo_kernels::fused_lle`` (see ``prepo_kernels.autograd``), which skips ignored rows in
     forward and zero-gradient rows in backward in compiled code too.
     """
-    if process_group is not None:
-        return vocab_parallel_logprob_entropy(
-            hidden, weight, targets, process_group, bias=bias, temperature=temperature,
-            ignore_index=ignore_index, compute_entropy=compute_entropy, impl=impl, params=params,
-        )
     validation.check_linear_inputs(hidden, weight, targets, bias, ignore_index)
     backend = registry.resolve(impl, hidden.device)
-    shape = targets.shape
-    h2 = hidden.reshape(-1, hidden.shape[-1])
-    y = validation.checked_targets(targets.reshape(-1), weight.shape[0], ignore_index)
     inv_temp = validation.temperature_per_row(temperature, targets, accumulation_dtype(hidden.dtype))
+    vocab = weight.shape[0]
+    if process_group is not None:
+        if backend == "reference":
+            raise ValueError(
+                "impl='reference' does not support process_group (it differentiates materialized logits with "
+                "torch autograd, which cannot see the collective); use a fused impl such as 'torch'"
+            )
+        vocab *= vocab_parallel.check_same_on_every_rank(
+            process_group, hidden, weight, bias, targets, ignore_index, compute_entropy)
+    y = validation.checked_targets(targets.reshape(-1), vocab, ignore_index)  # the one range check
+    h2 = hidden.reshape(-1, hidden.shape[-1])
     if backend == "reference":
         logprob, entropy = reference_linear_logprob_entropy(h2, weight, y, bias, inv_temp, ignore_index)
     else:
-        params = dataclasses.replace(params or DEFAULT_PARAMS, compute_entropy=compute_entropy)
-        logprob, entropy = linear_logprob_entropy_rows(h2, weight, bias, y, inv_temp, ignore_index, backend, params)
+        params = params or DEFAULT_PARAMS
+        logprob, entropy, _ = fused_lle(
+            h2, weight, bias, y, inv_temp, ignore_index, backend, compute_entropy, params.deterministic,
+            params.grad_filter, group_name_of(process_group),
+        )
+    shape = targets.shape
     return logprob.view(shape), entropy.view(shape) if compute_entropy else None
 
 

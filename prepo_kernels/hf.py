@@ -81,14 +81,46 @@ def causal_lm_logprob_entropy(
             raise ValueError(
                 f"attention_mask shape {tuple(attention_mask.shape)} must equal input_ids shape {tuple(input_ids.shape)}"
             )
-        kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        kwargs["position_ids"] = position_ids(attention_mask)
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).last_hidden_state
-    targets = input_ids[:, 1:]
+    return next_token_logprob_entropy(
+        hidden, head, input_ids, attention_mask, input_ids.shape[1] - 1, temperature=temperature,
+        compute_entropy=compute_entropy, impl=impl,
+    )
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] 0/1 mask (left or right padding) -> [B, T] int64 position ids, as generation numbers
+    them: 0 at each sequence's first real token, padding before it at 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def next_token_logprob_entropy(
+    hidden: torch.Tensor,
+    head: nn.Linear,
+    input_ids: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    n_keep: int,
+    *,
+    temperature: Temperature = 1.0,
+    compute_entropy: bool = True,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The fused LM head over the decoder's last hidden states: the log-prob of each of the last
+    ``n_keep`` tokens of ``input_ids`` given its prefix and the entropy of the next-token
+    distribution there.
+
+    hidden [B, T, D] (the decoder's ``last_hidden_state`` for ``input_ids`` [B, T]); attention_mask
+    [B, T] 0/1 or None; 1 <= n_keep < T. Returns [B, n_keep] float32 each (entropy None unless
+    ``compute_entropy``), in nats; 0, and no gradient, where the token or its context position is
+    padding. The one HF -> fused adapter: ``causal_lm_logprob_entropy`` and the trainer's
+    ``prepo.integrations.hf_fused`` both end here."""
+    targets = input_ids[:, -n_keep:]
     if attention_mask is not None:
-        valid = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
+        valid = attention_mask[:, -n_keep:].bool() & attention_mask[:, -n_keep - 1 : -1].bool()
         targets = torch.where(valid, targets, IGNORE)
     return linear_logprob_entropy(
-        hidden[:, :-1],
+        hidden[:, -n_keep - 1 : -1].to(head.weight.dtype),  # autocast may hand back another dtype
         head.weight,
         targets,
         bias=head.bias,

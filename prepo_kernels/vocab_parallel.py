@@ -53,61 +53,23 @@ ranks; a check that fails on one rank only raises there and leaves the others wa
 check's ``all_gather`` until the group's timeout. Hidden states and temperatures are assumed equal
 across ranks (not checked: it would cost an all-reduce of [N, D]).
 
+This module holds the shard math only (the cross-rank check, the target mapping, the merge of the
+ranks' statistics, the dummy column). It runs inside the one autograd path every fused call takes,
+the custom ops ``prepo_kernels::fused_lle`` / ``fused_lle_backward`` (``prepo_kernels.autograd``),
+which get the group by name; the row dropping there is the same as without a group.
+
 The fused backends run here: "torch", "cpu", "cuda", "triton" (one rank per device). "reference"
 is not: it materializes the logits and differentiates them with torch autograd, which cannot see
 the collective; compare against the unsharded op with impl="reference" instead.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from . import validation
-from .backends import registry
-from .backends.base import KernelParams, accumulation_dtype
-
-
-def vocab_parallel_logprob_entropy(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    process_group: dist.ProcessGroup,
-    *,
-    bias: Optional[torch.Tensor] = None,
-    temperature: validation.Temperature = 1.0,
-    ignore_index: int = -100,
-    compute_entropy: bool = True,
-    impl: str = "auto",
-    params: Optional[KernelParams] = None,
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``prepo_kernels.linear_logprob_entropy`` with ``weight`` [Vs, D] (and ``bias`` [Vs]) this rank's
-    vocab shard of an LM head sharded over ``process_group``; ``targets`` are global ids in [0, Vs * W).
-    Returns the global (logprob, entropy), each float32 (float64 for float64 inputs) with targets' shape,
-    identical on every rank. The hidden gradient is this rank's partial sum (module docstring)."""
-    if not isinstance(process_group, dist.ProcessGroup):
-        raise TypeError(f"process_group must be a torch.distributed.ProcessGroup, got {type(process_group).__name__}")
-    validation.check_tensor("targets", targets, integer=True)
-    # every check but the target range, which is against the global vocab (below), not this shard's rows
-    validation.check_linear_inputs(hidden, weight, torch.full_like(targets, ignore_index), bias, ignore_index)
-    backend = registry.resolve(impl, hidden.device)
-    if backend == "reference":
-        raise ValueError(
-            "impl='reference' does not support process_group (it differentiates materialized logits with "
-            "torch autograd, which cannot see the collective); use a fused impl such as 'torch'"
-        )
-    inv_temp = validation.temperature_per_row(temperature, targets, accumulation_dtype(hidden.dtype))
-    params = dataclasses.replace(params or KernelParams(), compute_entropy=compute_entropy)
-    y = targets.reshape(-1).long()
-    world = _check_same_on_every_rank(process_group, hidden, weight, bias, y, ignore_index, compute_entropy)
-    y = validation.checked_targets(y, weight.shape[0] * world, ignore_index)
-    logprob, entropy = VocabParallelLinearLogprobEntropy.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias, y, inv_temp, ignore_index, backend, params, process_group
-    )
-    shape = targets.shape
-    return logprob.view(shape), entropy.view(shape) if compute_entropy else None
 
 
 def copy_to_vocab_parallel(hidden: torch.Tensor, process_group: dist.ProcessGroup) -> torch.Tensor:
@@ -132,8 +94,12 @@ class _CopyToVocabParallel(torch.autograd.Function):
         return grad, None
 
 
-def _check_same_on_every_rank(group, hidden, weight, bias, y, ignore_index, compute_entropy) -> int:
-    """One all_gather of what must agree across ranks; every rank raises the same error. Returns W."""
+def check_same_on_every_rank(group, hidden, weight, bias, targets, ignore_index, compute_entropy) -> int:
+    """One all_gather of what must agree across the ranks of ``group`` (shapes, dtype, options, a
+    checksum of the targets); every rank raises the same ValueError. Returns the world size W."""
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"process_group must be a torch.distributed.ProcessGroup, got {type(group).__name__}")
+    y = targets.reshape(-1).long()
     pos = torch.arange(1, y.numel() + 1, device=y.device)
     fields = {  # name -> int64 values
         "weight rows (every rank must hold an equal shard: rank r holds global rows [r*Vs, (r+1)*Vs))":
@@ -164,17 +130,26 @@ def _check_same_on_every_rank(group, hidden, weight, bias, y, ignore_index, comp
     return len(table)
 
 
-def _rows(x: torch.Tensor, rows: torch.Tensor, all_rows: bool) -> torch.Tensor:
-    return x if all_rows else x.index_select(0, rows)
+def forward_targets(y: torch.Tensor, vs: int, group: dist.ProcessGroup) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global targets [n] -> (owner [n], the rank holding each target; the target's column in this
+    rank's shard [n], column 0 -- a dummy, never read -- where another rank owns it)."""
+    rank = dist.get_rank(group)
+    owner = torch.div(y, vs, rounding_mode="floor")
+    return owner, torch.where(owner == rank, y - rank * vs, 0)
 
 
-def _scatter_rows(values: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
-    if values.shape[0] == n:
-        return values
-    return values.new_zeros((n,) + values.shape[1:]).index_copy_(0, rows, values)
+def backward_targets(y: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], group: dist.ProcessGroup):
+    """Global targets [n], this rank's weight [Vs, D] and bias -> (targets in the shard, weight, bias)
+    for the backend's backward: a target another rank owns points at an extra dummy column (see
+    :func:`_append_dummy_column`), added only when some row needs it."""
+    vs, rank = weight.shape[0], dist.get_rank(group)
+    owned = torch.div(y, vs, rounding_mode="floor") == rank
+    if not bool(owned.all()):
+        weight, bias = _append_dummy_column(weight, bias)
+    return torch.where(owned, y - rank * vs, vs), weight, bias
 
 
-def _global_stats(lp, ent, lse_r, owner, group, compute_entropy):
+def global_stats(lp, ent, lse_r, owner, group, compute_entropy):
     """Per-rank shard statistics [n] -> global (logprob, entropy or empty, lse), one all_gather."""
     local = torch.stack([lse_r, lp, ent] if compute_entropy else [lse_r, lp])
     parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
@@ -190,62 +165,6 @@ def _global_stats(lp, ent, lse_r, owner, group, compute_entropy):
     # a shard whose logits are all -inf has w = 0 and a NaN H_r: it contributes nothing
     entropy = torch.where(w > 0, w * (stats[:, 2] + (lse - lse_all)), 0).sum(0)
     return logprob, entropy, lse
-
-
-class VocabParallelLinearLogprobEntropy(torch.autograd.Function):
-    """(hidden [N, D], weight shard [Vs, D], bias shard [Vs]|None, global targets [N], inv_temp [N]) ->
-    global (logprob [N], entropy [N] or empty). Rows with target ignore_index are dropped before any
-    matmul; in backward, rows whose upstream gradients are both zero are dropped."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, inv_temp, ignore_index, backend, params, group):
-        n, vs = hidden.shape[0], weight.shape[0]
-        rank = dist.get_rank(group)
-        rows = (targets != ignore_index).nonzero().squeeze(1)
-        all_rows = rows.numel() == n
-        y = _rows(targets, rows, all_rows)
-        owner = torch.div(y, vs, rounding_mode="floor")
-        owned = owner == rank
-        local_y = torch.where(owned, y - rank * vs, 0)  # dummy column 0 where another rank owns the target
-        if rows.numel():  # the same on every rank (targets were checked equal), so no rank skips the collective
-            lp, ent, lse_r = registry.get(backend).forward(
-                _rows(hidden, rows, all_rows).contiguous(), weight.contiguous(), bias, local_y,
-                _rows(inv_temp, rows, all_rows), params)
-            lp, ent, lse = _global_stats(lp, ent, lse_r, owner, group, params.compute_entropy)
-        else:
-            lp = ent = lse = inv_temp.new_zeros(0)
-        logprob = _scatter_rows(lp, rows, n)
-        entropy = _scatter_rows(ent, rows, n) if params.compute_entropy else ent
-        if not params.compute_entropy:
-            ctx.mark_non_differentiable(entropy)
-        ctx.save_for_backward(hidden, weight, bias, inv_temp, rows, local_y, owned, lse, ent)
-        ctx.backend, ctx.params = backend, params
-        return logprob, entropy
-
-    @staticmethod
-    def backward(ctx, grad_logprob, grad_entropy):
-        hidden, weight, bias, inv_temp, rows, local_y, owned, lse, ent = ctx.saved_tensors
-        params = ctx.params
-        g = grad_logprob.index_select(0, rows)
-        e = grad_entropy.index_select(0, rows) if params.compute_entropy and grad_entropy is not None else None
-        live = (g != 0) if e is None else (g != 0) | (e != 0)
-        keep = live.nonzero().squeeze(1)
-        if keep.numel() == 0:
-            return (None,) * 9
-        sel = rows.index_select(0, keep)
-        pick = lambda x: x.index_select(0, keep)  # noqa: E731
-        owned, weight_b, bias_b = pick(owned), weight.contiguous(), bias
-        if not bool(owned.all()):
-            weight_b, bias_b = _append_dummy_column(weight_b, bias)
-        vs = weight.shape[0]
-        y = torch.where(owned, pick(local_y), vs)  # targets on other ranks -> the dummy column
-        grad_h, grad_w, grad_b = registry.get(ctx.backend).backward(
-            pick(g), None if e is None else pick(e), hidden.index_select(0, sel).contiguous(), weight_b, bias_b,
-            y, inv_temp.index_select(0, sel), pick(lse), ent if e is None else pick(ent), params,
-        )
-        full_h = hidden.new_zeros(hidden.shape).index_copy_(0, sel, grad_h.to(hidden.dtype))
-        grad_b = None if bias is None else grad_b[:vs].to(bias.dtype)
-        return full_h, grad_w[:vs].to(weight.dtype), grad_b, None, None, None, None, None, None
 
 
 def _append_dummy_column(weight: torch.Tensor, bias: Optional[torch.Tensor]):

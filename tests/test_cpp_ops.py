@@ -16,7 +16,7 @@ pytest.importorskip("prepo_kernels._C", reason="native extension prepo_kernels._
 
 from kernel_harness import device_params, raw_oracle  # noqa: E402
 from prepo_kernels.backends import cpp  # noqa: E402  (registers the fake kernels)
-from prepo_kernels.backends.base import KernelParams  # noqa: E402
+from prepo_kernels.backends.base import BackwardInputs, ForwardInputs, KernelParams  # noqa: E402
 
 ops = torch.ops.prepo_kernels
 NEG_INF = float("-inf")
@@ -223,10 +223,27 @@ def test_deterministic_and_thread_count_independent(monkeypatch):
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
 
 
+def test_target_ids_are_not_checked_again_and_never_read_out_of_range():
+    """The public API checks target ids once per call; the raw ops trust them and never index with
+    one: an id outside [0, V) matches no column, so its z_y is 0 (logprob = -lse) and it adds no
+    g * 1[v=y] term in backward."""
+    h, W, b, y, it = make_inputs(4, 8, 50, bias=True)
+    bad = torch.tensor([0, 1, 50, -7])
+    lp, ent, lse = ops.lle_forward(h, W, b, bad, it, True)
+    good = ops.lle_forward(h, W, b, y, it, True)
+    torch.testing.assert_close(lse, good[2], rtol=0, atol=0)
+    assert torch.equal(lp[2:], -lse[2:])
+    g, e = torch.randn(4, dtype=h.dtype), torch.randn(4, dtype=h.dtype)
+    grads = ops.lle_backward(g, e, h, W, b, bad, it, lse, ent)
+    # the oracle: rows 2, 3 point at an extra column of probability 0 (zero weight row, -inf bias)
+    W1, b1 = torch.cat([W, W.new_zeros(1, 8)]), torch.cat([b, b.new_full((1,), NEG_INF)])
+    ref = raw_oracle(h, W1, b1, torch.tensor([0, 1, 50, 50]), it, g, e)
+    for got, want in zip(grads, (ref[3], ref[4][:50], ref[5][:50])):
+        assert_close(got, want, 2e-5)
+
+
 def test_rejects_bad_inputs():
     h, W, b, y, it = make_inputs(4, 8, 50, bias=True)
-    with pytest.raises(RuntimeError, match="outside"):
-        ops.lle_forward(h, W, b, torch.tensor([0, 1, 50, 2]), it, True)
     with pytest.raises(RuntimeError, match="disagree on D"):
         ops.lle_forward(h[:, :7], W, b, y, it, True)
     with pytest.raises(RuntimeError, match="dtype"):
@@ -306,11 +323,11 @@ def test_backend_objects():
 
     h, W, b, y, it = make_inputs(5, 6, 90, bias=True, temp="rows")
     backend = cpp.BACKENDS["cpu"]
-    lp, ent, lse = backend.forward(h, W, b, y, it, KernelParams(compute_entropy=True))
+    lp, ent, lse = backend.forward(ForwardInputs(h, W, b, y, it, KernelParams(compute_entropy=True)))
     g, e = torch.randn(5), torch.randn(5)
-    grad_h, grad_w, grad_b = backend.backward(g, e, h, W, b, y, it, lse, ent, KernelParams())
+    grad_h, grad_w, grad_b = backend.backward(BackwardInputs(h, W, b, y, it, KernelParams(), g, e, lse, ent))
     ref = raw_oracle(h, W, b, y, it, g, e)
     assert_close(grad_h, ref[3], 2e-5)
     assert_close(grad_b, ref[5], 2e-5)
-    _, _, grad_none = backend.backward(g, e, h, W, None, y, it, lse, ent, KernelParams())
+    _, _, grad_none = backend.backward(BackwardInputs(h, W, None, y, it, KernelParams(), g, e, lse, ent))
     assert grad_none is None

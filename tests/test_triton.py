@@ -12,6 +12,7 @@ import torch
 
 from kernel_harness import F64, assert_close_to_truth, device_params, interpreter_warnings, make_inputs, run
 from prepo_kernels import KernelParams
+from prepo_kernels.backends.base import BackwardInputs, ForwardInputs
 from prepo_kernels.backends import registry
 
 triton = pytest.importorskip("triton")
@@ -31,7 +32,8 @@ def test_forward_split_merge_matches_single_pass(device):
     targets = targets.clamp(min=40)
     args = [t.to(device) for t in (hidden, weight, bias, targets)]
     inv_temp = (torch.rand(5, dtype=F64) + 0.5).to(device)
-    base = triton_forward(args[0], args[1], args[2], args[3], inv_temp, num_splits=1)
+    rows = ForwardInputs(*args, inv_temp, KernelParams())
+    base = triton_forward(rows, num_splits=1)
     truth = run("reference", "cpu", F64, hidden, weight, targets, bias, temperature=1 / inv_temp.cpu(),
                 grads=(torch.zeros(5, dtype=F64), torch.zeros(5, dtype=F64)))
     torch.testing.assert_close(base[0].cpu(), truth[0], rtol=1e-12, atol=1e-12)
@@ -39,11 +41,10 @@ def test_forward_split_merge_matches_single_pass(device):
     from prepo_kernels.triton.config import Blocks
 
     for splits in (2, 3, 10):
-        got = triton_forward(args[0], args[1], args[2], args[3], inv_temp, num_splits=splits,
-                             blocks=Blocks(16, 32, 16))
+        got = triton_forward(rows, num_splits=splits, blocks=Blocks(16, 32, 16))
         for a, b in zip(base, got):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    lp, ent, lse = triton_forward(args[0], args[1], args[2], args[3], inv_temp, compute_entropy=False,
+    lp, ent, lse = triton_forward(ForwardInputs(*args, inv_temp, KernelParams(compute_entropy=False)),
                                   num_splits=3, blocks=Blocks(16, 32, 16))
     assert ent.numel() == 0
     torch.testing.assert_close(lp, base[0], rtol=1e-12, atol=1e-12)
@@ -66,16 +67,18 @@ def test_many_small_tiles(device, deterministic):
     h, w, b, y, it = (t.to(dev) for t in (hidden, weight, bias, targets, inv_t))
     blocks = Blocks(16, 16, 16)
     for splits in (1, 3):
-        lp, ent, lse = triton_forward(h, w, b, y, it, num_splits=splits, blocks=blocks)
+        lp, ent, lse = triton_forward(ForwardInputs(h, w, b, y, it, KernelParams()), num_splits=splits,
+                                      blocks=blocks)
         torch.testing.assert_close(lp.cpu(), truth[0], rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(ent.cpu(), truth[1], rtol=1e-12, atol=1e-12)
     g, e = (t.to(dev) for t in grads)
-    dh, dw, db = triton_backward(g, e, h, w, b, y, it, lse, ent, deterministic=deterministic, blocks=blocks)
+    params = KernelParams(deterministic=deterministic)
+    dh, dw, db = triton_backward(BackwardInputs(h, w, b, y, it, params, g, e, lse, ent), blocks=blocks)
     for got, want in zip((dh, dw, db), truth[2:]):
         torch.testing.assert_close(got.cpu(), want, rtol=1e-10, atol=1e-10)
     # no entropy gradient (compute_entropy=False path): only the logprob part
-    dh, dw, db = triton_backward(g, None, h, w, b, y, it, lse, torch.empty(0, dtype=F64, device=dev),
-                                 deterministic=deterministic, blocks=blocks)
+    no_e = BackwardInputs(h, w, b, y, it, params, g, None, lse, torch.empty(0, dtype=F64, device=dev))
+    dh, dw, db = triton_backward(no_e, blocks=blocks)
     truth_lp = run("reference", "cpu", F64, hidden, weight, targets, bias, temperature=1 / inv_t,
                    grads=(grads[0], torch.zeros(n, dtype=F64)))
     for got, want in zip((dh, dw, db), truth_lp[2:]):
@@ -126,10 +129,9 @@ def test_grad_filter_skips_negligible_tiles_in_16bit_only(device, deterministic)
         lp, ent, lse = linear_stats(h, w, b, y, inv_t)
         g, e = (t.to(dev, torch.float32) for t in grads)
         blocks = Blocks(16, 64, 16)
-        on = triton_backward(g, e, h, w, b, y, inv_t, lse, ent, deterministic=deterministic, grad_filter=True,
-                             blocks=blocks)
-        off = triton_backward(g, e, h, w, b, y, inv_t, lse, ent, deterministic=deterministic, grad_filter=False,
-                              blocks=blocks)
+        on, off = (triton_backward(BackwardInputs(h, w, b, y, inv_t, KernelParams(deterministic=deterministic,
+                                                                                 grad_filter=grad_filter),
+                                                 g, e, lse, ent), blocks=blocks) for grad_filter in (True, False))
         if dtype != torch.float16:  # (fp16 dz of ~1e-11 underflows to 0 anyway when cast for the dot)
             assert (off[1][64:] != 0).any() and (off[2][64:] != 0).all()
         if expect_skip:
@@ -151,7 +153,7 @@ def test_grad_filter_skips_negligible_tiles_in_16bit_only(device, deterministic)
 def linear_stats(h, w, b, y, inv_t):
     from prepo_kernels.triton import triton_forward
 
-    return triton_forward(h, w, b, y, inv_t)
+    return triton_forward(ForwardInputs(h, w, b, y, inv_t, KernelParams()))
 
 
 # --------------------------------------------------------------------------------------------------

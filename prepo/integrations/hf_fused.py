@@ -4,18 +4,16 @@ prepo_kernels' fused LM head.
 The model is called through its wrapper (DDP, PEFT, accelerate) so that the wrapper's forward
 hooks run (DDP's gradient reduction depends on them); a forward hook on the decoder takes its last
 hidden state, the model itself computes logits for one position only (``logits_to_keep=1``), and
-:func:`prepo_kernels.linear_logprob_entropy` projects the requested positions through the LM head
-weight without holding the [tokens, vocab] logits.
+:func:`prepo_kernels.hf.next_token_logprob_entropy` (the adapter ``causal_lm_logprob_entropy`` uses
+too) projects the requested positions through the LM head weight without holding the [tokens, vocab]
+logits.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-import prepo_kernels
-from prepo_kernels.hf import decoder_and_head
-
-IGNORE = -100
+from prepo_kernels.hf import decoder_and_head, next_token_logprob_entropy, position_ids
 
 
 def tail_logprob_entropy(
@@ -51,17 +49,11 @@ def tail_logprob_entropy(
     captured = []
     handle = decoder.register_forward_hook(lambda _m, _a, out: captured.append(out.last_hidden_state))
     try:
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-              logits_to_keep=1)
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+              use_cache=False, logits_to_keep=1)
     finally:
         handle.remove()
     if len(captured) != 1:
         raise RuntimeError(f"expected one decoder call in the model's forward, saw {len(captured)}")
-    hidden = captured[0][:, -n_keep - 1 : -1]
-    valid = attention_mask[:, -n_keep:].bool() & attention_mask[:, -n_keep - 1 : -1].bool()
-    targets = torch.where(valid, input_ids[:, -n_keep:], IGNORE)
-    return prepo_kernels.linear_logprob_entropy(
-        hidden.to(head.weight.dtype), head.weight, targets, bias=head.bias, temperature=temperature,
-        ignore_index=IGNORE, compute_entropy=compute_entropy,
-    )
+    return next_token_logprob_entropy(captured[0], head, input_ids, attention_mask, n_keep, temperature=temperature,
+                                      compute_entropy=compute_entropy)

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from .base import Grads, KernelParams, Stats, accumulation_dtype
+from .base import BackwardInputs, ForwardInputs, Grads, Stats, accumulation_dtype
 
 try:
     from prepo_kernels import _C  # noqa: F401  (loading the library registers torch.ops.prepo_kernels.*)
@@ -94,19 +94,15 @@ class CppBackend:
                     "or PREPO_BUILD_CUDA=0 at install time)")
         return None
 
-    def forward(self, hidden, weight, bias, targets, inv_temp, params: KernelParams) -> Stats:
-        logprob, entropy, lse = torch.ops.prepo_kernels.lle_forward(
-            hidden, weight, bias, targets, inv_temp, params.compute_entropy
-        )
-        return logprob, entropy, lse
+    # The ops' schemas (csrc/ops.cpp) list the tensors one by one; the records are unpacked here only.
+    def forward(self, x: ForwardInputs) -> Stats:
+        return torch.ops.prepo_kernels.lle_forward(
+            x.hidden, x.weight, x.bias, x.targets, x.inv_temp, x.params.compute_entropy)
 
-    def backward(self, grad_logprob, grad_entropy, hidden, weight, bias, targets, inv_temp, lse,
-                 entropy, params: KernelParams) -> Grads:
+    def backward(self, x: BackwardInputs) -> Grads:
         grad_hidden, grad_weight, grad_bias = torch.ops.prepo_kernels.lle_backward(
-            grad_logprob, grad_entropy if params.compute_entropy else None, hidden, weight, bias, targets,
-            inv_temp, lse, entropy,
-        )
-        return grad_hidden, grad_weight, (grad_bias if bias is not None else None)
+            x.grad_logprob, x.grad_entropy, x.hidden, x.weight, x.bias, x.targets, x.inv_temp, x.lse, x.entropy)
+        return grad_hidden, grad_weight, (grad_bias if x.bias is not None else None)
 
 
 BACKENDS = {"cpu": CppBackend("cpu", "cpu"), "cuda": CppBackend("cuda", "cuda")}

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from .base import Grads, KernelParams, Stats, accumulation_dtype
+from .base import BackwardInputs, ForwardInputs, Grads, Stats, accumulation_dtype
 
 # elements in one logits tile: 4M fp32 = 16 MB, a few tiles of temporaries stay well under 100 MB
 TILE_ELEMENTS = 1 << 22
@@ -61,7 +61,8 @@ def tile_stats(z):
     return m, e.sum(1), torch.where(e > 0, e * d, 0).sum(1)
 
 
-def forward(hidden, weight, bias, targets, inv_temp, params: KernelParams) -> Stats:
+def forward(x: ForwardInputs) -> Stats:
+    hidden, weight, bias, targets, inv_temp = x.hidden, x.weight, x.bias, x.targets, x.inv_temp
     acc = accumulation_dtype(hidden.dtype)
     n, vocab = hidden.shape[0], weight.shape[0]
     h = hidden.to(acc)
@@ -79,7 +80,7 @@ def forward(hidden, weight, bias, targets, inv_temp, params: KernelParams) -> St
             z_target[rows] = torch.where(in_tile, z.gather(1, col).squeeze(1), z_target[rows])
             m[rows], s[rows], t[rows] = merge_stats(m[rows], s[rows], t[rows], *tile_stats(z))
     lse = m + s.log()
-    entropy = s.log() - t / s if params.compute_entropy else h.new_empty(0)
+    entropy = s.log() - t / s if x.params.compute_entropy else h.new_empty(0)
     return z_target - lse, entropy, lse
 
 
@@ -93,7 +94,9 @@ def grad_logits_tile(z, lse, entropy, g, e, in_tile, col):
     return dz
 
 
-def backward(g, e, hidden, weight, bias, targets, inv_temp, lse, entropy, params: KernelParams) -> Grads:
+def backward(x: BackwardInputs) -> Grads:
+    hidden, weight, bias, targets, inv_temp = x.hidden, x.weight, x.bias, x.targets, x.inv_temp
+    g, e, lse, entropy = x.grad_logprob, x.grad_entropy, x.lse, x.entropy
     acc = accumulation_dtype(hidden.dtype)
     n, vocab = hidden.shape[0], weight.shape[0]
     h = hidden.to(acc)

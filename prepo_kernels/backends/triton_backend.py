@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .base import Grads, KernelParams, Stats
+from .base import BackwardInputs, ForwardInputs, Grads, Stats
 
 try:
     import triton  # noqa: F401
@@ -40,20 +40,15 @@ class TritonBackend:
                     "to run its interpreter on CPU)")
         return f"triton does not run on {device.type} devices"
 
-    def forward(self, hidden, weight, bias, targets, inv_temp, params: KernelParams) -> Stats:
+    def forward(self, x: ForwardInputs) -> Stats:
         from prepo_kernels.triton import triton_forward
 
-        return triton_forward(hidden, weight, bias, targets, inv_temp, compute_entropy=params.compute_entropy)
+        return triton_forward(x)
 
-    def backward(self, grad_logprob, grad_entropy, hidden, weight, bias, targets, inv_temp, lse,
-                 entropy, params: KernelParams) -> Grads:
+    def backward(self, x: BackwardInputs) -> Grads:
         from prepo_kernels.triton import triton_backward
 
-        return triton_backward(
-            grad_logprob, grad_entropy if params.compute_entropy else None, hidden, weight, bias,
-            targets, inv_temp, lse, entropy,
-            deterministic=params.deterministic, grad_filter=params.grad_filter,
-        )
+        return triton_backward(x)
 
 
 BACKENDS = {"triton": TritonBackend()}

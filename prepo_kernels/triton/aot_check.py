@@ -18,92 +18,133 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Iterator, NamedTuple
 
 
-def _compile_all(arch: int, dtypes: list[str], verbose: bool) -> int:
+# the shape the launch configurations are picked for (a large batch of a 128k-vocabulary model)
+_N, _V, _D = 8192, 131072, 4096
+_TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp64": "float64"}
+
+
+class _Variant(NamedTuple):
+    kernel: object
+    names: list  # argument names
+    types: list  # their Triton types ("*bf16", "i32", ...)
+    consts: dict  # constexpr values
+    blocks: object  # config.Blocks: num_warps, num_stages
+    label: str
+
+
+def _forward_variants(name: str, dt) -> Iterator[_Variant]:
+    """The forward kernel in three (bias, entropy, split) configurations, and the merge kernel."""
     import torch
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+
+    from . import config
+    from .forward import _forward_kernel
+    from .merge import _merge_kernel
+
+    ptr, acc = "*" + name, "*fp64" if dt == torch.float64 else "*fp32"
+    fb = config.forward_blocks(_N, _V, _D, dt)
+    names = ["h_ptr", "w_ptr", "b_ptr", "y_ptr", "it_ptr", "logprob_ptr", "ent_ptr", "lse_ptr",
+             "pm_ptr", "ps_ptr", "pt_ptr", "pzy_ptr", "n", "V", "D", "v_per_split"]
+    types = [ptr, ptr, ptr, "*i64"] + [acc] * 8 + ["i32"] * 4
+    for has_bias, ent, split in ((True, True, True), (False, True, False), (False, False, True)):
+        consts = dict(HAS_BIAS=has_bias, COMPUTE_ENTROPY=ent, SPLIT=split, **_common_flags(dt),
+                      BLOCK_N=fb.BLOCK_N, BLOCK_V=fb.BLOCK_V, BLOCK_D=fb.BLOCK_D)
+        yield _Variant(_forward_kernel, names, types, consts, fb,
+                       f"forward {name} bias={has_bias} entropy={ent} split={split} {fb}")
+    yield _Variant(_merge_kernel, ["pm_ptr", "ps_ptr", "pt_ptr", "pzy_ptr", "logprob_ptr", "ent_ptr", "lse_ptr",
+                                   "n", "num_splits"], [acc] * 7 + ["i32", "i32"],
+                   dict(COMPUTE_ENTROPY=True, BLOCK=128), config.Blocks(128, 0, 0, num_warps=4, num_stages=1),
+                   f"merge {name}")
+
+
+def _backward_variants(name: str, dt) -> Iterator[_Variant]:
+    """Both backward modes (fused; deterministic dh + dW) with and without bias and entropy."""
+    import torch
 
     from . import config
     from .backward_dh import _backward_dh_kernel
     from .backward_dw import _backward_dw_kernel
     from .backward_fused import _backward_fused_kernel
-    from .forward import _forward_kernel
-    from .merge import _merge_kernel
+
+    ptr, acc = "*" + name, "*fp64" if dt == torch.float64 else "*fp32"
+    names = ["h_ptr", "w_ptr", "b_ptr", "y_ptr", "it_ptr", "lse_ptr", "ent_ptr", "g_ptr", "e_ptr"]
+    types = [ptr, ptr, ptr, "*i64"] + [acc] * 5
+    sizes, size_types = ["n", "V", "D", "filter_budget"], ["i32", "i32", "i32", "fp32"]
+    filt = dt in (torch.bfloat16, torch.float16)
+    for has_bias, has_e in ((True, True), (False, False)):
+        for det in (False, True):
+            bb = config.backward_blocks(_N, _V, _D, dt, det)
+            consts = dict(HAS_BIAS=has_bias, HAS_E=has_e, FILTER=filt, **_common_flags(dt),
+                          BLOCK_N=bb.BLOCK_N, BLOCK_V=bb.BLOCK_V, BLOCK_D=bb.BLOCK_D)
+            tag = f"{name} bias={has_bias} e={has_e} filter={filt} {bb}"
+            if det:
+                yield _Variant(_backward_dh_kernel, names + ["dh_ptr"] + sizes, types + [acc] + size_types,
+                               consts, bb, f"backward_dh {tag}")
+                yield _Variant(_backward_dw_kernel, names + ["dw_ptr", "db_ptr"] + sizes,
+                               types + [acc, acc] + size_types, consts, bb, f"backward_dw {tag}")
+            else:
+                yield _Variant(_backward_fused_kernel, names + ["dh_ptr", "dw_ptr", "db_ptr"] + sizes,
+                               types + [acc, acc, acc] + size_types, dict(consts, GROUP_N=8), bb,
+                               f"backward_fused {tag}")
+
+
+def _common_flags(dt) -> dict:
+    import torch
+
+    return dict(IS_FP64=dt == torch.float64, PRECISION="ieee", UPCAST=False)
+
+
+def _compile_one(v: _Variant, target, verbose: bool) -> bool:
+    """Compile one variant for ``target``; print its register / stack / shared-memory use, or why it
+    failed (the whole message with ``verbose``). True when it compiled."""
+    import triton
+    from triton.compiler import ASTSource
+
+    sig = dict(zip(v.names, v.types))
+    sig.update({k: "constexpr" for k in v.consts})
+    # what the JIT does for pointers and for ints divisible by 16 (D, V, n at real shapes)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (k, t) in enumerate(sig.items())
+             if t.startswith("*") or k in ("n", "V", "D", "v_per_split")}
+    src = ASTSource(fn=v.kernel, signature=sig, constexprs=v.consts, attrs=attrs)
+    try:
+        k = triton.compile(src, target=target,
+                           options={"num_warps": v.blocks.num_warps, "num_stages": v.blocks.num_stages})
+    except Exception as exc:  # noqa: BLE001  (report every failing variant, then exit 1)
+        message = str(exc) if verbose else str(exc)[:1500]
+        print(f"FAIL {v.label}: {type(exc).__name__}: {message}", flush=True)
+        return False
+    print(f"ok   {v.label}: {_resource_usage(k.asm['cubin'])} smem {k.metadata.shared} B", flush=True)
+    return True
+
+
+def _resource_usage(cubin: bytes) -> str:
+    """"regs R, stack S B" from ``cuobjdump -res-usage`` (bundled with triton), or "" without it."""
+    import triton
+
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not cuobjdump.exists():
+        return ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(cuobjdump), "-res-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+)\s+STACK:(\d+)", out)
+    return f"regs {m.group(1)}, stack {m.group(2)} B" if m else ""
+
+
+def _compile_all(arch: int, dtypes: list[str], verbose: bool) -> int:
+    """Compile every variant for sm_``arch``; the number that failed."""
+    import torch
+    from triton.backends.compiler import GPUTarget
 
     target = GPUTarget("cuda", arch, 32)
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
     failures = 0
-
-    def compile_one(kernel, names, types, consts, blocks, label):
-        nonlocal failures
-        sig = dict(zip(names, types))
-        sig.update({k: "constexpr" for k in consts})
-        # what the JIT does for pointers and for ints divisible by 16 (D, V, n at real shapes)
-        attrs = {(i,): [["tt.divisibility", 16]] for i, (k, v) in enumerate(sig.items())
-                 if v.startswith("*") or k in ("n", "V", "D", "v_per_split")}
-        src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
-        try:
-            k = triton.compile(src, target=target,
-                               options={"num_warps": blocks.num_warps, "num_stages": blocks.num_stages})
-        except Exception as exc:  # noqa: BLE001
-            failures += 1
-            print(f"FAIL {label}: {type(exc).__name__}: {str(exc)[:1500]}", flush=True)
-            return
-        usage = ""
-        if cuobjdump.exists():
-            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                f.write(k.asm["cubin"])
-                f.flush()
-                out = subprocess.run([str(cuobjdump), "-res-usage", f.name], capture_output=True, text=True).stdout
-            m = re.search(r"REG:(\d+)\s+STACK:(\d+)", out)
-            if m:
-                usage = f"regs {m.group(1)}, stack {m.group(2)} B"
-        print(f"ok   {label}: {usage} smem {k.metadata.shared} B", flush=True)
-
     for name in dtypes:
-        dt = torch_dtype[name]
-        ptr = "*" + name
-        acc = "*fp64" if dt == torch.float64 else "*fp32"
-        common_flags = dict(IS_FP64=dt == torch.float64, PRECISION="ieee", UPCAST=False)
-        n, V, D = 8192, 131072, 4096
-        # forward + merge
-        fb = config.forward_blocks(n, V, D, dt)
-        names = ["h_ptr", "w_ptr", "b_ptr", "y_ptr", "it_ptr", "logprob_ptr", "ent_ptr", "lse_ptr",
-                 "pm_ptr", "ps_ptr", "pt_ptr", "pzy_ptr", "n", "V", "D", "v_per_split"]
-        types = [ptr, ptr, ptr, "*i64"] + [acc] * 8 + ["i32"] * 4
-        for has_bias, ent, split in ((True, True, True), (False, True, False), (False, False, True)):
-            consts = dict(HAS_BIAS=has_bias, COMPUTE_ENTROPY=ent, SPLIT=split, **common_flags,
-                          BLOCK_N=fb.BLOCK_N, BLOCK_V=fb.BLOCK_V, BLOCK_D=fb.BLOCK_D)
-            compile_one(_forward_kernel, names, types, consts, fb,
-                        f"forward {name} bias={has_bias} entropy={ent} split={split} {fb}")
-        mb = config.Blocks(128, 0, 0, num_warps=4, num_stages=1)
-        compile_one(_merge_kernel, ["pm_ptr", "ps_ptr", "pt_ptr", "pzy_ptr", "logprob_ptr", "ent_ptr", "lse_ptr",
-                                    "n", "num_splits"], [acc] * 7 + ["i32", "i32"],
-                    dict(COMPUTE_ENTROPY=True, BLOCK=128), mb, f"merge {name}")
-        # backward
-        base_names = ["h_ptr", "w_ptr", "b_ptr", "y_ptr", "it_ptr", "lse_ptr", "ent_ptr", "g_ptr", "e_ptr"]
-        base_types = [ptr, ptr, ptr, "*i64"] + [acc] * 5
-        filt = dt in (torch.bfloat16, torch.float16)
-        for has_bias, has_e in ((True, True), (False, False)):
-            for det in (False, True):
-                bb = config.backward_blocks(n, V, D, dt, det)
-                consts = dict(HAS_BIAS=has_bias, HAS_E=has_e, FILTER=filt, **common_flags,
-                              BLOCK_N=bb.BLOCK_N, BLOCK_V=bb.BLOCK_V, BLOCK_D=bb.BLOCK_D)
-                tag = f"{name} bias={has_bias} e={has_e} filter={filt} {bb}"
-                if det:
-                    compile_one(_backward_dh_kernel, base_names + ["dh_ptr", "n", "V", "D", "filter_budget"],
-                                base_types + [acc, "i32", "i32", "i32", "fp32"], consts, bb, f"backward_dh {tag}")
-                    compile_one(_backward_dw_kernel, base_names + ["dw_ptr", "db_ptr", "n", "V", "D", "filter_budget"],
-                                base_types + [acc, acc, "i32", "i32", "i32", "fp32"], consts, bb, f"backward_dw {tag}")
-                else:
-                    compile_one(_backward_fused_kernel,
-                                base_names + ["dh_ptr", "dw_ptr", "db_ptr", "n", "V", "D", "filter_budget"],
-                                base_types + [acc, acc, acc, "i32", "i32", "i32", "fp32"],
-                                dict(consts, GROUP_N=8), bb, f"backward_fused {tag}")
+        dt = getattr(torch, _TORCH_DTYPES[name])
+        for variant in (*_forward_variants(name, dt), *_backward_variants(name, dt)):
+            failures += not _compile_one(variant, target, verbose)
     return failures
 
 
@@ -111,7 +152,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability as an int (80, 90, ...)")
     p.add_argument("--dtypes", default="bf16,fp16,fp32,fp64")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="print compile errors in full")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("aot_check: unset TRITON_INTERPRET (kernels would be defined for the interpreter)", file=sys.stderr)

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends.base import accumulation_dtype
+from ..backends.base import ForwardInputs, Stats, accumulation_dtype
 from . import config
 from .merge import merge_partials
 from .tiles import logit_tile
@@ -84,18 +84,12 @@ def _forward_kernel(
 
 
 def triton_forward(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    targets: torch.Tensor,
-    inv_temp: torch.Tensor,
-    compute_entropy: bool = True,
-    num_splits: Optional[int] = None,
-    blocks: Optional[config.Blocks] = None,
-):
-    """(logprob [n], entropy [n] or empty, lse [n]) in the accumulation dtype.
+    x: ForwardInputs, num_splits: Optional[int] = None, blocks: Optional[config.Blocks] = None
+) -> Stats:
+    """(logprob [n], entropy [n] or empty, lse [n]) in the accumulation dtype (backends/base.py).
 
     ``num_splits`` / ``blocks`` override the heuristics (tests use them to force the merge path)."""
+    hidden, weight, bias, compute_entropy = x.hidden, x.weight, x.bias, x.params.compute_entropy
     n, D = hidden.shape
     V = weight.shape[0]
     acc_dtype = accumulation_dtype(hidden.dtype)
@@ -106,8 +100,8 @@ def triton_forward(
     if n == 0:
         return logprob, entropy, lse
     hidden, weight = hidden.contiguous(), weight.contiguous()
-    targets = targets.contiguous()
-    inv_temp = inv_temp.to(acc_dtype).contiguous()
+    targets = x.targets.contiguous()
+    inv_temp = x.inv_temp.to(acc_dtype).contiguous()
     bl = blocks or config.forward_blocks(n, V, D, hidden.dtype)
     v_tiles = triton.cdiv(V, bl.BLOCK_V)
     splits = num_splits or config.forward_splits(n, V, bl, dev)
