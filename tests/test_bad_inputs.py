@@ -99,3 +99,20 @@ def test_sequence_bad_inputs(kwargs, match):
 def test_sequence_float_cu_seqlens():
     with pytest.raises(TypeError, match="cu_seqlens must be an int64"):
         sequence_mean(torch.randn(4), cu_seqlens=torch.tensor([0.0, 4.0]))
+
+
+@pytest.mark.parametrize("impl", pk.available_impls("cpu"))
+def test_target_range_checked_once_per_call(impl, monkeypatch):
+    """One check of the target ids per call, forward and backward together (on CUDA each is a host
+    sync); the backends and the native ops do not check them again."""
+    from prepo_kernels import validation
+
+    calls = []
+    original = validation._targets_error
+    monkeypatch.setattr(validation, "_targets_error", lambda *a: calls.append(a) or original(*a))
+    h, w = H.clone().requires_grad_(), W.clone().requires_grad_()
+    lp, ent = linear_logprob_entropy(h, w, torch.tensor([0, -100, 9, 3]), impl=impl)
+    (lp.sum() + ent.sum()).backward()
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="outside"):
+        call(targets=torch.tensor([0, 1, 2, 10]), impl=impl)

@@ -139,7 +139,7 @@ def test_opcheck_fused_ops(impl, device, dtype):
     AOT dispatch) on this device's dispatch key."""
     hidden, weight, targets, bias = make_inputs(6, 8, 40, bias=True, ignore_frac=0.3, dtype=dtype, device=device)
     inv_temp = torch.rand(6, device=device) + 0.5
-    config = (-100, impl, True, False, True)
+    config = (-100, impl, True, False, True, "")  # ..., group_name: unsharded
     leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
     torch.library.opcheck(fused_lle, (*leaves, targets, inv_temp, *config))
     _, entropy, lse = fused_lle(hidden, weight, bias, targets, inv_temp, *config)
