@@ -1,0 +1,129 @@
+"""benchmarks/gpu_all.py, the one script a lent GPU runs: its pieces, and a whole dry run on the CPU
+(Triton interpreted, tiny shapes) that must write every table, so that the script itself is not what
+breaks when a GPU is finally lent."""
+import csv
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "gpu_all.py"
+_spec = importlib.util.spec_from_file_location("gpu_all", SCRIPT)
+gpu_all = sys.modules["gpu_all"] = importlib.util.module_from_spec(_spec)  # dataclasses look it up there
+_spec.loader.exec_module(gpu_all)
+
+TABLES = {"summary.md", "env.csv", "tests.csv", "suite.csv", "suite.md", "grpo_loss.csv", "rl.csv", "gpu_all.log"}
+# what the device tool brings back from $OUT: at most 8 files, named in letters, digits, '.', '_', '-'
+RETURNABLE = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+def test_parse_pytest_reads_verbose_and_summary_lines():
+    text = """collecting ... collected 5 items
+tests/test_a.py::test_x[cuda-torch.float32-False-(6, 8, 300)] PASSED     [ 20%]
+tests/test_a.py::test_y[cuda] FAILED                                     [ 40%]
+tests/test_a.py::test_z[True-cuda] SKIPPED (needs...)                    [ 60%]
+=========================== short test summary info ============================
+SKIPPED tests/test_a.py::test_z[True-cuda] - Skipped: needs a CUDA device
+FAILED tests/test_a.py::test_y[cuda] - AssertionError: triton logprob: max excess 0.5
+ERROR tests/test_b.py - ImportError: no module named trl
+"""
+    rows = {r["test"]: r for r in gpu_all.parse_pytest(text, "tests_cuda")}
+    assert rows["tests/test_a.py::test_x[cuda-torch.float32-False-(6, 8, 300)]"]["outcome"] == "passed"
+    assert rows["tests/test_a.py::test_y[cuda]"] == {
+        "part": "tests_cuda", "test": "tests/test_a.py::test_y[cuda]", "outcome": "failed",
+        "message": "AssertionError: triton logprob: max excess 0.5"}
+    assert rows["tests/test_a.py::test_z[True-cuda]"]["message"] == "Skipped: needs a CUDA device"
+    assert rows["tests/test_b.py"]["outcome"] == "error"  # a collection error is a row of its own
+    assert len(rows) == 4
+    # a run killed before its summary still gives the tests it reported
+    assert [r["outcome"] for r in gpu_all.parse_pytest(text.split("=====")[0], "p")] == ["passed", "failed", "skipped"]
+
+
+def test_select_wheels_keeps_what_fits_in_order():
+    mib = 2**20
+    kept, dropped = gpu_all.select_wheels({"a.whl": 10 * mib, "big.whl": 93 * mib, "b.whl": 20 * mib}, 40 * mib)
+    assert kept == ["a.whl", "b.whl"]
+    assert [name for name, _ in dropped] == ["big.whl"] and "over 64 MiB" in dropped[0][1]
+
+
+def test_finish_kills_the_whole_process_group_at_the_deadline():
+    # a child that starts a grandchild and waits: both must be gone after the deadline
+    proc = subprocess.Popen(["sh", "-c", "sleep 60 & echo $!; wait"], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    grandchild = int(proc.stdout.readline())
+    t = time.monotonic()
+    status, rc = gpu_all.finish(proc, 0.5)
+    assert rc is None and status.startswith("overran") and time.monotonic() - t < 10
+    with pytest.raises(ProcessLookupError):
+        for _ in range(50):  # the kernel reaps the orphan shortly after SIGKILL
+            os.kill(grandchild, 0)
+            time.sleep(0.1)
+    proc.stdout.close()
+    assert gpu_all.finish(subprocess.Popen(["true"], start_new_session=True), 10) == ("ok", 0)
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(SystemExit):
+        gpu_all.parse_args(["--parts", "suite,nope"])
+    with pytest.raises(SystemExit):
+        gpu_all.parse_args(["--budget-s", "3"])
+    assert gpu_all.parse_args(["--parts", "suite, rl"]).parts == ["suite", "rl"]
+
+
+def _dry_run(tmp_path, *extra):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
+    env.pop("OUT", None)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(tmp_path), *extra], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _table(path):
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(r["gpu"] == "cpu-dry-run" for r in rows), path.name
+    return rows
+
+
+@pytest.mark.slow
+def test_dry_run_writes_every_table(tmp_path):
+    """Every part on the CPU (about 1 minute alone, 3 on a loaded 2-core machine): all tables written,
+    no more files than the device tool returns, each part finished."""
+    _dry_run(tmp_path, "--budget-s", "600")
+    files = set(os.listdir(tmp_path))
+    assert files == TABLES and len(files) <= 8 and all(RETURNABLE.match(f) for f in files)
+    summary = (tmp_path / "summary.md").read_text()
+    parts = dict(re.findall(r"^\| (\w+) \| (.+?) \| [\d.]+ \|$", summary, re.M))
+    assert list(parts) == ["env", "tests_triton", "build", "tests_cuda", "suite", "grpo_loss", "rl"]
+    assert not [p for p, s in parts.items() if re.match(r"overran|failed|skipped|aborted|FAILED", s)], parts
+    env = {r["key"]: r["value"] for r in _table(tmp_path / "env.csv")}
+    assert {"torch", "triton", "nvcc", "extension build", "available_impls"} <= set(env)
+    tests = _table(tmp_path / "tests.csv")
+    assert {r["part"] for r in tests} == {"tests_triton", "tests_cuda"}
+    assert all(r["outcome"] == "skipped" and "CUDA" in r["message"] for r in tests)  # -m gpu on a CPU
+    suite = _table(tmp_path / "suite.csv")
+    assert {"bf16-gemm", "prepo_triton", "prepo_torch", "naive"} <= {r["impl"] for r in suite}
+    assert all(r["ms"] for r in suite if r["impl"] == "prepo_triton" and r["status"] == "ok")
+    grpo = _table(tmp_path / "grpo_loss.csv")
+    assert all(r["status"] == "ok" for r in grpo) or grpo[0]["status"].startswith("not available")
+    rl = _table(tmp_path / "rl.csv")
+    assert rl[0]["model"] == "smollm2-135m-instruct"
+    assert [r["step"] for r in rl if r["model"] == "tiny_qwen2" and r["status"] == "ok"] == ["1", "2"]
+    assert "## RL steps" in summary and "## Fused log-prob + entropy" in summary
+
+
+@pytest.mark.slow
+def test_overrun_is_recorded_and_the_script_still_exits_0(tmp_path):
+    """A shape the interpreter needs minutes for, in a 30 s budget: the suite is killed at its deadline,
+    that is recorded, and a table still stands for it."""
+    _dry_run(tmp_path, "--budget-s", "30", "--parts", "suite", "--shapes", "4096,256,50000")
+    summary = (tmp_path / "summary.md").read_text()
+    assert re.search(r"^\| suite \| overran: killed at its deadline \(\d+ s\) \|", summary, re.M), summary
+    assert set(os.listdir(tmp_path)) >= {"summary.md", "env.csv", "suite.csv", "gpu_all.log"}
