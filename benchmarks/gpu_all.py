@@ -70,7 +70,7 @@ def parse_args(argv=None):
     p.add_argument("--shapes", default=None, help="suite shapes, ';'-separated N,D,V (default the issue's two)")
     p.add_argument("--rl-steps", type=int, default=None, help="RL steps of the rl part (default 5; dry-run 2)")
     p.add_argument("--parts", default=None,
-                   help="comma-separated subset of " + ",".join(PARTS) + " (default all; env always runs), "
+                   help="comma-separated subset of env," + ",".join(PARTS) + " (default all; env always runs), "
                         "e.g. for a rerun of what failed")
     p.add_argument("--fetch-wheels", action="store_true", help="download WHEELS for the GPU image into .whl/ and stop")
     p.add_argument("--part", choices=("grpo_loss", "rl"), help=argparse.SUPPRESS)  # a child process's part
@@ -81,9 +81,9 @@ def parse_args(argv=None):
         args.rl_steps = 2 if args.dry_run else 5
     if args.parts is not None:
         args.parts = [x.strip() for x in args.parts.split(",") if x.strip()]
-        bad = sorted(set(args.parts) - set(PARTS))
+        bad = sorted(set(args.parts) - {"env", *PARTS})
         if bad:
-            p.error(f"--parts: unknown part(s) {bad}; choose from {','.join(PARTS)}")
+            p.error(f"--parts: unknown part(s) {bad}; choose from env,{','.join(PARTS)}")
     if args.budget_s <= RESERVE_S:
         p.error(f"--budget-s must exceed {RESERVE_S} s")
     return args
@@ -310,12 +310,28 @@ def parse_pytest(text: str, part: str) -> list:
     return list(rows.values())
 
 
+# the parity tests first, torch.compile's last (Inductor compiles for minutes on a cold cache), so that
+# a part killed at its deadline has run the tests that matter most
+FIRST_TESTS, LAST_TESTS = ("test_kernels.py", "test_triton.py", "test_cpp_ops.py"), ("test_compile.py",)
+
+
+def test_files(dry_run: bool) -> list:
+    """The test files that hold GPU-marked tests (those built on tests/kernel_harness.py's device
+    params), in running order; the dry run takes two (collecting more costs a loaded 2-core machine
+    half a minute, and two are enough to exercise the parsing)."""
+    if dry_run:
+        return ["tests/test_triton.py", "tests/test_cpp_ops.py"]
+    files = [p.name for p in sorted((REPO / "tests").glob("test_*.py"))
+             if re.search(r"kernel_harness|mark\.gpu", p.read_text(errors="replace"))]
+    rank = {n: i - len(FIRST_TESTS) for i, n in enumerate(FIRST_TESTS)} | {n: 1 for n in LAST_TESTS}
+    return [f"tests/{n}" for n in sorted(files, key=lambda n: rank.get(n, 0))]
+
+
 def pytest_cmd(dry_run: bool, keyword: str) -> list:
-    """`pytest -m gpu -k keyword`; the dry run collects only two kernel test files (collecting every
-    test module costs a loaded 2-core machine half a minute), which is enough to exercise the parsing."""
+    """`pytest -m gpu -k keyword` over test_files()."""
     from importlib import metadata
 
-    paths = ["tests/test_triton.py", "tests/test_cpp_ops.py"] if dry_run else ["tests"]
+    paths = test_files(dry_run)
     cmd = [sys.executable, "-m", "pytest", *paths, "-m", "gpu", "-k", keyword, "-v", "-rfEs", "-p", "no:cacheprovider",
            "--continue-on-collection-errors"]
     version = tuple(int(x) for x in re.findall(r"\d+", metadata.version("pytest"))[:2])

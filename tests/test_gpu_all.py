@@ -68,6 +68,24 @@ def test_finish_kills_the_whole_process_group_at_the_deadline():
     assert gpu_all.finish(subprocess.Popen(["true"], start_new_session=True), 10) == ("ok", 0)
 
 
+def test_gpu_test_files_run_the_parity_tests_first_and_compile_last():
+    files = gpu_all.test_files(dry_run=False)
+    assert files[:3] == ["tests/test_kernels.py", "tests/test_triton.py", "tests/test_cpp_ops.py"]
+    assert files[-1] == "tests/test_compile.py" and len(set(files)) == len(files)
+
+
+@pytest.mark.slow
+def test_gpu_test_files_hold_every_gpu_test():
+    """`pytest -m gpu` over test_files() collects exactly what it collects over the whole folder."""
+    def collected(paths):
+        out = subprocess.run([sys.executable, "-m", "pytest", *paths, "-m", "gpu", "--collect-only", "-q",
+                              "-p", "no:cacheprovider"], cwd=REPO, capture_output=True, text=True).stdout
+        return {line for line in out.splitlines() if "::" in line}
+
+    mine = collected(gpu_all.test_files(dry_run=False))
+    assert mine and mine == collected(["tests"])
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(SystemExit):
         gpu_all.parse_args(["--parts", "suite,nope"])
