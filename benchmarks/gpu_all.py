@@ -18,13 +18,16 @@ and the next one runs; the script always exits 0 after writing summary.md.
     suite         benchmarks/gpu_suite.py at (8192, 4096, 131072) and (8192, 4096, 151936) bf16
     grpo_loss     prepo_kernels.linear_grpo_loss fwd+bwd, GRPO-like advantages ("not available"
                   when this checkout has no such function)
-    rl            a few RL steps of `python -m prepo.train --rollout-engine hf` on the GPU:
-                  smollm2-135m-instruct when that named model loads, else a tiny Qwen2 saved on the fly
+    rl            a few RL steps of `python -m prepo.train --rollout-engine hf` on the GPU: the named
+                  smollm2-135m-instruct where it is installed, and a tiny Qwen2 saved on the fly
 
 Output (under $OUT when set, else --out, else benchmarks/results/gpu_all_<time>/; dry run: a temporary
 folder), at most 8 files since the device tool returns no more, every table naming the GPU and
 rewritten as soon as it is measured: summary.md (all tables), env.csv, tests.csv, suite.csv, suite.md,
 grpo_loss.csv, rl.csv, gpu_all.log (every child's output).
+
+A rerun on the still-warm machine names only the parts that failed, without `build` (the library the
+first call built stays in prepo_kernels/), e.g. `bash benchmarks/gpu_all.sh --parts suite --budget-s 200`.
 """
 from __future__ import annotations
 
@@ -47,7 +50,6 @@ REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
 PARTS = ("build", "tests_triton", "tests_cuda", "suite", "grpo_loss", "rl")  # after env, in this order
 SUITE_SHAPES = {"full": "8192,4096,131072;8192,4096,151936", "dry": "64,32,300"}
-MAX_FILES = 8  # the device tool brings back at most 8 files from $OUT
 RESERVE_S = 8  # kept back at the end for the summary
 # each part's cap as a share of the whole budget (the suite gets whatever the later parts leave)
 CAP_SHARE = {"build": 0.5, "tests_triton": 0.2, "tests_cuda": 0.2, "grpo_loss": 0.1, "rl": 0.15}
@@ -270,7 +272,7 @@ def start_build(run: Run, capability: str | None) -> subprocess.Popen:
 def finish_build(run: Run, proc: subprocess.Popen, t_start: float) -> None:
     """Wait for the build (to its cap), install the built library, and record whether the "cuda"
     backend can now run, as env rows and the build part."""
-    status, rc = finish(proc, CAP_SHARE["build"] * run.args.budget_s - (time.monotonic() - t_start))
+    status, rc = finish(proc, min(CAP_SHARE["build"] * run.args.budget_s - (time.monotonic() - t_start), run.left()))
     seconds = time.monotonic() - t_start
     with open(run.log, "a") as f:
         f.write((run.work / "build.log").read_text(errors="replace"))
@@ -281,11 +283,14 @@ def finish_build(run: Run, proc: subprocess.Popen, t_start: float) -> None:
         os.replace(tmp, REPO / "prepo_kernels" / built[0].name)
         status = f"ok: built {built[0].name} in {seconds:.0f} s"
     elif rc == 0:
-        status = "no extension built (setup.py skipped it: see gpu_all.log)"
-    probe = subprocess.run([sys.executable, "-c", "import torch, prepo_kernels as pk; "
-                            "print(pk.available_impls('cuda' if torch.cuda.is_available() else 'cpu'))"],
-                           cwd=REPO, capture_output=True, text=True, env=child_env(run.args.dry_run), timeout=120)
-    impls = probe.stdout.strip() or f"import failed: {probe.stderr.strip().splitlines()[-1:]}"
+        status = "no extension built (setup.py skipped it or failed: its warning is in gpu_all.log)"
+    try:
+        probe = subprocess.run([sys.executable, "-c", "import torch, prepo_kernels as pk; "
+                                "print(pk.available_impls('cuda' if torch.cuda.is_available() else 'cpu'))"],
+                               cwd=REPO, capture_output=True, text=True, env=child_env(run.args.dry_run), timeout=120)
+        impls = probe.stdout.strip() or f"import failed: {probe.stderr.strip().splitlines()[-1:]}"
+    except subprocess.TimeoutExpired:
+        impls = "import prepo_kernels did not finish in 120 s"
     run.env += [{"key": "extension build", "value": status}, {"key": "available_impls", "value": impls}]
     write_csv(run.out / "env.csv", run.gpu, ["key", "value"], run.env)
     run.record("build", status, seconds)
@@ -339,10 +344,14 @@ def pytest_cmd(dry_run: bool, keyword: str) -> list:
 
 
 def run_tests(run: Run, part: str, keyword: str) -> None:
+    """One pytest part: its tests as rows of tests.csv (also when it was killed), its counts as status."""
     log = run.work / f"{part}.log"
     t = time.monotonic()
     cap = run.cap(part)
-    status, rc = finish(start(run, pytest_cmd(run.args.dry_run, keyword), log), cap) if cap >= 5 else ("skipped: budget spent", None)
+    if cap < 5:
+        status, rc = "skipped: budget spent", None
+    else:
+        status, rc = finish(start(run, pytest_cmd(run.args.dry_run, keyword), log), cap)
     text = log.read_text(errors="replace") if log.exists() else ""
     with open(run.log, "a") as f:
         f.write(text)
@@ -618,7 +627,8 @@ def fetch_wheels() -> int:
     tree = sum((REPO / p).stat().st_size for p in subprocess.run(
         ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True,
         check=True).stdout.splitlines() if (REPO / p).is_file())
-    platforms = [a for n in ("manylinux_2_28", "manylinux_2_17", "manylinux2014") for a in ("--platform", f"{n}_x86_64")]
+    platforms = [a for n in ("manylinux_2_28", "manylinux_2_17", "manylinux2014")
+                 for a in ("--platform", f"{n}_x86_64")]
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
            "--implementation", "cp", *platforms, "-d", str(scratch), *WHEELS]
     if subprocess.run(cmd).returncode != 0:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_all.py"
@@ -112,8 +113,8 @@ def _table(path):
 
 @pytest.mark.slow
 def test_dry_run_writes_every_table(tmp_path):
-    """Every part on the CPU (about 1 minute alone, 3 on a loaded 2-core machine): all tables written,
-    no more files than the device tool returns, each part finished."""
+    """Every part on the CPU (about 4 minutes on a loaded 2-core machine): all tables written, no more
+    files than the device tool returns, each part finished."""
     _dry_run(tmp_path, "--budget-s", "600")
     files = set(os.listdir(tmp_path))
     assert files == TABLES and len(files) <= 8 and all(RETURNABLE.match(f) for f in files)
@@ -125,7 +126,8 @@ def test_dry_run_writes_every_table(tmp_path):
     assert {"torch", "triton", "nvcc", "extension build", "available_impls"} <= set(env)
     tests = _table(tmp_path / "tests.csv")
     assert {r["part"] for r in tests} == {"tests_triton", "tests_cuda"}
-    assert all(r["outcome"] == "skipped" and "CUDA" in r["message"] for r in tests)  # -m gpu on a CPU
+    if not torch.cuda.is_available():  # -m gpu on a CPU: every test skipped, saying why
+        assert all(r["outcome"] == "skipped" and "CUDA" in r["message"] for r in tests)
     suite = _table(tmp_path / "suite.csv")
     assert {"bf16-gemm", "prepo_triton", "prepo_torch", "naive"} <= {r["impl"] for r in suite}
     assert all(r["ms"] for r in suite if r["impl"] == "prepo_triton" and r["status"] == "ok")
