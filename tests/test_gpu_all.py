@@ -147,3 +147,29 @@ def test_overrun_is_recorded_and_the_script_still_exits_0(tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     assert re.search(r"^\| suite \| overran: killed at its deadline \(\d+ s\) \|", summary, re.M), summary
     assert set(os.listdir(tmp_path)) >= {"summary.md", "env.csv", "suite.csv", "gpu_all.log"}
+
+
+@pytest.mark.slow
+def test_grpo_loss_part_times_every_backend_of_a_function_with_issue_20s_signature(tmp_path, monkeypatch):
+    """prepo_kernels.linear_grpo_loss does not exist yet; a function with its signature (issue 20), built
+    from the real fused log-prob and the DAPO clipped surrogate, shows the part measures what it finds."""
+    import prepo_kernels
+    from prepo_kernels import linear_logprob_entropy
+
+    calls = []
+
+    def linear_grpo_loss(hidden, weight, targets, old_logprob, advantages, *, eps_low=0.2, eps_high=0.28,
+                         num_tokens=None, impl="auto"):
+        calls.append(impl)
+        lp, _ = linear_logprob_entropy(hidden, weight, targets, impl=impl, compute_entropy=False)
+        ratio = torch.exp(lp - old_logprob)
+        clipped = torch.minimum(ratio * advantages, ratio.clamp(1 - eps_low, 1 + eps_high) * advantages)
+        return -clipped.sum() / num_tokens, {"logprob": lp.detach()}
+
+    monkeypatch.setattr(prepo_kernels, "linear_grpo_loss", linear_grpo_loss, raising=False)
+    gpu_all.part_grpo_loss(gpu_all.parse_args(["--dry-run", "--shapes", "40,16,100"]), tmp_path)
+    rows = _table(tmp_path / "grpo_loss.csv")
+    impls = prepo_kernels.available_impls("cpu")
+    assert [r["impl"] for r in rows] == ["bf16-gemm (h @ W.T)", *impls] and set(calls) == set(impls)
+    assert all(r["status"] == "ok" and float(r["ms"]) > 0 for r in rows)
+    assert all(float(r["tflops_6ndv"]) > 0 for r in rows[1:])
