@@ -564,7 +564,7 @@ def orchestrate(run: Run, parts: set) -> None:
         later = sum(CAP_SHARE[p] for p in ("grpo_loss", "rl") if p in parts) * run.args.budget_s
         cmd = [sys.executable, str(BENCH / "gpu_suite.py"), "--skip-tests", "--no-build", "--out-dir", out,
                "--basename", "suite", "--shapes", _shapes(run.args), *dry]
-        _child(run, "suite", cmd, run.left() - later, ["suite"])
+        _child(run, "suite", cmd, run.left() - later, ["status"])
     for part in ("grpo_loss", "rl"):
         if part in parts:
             cmd = [*me, "--part", part, "--out", out, "--shapes", _shapes(run.args),
