@@ -25,7 +25,8 @@ Columns: median ms (torch.cuda.Event), TFLOP/s counted as 2NDV (fwd) or 6NDV (fw
 implementation skips, % of the measured GEMM rate, peak memory (torch.cuda.max_memory_allocated,
 absolute and above the inputs), max |logprob - fp32 logits reference|. Weights are scaled so the mean token
 entropy is about --entropy nats and targets are sampled from the model's own distribution.
-Writes CSV + markdown to benchmarks/results/gpu_suite_<gpu>_<time>.{csv,md}.
+Writes CSV + markdown to benchmarks/results/gpu_suite_<gpu>_<time>.{csv,md} (--out-dir, --basename),
+rewritten after every row. benchmarks/gpu_all.py runs it inside its time budget.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ import argparse
 import csv
 import datetime as _dt
 import gc
+from importlib.machinery import EXTENSION_SUFFIXES
 import math
 import os
 import re
@@ -73,6 +75,8 @@ def parse_args(argv=None):
     p.add_argument("--no-grad-filter", action="store_true", help="prepo backends without the bf16/fp16 gradient filter")
     p.add_argument("--out-dir", default=None,
                    help="where CSV/markdown go (default benchmarks/results; dry-run: a temporary directory)")
+    p.add_argument("--basename", default=None,
+                   help="file name (no suffix) of the CSV/markdown (default gpu_suite_<gpu>_<time>)")
     p.add_argument("--dry-run", action="store_true",
                    help="no CUDA needed: run the harness on tiny CPU shapes (triton via TRITON_INTERPRET=1), "
                         "skip the tests and torch.compile")
@@ -216,7 +220,8 @@ def fmt(v):
 def build_extension(args) -> str:
     """Build prepo_kernels._C (CPU + CUDA kernels) in place when missing, so impl="cuda" can run on a
     fresh GPU machine without pip (and so without network for the install requirements)."""
-    if args.dry_run or args.no_build or list(REPO.glob("prepo_kernels/_C*.so")):
+    # only a library this interpreter can load counts (a copied cpython-311 build does not on 3.12)
+    if args.dry_run or args.no_build or any((REPO / "prepo_kernels" / f"_C{s}").exists() for s in EXTENSION_SUFFIXES):
         return "not needed"
     cmd = [sys.executable, "setup.py", "build_ext", "--inplace"]
     print("== building the native extension:", " ".join(cmd), flush=True)
@@ -256,6 +261,9 @@ class Suite:
     timer: Timer
     providers: object
     params: object
+    base: Path  # output files, without the suffix
+    name: str  # the GPU's name
+    header: list  # markdown lines above the table
     rows: list = field(default_factory=list)
     notes: list = field(default_factory=list)
 
@@ -265,6 +273,7 @@ def _split(text: str) -> list[str]:
 
 
 def output_base(args, name: str, stamp: str) -> Path:
+    """Where the CSV/markdown go, without the suffix."""
     if args.out_dir:
         out_dir = Path(args.out_dir)
     elif args.dry_run:
@@ -272,7 +281,7 @@ def output_base(args, name: str, stamp: str) -> Path:
     else:
         out_dir = REPO / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
-    return out_dir / f"gpu_suite_{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-')}_{stamp}"
+    return out_dir / (args.basename or f"gpu_suite_{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-')}_{stamp}")
 
 
 def _row_step(fn, h, w, y, g, e, mode: str):
@@ -343,14 +352,15 @@ def _make_provider(suite: Suite, impl: str):
         return None
 
 
-def bench_shape(suite: Suite, N: int, D: int, V: int, header: list) -> None:
-    """The GEMM yardstick, then every (impl, scenario, mode) row at one shape."""
+def bench_shape(suite: Suite, N: int, D: int, V: int) -> None:
+    """The GEMM yardstick, then every (impl, scenario, mode) row at one shape; the files are rewritten
+    after every row, so a run stopped part-way keeps what it measured."""
     import torch
 
     args, shape = suite.args, f"{N}x{D}x{V}"
     print(f"\n== shape N={N} D={D} V={V} {args.dtype}", flush=True)
     h, w, y, g_all, e_all, mean_ent, ref_lp = make_inputs(N, D, V, suite.dtype, suite.device, args.entropy)
-    header.append(f"- {shape}: mean token entropy {mean_ent:.3f} nats (targets sampled from the model)")
+    suite.header.append(f"- {shape}: mean token entropy {mean_ent:.3f} nats (targets sampled from the model)")
     print(f"   mean token entropy {mean_ent:.3f} nats", flush=True)
     fwd_flop, fb_flop = 2.0 * N * D * V, 6.0 * N * D * V
     gemm_ms = suite.timer.median_ms(lambda: h @ w.T, args.warmup, args.iters)
@@ -359,6 +369,7 @@ def bench_shape(suite: Suite, N: int, D: int, V: int, header: list) -> None:
     suite.rows.append(Row(shape, "-", "gemm", "bf16-gemm" if suite.dtype == torch.bfloat16 else f"{args.dtype}-gemm",
                           "h @ W.T", gemm_ms, gemm_tflops, 100.0,
                           None if peak is None else peak / 2**30, None if extra is None else extra / 2**30))
+    write_report(suite)
     print(f"   GEMM {gemm_ms:.3f} ms, {gemm_tflops:.1f} TFLOP/s", flush=True)
     scenarios, modes = _split(args.scenarios), _split(args.modes)
     for impl in _split(args.impls):
@@ -377,6 +388,7 @@ def bench_shape(suite: Suite, N: int, D: int, V: int, header: list) -> None:
                 measure_row(suite, row, _row_step(fn, h, w, y, g, e, mode),
                             fwd_flop if mode == "fwd" else fb_flop, gemm_tflops, ref_lp)
                 suite.rows.append(row)
+                write_report(suite)
                 print(f"   {impl:15s} {mode:8s} {row.scenario:5s} " + (
                     f"{row.ms:9.3f} ms {row.tflops:7.1f} TFLOP/s {row.pct_gemm:5.1f}% gemm"
                     + (f" peak {row.peak_gib:.2f} GiB" if row.peak_gib is not None else "")
@@ -385,8 +397,9 @@ def bench_shape(suite: Suite, N: int, D: int, V: int, header: list) -> None:
     _free(suite.device)
 
 
-def write_report(suite: Suite, base: Path, name: str, header: list) -> None:
-    """The CSV and the markdown table (also printed)."""
+def write_report(suite: Suite) -> list:
+    """Write the CSV and the markdown table; returns the markdown lines."""
+    base, name, header = suite.base, suite.name, suite.header
     csv_path, md_path = base.with_suffix(".csv"), base.with_suffix(".md")
     with open(csv_path, "w", newline="") as f:
         wtr = csv.writer(f)
@@ -403,8 +416,7 @@ def write_report(suite: Suite, base: Path, name: str, header: list) -> None:
     if suite.notes:
         lines += ["", "Skipped:", ""] + [f"- {n}" for n in suite.notes]
     md_path.write_text("\n".join(lines) + "\n")
-    print("\n" + "\n".join(lines))
-    print(f"\nwrote {csv_path}\nwrote {md_path}")
+    return lines
 
 
 def main(argv=None) -> int:
@@ -437,8 +449,6 @@ def main(argv=None) -> int:
 
     device = torch.device("cpu" if args.dry_run else "cuda")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    suite = Suite(args, device, dtype, Timer(device), load_providers(),
-                  KernelParams(deterministic=args.deterministic, grad_filter=not args.no_grad_filter))
     name = gpu_name(device)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     header = [f"# gpu_suite: {name}", "",
@@ -446,9 +456,13 @@ def main(argv=None) -> int:
               f"CUDA {torch.version.cuda}", f"- dtype {args.dtype}, warmup {args.warmup}, iters {args.iters}, "
               f"deterministic={args.deterministic}, grad_filter={not args.no_grad_filter}",
               f"- GPU tests (pytest -m gpu): {test_status}"]
+    suite = Suite(args, device, dtype, Timer(device), load_providers(),
+                  KernelParams(deterministic=args.deterministic, grad_filter=not args.no_grad_filter),
+                  output_base(args, name, stamp), name, header)
     for (N, D, V) in shapes:
-        bench_shape(suite, N, D, V, header)
-    write_report(suite, output_base(args, name, stamp), name, header)
+        bench_shape(suite, N, D, V)
+    print("\n" + "\n".join(write_report(suite)))
+    print(f"\nwrote {suite.base.with_suffix('.csv')}\nwrote {suite.base.with_suffix('.md')}")
     failed = any(r.status.startswith("error") for r in suite.rows if r.impl.startswith("prepo"))
     return 1 if (failed or test_status.startswith("FAILED")) else 0
 
