@@ -152,12 +152,13 @@ void row_forward_f32(const float* __restrict raw, const float* __restrict b, int
     *out_t = 0.0f;
     return;
   }
-  const float nm = -m;
+  // d = (raw - max) * sc, not raw * sc - m: the compiler may fuse the latter into an fma, which
+  // leaves d != 0 at the max itself, so s < 1 and log-probs > 0 could come out
   float s = 0.0f, t = 0.0f;
   if (b != nullptr) {
 #pragma omp simd reduction(+ : s, t)
     for (int64_t i = 0; i < len; ++i) {
-      const float d = (raw[i] + b[i]) * sc + nm;
+      const float d = (raw[i] + b[i] - mx) * sc;
       const float dc = d > kExpLowF ? d : kExpLowF;
       const float e = d > kExpLowF ? exp_f32(dc) : 0.0f;
       s += e;
@@ -166,7 +167,7 @@ void row_forward_f32(const float* __restrict raw, const float* __restrict b, int
   } else {
 #pragma omp simd reduction(+ : s, t)
     for (int64_t i = 0; i < len; ++i) {
-      const float d = raw[i] * sc + nm;
+      const float d = (raw[i] - mx) * sc;
       const float dc = d > kExpLowF ? d : kExpLowF;
       const float e = d > kExpLowF ? exp_f32(dc) : 0.0f;
       s += e;
@@ -186,22 +187,22 @@ void row_backward_f32(float* __restrict z, const float* __restrict b, int64_t le
   const float c0 = (g + e * H) * sc;
   const float es = e * sc;
   const float nl = -lse;
+  // z = (raw + b) * sc rounded in a pass of its own, then d = z - lse: in one expression the
+  // compiler may fuse raw * sc - lse into an fma, so that the forward's max logit gets p != 1
+  // (a gradient where there is none, e.g. with V = 1)
   if (b != nullptr) {
 #pragma omp simd
-    for (int64_t i = 0; i < len; ++i) {
-      const float d = (z[i] + b[i]) * sc + nl;
-      const float dc = d > kExpLowF ? d : kExpLowF;
-      const float p = d > kExpLowF ? exp_f32(dc) : 0.0f;
-      z[i] = -p * (c0 + es * dc);
-    }
+    for (int64_t i = 0; i < len; ++i) z[i] = (z[i] + b[i]) * sc;
   } else {
 #pragma omp simd
-    for (int64_t i = 0; i < len; ++i) {
-      const float d = z[i] * sc + nl;
-      const float dc = d > kExpLowF ? d : kExpLowF;
-      const float p = d > kExpLowF ? exp_f32(dc) : 0.0f;
-      z[i] = -p * (c0 + es * dc);
-    }
+    for (int64_t i = 0; i < len; ++i) z[i] = z[i] * sc;
+  }
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    const float d = z[i] + nl;
+    const float dc = d > kExpLowF ? d : kExpLowF;
+    const float p = d > kExpLowF ? exp_f32(dc) : 0.0f;
+    z[i] = -p * (c0 + es * dc);
   }
 }
 
@@ -480,9 +481,8 @@ struct CpuDevice {
       row_forward(row, bt, vt, itp[i], &mt, &st, &tt);
       merge_stats(m, m + n, m + 2 * n, i, mt, st, tt);
       const int64_t yl = y[i] - v0;
-      if (yl >= 0 && yl < vt)
-        zyp[i] = (static_cast<double>(row[yl]) + (bt != nullptr ? static_cast<double>(bt[yl]) : 0.0)) *
-                 static_cast<double>(itp[i]);
+      if (yl >= 0 && yl < vt)  // rounded as the row's max was (m = max * sc in acc_t): z_y <= m
+        zyp[i] = static_cast<double>(static_cast<acc_t>((row[yl] + (bt != nullptr ? bt[yl] : acc_t(0))) * itp[i]));
     }
   }
 
