@@ -88,7 +88,9 @@ def temperature_per_row(
 ) -> torch.Tensor:
     """The inverse temperature for each flattened row: [N] of ``dtype``."""
     if isinstance(temperature, torch.Tensor):
-        if temperature.device != targets.device and temperature.numel() != 1:
+        # elsewhere only a one-element CPU tensor, as PyTorch takes CPU scalars along (a meta one
+        # would fail to copy with NotImplementedError)
+        if temperature.device != targets.device and not (temperature.numel() == 1 and temperature.device.type == "cpu"):
             raise ValueError(f"temperature is on {temperature.device} but targets is on {targets.device}")
         if not temperature.dtype.is_floating_point:
             raise TypeError(f"temperature must be a float tensor, got {temperature.dtype}")
