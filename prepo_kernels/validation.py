@@ -117,6 +117,8 @@ def check_linear_inputs(hidden, weight, targets, bias, ignore_index) -> None:
     check_same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [V, D], got shape {tuple(weight.shape)}")
+    if weight.numel() == 0:  # before the checks against V and D, which would blame bias or hidden
+        raise ValueError(f"empty input: weight of shape {tuple(weight.shape)} (need V, D >= 1)")
     if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"hidden's last dim ({hidden.shape[-1] if hidden.dim() else 'none'}) must equal weight's "
