@@ -4,7 +4,10 @@ import pytest
 import torch
 
 import prepo_kernels as pk
+from kernel_harness import interpreter_warnings
 from prepo_kernels.backends import registry
+
+pytestmark = interpreter_warnings
 
 H, W = torch.randn(3, 4), torch.randn(5, 4)
 Y = torch.tensor([0, 4, -100])
