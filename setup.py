@@ -6,6 +6,7 @@ CUDA and nvcc is found).
     PREPO_BUILD_CUDA=0 pip install ...              # skip the CUDA kernels
     PREPO_BUILD_EXT=0 pip install ...               # skip the native extension altogether
     MAX_JOBS=1 pip install ...                      # limit parallel compile jobs (ninja)
+    PREPO_SANITIZE=address,undefined ...            # sanitizer build (-fsanitize=..., -O1 -g); see .ci/run_sanitize
 
 The extension is optional: when torch, a C++ compiler or the build itself is missing or fails, the
 package still installs (one warning is printed) and prepo_kernels falls back to its pure-torch
@@ -71,6 +72,11 @@ def _extensions_and_build_ext():
     elif sys.platform == "win32":
         cxx_flags = ["/O2", "/openmp", "/std:c++17"]
     # (macOS: Apple clang has no -fopenmp; at::parallel_for then runs on ATen's own pool.)
+    sanitize = os.environ.get("PREPO_SANITIZE", "").strip()
+    if sanitize:  # every report fatal; -O1 -g keeps the reports' stacks readable (.ci/run_sanitize)
+        san = [f"-fsanitize={sanitize}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
+        cxx_flags = [f for f in cxx_flags if not f.startswith("-O")] + ["-O1"] + san
+        link_flags += san
     macros = []
     if with_cuda:
         macros.append(("PREPO_WITH_CUDA", None))

@@ -148,12 +148,34 @@ def _text(completion) -> str:
     return str(completion)
 
 
+_BOX_COMMANDS = ("\\boxed", "\\fbox")
+
+
+def last_box_only(text: str) -> str:
+    """``text`` with every ``\\boxed`` / ``\\fbox`` command before the last one removed (their
+    contents stay, as plain text): with several boxes only the last is the answer."""
+    last = max(text.rfind(c) for c in _BOX_COMMANDS)
+    if last <= 0:
+        return text
+    head = text[:last]
+    for command in _BOX_COMMANDS:
+        head = head.replace(command, "")
+    return head + text[last:]
+
+
 def math_reward(completions: Sequence, answers: Sequence, **kwargs) -> list[float]:
     """1.0 for each completion whose final answer math-verify finds equal to its gold answer, else
-    0.0 (also when the check overruns :data:`TIME_LIMIT_S`). Other keyword columns are ignored."""
+    0.0 (also when the check overruns :data:`TIME_LIMIT_S`). Other keyword columns are ignored.
+
+    The final answer is the last ``\\boxed{}`` (or ``\\fbox{}``) when there is one, else the last
+    expression. With several boxes only the last counts, as in the MATH graders'
+    ``last_boxed_only_string`` (verl, Qwen, DeepSeek): ``"\\boxed{5} and also \\boxed{7}"`` answers 7.
+    math-verify alone would join boxes that sit close together or are separated by "and", "or" or a
+    comma into one set answer ({5, 7}, right for no gold answer but "5, 7"); a multi-part answer
+    belongs in one box, ``\\boxed{5, 7}``."""
     if len(completions) != len(answers):
         raise ValueError(f"{len(completions)} completions but {len(answers)} answers")
-    return _checker([_text(c) for c in completions], [str(a) for a in answers])
+    return _checker([last_box_only(_text(c)) for c in completions], [str(a) for a in answers])
 
 
 def math_verify_reward(prompts: Sequence, completions: Sequence, answer: Sequence, **columns) -> list[float]:

@@ -83,7 +83,9 @@ def sequence_mean(
     """
     check_tensor("values", values, floating=True)
     valid = _check_mask(values, mask)
-    masked = torch.where(valid, values, 0)
+    # summed in fp32 (fp64 for fp64): index_add in bf16 rounds after every token (-4% at 200 tokens)
+    acc = torch.float64 if values.dtype == torch.float64 else torch.float32
+    masked = torch.where(valid, values, 0).to(acc)
     if cu_seqlens is None:
         if values.dim() != 2:
             raise ValueError(
@@ -95,7 +97,7 @@ def sequence_mean(
         batch = cu_seqlens.numel() - 1
         total = masked.new_zeros(batch).index_add(0, seg, masked)
         count = torch.zeros(batch, dtype=torch.long, device=values.device).index_add_(0, seg, valid.long())
-    return total / count.clamp(min=1).to(total.dtype)
+    return (total / count.clamp(min=1).to(acc)).to(values.dtype)
 
 
 def sequence_perplexity(

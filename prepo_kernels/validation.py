@@ -88,7 +88,9 @@ def temperature_per_row(
 ) -> torch.Tensor:
     """The inverse temperature for each flattened row: [N] of ``dtype``."""
     if isinstance(temperature, torch.Tensor):
-        if temperature.device != targets.device and temperature.numel() != 1:
+        # elsewhere only a one-element CPU tensor, as PyTorch takes CPU scalars along (a meta one
+        # would fail to copy with NotImplementedError)
+        if temperature.device != targets.device and not (temperature.numel() == 1 and temperature.device.type == "cpu"):
             raise ValueError(f"temperature is on {temperature.device} but targets is on {targets.device}")
         if not temperature.dtype.is_floating_point:
             raise TypeError(f"temperature must be a float tensor, got {temperature.dtype}")
@@ -115,6 +117,8 @@ def check_linear_inputs(hidden, weight, targets, bias, ignore_index) -> None:
     check_same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [V, D], got shape {tuple(weight.shape)}")
+    if weight.numel() == 0:  # before the checks against V and D, which would blame bias or hidden
+        raise ValueError(f"empty input: weight of shape {tuple(weight.shape)} (need V, D >= 1)")
     if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"hidden's last dim ({hidden.shape[-1] if hidden.dim() else 'none'}) must equal weight's "

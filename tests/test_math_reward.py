@@ -78,6 +78,24 @@ def test_wrong_but_close_scores_zero(completion, gold):
     assert math_reward([completion], [gold]) == [0.0]
 
 
+# several boxes: the last is the answer (math-verify alone joins the first four into a set {5, 7})
+SEVERAL_BOXES = [
+    ("\\boxed{5} and also \\boxed{7}", "7", 1.0),
+    ("first \\boxed{5}. Final: \\boxed{7}", "7", 1.0),
+    ("\\boxed{5}, \\boxed{7}", "7", 1.0),
+    ("\\boxed{\\frac{1}{2}} or rather \\boxed{\\frac{1}{3}}", "\\frac{1}{3}", 1.0),
+    ("\\fbox{5} then $\\boxed{7}$", "7", 1.0),
+    ("\\boxed{7} and also \\boxed{5}", "7", 0.0),
+    ("\\boxed{5} and \\boxed{7}", "5, 7", 0.0),  # a multi-part answer goes in one box:
+    ("\\boxed{5, 7}", "5, 7", 1.0),
+]
+
+
+@pytest.mark.parametrize("completion,gold,want", SEVERAL_BOXES)
+def test_several_boxes_the_last_counts(completion, gold, want):
+    assert math_reward([completion], [gold]) == [want]
+
+
 def test_batch_matches_items_and_input_forms():
     cases = CORRECT + WRONG
     assert math_reward([c for c, _ in cases], [g for _, g in cases]) == [1.0] * len(CORRECT) + [0.0] * len(WRONG)

@@ -44,6 +44,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__SANITIZE_THREAD__)
+#include <sanitizer/tsan_interface.h>
+#endif
+
 namespace prepo_kernels {
 namespace {
 
@@ -68,6 +72,28 @@ constexpr float kNegInfF = -std::numeric_limits<float>::infinity();
 // z = -inf never produces inf * 0 = NaN, and its contribution is selected away to an exact 0.
 constexpr float kExpLowF = -87.0f;
 constexpr double kClampD = -1.0e4;
+
+// at::parallel_for(0, n, 1, f), told to ThreadSanitizer: libgomp is not instrumented, so TSan cannot
+// see the barriers that order a parallel region after the caller's work and before what follows
+// (it would report every stack slot and tensor reused after a region as a race; .ci/run_sanitize).
+// Two sync addresses, so that the workers of one region stay unordered among themselves.
+#if defined(__SANITIZE_THREAD__)
+char tsan_fork, tsan_join;
+#define PREPO_TSAN(call, addr) call(&(addr))
+#else
+#define PREPO_TSAN(call, addr) ((void)0)
+#endif
+
+template <typename F>
+void parallel_for(int64_t n, const F& f) {
+  PREPO_TSAN(__tsan_release, tsan_fork);
+  at::parallel_for(0, n, 1, [&](int64_t lo, int64_t hi) {
+    PREPO_TSAN(__tsan_acquire, tsan_fork);
+    f(lo, hi);
+    PREPO_TSAN(__tsan_release, tsan_join);
+  });
+  PREPO_TSAN(__tsan_acquire, tsan_join);
+}
 
 // ---------------------------------------------------------------------------------------------
 // tile sizes (env overrides for tuning: PREPO_CPU_ROW_TILE, PREPO_CPU_VOCAB_TILE)
@@ -152,12 +178,13 @@ void row_forward_f32(const float* __restrict raw, const float* __restrict b, int
     *out_t = 0.0f;
     return;
   }
-  const float nm = -m;
+  // d = (raw - max) * sc, not raw * sc - m: the compiler may fuse the latter into an fma, which
+  // leaves d != 0 at the max itself, so s < 1 and log-probs > 0 could come out
   float s = 0.0f, t = 0.0f;
   if (b != nullptr) {
 #pragma omp simd reduction(+ : s, t)
     for (int64_t i = 0; i < len; ++i) {
-      const float d = (raw[i] + b[i]) * sc + nm;
+      const float d = (raw[i] + b[i] - mx) * sc;
       const float dc = d > kExpLowF ? d : kExpLowF;
       const float e = d > kExpLowF ? exp_f32(dc) : 0.0f;
       s += e;
@@ -166,7 +193,7 @@ void row_forward_f32(const float* __restrict raw, const float* __restrict b, int
   } else {
 #pragma omp simd reduction(+ : s, t)
     for (int64_t i = 0; i < len; ++i) {
-      const float d = raw[i] * sc + nm;
+      const float d = (raw[i] - mx) * sc;
       const float dc = d > kExpLowF ? d : kExpLowF;
       const float e = d > kExpLowF ? exp_f32(dc) : 0.0f;
       s += e;
@@ -186,22 +213,22 @@ void row_backward_f32(float* __restrict z, const float* __restrict b, int64_t le
   const float c0 = (g + e * H) * sc;
   const float es = e * sc;
   const float nl = -lse;
+  // z = (raw + b) * sc rounded in a pass of its own, then d = z - lse: in one expression the
+  // compiler may fuse raw * sc - lse into an fma, so that the forward's max logit gets p != 1
+  // (a gradient where there is none, e.g. with V = 1)
   if (b != nullptr) {
 #pragma omp simd
-    for (int64_t i = 0; i < len; ++i) {
-      const float d = (z[i] + b[i]) * sc + nl;
-      const float dc = d > kExpLowF ? d : kExpLowF;
-      const float p = d > kExpLowF ? exp_f32(dc) : 0.0f;
-      z[i] = -p * (c0 + es * dc);
-    }
+    for (int64_t i = 0; i < len; ++i) z[i] = (z[i] + b[i]) * sc;
   } else {
 #pragma omp simd
-    for (int64_t i = 0; i < len; ++i) {
-      const float d = z[i] * sc + nl;
-      const float dc = d > kExpLowF ? d : kExpLowF;
-      const float p = d > kExpLowF ? exp_f32(dc) : 0.0f;
-      z[i] = -p * (c0 + es * dc);
-    }
+    for (int64_t i = 0; i < len; ++i) z[i] = z[i] * sc;
+  }
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    const float d = z[i] + nl;
+    const float dc = d > kExpLowF ? d : kExpLowF;
+    const float p = d > kExpLowF ? exp_f32(dc) : 0.0f;
+    z[i] = -p * (c0 + es * dc);
   }
 }
 
@@ -327,7 +354,7 @@ Tensor pack_hidden(const Tensor& hidden, int64_t Nt) {
   Tensor out = at::empty({blocks * packed_size(Nt, D)}, hidden.options());
   const BFloat16* h = hidden.data_ptr<BFloat16>();
   BFloat16* o = out.data_ptr<BFloat16>();
-  at::parallel_for(0, blocks, 1, [&](int64_t lo, int64_t hi) {
+  parallel_for(blocks, [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo; b < hi; ++b)
       pack_vnni(h + b * Nt * D, std::min(Nt, n - b * Nt), D, D, 1, o + b * packed_size(Nt, D));
   });
@@ -442,7 +469,7 @@ struct CpuDevice {
 
   template <typename F>
   static void parallel(int64_t P, const F& f) {
-    at::parallel_for(0, P, 1, [&](int64_t lo, int64_t hi) {
+    parallel_for(P, [&](int64_t lo, int64_t hi) {
       const at::AutoDispatchBelowADInplaceOrView below_autograd;
       for (int64_t p = lo; p < hi; ++p) f(p);
     });
@@ -480,9 +507,8 @@ struct CpuDevice {
       row_forward(row, bt, vt, itp[i], &mt, &st, &tt);
       merge_stats(m, m + n, m + 2 * n, i, mt, st, tt);
       const int64_t yl = y[i] - v0;
-      if (yl >= 0 && yl < vt)
-        zyp[i] = (static_cast<double>(row[yl]) + (bt != nullptr ? static_cast<double>(bt[yl]) : 0.0)) *
-                 static_cast<double>(itp[i]);
+      if (yl >= 0 && yl < vt)  // rounded as the row's max was (m = max * sc in acc_t): z_y <= m
+        zyp[i] = static_cast<double>(static_cast<acc_t>((row[yl] + (bt != nullptr ? bt[yl] : acc_t(0))) * itp[i]));
     }
   }
 

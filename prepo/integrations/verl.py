@@ -26,11 +26,18 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import torch
-from omegaconf import open_dict
 from packaging.version import Version
-from tensordict import TensorDict
 
-import verl
+try:
+    import verl  # first, so that without verl the message names it
+    import transfer_queue as tq  # verl 0.9's v1 trainer stores batches there
+    from omegaconf import open_dict
+    from tensordict import TensorDict
+except ImportError as exc:  # not in this environment: say which extra brings them
+    raise ImportError(f"prepo.integrations.verl needs verl and its v1 trainer's dependencies ({exc.name} is "
+                      "missing): pip install 'prepo[verl]', in an environment of its own (verl pins "
+                      "transformers < 5.11; see .ci/run_verl)") from exc
+
 from prepo.signals.pacing import PACINGS, pacing_rho
 
 SUPPORTED_VERL = (Version("0.9"), Version("0.10"))
@@ -46,8 +53,6 @@ def check_verl_version(version: str = verl.__version__) -> None:
 
 
 check_verl_version()  # before importing verl.trainer.ppo.v1, which older releases lack
-
-import transfer_queue as tq  # noqa: E402  (verl 0.9's v1 trainer stores batches there)
 
 from verl.protocol import DataProto  # noqa: E402
 from verl.trainer.ppo.v1 import PPOTrainerSync, register_trainer  # noqa: E402

@@ -25,8 +25,9 @@ _MODULES = {
     "cuda": "prepo_kernels.backends.cpp",
     "triton": "prepo_kernels.backends.triton_backend",
 }
-# fastest first
-_AUTO_ORDER = {"cpu": ("cpu", "torch"), "cuda": ("triton", "cuda", "torch")}
+# fastest first; "auto" takes the first that can run. On CPU triton runs only under its interpreter
+# (TRITON_INTERPRET=1), the slowest of all.
+_PREFERENCE = {"cpu": ("cpu", "torch", "triton"), "cuda": ("triton", "cuda", "torch")}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -50,13 +51,16 @@ def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
 
 
 def available_impls(device: torch.device | str | None = None) -> list[str]:
-    """Backends that can run on ``device`` (default: cuda if present, else cpu), fastest first,
-    followed by "reference"."""
+    """Every backend name that ``impl=`` accepts for tensors on ``device`` (default: cuda if present,
+    else cpu), i.e. each one that runs there without :class:`BackendUnavailableError`: the fused
+    backends fastest first (``impl="auto"`` takes the first), then "reference". On CPU with
+    TRITON_INTERPRET=1 that includes "triton" (Triton's interpreter: slow, meant for tests), last."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    order = _AUTO_ORDER.get(device.type, ("torch",))
-    return [n for n in order if unavailable_reason(n, device) is None] + ["reference"]
+    preferred = _PREFERENCE.get(device.type, ())
+    names = preferred + tuple(n for n in _MODULES if n not in preferred)
+    return [n for n in names if unavailable_reason(n, device) is None] + ["reference"]
 
 
 def check_impl_name(impl: str) -> None:
