@@ -146,7 +146,7 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "pytest-timeout", "dashscope", "tiktoken"],
+        "test": ["pytest", "pytest-benchmark", "pytest-timeout", "hypothesis", "dashscope", "tiktoken"],
         "triton": ["triton"],
         "bench": ["liger-kernel", "cut-cross-entropy"],  # the peers benchmarks/ compares against
         "vllm": ["vllm==0.33.0"],  # prepo/vllm_engine.py was written against its source; never run here

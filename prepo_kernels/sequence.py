@@ -83,7 +83,7 @@ def sequence_mean(
     """
     check_tensor("values", values, floating=True)
     valid = _check_mask(values, mask)
-    # summed in fp32 (fp64 for fp64): index_add in bf16 rounds after every token (-4% at 200 tokens)
+    # summed in fp32 (fp64 for fp64): index_add in bf16 rounds after every token
     acc = torch.float64 if values.dtype == torch.float64 else torch.float32
     masked = torch.where(valid, values, 0).to(acc)
     if cu_seqlens is None:

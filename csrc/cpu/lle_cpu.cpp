@@ -44,10 +44,6 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__SANITIZE_THREAD__)
-#include <sanitizer/tsan_interface.h>
-#endif
-
 namespace prepo_kernels {
 namespace {
 
@@ -72,28 +68,6 @@ constexpr float kNegInfF = -std::numeric_limits<float>::infinity();
 // z = -inf never produces inf * 0 = NaN, and its contribution is selected away to an exact 0.
 constexpr float kExpLowF = -87.0f;
 constexpr double kClampD = -1.0e4;
-
-// at::parallel_for(0, n, 1, f), told to ThreadSanitizer: libgomp is not instrumented, so TSan cannot
-// see the barriers that order a parallel region after the caller's work and before what follows
-// (it would report every stack slot and tensor reused after a region as a race; .ci/run_sanitize).
-// Two sync addresses, so that the workers of one region stay unordered among themselves.
-#if defined(__SANITIZE_THREAD__)
-char tsan_fork, tsan_join;
-#define PREPO_TSAN(call, addr) call(&(addr))
-#else
-#define PREPO_TSAN(call, addr) ((void)0)
-#endif
-
-template <typename F>
-void parallel_for(int64_t n, const F& f) {
-  PREPO_TSAN(__tsan_release, tsan_fork);
-  at::parallel_for(0, n, 1, [&](int64_t lo, int64_t hi) {
-    PREPO_TSAN(__tsan_acquire, tsan_fork);
-    f(lo, hi);
-    PREPO_TSAN(__tsan_release, tsan_join);
-  });
-  PREPO_TSAN(__tsan_acquire, tsan_join);
-}
 
 // ---------------------------------------------------------------------------------------------
 // tile sizes (env overrides for tuning: PREPO_CPU_ROW_TILE, PREPO_CPU_VOCAB_TILE)
@@ -354,7 +328,7 @@ Tensor pack_hidden(const Tensor& hidden, int64_t Nt) {
   Tensor out = at::empty({blocks * packed_size(Nt, D)}, hidden.options());
   const BFloat16* h = hidden.data_ptr<BFloat16>();
   BFloat16* o = out.data_ptr<BFloat16>();
-  parallel_for(blocks, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, blocks, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo; b < hi; ++b)
       pack_vnni(h + b * Nt * D, std::min(Nt, n - b * Nt), D, D, 1, o + b * packed_size(Nt, D));
   });
@@ -469,7 +443,7 @@ struct CpuDevice {
 
   template <typename F>
   static void parallel(int64_t P, const F& f) {
-    parallel_for(P, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, P, 1, [&](int64_t lo, int64_t hi) {
       const at::AutoDispatchBelowADInplaceOrView below_autograd;
       for (int64_t p = lo; p < hi; ++p) f(p);
     });
