@@ -12,14 +12,16 @@ already has: prompt perplexity (selection) and rollout entropy (weighting). Each
   4. score/weight: one no-grad pass for the old log-probs and full-vocabulary entropies, and
      w_i = H_i / H_bar per rollout (detached);
   5. update: DAPO-style GRPO (group-normalized advantages, clip-higher, token-mean, each rollout's
-     surrogate times w_i), micro-batched by a token budget; the rollout engine gets the new weights;
+     surrogate times w_i), micro-batched by a token budget, zero-advantage rollouts skipped when
+     there is no KL term; the rollout engine gets the new weights;
   6. log one :class:`~prepo.metrics.StepMetrics`.
 
-The parts sit behind small interfaces: the data source and reward (:mod:`prepo.sources`), the
-policy loader (:mod:`prepo.policy`), the rollout engine (:mod:`prepo.rollout`, vLLM in
-:mod:`prepo.vllm_engine`), the selection strategy with its collector (:mod:`prepo.curriculum`;
-DAPO dynamic sampling is its own collector), the metrics record (:mod:`prepo.metrics`), and the
-run's outputs (:mod:`prepo.report`).
+The parts sit behind small interfaces: the data source (:mod:`prepo.sources`) and the reward
+(:func:`prepo.rewards.load_reward_fn`), the policy loader (:mod:`prepo.policy`), the rollout engine
+and the one roll-out-and-reward path (:mod:`prepo.rollout`, vLLM in :mod:`prepo.vllm_engine`), the
+selection strategy (:mod:`prepo.signals.strategies`, which says what it needs) and the collectors
+(:mod:`prepo.collect`; DAPO dynamic sampling is its own), the metrics record
+(:mod:`prepo.metrics`), and the run's outputs (:mod:`prepo.report`).
 """
 from __future__ import annotations
 
