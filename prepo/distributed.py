@@ -72,14 +72,16 @@ class Dist:
         return [x for part in out for x in part]
 
     def sum_grads(self, params) -> None:
-        """Sum ``.grad`` over ranks (a rank whose share of a mini-batch was empty adds zeros)."""
-        if not self.active:
-            return
+        """Give every trainable parameter a ``.grad`` (zeros where no backward reached it: a rank
+        whose share of a mini-batch was empty, or had only rollouts the update skips), summed over
+        ranks. The optimizer then steps every parameter alike, as if those rows had added their
+        zero gradients."""
         for p in params:
             if p.requires_grad:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                tdist.all_reduce(p.grad)
+                if self.active:
+                    tdist.all_reduce(p.grad)
 
     def barrier(self) -> None:
         if self.active:

@@ -30,13 +30,14 @@ class Timer:
 
 @dataclass
 class UpdateStats:
-    """Means over the optimizer steps of one update."""
+    """Means over the optimizer steps of one update, and the rollouts it skipped (a count)."""
 
     loss: float = 0.0
     clip_frac: float = 0.0
     kl: float = 0.0
-    ratio_mean: float = 1.0
+    ratio_mean: float = 1.0            # over the updated tokens
     grad_norm: float = 0.0
+    skipped_rollouts: int = 0          # zero-advantage rollouts left out of the forward / backward (all ranks)
 
 
 @dataclass

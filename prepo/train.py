@@ -12,14 +12,16 @@ already has: prompt perplexity (selection) and rollout entropy (weighting). Each
   4. score/weight: one no-grad pass for the old log-probs and full-vocabulary entropies, and
      w_i = H_i / H_bar per rollout (detached);
   5. update: DAPO-style GRPO (group-normalized advantages, clip-higher, token-mean, each rollout's
-     surrogate times w_i), micro-batched by a token budget; the rollout engine gets the new weights;
+     surrogate times w_i), micro-batched by a token budget, zero-advantage rollouts skipped when
+     there is no KL term; the rollout engine gets the new weights;
   6. log one :class:`~prepo.metrics.StepMetrics`.
 
-The parts sit behind small interfaces: the data source and reward (:mod:`prepo.sources`), the
-policy loader (:mod:`prepo.policy`), the rollout engine (:mod:`prepo.rollout`, vLLM in
-:mod:`prepo.vllm_engine`), the selection strategy with its collector (:mod:`prepo.curriculum`;
-DAPO dynamic sampling is its own collector), the metrics record (:mod:`prepo.metrics`), and the
-run's outputs (:mod:`prepo.report`).
+The parts sit behind small interfaces: the data source (:mod:`prepo.sources`) and the reward
+(:func:`prepo.rewards.load_reward_fn`), the policy loader (:mod:`prepo.policy`), the rollout engine
+and the one roll-out-and-reward path (:mod:`prepo.rollout`, vLLM in :mod:`prepo.vllm_engine`), the
+selection strategy (:mod:`prepo.signals.strategies`, which says what it needs) and the collectors
+(:mod:`prepo.collect`; DAPO dynamic sampling is its own), the metrics record
+(:mod:`prepo.metrics`), and the run's outputs (:mod:`prepo.report`).
 """
 from __future__ import annotations
 
@@ -280,7 +282,11 @@ class Trainer:
     @torch.no_grad()
     def old_logprobs(self, ro: Rollouts):
         """(old log-probs, entropies, reference log-probs or None), each [N, C] float32 on the CPU,
-        micro-batched by the token budget."""
+        micro-batched by the token budget. It runs on every rollout, also those the update skips:
+        H_bar and the logged entropy need every rollout's entropies, and the fused kernel gets a
+        token's log-prob from the same log-sum-exp as its entropy (one gather more), so leaving out
+        the skipped rollouts' log-probs would save nothing. The reference pass (a KL term) has no
+        skipped rollouts."""
         ids, amask, sl = ro.full_sequences()
         old, ent, ref = [], [], []
         for rows in token_chunks(torch.arange(ids.shape[0]), ids.shape[1], self.cfg.max_tokens_per_microbatch):
@@ -292,15 +298,22 @@ class Trainer:
         return torch.cat(old), torch.cat(ent), torch.cat(ref) if ref else None
 
     def update(self, ro: Rollouts, adv: torch.Tensor, weights: Optional[torch.Tensor], old_lp: torch.Tensor,
-               ref_lp: Optional[torch.Tensor]) -> UpdateStats:
+               ref_lp: Optional[torch.Tensor], *, skip_zero_adv: bool = True) -> UpdateStats:
         """``mini_batches`` optimizer steps per epoch, each over a mini-batch split into micro-batches
         of at most ``max_tokens_per_microbatch`` padded tokens whose gradients accumulate (each
-        micro-batch's loss is divided by the whole mini-batch's completion tokens, all ranks')."""
-        cfg, dev = self.cfg, self.device
+        micro-batch's loss is divided by the whole mini-batch's completion tokens, all ranks').
+
+        Without a KL term (``kl_beta`` 0) a rollout whose advantage is 0 has a surrogate of exactly 0
+        at every token, whatever its ratio and weight, so it adds nothing to the gradient: such
+        rollouts (all-equal reward groups) skip the forward and backward (``skip_zero_adv``; False
+        runs them, for tests). The token-mean's denominator still counts their tokens, so the update
+        is the same update up to float summation order. With a KL term every rollout has a gradient."""
+        cfg = self.cfg
         ids, amask, sl = ro.full_sequences()
         cmask = ro.completion_mask
         n = ids.shape[0]
         n_all = int(self.dist.sum(torch.tensor(n)))
+        live = adv != 0 if skip_zero_adv and cfg.kl_beta == 0 else torch.ones(n, dtype=torch.bool)
         stats: list[list[float]] = []
         for _ in range(cfg.ppo_epochs):
             perm = torch.randperm(n)
@@ -309,24 +322,39 @@ class Trainer:
                     continue
                 self.optimizer.zero_grad(set_to_none=True)
                 n_tok = float(self.dist.sum(cmask[mb].sum()))
-                acc = [0.0, 0.0, 0.0, 0.0]   # loss, clip_frac, kl, ratio_mean
-                for rows in token_chunks(mb, ids.shape[1], cfg.max_tokens_per_microbatch):
-                    lp, _ = self._logprob(self.model, ids, amask, rows, entropy=False)
-                    out = grpo_loss(
-                        lp[:, sl], old_lp[rows].to(dev), adv[rows].to(dev), cmask[rows].to(dev),
-                        None if weights is None else weights[rows].to(dev), eps_low=cfg.eps_low,
-                        eps_high=cfg.eps_high, ref_logprob=None if ref_lp is None else ref_lp[rows].to(dev),
-                        kl_beta=cfg.kl_beta, num_tokens=n_tok)
-                    (self.scaler.scale(out.loss) if self.scaler else out.loss).backward()
-                    for i, v in enumerate((out.loss.item(), out.clip_frac, out.kl, out.ratio_mean)):
-                        acc[i] += v
-                self.dist.sum_grads(self.model.parameters())
-                stats.append(acc + [self.optimizer_step()])
+                rows = mb[live[mb]]
+                acc = self._accumulate((ids, amask, cmask, sl), rows, adv, weights, old_lp, ref_lp, n_tok)
+                self.dist.sum_grads(self.model.parameters())   # zeros where no row ran: the step is as if they had
+                upd_frac = float(self.dist.sum(cmask[rows].sum())) / max(n_tok, 1.0)
+                stats.append(acc + [self.optimizer_step(), upd_frac])
         if self.dist.active:   # each rank's parts of the token means add up to the global batch's
             summed = self.dist.sum(torch.tensor(stats, dtype=torch.float64)[:, :4])
-            stats = [list(row) + [s[4]] for row, s in zip(summed.tolist(), stats)]
-        loss, clip, kl, ratio, gnorm = np.mean(stats, axis=0).tolist()
-        return UpdateStats(loss=loss, clip_frac=clip, kl=kl, ratio_mean=ratio, grad_norm=gnorm)
+            stats = [list(row) + s[4:] for row, s in zip(summed.tolist(), stats)]
+        for s in stats:   # the mean ratio over the tokens updated (1: none were)
+            s[3] = s[3] / s[5] if s[5] > 0 else 1.0
+        loss, clip, kl, ratio, gnorm, _ = np.mean(stats, axis=0).tolist()
+        skipped = int(self.dist.sum(torch.tensor(int((~live).sum()))))
+        return UpdateStats(loss=loss, clip_frac=clip, kl=kl, ratio_mean=ratio, grad_norm=gnorm,
+                           skipped_rollouts=skipped)
+
+    def _accumulate(self, seqs, rows, adv, weights, old_lp, ref_lp, n_tok: float) -> list[float]:
+        """Forward and backward of the GRPO loss on ``rows`` of ``seqs`` (input ids, attention mask,
+        completion mask, completion slice) in micro-batches, gradients summed; [loss, clip_frac, kl,
+        ratio sum], each over the mini-batch's ``n_tok`` tokens."""
+        cfg, dev = self.cfg, self.device
+        ids, amask, cmask, sl = seqs
+        acc = [0.0, 0.0, 0.0, 0.0]
+        for chunk in token_chunks(rows, ids.shape[1], cfg.max_tokens_per_microbatch):
+            lp, _ = self._logprob(self.model, ids, amask, chunk, entropy=False)
+            out = grpo_loss(
+                lp[:, sl], old_lp[chunk].to(dev), adv[chunk].to(dev), cmask[chunk].to(dev),
+                None if weights is None else weights[chunk].to(dev), eps_low=cfg.eps_low,
+                eps_high=cfg.eps_high, ref_logprob=None if ref_lp is None else ref_lp[chunk].to(dev),
+                kl_beta=cfg.kl_beta, num_tokens=n_tok)
+            (self.scaler.scale(out.loss) if self.scaler else out.loss).backward()
+            for i, v in enumerate((out.loss.item(), out.clip_frac, out.kl, out.ratio_mean)):
+                acc[i] += v
+        return acc
 
     def optimizer_step(self) -> float:
         """Clip the gradient norm, step (through the fp16 loss scaler when there is one); the norm."""

@@ -1,7 +1,9 @@
 """Run by tests/test_prepo_distributed.py under torchrun (1 or 2 processes): one update of the
 trainer on a fixed global batch; rank 0 saves the parameters and the step's statistics.
 
-usage: python -m torch.distributed.run --standalone --nproc_per_node N tests/dist_update_worker.py CONFIG_JSON OUT
+usage: python -m torch.distributed.run --standalone --nproc_per_node N tests/dist_update_worker.py CONFIG_JSON OUT SKIP
+
+SKIP: 1 = the update skips zero-advantage rollouts (the trainer's default), 0 = it runs them.
 """
 import dataclasses
 import json
@@ -30,9 +32,11 @@ ro, mine_r = whole.rollouts.select(rows), rewards[rows]
 # steps 4-5 of Trainer.step on that batch
 old_lp, ent, ref_lp = trainer.old_logprobs(ro)
 w = relative_entropy_weights(ent, ro.completion_mask, reduce=trainer.dist.sum)
-update = trainer.update(ro, group_advantages(mine_r, G, cfg.adv_eps), w, old_lp, ref_lp)
+update = trainer.update(ro, group_advantages(mine_r, G, cfg.adv_eps), w, old_lp, ref_lp,
+                        skip_zero_adv=sys.argv[3] == "1")
 batch = trainer.batch_stats(mine_r, ent, ro.completion_mask, w)
 if trainer.dist.main:
     torch.save({"params": trainer.model.state_dict(), "batch": dataclasses.asdict(batch),
+                "grads": {n: p.grad.clone() for n, p in trainer.model.named_parameters()},
                 "update": dataclasses.asdict(update), "rewards": rewards.tolist()}, sys.argv[2])
 trainer.dist.close()

@@ -1,6 +1,6 @@
 """torchrun data parallelism on the CPU (gloo), 2 processes: one update on a fixed global batch
-equals one process's update on it; a short run completes, and resumed it writes what an
-uninterrupted run writes."""
+equals one process's update on it (and skipping its zero-advantage rollouts changes nothing); a
+short run completes, and resumed it writes what an uninterrupted run writes."""
 from __future__ import annotations
 
 import json
@@ -24,29 +24,40 @@ def _torchrun(nproc: int, argv: list, timeout: int = 300) -> subprocess.Complete
 
 
 @pytest.mark.slow
-def test_two_process_update_equals_one_process(tmp_path, tiny_qwen2_dir):
+def test_update_is_the_same_skipped_and_data_parallel(tmp_path, tiny_qwen2_dir):
+    """One update on a fixed global batch, half of whose groups have all-equal rewards (advantage
+    0): skipping those rollouts (the default) on one process and on two equals running them all on
+    one process, up to float summation order."""
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"What is {a} plus 2?", "answer": str(a + 2)}) + "\n"
                             for a in range(8)))
-    reward = tmp_path / "parity.py"
+    reward = tmp_path / "parity.py"   # completion-length parity; 0 for the even prompts (a zero-variance group)
     reward.write_text("def score(prompts, completions, **columns):\n"
-                      "    return [float(len(c) % 2) for c in completions]\n")
+                      "    return [float(len(c) % 2) if int(p.split()[2]) % 2 else 0.0\n"
+                      "            for p, c in zip(prompts, completions)]\n")
     cfg = {"model": str(tiny_qwen2_dir), "train_data": str(data), "reward": f"{reward}:score", "chat_template": True,
            "candidate_batch_size": 4, "select_ratio": 1.0, "group_size": 4, "max_new_tokens": 6, "mini_batches": 1,
            "lr": 1e-4, "output_dir": str(tmp_path / "o"), "progress": False, "tensorboard": False}
     out = {}
-    for n in (1, 2):
-        _torchrun(n, ["tests/dist_update_worker.py", json.dumps(cfg), tmp_path / f"{n}.pt"])
-        out[n] = torch.load(tmp_path / f"{n}.pt", weights_only=False)
-    assert out[1]["rewards"] == out[2]["rewards"]            # the same global batch
-    assert out[1]["update"]["grad_norm"] > 0                 # the update moved the weights
-    # AdamW's first step is lr * g / (|g| + eps): gradients within rounding of 0 (a few of them
-    # here) may flip sign between the two reductions, moving those weights by up to 2 lr; a wrong
-    # reduction would move many. grad_norm (compared below) checks the gradient's scale.
-    for k, v in out[1]["params"].items():
-        torch.testing.assert_close(out[2]["params"][k], v, rtol=1e-5, atol=2e-6, msg=k)
-    for part in ("batch", "update"):
-        assert out[2][part] == pytest.approx(out[1][part], rel=1e-5, abs=1e-6)
+    for n, skip in ((1, 0), (1, 1), (2, 1)):
+        _torchrun(n, ["tests/dist_update_worker.py", json.dumps(cfg), tmp_path / f"{n}{skip}.pt", skip])
+        out[n, skip] = torch.load(tmp_path / f"{n}{skip}.pt", weights_only=False)
+    ref = out[1, 0]
+    assert ref["update"]["skipped_rollouts"] == 0 and ref["update"]["grad_norm"] > 0   # the update moved the weights
+    assert ref["batch"]["zero_adv_frac"] >= 0.5                                          # groups of prompts 0 and 2
+    for key in ((1, 1), (2, 1)):
+        got = out[key]
+        assert got["rewards"] == ref["rewards"]                                          # the same global batch
+        assert got["update"]["skipped_rollouts"] == 4 * 4 * ref["batch"]["zero_adv_frac"]   # G x zero groups
+        # AdamW's first step is lr * g / (|g| + eps): gradients within rounding of 0 may flip sign
+        # between two summation orders, moving those weights by up to 2 lr; a wrong update would
+        # move many. The gradients (after clipping) and grad_norm check the gradient itself.
+        for k, v in ref["params"].items():
+            torch.testing.assert_close(got["params"][k], v, rtol=1e-5, atol=2e-6, msg=k)
+            torch.testing.assert_close(got["grads"][k], ref["grads"][k], rtol=1e-4, atol=1e-7, msg=k)
+        assert got["batch"] == pytest.approx(ref["batch"], rel=1e-5, abs=1e-6)
+        same = {k: v for k, v in got["update"].items() if k not in ("skipped_rollouts", "ratio_mean")}
+        assert same == pytest.approx({k: ref["update"][k] for k in same}, rel=1e-5, abs=1e-6)
 
 
 def _rows(out: Path) -> list[dict]:
