@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from . import validation
+from .autograd import _scatter_rows
 from .backends import registry
 from .backends.base import accumulation_dtype
 from .grpo_backends import BACKENDS, clipped_surrogate, grpo_unavailable_reason
@@ -197,22 +198,21 @@ def fused_grpo_loss(
     n, acc = hidden.shape[0], accumulation_dtype(hidden.dtype)
     computed = (targets != ignore_index) & (advantages != 0)
     rows = computed.nonzero().squeeze(1)
+    if rows.numel() == 0:
+        zeros = hidden.new_zeros((n,), dtype=acc)
+        entropy = zeros.clone() if compute_entropy else zeros.new_zeros(0)
+        return (zeros.new_zeros(()), zeros, entropy) + _zero_grads(hidden, weight, bias, need_grad)
     pick = (lambda x: x) if rows.numel() == n else (lambda x: x.index_select(0, rows))  # noqa: E731
-    logprob = hidden.new_zeros((n,), dtype=acc)
-    entropy = hidden.new_zeros((n if compute_entropy else 0,), dtype=acc)
-    grads = _zero_grads(hidden, weight, bias, need_grad)
-    if rows.numel() > 0:
-        lp, ent, dh, dw, db = BACKENDS[backend](
-            pick(hidden).contiguous(), weight.contiguous(), bias, pick(targets), pick(inv_temp),
-            pick(old_logprob), pick(advantages), float(scale), eps_low, eps_high, compute_entropy, need_grad)
-        logprob.index_copy_(0, rows, lp)
-        if compute_entropy:
-            entropy.index_copy_(0, rows, ent)
-        if need_grad:
-            grads[0].index_copy_(0, rows, dh.to(hidden.dtype))
-            grads[1].copy_(dw)
-            if bias is not None:
-                grads[2].copy_(db)
+    lp, ent, dh, dw, db = BACKENDS[backend](
+        pick(hidden).contiguous(), weight.contiguous(), bias, pick(targets), pick(inv_temp),
+        pick(old_logprob), pick(advantages), float(scale), eps_low, eps_high, compute_entropy, need_grad)
+    logprob = _scatter_rows(lp, rows, n)
+    entropy = _scatter_rows(ent, rows, n) if compute_entropy else ent
+    if need_grad:  # the backend's tensors themselves where they fit: no second [V, D] buffer
+        grads = (_scatter_rows(dh.to(hidden.dtype), rows, n), dw.to(weight.dtype),
+                 db.to(bias.dtype) if bias is not None else weight.new_zeros(0))
+    else:
+        grads = _zero_grads(hidden, weight, bias, need_grad)
     surr, _ = clipped_surrogate(logprob, old_logprob, advantages, eps_low, eps_high)
     loss = -torch.where(computed, surr, 0).sum() * scale
     return (loss, logprob, entropy) + grads
