@@ -112,7 +112,7 @@ def grpo_unavailable_reason(name: str) -> Optional[str]:
     available for the device), else why not."""
     if name not in BACKENDS:
         return f"no {name!r} backend for the fused GRPO loss (it has {sorted(BACKENDS)} and 'reference')"
-    if name == "cpu" and not torch._C._dispatch_has_kernel_for_dispatch_key(OP, "CPU"):
+    if name == "cpu" and not hasattr(torch.ops.prepo_kernels, OP.split("::")[1]):
         return ("the native extension was built without csrc/cpu/grpo_loss_cpu.cpp; rebuild it with "
                 "`pip install --no-build-isolation -e .`")
     return None

@@ -240,3 +240,20 @@ def test_a_backend_that_ignores_a_clip_side_fails_this_suite(eps, monkeypatch):
     monkeypatch.setitem(grpo_backends.BACKENDS, "torch", wrong)
     with pytest.raises(AssertionError, match="d_hidden"):
         assert_close_to_truth("torch", F64, make_case(40, 48, 129), 1e-9)
+
+
+def test_auto_falls_back_to_torch_without_the_native_op(monkeypatch):
+    """An extension built before csrc/cpu/grpo_loss_cpu.cpp existed: "auto" runs the torch backend,
+    an explicit "cpu" says why it cannot."""
+    import prepo_kernels.grpo_loss as module
+
+    monkeypatch.setattr(module, "grpo_unavailable_reason", lambda name: "not built" if name == "cpu" else None)
+    used = []
+    monkeypatch.setitem(grpo_backends.BACKENDS, "torch", lambda *a: used.append(1) or grpo_backends.torch_fwdbwd(*a))
+    case = make_case(5, 8, 30)
+    run("auto", F64, case)
+    assert used == [1]
+    with pytest.raises(BackendUnavailableError, match="not built"):
+        run("cpu", F64, case)
+    assert grpo_backends.grpo_unavailable_reason("cpu") is None or skip_reason("cpu", "cpu")
+    assert "no 'triton' backend" in grpo_backends.grpo_unavailable_reason("triton")
