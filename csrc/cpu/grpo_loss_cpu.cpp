@@ -1,7 +1,7 @@
 // prepo_kernels::grpo_loss_fwdbwd on CPU: the fused linear GRPO loss's forward and gradients in one
 // call, at three matmuls of [n, D] x [D, V] (contract and formulas: prepo_kernels/grpo_backends.py).
 //
-// The rows run in chunks. For each chunk of c rows:
+// The rows run in chunks of chunk_rows (the caller bounds a chunk's logits). For each chunk of c rows:
 //   1. Z [c, V] = h_chunk W^T                               (matmul 1, ATen BLAS, all threads)
 //   2. one OpenMP pass over the chunk's rows, each row in cache: z = (Z + b) * inv_temp, its max,
 //      sum e^{z-m} (and sum e^{z-m}(z-m) for the entropy), lse, logprob = z_y - lse, the surrogate's
@@ -22,7 +22,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -34,17 +33,8 @@ namespace {
 
 using at::Tensor;
 
-// One chunk's logits stay within this many bytes (V = 32768: 256 rows; V = 151936: 55 rows).
-constexpr int64_t kChunkBytes = int64_t(32) << 20;
 // Vocab rows of W upcast at a time for bf16 / fp16 GEMMs (4 MB of fp32 at D = 1024).
 constexpr int64_t kUpcastTile = 1024;
-
-int64_t chunk_rows(int64_t n, int64_t V, int64_t elem) {
-  int64_t rows = std::max<int64_t>(16, std::min<int64_t>(1024, kChunkBytes / (V * elem)));
-  const char* env = std::getenv("PREPO_GRPO_ROW_CHUNK");  // tuning only
-  if (env != nullptr && std::atoll(env) > 0) rows = std::atoll(env);
-  return std::min(n, rows);
-}
 
 // The per-row scalars of the surrogate (prepo.loss.grpo_loss): the loss is -scale * sum surr.
 struct Surrogate {
@@ -192,7 +182,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fwdbwd_typed(const Tensor& hi
                                                                 const Tensor& targets, const Tensor& inv_temp,
                                                                 const Tensor& old_logprob, const Tensor& advantages,
                                                                 const Surrogate& s, bool compute_entropy,
-                                                                bool need_grad) {
+                                                                bool need_grad, int64_t chunk) {
   const auto acc = c10::CppTypeToScalarType<acc_t>::value;
   const int64_t n = hidden.size(0), D = hidden.size(1), V = weight.size(0);
   const auto fopts = hidden.options().dtype(acc);
@@ -212,7 +202,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fwdbwd_typed(const Tensor& hi
     if (need_grad) grad_w.zero_();
     return {logprob, entropy, grad_h, grad_w, grad_b};
   }
-  const int64_t C = chunk_rows(n, V, sizeof(acc_t));
+  const int64_t C = std::min(n, chunk);
   const Tensor zbuf = at::empty({C * V}, fopts);
   const Tensor hbuf = h.scalar_type() == acc ? Tensor() : at::empty({C, D}, fopts);
   ChunkGemms gemms(W, acc);
@@ -245,7 +235,7 @@ void check(bool ok, const char* what) { TORCH_CHECK(ok, "prepo_kernels::grpo_los
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> grpo_loss_fwdbwd(
     const Tensor& hidden, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& targets,
     const Tensor& inv_temp, const Tensor& old_logprob, const Tensor& advantages, double scale, double eps_low,
-    double eps_high, bool compute_entropy, bool need_grad) {
+    double eps_high, bool compute_entropy, bool need_grad, int64_t chunk_rows) {
   const auto dt = hidden.scalar_type();
   check(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1), "hidden [n, D], weight [V, D]");
   check(weight.size(0) > 0, "weight must have at least one row");
@@ -258,6 +248,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> grpo_loss_fwdbwd(
   for (const Tensor* t : {&targets, &inv_temp, &old_logprob, &advantages})
     check(t->dim() == 1 && t->size(0) == n, "targets, inv_temp, old_logprob and advantages must be [n]");
   check(targets.scalar_type() == at::kLong, "targets must be int64");
+  check(chunk_rows > 0, "chunk_rows must be > 0");
   if (n > 0) {
     check(targets.min().item<int64_t>() >= 0 && targets.max().item<int64_t>() < weight.size(0),
           "targets must be in [0, V)");
@@ -265,9 +256,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> grpo_loss_fwdbwd(
   const Surrogate s{scale, eps_low, eps_high};
   if (dt == at::kDouble)
     return fwdbwd_typed<double>(hidden, weight, bias, targets, inv_temp, old_logprob, advantages, s,
-                                compute_entropy, need_grad);
+                                compute_entropy, need_grad, chunk_rows);
   return fwdbwd_typed<float>(hidden, weight, bias, targets, inv_temp, old_logprob, advantages, s, compute_entropy,
-                             need_grad);
+                             need_grad, chunk_rows);
 }
 
 }  // namespace
@@ -276,7 +267,7 @@ TORCH_LIBRARY_FRAGMENT(prepo_kernels, m) {
   m.def(
       "grpo_loss_fwdbwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor inv_temp, "
       "Tensor old_logprob, Tensor advantages, float scale, float eps_low, float eps_high, bool compute_entropy, "
-      "bool need_grad) -> (Tensor logprob, Tensor entropy, Tensor grad_hidden, Tensor grad_weight, "
+      "bool need_grad, int chunk_rows) -> (Tensor logprob, Tensor entropy, Tensor grad_hidden, Tensor grad_weight, "
       "Tensor grad_bias)");
 }
 
