@@ -34,7 +34,7 @@ from .backends.base import accumulation_dtype
 OP = "prepo_kernels::grpo_loss_fwdbwd"
 # bytes of one chunk's fp32 logits (rows x V): the chunk's rows are max(16, min(1024, this / 4V)).
 # Larger chunks mean fewer read-modify-writes of the [V, D] dW (faster), and more memory.
-CHUNK_BYTES = 48 << 20
+CHUNK_BYTES = 32 << 20
 
 
 def clipped_surrogate(logprob: Tensor, old_logprob: Tensor, advantages: Tensor, eps_low: float,

@@ -239,14 +239,17 @@ def _fused_grpo_loss_fake(hidden, weight, bias, targets, inv_temp, old_logprob, 
 
 
 def _setup_context(ctx, inputs, output):
-    _, _, _, grad_h, grad_w, grad_b = output
-    ctx.save_for_backward(grad_h, grad_w, grad_b)
+    # a plain attribute, not save_for_backward, so that _backward can drop the graph's reference and
+    # autograd then moves the gradients into .grad instead of copying them (a second [V, D] buffer);
+    # no reference cycle: these outputs are non-differentiable
+    ctx.grads = output[3:]
     ctx.has_bias = inputs[2] is not None
     ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # else backward first gets zeros the size of every output, dW's too
 
 
 def _backward(ctx, grad_loss, *_):
-    grad_h, grad_w, grad_b = ctx.saved_tensors  # computed: the loss requires grad only when need_grad was true
+    (grad_h, grad_w, grad_b), ctx.grads = ctx.grads, None  # set when the loss requires grad (need_grad)
     if not bool(grad_loss == 1):  # loss.backward() passes exactly 1: hand the gradients over as they are
         grad_h, grad_w, grad_b = (g * grad_loss.to(g.dtype) for g in (grad_h, grad_w, grad_b))
     return (grad_h, grad_w, grad_b if ctx.has_bias else None) + (None,) * 11

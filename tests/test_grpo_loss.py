@@ -253,3 +253,31 @@ def test_auto_falls_back_to_torch_without_the_native_op(monkeypatch):
         run("cpu", F64, case)
     assert grpo_backends.grpo_unavailable_reason("cpu") is None or skip_reason("cpu", "cpu")
     assert "no 'triton' backend" in grpo_backends.grpo_unavailable_reason("triton")
+
+
+@pytest.mark.parametrize("impl", FUSED)
+def test_backward_moves_the_gradients_without_copies(impl, monkeypatch):
+    """backward gets no zero-filled gradients for the op's non-differentiable outputs (dW-sized),
+    and the weight's .grad is the backend's own tensor (moved, not copied)."""
+    import prepo_kernels.grpo_loss as module
+
+    pointers, extra = [], []
+    backend = grpo_backends.BACKENDS[impl]
+
+    def spy(*args):  # keeps no reference to the gradients (that alone would force autograd to copy)
+        out = backend(*args)
+        pointers.append(out[3].data_ptr())
+        return out
+
+    monkeypatch.setitem(grpo_backends.BACKENDS, impl, spy)
+    original = module._backward
+    module.fused_grpo_loss.register_autograd(lambda ctx, g, *rest: extra.append(rest) or original(ctx, g, *rest),
+                                             setup_context=module._setup_context)
+    try:
+        case = make_case(6, 8, 40, bias=False, ignore_frac=0.0, zero_adv_frac=0.0)
+        w = case["weight"].clone().requires_grad_()
+        linear_grpo_loss(case["hidden"], w, case["targets"], case["old"], case["adv"], impl=impl)[0].backward()
+    finally:
+        module.fused_grpo_loss.register_autograd(original, setup_context=module._setup_context)
+    assert all(g is None for g in extra[0])
+    assert w.grad.data_ptr() == pointers[0]
