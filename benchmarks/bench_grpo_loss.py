@@ -52,7 +52,7 @@ def make_inputs(n, d, vocab, dtype, zero_frac):
     case = providers.make_case(n, d, vocab, dtype, zero_frac)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        lp, _ = linear_logprob_entropy(case.hidden, case.weight, case.targets, compute_entropy=False, impl="torch")
+        lp, _ = linear_logprob_entropy(case.hidden, case.weight, case.targets, compute_entropy=False)
     old = lp - 0.15 * torch.randn(n, generator=gen)
     adv = torch.where(case.grad_logprob != 0, torch.randn(n, generator=gen), 0)
     return case.hidden, case.weight, case.targets, old, adv, case
