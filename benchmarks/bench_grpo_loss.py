@@ -177,6 +177,13 @@ def main() -> None:
                 row = {"shape": args.shape, "dtype": dtype, "scenario": scenario, "provider": name}
                 if name == "matmul_4_fp32" and dtype == "fp32":
                     continue
+                fp32_floor = next((r for r in rows if (r["dtype"], r["scenario"], r["provider"]) ==
+                                   ("fp32", scenario, "matmul_4") and "median_ms" in r), None)
+                if name == "matmul_4_fp32" and fp32_floor is not None:  # the very same fp32 GEMMs
+                    row.update(median_ms=fp32_floor["median_ms"], extra_mb=fp32_floor["extra_mb"],
+                               error="copied from the fp32 matmul_4 row (the same fp32 GEMMs)")
+                    rows.append(row)
+                    continue
                 if args.skip_bf16_floors and dtype == "bf16" and name in ("matmul_3", "matmul_4"):
                     row["error"] = "skipped (--skip-bf16-floors): ATen's bf16 matmul is the slow path here"
                 elif scenario != "all_rows" and name not in SKIPPING:
