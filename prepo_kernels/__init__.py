@@ -8,16 +8,19 @@ from .backends.base import KernelParams
 from .backends.registry import BackendUnavailableError, available_impls
 from .from_logits import logprob_entropy_from_logits
 from .functional import linear_logprob_entropy
+from .grpo_loss import GRPOLossStats, linear_grpo_loss
 from .hf import causal_lm_logprob_entropy
 from .sequence import sequence_mean, sequence_perplexity
 from .vocab_parallel import copy_to_vocab_parallel
 
 __all__ = [
     "BackendUnavailableError",
+    "GRPOLossStats",
     "KernelParams",
     "available_impls",
     "causal_lm_logprob_entropy",
     "copy_to_vocab_parallel",
+    "linear_grpo_loss",
     "linear_logprob_entropy",
     "logprob_entropy_from_logits",
     "sequence_mean",

@@ -1,0 +1,283 @@
+"""linear_grpo_loss, every backend, against the float64 truth: the reference log-probs through
+``prepo.loss.grpo_loss`` (the trainer's own loss), values and the hidden / weight / bias gradients,
+held to the suite's criterion (kernel_harness): |truth - impl| <= |truth - same-dtype reference| +
+tol (1 + |truth|). Inputs put tokens on both sides of the clip range on purpose."""
+import pytest
+import torch
+
+from kernel_harness import F64, make_inputs, skip_reason
+from prepo.loss import grpo_loss
+from prepo_kernels import BackendUnavailableError, linear_grpo_loss, linear_logprob_entropy
+from prepo_kernels import grpo_backends
+
+IMPLS = [pytest.param(i, marks=[pytest.mark.skip(reason=skip_reason(i, "cpu"))] if skip_reason(i, "cpu") else [])
+         for i in ("reference", "torch", "cpu")]
+FUSED = IMPLS[1:]
+LOW = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+# ratio bands: below 1 - eps_low, inside, above 1 + eps_high; away from the edges, so that a
+# low-precision log-prob cannot move a token across one
+BANDS = ((0.5, 0.7), (0.85, 1.2), (1.4, 1.7))
+
+
+def make_case(n, d, vocab, *, lead=None, bias=True, ignore_frac=0.2, zero_adv_frac=0.2, temperature=0.7, seed=0):
+    """float64 inputs; old_logprob set from the true log-probs so the ratios fall in BANDS, and
+    advantages of both signs, some exactly 0."""
+    hidden, weight, targets, b = make_inputs(n, d, vocab, bias=bias, ignore_frac=ignore_frac, lead=lead, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    lp, _ = linear_logprob_entropy(hidden, weight, targets, bias=b, temperature=temperature, impl="reference")
+    band = torch.randint(0, len(BANDS), targets.shape, generator=gen)
+    lo, hi = (torch.tensor([x[i] for x in BANDS], dtype=F64)[band] for i in (0, 1))
+    ratio = lo + (hi - lo) * torch.rand(targets.shape, dtype=F64, generator=gen)
+    old = lp - ratio.log()
+    adv = torch.randn(targets.shape, dtype=F64, generator=gen)
+    adv[torch.rand(targets.shape, generator=gen) < zero_adv_frac] = 0
+    return dict(hidden=hidden, weight=weight, targets=targets, bias=b, old=old, adv=adv, temperature=temperature)
+
+
+def truth(case, num_tokens=None, eps=(0.2, 0.28)):
+    """(loss, [d_hidden, d_weight, d_bias], logprob, entropy, clip_frac) in float64 through grpo_loss,
+    each token its own row so that per-token advantages fit grpo_loss's per-row argument."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in
+              (case["hidden"], case["weight"], case["bias"])]
+    lp, ent = linear_logprob_entropy(leaves[0], leaves[1], case["targets"], bias=leaves[2],
+                                     temperature=case["temperature"], impl="reference")
+    mask = (case["targets"] != -100).reshape(-1, 1)
+    adv = torch.broadcast_to(case["adv"], lp.shape).reshape(-1)
+    out = grpo_loss(lp.reshape(-1, 1), case["old"].reshape(-1, 1), adv, mask, eps_low=eps[0], eps_high=eps[1],
+                    num_tokens=num_tokens)
+    out.loss.backward()
+    grads = [t.grad for t in leaves if t is not None]
+    return out.loss.detach(), grads, lp.detach(), ent.detach(), out.clip_frac
+
+
+def run(impl, dtype, case, num_tokens=None, eps=(0.2, 0.28), compute_entropy=True):
+    """(loss, [d_hidden, d_weight, d_bias], stats) of linear_grpo_loss in ``dtype``, float64 on the way out."""
+    leaves = [None if t is None else t.detach().to(dtype).requires_grad_() for t in
+              (case["hidden"], case["weight"], case["bias"])]
+    loss, stats = linear_grpo_loss(leaves[0], leaves[1], case["targets"], case["old"], case["adv"], bias=leaves[2],
+                                   temperature=case["temperature"], eps_low=eps[0], eps_high=eps[1],
+                                   num_tokens=num_tokens, compute_entropy=compute_entropy, impl=impl)
+    loss.backward()
+    return loss.detach().to(F64), [t.grad.to(F64) for t in leaves if t is not None], stats
+
+
+def rounded(case, dtype):
+    """The case with hidden / weight / bias rounded to ``dtype`` (the truth of a low-precision call)."""
+    out = dict(case)
+    for k in ("hidden", "weight", "bias"):
+        out[k] = None if case[k] is None else case[k].to(dtype).to(F64)
+    return out
+
+
+def assert_close_to_truth(impl, dtype, case, tol, **kwargs):
+    case = rounded(case, dtype)
+    t_loss, t_grads, t_lp, t_ent, t_clip = truth(case, **kwargs)
+    r_loss, r_grads, _ = run("reference", dtype, case, **kwargs)
+    loss, grads, stats = run(impl, dtype, case, **kwargs)
+    names = ["loss", "d_hidden", "d_weight", "d_bias"]
+    for name, t, r, x in zip(names, [t_loss] + t_grads, [r_loss] + r_grads, [loss] + grads):
+        bound = (t - r).abs() + tol * (1 + t.abs())
+        assert torch.all((t - x).abs() <= bound), f"{impl} {dtype} {name}: max excess {((t - x).abs() - bound).max():.3g}"
+    computed = stats.computed
+    assert torch.equal(computed, (case["targets"] != -100) & (torch.broadcast_to(case["adv"], computed.shape) != 0))
+    lp_tol = 1e-9 if dtype == F64 else 3e-2
+    assert torch.allclose(stats.logprob.to(F64)[computed], t_lp[computed], atol=lp_tol, rtol=lp_tol)
+    assert torch.allclose(stats.entropy.to(F64)[computed], t_ent[computed], atol=lp_tol, rtol=lp_tol)
+    assert (stats.logprob[~computed] == 0).all() and (stats.entropy[~computed] == 0).all()
+    assert not stats.logprob.requires_grad
+    return t_clip, stats
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("n,d,vocab", [(1, 8, 50), (7, 13, 300), (40, 48, 129), (33, 16, 2500)])
+def test_float64_matches_grpo_loss(impl, n, d, vocab):
+    case = make_case(n, d, vocab, zero_adv_frac=0.2 if n > 1 else 0.0, ignore_frac=0.2 if n > 1 else 0.0)
+    t_clip, stats = assert_close_to_truth(impl, F64, case, 1e-9)
+    assert stats.clip_frac.item() == pytest.approx(t_clip, abs=1e-12)
+
+
+def test_inputs_clip_on_both_sides():
+    """The cases above do exercise both clipped branches, ignored targets and zero advantages."""
+    case = make_case(40, 48, 129)
+    lp, _ = linear_logprob_entropy(case["hidden"], case["weight"], case["targets"], bias=case["bias"],
+                                   temperature=case["temperature"], impl="reference")
+    ratio, adv, valid = (lp - case["old"]).exp(), case["adv"], case["targets"] != -100
+    assert ((ratio > 1.28) & (adv > 0) & valid).sum() >= 2
+    assert ((ratio < 0.8) & (adv < 0) & valid).sum() >= 2
+    assert (~valid).sum() >= 3 and ((adv == 0) & valid).sum() >= 3
+
+
+@pytest.mark.parametrize("impl", FUSED)
+def test_several_chunks(impl, monkeypatch):
+    """Rows in several chunks (the last one short): dW accumulates across them."""
+    monkeypatch.setattr(grpo_backends, "CHUNK_BYTES", 3 * 4 * 300)  # 3 rows
+    assert_close_to_truth(impl, F64, make_case(20, 13, 300), 1e-9)
+
+
+@pytest.mark.parametrize("impl", FUSED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_low_precision_within_reference_error(impl, dtype):
+    case = make_case(48, 64, 2500)  # V above the C++ backend's 1024-row upcast tile, not a multiple
+    assert_close_to_truth(impl, dtype, case, LOW[dtype])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_per_token_advantages_lead_dims_num_tokens(impl):
+    """[B, T] targets, per-token advantages (PREPO's w_i folded in), a tensor temperature and a
+    micro-batch's num_tokens."""
+    case = make_case(None, 24, 200, lead=(3, 11))
+    case["temperature"] = torch.rand(3, 1, dtype=F64) + 0.5
+    assert_close_to_truth(impl, F64, case, 1e-9, num_tokens=57)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_per_rollout_advantages_broadcast(impl):
+    case = make_case(None, 16, 90, lead=(4, 6))
+    case["adv"] = case["adv"][:, :1].clone()  # [B, 1]
+    case["adv"][1] = 0  # a whole zero-advantage rollout
+    assert_close_to_truth(impl, F64, case, 1e-9, eps=(0.1, 0.35))
+
+
+@pytest.mark.parametrize("impl", FUSED)
+def test_skipped_rows_never_reach_the_backend(impl, monkeypatch):
+    """Ignored and zero-advantage rows cost nothing: the backend sees only the others, and their
+    hidden gradient is exactly 0."""
+    seen = []
+    backend = grpo_backends.BACKENDS[impl]
+
+    def spy(hidden, *args):
+        seen.append(hidden.shape[0])
+        return backend(hidden, *args)
+
+    monkeypatch.setitem(grpo_backends.BACKENDS, impl, spy)
+    case = make_case(30, 8, 60)
+    _, grads, stats = run(impl, F64, case)
+    assert seen == [int(stats.computed.sum())] and seen[0] < 30
+    assert (grads[0][~stats.computed] == 0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_nothing_to_compute(impl):
+    case = make_case(6, 8, 40)
+    case["adv"] = torch.zeros_like(case["adv"])
+    loss, grads, stats = run(impl, F64, case)
+    assert loss.item() == 0 and all((g == 0).all() for g in grads) and not stats.computed.any()
+
+
+@pytest.mark.parametrize("impl", FUSED)
+def test_no_grad_skips_the_gradient_matmuls(impl, monkeypatch):
+    flags = []
+    backend = grpo_backends.BACKENDS[impl]
+    monkeypatch.setitem(grpo_backends.BACKENDS, impl, lambda *a: flags.append(a[-1]) or backend(*a))
+    case = make_case(12, 8, 40)
+    with torch.no_grad():
+        loss, _ = linear_grpo_loss(case["hidden"], case["weight"], case["targets"], case["old"], case["adv"],
+                                   bias=case["bias"], temperature=0.7, impl=impl)
+    assert flags == [False]
+    assert loss.item() == pytest.approx(truth(case)[0].item(), abs=1e-12)
+
+
+@pytest.mark.parametrize("impl", FUSED)
+def test_upstream_gradient_and_micro_batches(impl):
+    """Two micro-batches with the whole batch's num_tokens sum to the whole batch's loss and
+    gradients; a scaled loss scales the gradients."""
+    case = make_case(20, 8, 40)
+    n_tok = int((case["targets"] != -100).sum())
+    w = case["weight"].clone().requires_grad_()
+    total = 0
+    for rows in (slice(0, 9), slice(9, 20)):
+        loss, _ = linear_grpo_loss(case["hidden"][rows], w, case["targets"][rows], case["old"][rows],
+                                   case["adv"][rows], bias=case["bias"], temperature=0.7, num_tokens=n_tok, impl=impl)
+        total = total + loss
+    (3 * total).backward()
+    t_loss, t_grads, *_ = truth(case)
+    assert total.item() == pytest.approx(t_loss.item(), abs=1e-12)
+    assert torch.allclose(w.grad, 3 * t_grads[1], atol=1e-12)
+
+
+BAD = [
+    ("old_logprob shape", dict(old=torch.zeros(3)), ValueError, "old_logprob shape"),
+    ("old_logprob ints", dict(old=torch.zeros(4, dtype=torch.long)), TypeError, "old_logprob must be float"),
+    ("advantages shape", dict(adv=torch.zeros(3)), ValueError, "advantages of shape"),
+    ("advantages list", dict(adv=[0.0] * 4), TypeError, "advantages must be a torch.Tensor"),
+    ("eps_low", dict(eps_low=1.0), ValueError, "eps_low must be in"),
+    ("eps_high", dict(eps_high=-0.1), ValueError, "eps_high must be"),
+    ("eps_high type", dict(eps_high="0.2"), TypeError, "eps_high must be a float"),
+    ("num_tokens zero", dict(num_tokens=0), ValueError, "num_tokens must be"),
+    ("num_tokens type", dict(num_tokens=torch.tensor(3)), TypeError, "num_tokens must be a number"),
+    ("weight dtype", dict(weight=torch.randn(10, 8, dtype=F64)), TypeError, "weight dtype"),
+    ("targets range", dict(targets=torch.tensor([0, 1, 2, 10])), ValueError, "outside \\[0, 10\\)"),
+    ("temperature", dict(temperature=0.0), ValueError, "temperature must be finite and > 0"),
+    ("compute_entropy", dict(compute_entropy=1), TypeError, "compute_entropy must be a bool"),
+    ("impl", dict(impl="fastest"), ValueError, "impl must be"),
+    ("no triton backend", dict(impl="triton"), (ValueError, BackendUnavailableError), "triton"),
+]
+
+
+@pytest.mark.parametrize("name,overrides,exc,match", BAD, ids=[b[0] for b in BAD])
+def test_bad_input(name, overrides, exc, match):
+    kwargs = dict(hidden=torch.randn(4, 8), weight=torch.randn(10, 8), targets=torch.randint(0, 10, (4,)),
+                  old=torch.zeros(4), adv=torch.ones(4))
+    kwargs.update(overrides)
+    args = [kwargs.pop(k) for k in ("hidden", "weight", "targets", "old", "adv")]
+    with pytest.raises(exc, match=match):
+        linear_grpo_loss(*args, **kwargs)
+
+
+def test_chunk_rows_bounds_the_logits():
+    assert grpo_backends.chunk_rows(32768) * 32768 * 4 <= grpo_backends.CHUNK_BYTES
+    assert grpo_backends.chunk_rows(10) == 1024 and grpo_backends.chunk_rows(10**7) == 16
+
+
+@pytest.mark.parametrize("eps", [(0.2, 10.0), (0.99, 0.28)], ids=["no-upper-clip", "no-lower-clip"])
+def test_a_backend_that_ignores_a_clip_side_fails_this_suite(eps, monkeypatch):
+    """The criterion can fail: a backend whose gradient ignores one side of the clip range."""
+    wrong = lambda *a: grpo_backends.torch_fwdbwd(*a[:8], *eps, *a[10:])  # noqa: E731
+    monkeypatch.setitem(grpo_backends.BACKENDS, "torch", wrong)
+    with pytest.raises(AssertionError, match="d_hidden"):
+        assert_close_to_truth("torch", F64, make_case(40, 48, 129), 1e-9)
+
+
+def test_auto_falls_back_to_torch_without_the_native_op(monkeypatch):
+    """An extension built before csrc/cpu/grpo_loss_cpu.cpp existed: "auto" runs the torch backend,
+    an explicit "cpu" says why it cannot."""
+    import prepo_kernels.grpo_loss as module
+
+    monkeypatch.setattr(module, "grpo_unavailable_reason", lambda name: "not built" if name == "cpu" else None)
+    used = []
+    monkeypatch.setitem(grpo_backends.BACKENDS, "torch", lambda *a: used.append(1) or grpo_backends.torch_fwdbwd(*a))
+    case = make_case(5, 8, 30)
+    run("auto", F64, case)
+    assert used == [1]
+    with pytest.raises(BackendUnavailableError, match="not built"):
+        run("cpu", F64, case)
+    assert grpo_backends.grpo_unavailable_reason("cpu") is None or skip_reason("cpu", "cpu")
+    assert "no 'triton' backend" in grpo_backends.grpo_unavailable_reason("triton")
+
+
+@pytest.mark.parametrize("impl", FUSED)
+def test_backward_moves_the_gradients_without_copies(impl, monkeypatch):
+    """backward gets no zero-filled gradients for the op's non-differentiable outputs (dW-sized),
+    and the weight's .grad is the backend's own tensor (moved, not copied)."""
+    import prepo_kernels.grpo_loss as module
+
+    pointers, extra = [], []
+    backend = grpo_backends.BACKENDS[impl]
+
+    def spy(*args):  # keeps no reference to the gradients (that alone would force autograd to copy)
+        out = backend(*args)
+        pointers.append(out[3].data_ptr())
+        return out
+
+    monkeypatch.setitem(grpo_backends.BACKENDS, impl, spy)
+    original = module._backward
+    module.fused_grpo_loss.register_autograd(lambda ctx, g, *rest: extra.append(rest) or original(ctx, g, *rest),
+                                             setup_context=module._setup_context)
+    try:
+        case = make_case(6, 8, 40, bias=False, ignore_frac=0.0, zero_adv_frac=0.0)
+        w = case["weight"].clone().requires_grad_()
+        linear_grpo_loss(case["hidden"], w, case["targets"], case["old"], case["adv"], impl=impl)[0].backward()
+    finally:
+        module.fused_grpo_loss.register_autograd(original, setup_context=module._setup_context)
+    assert all(g is None for g in extra[0])
+    assert w.grad.data_ptr() == pointers[0]
