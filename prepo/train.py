@@ -46,6 +46,7 @@ from .loss import grpo_loss, group_advantages
 from .metrics import BatchStats, StepMetrics, Timer, UpdateStats, step_times
 from .microbatch import token_chunks
 from .model import get_base_model_dir
+from .hub import resolve_model
 from .policy import Precision, load_policy, resolve_device
 from .prompts import PromptEncoder, PromptFormat
 from .report import RunLog, count_lines, write_summary
@@ -137,8 +138,8 @@ class Trainer:
 
     def _base_model(self) -> tuple[Path | str, float]:
         """(``--model``, or the built-in warm-up checkpoint, built on first use; seconds building)."""
-        if self.cfg.model:
-            return self.cfg.model, 0.0
+        if self.cfg.model:   # a GGUF file or named model is converted to a cached HF folder (once)
+            return resolve_model(self.cfg.model, self.cfg.cache_dir or None), 0.0
         t0 = time.perf_counter()
         if not self.dist.main:
             self.dist.barrier()     # rank 0 builds the warm-up; the others then find it cached
