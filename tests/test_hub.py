@@ -116,3 +116,15 @@ def test_failed_build_leaves_nothing(tmp_path, exc):
     assert cache_entries(tmp_path / "cache") == []
     build_dir_atomically(tmp_path / "cache" / "gguf-x-0", lambda tmp: (tmp / "ok").write_text("1"), prefix=".gguf-tmp-")
     assert cache_entries(tmp_path / "cache") == ["gguf-x-0"] and (tmp_path / "cache" / "gguf-x-0" / "ok").is_file()
+
+
+def test_train_cli_reports_a_bad_gguf_at_start(tmp_path, capsys):
+    from prepo.cli import main
+
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + bytes(64))
+    cache = tmp_path / "cache"
+    code = main(["--model", str(bad), "--task", "wordmath", "--cache-dir", str(cache), "--output-dir", str(tmp_path / "run"),
+                 "--train-size", "20", "--progress", "false", "--tensorboard", "false"])
+    assert code == 2 and "truncated or corrupt GGUF file" in capsys.readouterr().err
+    assert cache_entries(cache) == []
