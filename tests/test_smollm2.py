@@ -93,3 +93,34 @@ def test_causal_lm_matches_hf_logits_values_and_gradients(smollm2_f64):
     # runs of one path agree exactly. So: within 1e-6 of the gradient's largest entry.
     assert (got[3] - want[3]).abs().max() <= 1e-6 * want[3].abs().max()
     assert want[1][targets != -100].mean() > 0.1 and want[3].abs().sum() > 0     # a real, non-degenerate case
+
+
+def test_trl_trainer_runs_two_steps_on_the_named_model(smollm2_dir, tmp_path, monkeypatch):
+    """PrepoGRPOTrainer(model="smollm2-135m-instruct"): the name resolves to the cached folder (no
+    second conversion) and two PREPO steps run on wordmath chats with the math reward."""
+    pytest.importorskip("trl")
+    import datasets
+
+    from prepo import hub
+    from prepo.integrations.trl import PrepoGRPOConfig, PrepoGRPOTrainer
+    from prepo.rewards import math_reward
+    from prepo.tasks import get_task
+
+    monkeypatch.setenv("PREPO_CACHE", str(smollm2_dir.parent))
+    monkeypatch.setattr(hub, "convert_gguf", lambda *a: pytest.fail("converted again"))
+    problems = get_task("wordmath").generate(8, seed=0)
+    data = datasets.Dataset.from_dict({"prompt": [[{"role": "user", "content": p.prompt}] for p in problems],
+                                       "answer": [p.answer for p in problems]})
+
+    def correct(completions, answer, **kwargs):
+        return math_reward([c[0]["content"] for c in completions], answer)
+
+    args = PrepoGRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=2,
+                           max_completion_length=8, max_steps=2, learning_rate=1e-6, logging_steps=1,
+                           save_strategy="no", report_to="none", use_cpu=True, seed=0, bf16=False,
+                           prepo_candidate_multiple=2, temperature=0.7, dataloader_num_workers=0)
+    trainer = PrepoGRPOTrainer(model="smollm2-135m-instruct", reward_funcs=correct, args=args, train_dataset=data)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert trainer.state.global_step == 2 and len(logs) == 2
+    assert all(h["prepo/candidates_scored"] == 4 and h["prepo/weight_min"] <= 1.0 <= h["prepo/weight_max"] for h in logs)
