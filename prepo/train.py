@@ -44,6 +44,7 @@ from .collect import Collected, collect_dynamic, collect_static
 from .config import ConfigError, TrainConfig, from_dict, resolve_device
 from .distributed import Dist
 from .evaluate import evaluate, ppl_pass_rate_spearman
+from .hub import resolve_model
 from .loss import grpo_loss, group_advantages
 from .metrics import BatchStats, StepMetrics, Timer, UpdateStats, step_times
 from .microbatch import token_chunks
@@ -125,8 +126,8 @@ class Trainer:
 
     def _base_model(self) -> tuple[Path | str, float]:
         """(``--model``, or the built-in warm-up checkpoint, built on first use; seconds building)."""
-        if self.cfg.model:
-            return self.cfg.model, 0.0
+        if self.cfg.model:   # a GGUF file or named model is converted to a cached HF folder (once)
+            return resolve_model(self.cfg.model, self.cfg.cache_dir or None), 0.0
         t0 = time.perf_counter()
         if not self.dist.main:
             self.dist.barrier()     # rank 0 builds the warm-up; the others then find it cached

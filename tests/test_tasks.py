@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter
 
 import pytest
@@ -29,7 +30,8 @@ def test_every_task_generates_disjoint_splits_in_its_alphabet(name):
         sol = task.corpus_solution(p, rng, 0.1)
         assert set(sol) <= set(task.chars)
         ids = tok(p.prompt + sol)["input_ids"]
-        assert tok.unk_token_id not in ids and len(ids) + 1 <= 64   # + <eos> fits the model's positions
+        # + <eos> fits the toy model's positions (a task for pretrained models has no toy)
+        assert tok.unk_token_id not in ids and (task.needs_model or len(ids) + 1 <= 64)
     assert task.generate(50, seed=3) == task.generate(50, seed=3) != task.generate(50, seed=4)
     with pytest.raises(ValueError, match="level_weights"):
         task.generate(5, 0, level_weights=(1.0,) * (task.num_levels + 1))
@@ -94,3 +96,25 @@ def test_task_config_and_reward(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "1+2=", "answer": "3"}\n')
     assert load_reward_fn(from_dict({"task": "countdown", "train_data": str(data)})) is not countdown.countdown_reward
+
+
+def test_wordmath_problems_answers_and_split():
+    task = get_task("wordmath")
+    probs = task.balanced(30, 0, "train")
+    for p in probs:   # the answer is what the prompt's arithmetic gives
+        nums = [int(x) for x in re.findall(r"\d+", p.prompt)]
+        if p.difficulty == 4:
+            assert int(p.answer) == nums[0] * nums[1] - nums[2] >= 1
+        elif "times" in p.prompt:
+            assert int(p.answer) == nums[0] * nums[1]
+        elif "-" in p.prompt or "left" in p.prompt:
+            assert int(p.answer) == nums[0] - nums[1] >= 1
+        else:
+            assert int(p.answer) == nums[0] + nums[1]
+    # a story told about other people is the same problem: one side of the split
+    a = "Anna has 12 apples. She gives 5 apples to Ben. How many apples does Anna have left?"
+    b = "Tom has 12 books. He gives 5 books to Sara. How many books does Tom have left?"
+    assert task.split_key(a) == task.split_key(b) != task.split_key(a.replace("12", "13"))
+    assert from_dict({"task": "wordmath", "model": "some/model"}).task == "wordmath"
+    with pytest.raises(ConfigError, match="pretrained chat model: name one with --model"):
+        from_dict({"task": "wordmath"})

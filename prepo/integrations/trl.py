@@ -38,6 +38,7 @@ import prepo_kernels
 import trl
 from trl import GRPOConfig, GRPOTrainer
 
+from ..hub import resolve_model
 from ..signals.pacing import pacing_rho, window_select
 from ..signals.weighting import relative_entropy_weights
 from .hf_fused import tail_logprob_entropy
@@ -109,6 +110,7 @@ class PrepoGRPOTrainer(GRPOTrainer):
             args = PrepoGRPOConfig(f"{name.rstrip('/').split('/')[-1]}-PREPO")
         if not isinstance(args, PrepoGRPOConfig):
             raise TypeError(f"PrepoGRPOTrainer needs a PrepoGRPOConfig, got {type(args).__name__}")
+        model = resolve_model(model) if isinstance(model, str) else model   # GGUF files and named models
         super().__init__(model, reward_funcs, args, *pargs, **kwargs)
         self._fused_passes: list[tuple[torch.Tensor, torch.Tensor]] = []
         if args.prepo_curriculum:

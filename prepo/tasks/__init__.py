@@ -5,16 +5,18 @@
 * ``phrasing`` (testbed 2): the same problems in four phrasings whose familiarity is independent
   of difficulty (:mod:`prepo.tasks.phrasing`);
 * ``countdown`` (testbed 3): reach a target with + - * /, many right answers
-  (:mod:`prepo.tasks.countdown`).
+  (:mod:`prepo.tasks.countdown`);
+* ``wordmath``: arithmetic and short word problems in English for a real pretrained chat model
+  (``--model smollm2-135m-instruct --chat-template``; :mod:`prepo.tasks.wordmath`).
 
 The shared parts (problems, held-out split, the task interface) are in :mod:`prepo.tasks.base`.
 """
 from __future__ import annotations
 
-from . import arithmetic, countdown, phrasing
+from . import arithmetic, countdown, phrasing, wordmath
 from .base import BuiltinTask, DataError, Problem, Prompt, is_heldout, prompt_key
 
-TASKS: dict[str, BuiltinTask] = {t.name: t for t in (arithmetic.TASK, phrasing.TASK, countdown.TASK)}
+TASKS: dict[str, BuiltinTask] = {t.name: t for t in (arithmetic.TASK, phrasing.TASK, countdown.TASK, wordmath.TASK)}
 
 
 def get_task(name: str) -> BuiltinTask:

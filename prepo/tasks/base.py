@@ -68,6 +68,7 @@ class BuiltinTask:
     corpus_solution: Callable[[Problem, random.Random, float], str]
     split_key: Callable[[str], str] = lambda prompt: prompt
     reward: Optional[Callable] = None
+    needs_model: bool = False         # written for a pretrained LM (--model), not the character-level toy
 
     def _check_weights(self, weights: Optional[Sequence[float]]) -> list[float]:
         w = list(weights) if weights is not None else [1.0] * self.num_levels
