@@ -23,6 +23,7 @@ STRATEGIES = ("prepo", "random", "ppl_only", "entropy_only", "static_low_ppl", "
 PACINGS = ("linear", "quadratic", "exponential")
 DTYPES = ("fp32", "bf16", "fp16")
 ENGINES = ("hf", "vllm")
+VLLM_EXECUTION = ("auto", "eager", "compiled")   # how the vLLM engine runs (prepo.vllm_engine.device_options)
 WARMUP_VERSION = 2  # bump when the warm-up code changes in a way that changes its result
 
 
@@ -99,7 +100,9 @@ class TrainConfig:
     dynamic_max_rounds: int = 4      # dapo_dynamic: candidate batches tried per step at most
     # --- rollouts ---
     rollout_engine: str = "hf"       # hf (model.generate on the policy) | vllm
-    vllm_gpu_memory_utilization: float = 0.3   # vllm: share of the GPU's memory its engine may take
+    vllm_gpu_memory_utilization: float = 0.3   # vllm on cuda: share of the GPU's memory its engine may take
+    vllm_cpu_kv_cache_gib: float = 1.0         # vllm on cpu: its KV cache in GiB of RAM
+    vllm_execution: str = "auto"     # vllm: auto (cuda: compiled + CUDA graphs; cpu: eager) | eager | compiled
     group_size: int = 8              # G
     max_new_tokens: int = 48         # the longest worked solution is 40 tokens with its EOS
     temperature: float = 1.0
@@ -158,6 +161,9 @@ class TrainConfig:
         need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
              f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
         need(0 < self.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization must be in (0, 1]")
+        need(self.vllm_cpu_kv_cache_gib > 0, "vllm_cpu_kv_cache_gib must be > 0")
+        need(self.vllm_execution in VLLM_EXECUTION,
+             f"vllm_execution must be one of {', '.join(VLLM_EXECUTION)}; got {self.vllm_execution!r}")
         need(self.max_tokens_per_microbatch >= 1, "max_tokens_per_microbatch must be >= 1")
         need(bool(self.prompt_column) and bool(self.answer_column), "prompt_column and answer_column must be set")
         need(not self.eval_data or bool(self.train_data), "eval_data needs train_data (the built-in task has its own held-out split)")

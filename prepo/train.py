@@ -64,15 +64,15 @@ VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 def make_engine(cfg: TrainConfig, model_source, model, tokenizer, encoder: PromptEncoder, precision: Precision):
     """The rollout engine ``--rollout-engine`` names, sampling with the config's options. vLLM builds
     its own copy of ``model_source`` and gets the policy's weights after every update."""
+    sampling = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
     if cfg.rollout_engine == "vllm":
         from .vllm_engine import VLLMEngine
 
-        return VLLMEngine(str(model_source), tokenizer, dtype=VLLM_DTYPES[cfg.dtype], seed=cfg.seed,
-                          gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, max_new_tokens=cfg.max_new_tokens,
-                          temperature=cfg.temperature, top_p=cfg.top_p, encoder=encoder,
-                          stop_ids=stop_token_ids(model, tokenizer))
-    return HFGenerateEngine(model, tokenizer, encoder, Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p),
-                            autocast=precision.autocast)
+        return VLLMEngine(str(model_source), tokenizer, encoder, sampling, dtype=VLLM_DTYPES[cfg.dtype], seed=cfg.seed,
+                          stop_ids=stop_token_ids(model, tokenizer), device=precision.device.type,
+                          gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                          cpu_kv_cache_gib=cfg.vllm_cpu_kv_cache_gib, execution=cfg.vllm_execution)
+    return HFGenerateEngine(model, tokenizer, encoder, sampling, autocast=precision.autocast)
 
 
 class Trainer:
@@ -105,8 +105,8 @@ class Trainer:
                 require_vllm()
             except ImportError as exc:
                 raise ConfigError(str(exc)) from None
-            if self.device.type != "cuda":
-                raise ConfigError(f"--rollout-engine vllm runs on a CUDA device; the device is {self.device}")
+            if self.dist.active:
+                raise ConfigError("--rollout-engine vllm runs in one process only (each rank would build its own engine)")
         torch.set_num_threads(cfg.num_threads)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
