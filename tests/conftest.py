@@ -87,16 +87,17 @@ def qwen_tokenizer(qwen_tokenizer_dir):
     return AutoTokenizer.from_pretrained(qwen_tokenizer_dir)
 
 
-def save_tiny_causal_lm(path, tokenizer, arch: str = "qwen2", seed: int = 0):
+def save_tiny_causal_lm(path, tokenizer, arch: str = "qwen2", seed: int = 0, **config):
     """Save a tiny random-weight HF causal LM (``arch`` "qwen2" or "llama") with ``tokenizer`` to
-    ``path`` and return ``path``: 2 layers, hidden 32, the tokenizer's full vocabulary."""
+    ``path`` and return ``path``: 2 layers, hidden 32, the tokenizer's full vocabulary; ``config``
+    overrides the config's fields."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     common = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                   bos_token_id=None, tie_word_embeddings=False)
-    config = {"qwen2": Qwen2Config, "llama": LlamaConfig}[arch](**common)
+    config = {"qwen2": Qwen2Config, "llama": LlamaConfig}[arch](**{**common, **config})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(path)

@@ -23,7 +23,8 @@ INVALID = {
     "warmup_num_heads": 0, "warmup_num_kv_heads": 3, "warmup_intermediate_size": 0, "warmup_level_weights": "1,2",
     "warmup_steps": -1, "warmup_batch_size": 0, "warmup_lr": 0.0, "warmup_prompt_loss_weight": -1.0,
     "warmup_slip_rate": 1.0, "candidate_batch_size": 0, "select_ratio": 1.5, "pacing": "cubic",
-    "dynamic_max_rounds": 0, "rollout_engine": "sglang", "vllm_gpu_memory_utilization": 1.5, "group_size": 1,
+    "dynamic_max_rounds": 0, "rollout_engine": "sglang", "vllm_gpu_memory_utilization": 1.5,
+    "vllm_cpu_kv_cache_gib": 0.0, "vllm_execution": "fast", "group_size": 1,
     "max_new_tokens": 0, "temperature": 0.0, "top_p": 0.0, "lr": 0.0, "weight_decay": -0.1, "max_grad_norm": 0.0,
     "eps_low": 1.0, "eps_high": -0.1, "adv_eps": 0.0, "kl_beta": -1.0, "mini_batches": 0, "ppo_epochs": 0,
     "max_tokens_per_microbatch": 0, "kernel_impl": "fast", "eval_every": -1, "eval_avg_k": -1,
@@ -62,7 +63,7 @@ def test_what_the_options_need_of_the_machine(monkeypatch):
         with pytest.raises(ConfigError, match="kernel_impl 'cuda' is not available on cpu"):
             from_dict({"kernel_impl": "cuda"})
     with pytest.raises(ConfigError, match="--rollout-engine vllm"):
-        from_dict({"rollout_engine": "vllm"})   # no vLLM here (or, with vLLM, no CUDA device)
+        from_dict({"rollout_engine": "vllm"})   # no vLLM in this environment
     monkeypatch.setenv("WORLD_SIZE", "2")      # as under torchrun
     for strategy in ("greso", "dapo_dynamic"):
         with pytest.raises(ConfigError, match=f"{strategy} runs in one process only"):

