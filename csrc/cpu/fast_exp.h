@@ -1,7 +1,6 @@
 // Vectorizable float exp and the per-ISA cloning the CPU element loops use.
 //
-// exp_f32 is the branch-free Cephes polynomial of csrc/cpu/lle_cpu.cpp (which still holds its own
-// copy while that file is being refactored; it should include this header instead). Loops that
+// exp_f32 is a branch-free Cephes polynomial, shared by lle_cpu.cpp and grpo_loss_cpu.cpp. Loops that
 // call it auto-vectorize at -O3 (built with -fno-trapping-math); functions marked PREPO_CLONES are
 // also compiled for x86-64-v3 (AVX2 + FMA) and x86-64-v4 (AVX-512), the clone picked at load time.
 #pragma once
@@ -25,7 +24,8 @@
 namespace prepo_kernels {
 
 // Below this exp(x) is taken as exactly 0 (e^-87 ~ 1.6e-38 next to the max term's 1); callers
-// clamp x from below first, so a -inf input never gives inf * 0 = NaN.
+// clamp x from below first, so a -inf input never gives inf * 0 = NaN, and select its contribution
+// away to an exact 0.
 constexpr float kExpLowF = -87.0f;
 
 // exp(x) for x in [-87, 88] with < 1.5 ulp error.

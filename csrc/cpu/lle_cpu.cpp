@@ -25,6 +25,7 @@
 #include <torch/library.h>
 
 #include "../lle_driver.h"
+#include "fast_exp.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <ATen/native/CPUBlas.h>
@@ -49,24 +50,7 @@ namespace {
 
 using at::Tensor;
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
-    !defined(PREPO_NO_TARGET_CLONES)
-#define PREPO_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
-#else
-#define PREPO_CLONES
-#endif
-
-#if defined(__GNUC__) || defined(__clang__)
-#define PREPO_ALWAYS_INLINE __attribute__((always_inline)) inline
-#else
-#define PREPO_ALWAYS_INLINE inline
-#endif
-
 constexpr float kNegInfF = -std::numeric_limits<float>::infinity();
-// exp(x) for x below kExpLowF is taken as exactly 0 (e^-87 ~ 1.6e-38 is irrelevant next to the max
-// term, which contributes 1). Differences z - m are clamped to kExpLowF before the polynomial, so a
-// z = -inf never produces inf * 0 = NaN, and its contribution is selected away to an exact 0.
-constexpr float kExpLowF = -87.0f;
 constexpr double kClampD = -1.0e4;
 
 // ---------------------------------------------------------------------------------------------
@@ -103,29 +87,6 @@ int64_t row_tile(int64_t n, int64_t vt, int64_t threads, int64_t elem_size) {
 
 // ---------------------------------------------------------------------------------------------
 // float element kernels
-
-// exp(x) for x in [-87, 88] with < 1.5 ulp error (Cephes expf polynomial), written branch-free so
-// that the loops calling it vectorize. The caller clamps x from below.
-PREPO_ALWAYS_INLINE float exp_f32(float x) {
-  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer kept in the low bits
-  const float t = x * 1.44269504088896341f + magic;
-  const float k = t - magic;
-  float r = x - k * 0.693359375f;
-  r = r - k * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float y = (p * (r * r) + r) + 1.0f;
-  uint32_t tb;
-  std::memcpy(&tb, &t, sizeof(tb));
-  const uint32_t sb = (tb + (127u - 0x4B400000u)) << 23;  // bits of 2^k
-  float scale;
-  std::memcpy(&scale, &sb, sizeof(scale));
-  return y * scale;
-}
 
 // Forward statistics of one row segment of raw logits (h W^T): with z_v = (raw_v + b_v) * sc (b may
 // be null) returns m = max z and, relative to it, s = sum e^{z-m}, t = sum e^{z-m} (z-m).
