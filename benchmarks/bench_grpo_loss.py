@@ -21,11 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -33,7 +29,8 @@ import torch
 # this checkout's packages first (not an installed copy), then the benchmark helpers
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 import providers  # noqa: E402
-from bench_logprob_entropy import _status_kb, fmt, machine  # noqa: E402
+from bench_logprob_entropy import fmt, machine, time_and_peak  # noqa: E402
+from bench_logprob_entropy import measure as measure_in_worker  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SCENARIOS = {"all_rows": 0.0, "half_zero_adv": 0.5}
@@ -99,25 +96,11 @@ def worker(spec: dict) -> dict:
         tiny = make_inputs(16, d, 128, dtype, 0.0)[:5]
         build(name, *tiny)()  # library start-up (threads, allocator) is not the design's memory
         run = build(name, hidden, weight, targets, old, adv)
-    Path("/proc/self/clear_refs").write_text("5")
-    base_kb = _status_kb("VmRSS")
-    run()
-    peak = (_status_kb("VmHWM") - base_kb) * 1024
-    unavoidable = (n * d + vocab * d) * hidden.element_size()
-    times = []
-    for _ in range(spec["reps"]):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return {"median_ms": 1e3 * statistics.median(times), "times_ms": [1e3 * t for t in times],
-            "extra_mb": max(0, peak - unavoidable) / 2**20}
+    return time_and_peak(run, spec["reps"], (n * d + vocab * d) * hidden.element_size())
 
 
 def measure(spec: dict) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return measure_in_worker(spec, __file__)
 
 
 # x_matmul_4: over matmul_4, or over matmul_4_fp32 where matmul_4 was not run

@@ -52,22 +52,29 @@ def worker(spec: dict) -> dict:
     providers.build(spec["provider"], mode, providers.make_case(16, d, 128, dtype, zero_frac))()
     case = providers.make_case(n, d, vocab, dtype, zero_frac)
     run = providers.build(spec["provider"], mode, case)
+    unavoidable = (n * d + vocab * d) * case.hidden.element_size() if mode == "fwdbwd" else 0
+    return time_and_peak(run, spec["reps"], unavoidable)
+
+
+def time_and_peak(run, reps: int, unavoidable_bytes: int) -> dict:
+    """Peak RSS above the current one of one ``run()`` (less ``unavoidable_bytes``, the inputs'
+    gradients), then the median of ``reps`` more calls, in ms."""
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark to the current RSS
     base_kb = _status_kb("VmRSS")
     run()
     peak_bytes = (_status_kb("VmHWM") - base_kb) * 1024
-    unavoidable = (n * d + vocab * d) * case.hidden.element_size() if mode == "fwdbwd" else 0
     times = []
-    for _ in range(spec["reps"]):
+    for _ in range(reps):
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
     return {"median_ms": 1e3 * statistics.median(times), "times_ms": [1e3 * t for t in times],
-            "extra_mb": max(0, peak_bytes - unavoidable) / 2**20}
+            "extra_mb": max(0, peak_bytes - unavoidable_bytes) / 2**20}
 
 
-def measure(spec: dict) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True)
+def measure(spec: dict, script: str = __file__) -> dict:
+    """Run ``script --worker spec`` in a fresh process (a clean peak-RSS mark); its last stdout line."""
+    proc = subprocess.run([sys.executable, script, "--worker", json.dumps(spec)], capture_output=True, text=True)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
