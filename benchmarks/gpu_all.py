@@ -387,6 +387,7 @@ def part_grpo_loss(args, out: Path) -> int:
     import torch
 
     import prepo_kernels
+    from prepo_kernels.backends.registry import BackendUnavailableError
 
     device, gpu = _device_and_gpu(args.dry_run)
     path = out / "grpo_loss.csv"
@@ -420,6 +421,8 @@ def part_grpo_loss(args, out: Path) -> int:
             peak, _ = timer.peak_bytes(step)
             row.update(ms=f"{ms:.4g}", tflops_6ndv=f"{flop / ms / 1e9:.4g}", pct_gemm=f"{100 * 3 * gemm_ms / ms:.1f}",
                        peak_gib="" if peak is None else f"{peak / 2**30:.3g}")
+        except BackendUnavailableError as exc:  # a backend of linear_logprob_entropy that the GRPO loss lacks
+            row["status"] = f"not available: {str(exc)[:160]}"
         except Exception as exc:  # noqa: BLE001 -- a failing backend is a row, not the end of the part
             row["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
         rows.append(row)

@@ -132,7 +132,8 @@ def test_dry_run_writes_every_table(tmp_path):
     assert {"bf16-gemm", "prepo_triton", "prepo_torch", "naive"} <= {r["impl"] for r in suite}
     assert all(r["ms"] for r in suite if r["impl"] == "prepo_triton" and r["status"] == "ok")
     grpo = _table(tmp_path / "grpo_loss.csv")
-    assert all(r["status"] == "ok" for r in grpo) or grpo[0]["status"].startswith("not available")
+    assert all(r["status"] == "ok" or r["status"].startswith("not available") for r in grpo)
+    assert [r for r in grpo if r["impl"] in ("torch", "reference") and r["status"] == "ok"]   # it ran here
     rl = _table(tmp_path / "rl.csv")
     assert rl[0]["model"] == "smollm2-135m-instruct"
     assert [r["step"] for r in rl if r["model"] == "tiny_qwen2" and r["status"] == "ok"] == ["1", "2"]
