@@ -7,7 +7,9 @@ Builds the testbed's base model (the warm-up, cached) and, with the base policy 
 * Spearman(prompt perplexity, pass rate) over 160 training prompts x 16 samples (the trainer's
   own initial diagnostic), and the pass-rate histogram;
 * the relative-entropy weights w_i = H_i / H_bar over ``--batches`` sampled batches of K randomly
-  chosen prompts x G rollouts (the trainer's rollout, scoring and weighting code), pooled and per batch;
+  chosen prompts x G rollouts (the trainer's rollout, scoring and weighting code), pooled and per batch,
+  and whether a rollout's w_i relates to its correctness (mean w_i of correct vs wrong rollouts, and
+  the Mann-Whitney U test of the two pooled samples);
 * the held-out greedy accuracy and avg@k at step 0.
 
 Writes ``benchmarks/results/<config stem>_base.{md,json}``. The seed must be a development seed,
@@ -39,7 +41,7 @@ SPEARMAN_PROMPTS, SPEARMAN_SAMPLES = 160, 16   # the Spearman diagnostic's pool 
 def weight_samples(trainer: Trainer, batches: int) -> dict:
     """w_i of ``batches`` random batches (K prompts x G rollouts each) from the base policy."""
     rng = np.random.default_rng(trainer.cfg.seed + 99)
-    per_batch, pooled, zero_adv, rewards = [], [], [], []
+    per_batch, pooled, zero_adv, rewards, correct = [], [], [], [], []
     for _ in range(batches):
         idx = rng.choice(len(trainer.data.train), trainer.K, replace=False)
         problems = [trainer.data.train[i] for i in idx]
@@ -49,6 +51,7 @@ def weight_samples(trainer: Trainer, batches: int) -> dict:
         w = relative_entropy_weights(ent, ro.completion_mask).numpy()
         per_batch.append((float(np.quantile(w, 0.1)), float(np.quantile(w, 0.9)), float(w.min()), float(w.max())))
         pooled += w.tolist()
+        correct += (r > 0).tolist()
         zero_adv.append(float((r.view(-1, trainer.cfg.group_size).std(dim=1) == 0).float().mean()))
         rewards.append(float(r.mean()))
     pb = np.asarray(per_batch)
@@ -59,7 +62,21 @@ def weight_samples(trainer: Trainer, batches: int) -> dict:
         "w_batch_p10_mean": float(pb[:, 0].mean()), "w_batch_p90_mean": float(pb[:, 1].mean()),
         "w_batch_min_mean": float(pb[:, 2].mean()), "w_batch_max_mean": float(pb[:, 3].mean()),
         "zero_adv_frac": float(np.mean(zero_adv)), "reward_mean": float(np.mean(rewards)),
+        **weight_by_correctness(np.asarray(pooled), np.asarray(correct, dtype=bool)),
     }
+
+
+def weight_by_correctness(w: np.ndarray, correct: np.ndarray) -> dict:
+    """Mean w_i of correct and of wrong rollouts (``w`` [R] float, ``correct`` [R] bool) and the
+    two-sided Mann-Whitney U p-value of the difference (nan when either side is empty)."""
+    from scipy.stats import mannwhitneyu
+
+    right, wrong = w[correct], w[~correct]
+    both = len(right) > 0 and len(wrong) > 0
+    return {"w_mean_correct": float(right.mean()) if len(right) else float("nan"),
+            "w_mean_wrong": float(wrong.mean()) if len(wrong) else float("nan"),
+            "n_correct": int(len(right)), "n_wrong": int(len(wrong)),
+            "w_correct_vs_wrong_pvalue": float(mannwhitneyu(right, wrong).pvalue) if both else float("nan")}
 
 
 def in_regime(props: dict) -> dict:
@@ -103,6 +120,8 @@ def render(name: str, props: dict, command: str) -> str:
         f"(min..max {props['w_batch_min_mean']:.2f}..{props['w_batch_max_mean']:.2f}) | about 0.7 / 1.5 | {yes(reg['weights'])} |",
         f"| w_i pooled p10 / p50 / p90 | {props['w_pooled_p10']:.2f} / {props['w_pooled_p50']:.2f} / {props['w_pooled_p90']:.2f} "
         f"({props['batches']} batches x {props['rollouts_per_batch']} rollouts) | | |",
+        f"| w_i mean, correct / wrong rollouts | {props['w_mean_correct']:.2f} / {props['w_mean_wrong']:.2f} "
+        f"({props['n_correct']} / {props['n_wrong']} rollouts; Mann-Whitney p = {props['w_correct_vs_wrong_pvalue']:.2g}) | | |",
         f"| zero-advantage groups (random K) | {props['zero_adv_frac']:.2f} | | |",
         f"| held-out greedy accuracy / avg@k at step 0 | {ev.get('accuracy', float('nan')):.3f} / "
         f"{next((v for k, v in ev.items() if k.startswith('avg@')), float('nan')):.3f} | | |",

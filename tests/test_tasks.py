@@ -101,15 +101,17 @@ def test_task_config_and_reward(tmp_path):
 def test_wordmath_problems_answers_and_split():
     task = get_task("wordmath")
     probs = task.balanced(30, 0, "train")
+    assert {p.difficulty for p in probs} == set(range(5))
     for p in probs:   # the answer is what the prompt's arithmetic gives
         nums = [int(x) for x in re.findall(r"\d+", p.prompt)]
-        if p.difficulty == 4:
+        if p.difficulty == 4 and "bags" in p.prompt:
             assert int(p.answer) == nums[0] * nums[1] - nums[2] >= 1
         elif "times" in p.prompt:
             assert int(p.answer) == nums[0] * nums[1]
-        elif "-" in p.prompt or "left" in p.prompt:
+        elif re.search(r" - | minus |left", p.prompt):
             assert int(p.answer) == nums[0] - nums[1] >= 1
         else:
+            assert re.search(r" \+ | plus |more", p.prompt), p.prompt
             assert int(p.answer) == nums[0] + nums[1]
     # a story told about other people is the same problem: one side of the split
     a = "Anna has 12 apples. She gives 5 apples to Ben. How many apples does Anna have left?"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
@@ -20,6 +21,7 @@ def test_measure_and_render_a_tiny_testbed(tmp_path):
     assert props["n_prompts"] == 8 and props["samples"] == 2 and sum(props["pass_rate_hist"]) == 8
     assert props["batches"] == 2 and props["rollouts_per_batch"] == 2 * 2
     assert props["w_pooled_p10"] <= props["w_pooled_p50"] <= props["w_pooled_p90"]
+    assert props["n_correct"] + props["n_wrong"] == 2 * 2 * 2
     assert set(props["in_regime"]) == {"spearman", "pass_rate_spread", "weights"}
     md = tp.render("tiny", props, "cmd")
     assert "Spearman(prompt ppl, pass rate)" in md and "w_i per batch" in md
@@ -31,3 +33,13 @@ def test_in_regime_reads_the_issue_targets():
     assert tp.in_regime(props) == {"spearman": True, "pass_rate_spread": True, "weights": True}
     props.update(spearman_ppl_passrate=-0.64, pass_rate_hist=[6, 1, 1, 1, 1], w_batch_p10_mean=0.35)
     assert tp.in_regime(props) == {"spearman": False, "pass_rate_spread": False, "weights": False}
+
+
+def test_weight_by_correctness_means_and_test():
+    w = np.array([1.5, 1.4, 1.6, 0.5, 0.6, 0.4, 0.5])
+    correct = np.array([True, True, True, False, False, False, False])
+    got = tp.weight_by_correctness(w, correct)
+    assert got["w_mean_correct"] == pytest.approx(1.5) and got["w_mean_wrong"] == pytest.approx(0.5)
+    assert (got["n_correct"], got["n_wrong"]) == (3, 4) and got["w_correct_vs_wrong_pvalue"] < 0.06
+    none_right = tp.weight_by_correctness(w, np.zeros(7, dtype=bool))
+    assert np.isnan(none_right["w_mean_correct"]) and np.isnan(none_right["w_correct_vs_wrong_pvalue"])

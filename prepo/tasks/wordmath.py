@@ -3,18 +3,22 @@ model (SmolLM2-135M-Instruct and up), not for the character-level toy.
 
 A prompt is plain English text, asked with the model's chat template (run with ``--chat-template``)
 and answered in free text; the reward is math-verify on the completion's final number
-(:func:`prepo.rewards.math_reward`), so "7 + 5 = 12. The answer is 12." scores 1. Levels
-(0 = easiest) grow the numbers and the steps:
+(:func:`prepo.rewards.math_reward`), so "7 + 5 = 12. The answer is 12." scores 1. The levels
+(0 = easiest) are ordered by SmolLM2-135M-Instruct's measured pass rate (8 samples at temperature
+0.7, "Answer with the number only.", 32 new tokens, 12-16 prompts per family and phrasing), so that
+its pass rates spread over 0..1 rather than piling up at 0. Sums and differences come in several
+phrasings ("What is 4 + 3?", "What is 4 plus 3?", "Calculate 4 + 3.", "Compute 4 + 3.", "4 + 3 = ?"),
+which also gives the easy levels enough distinct prompts:
 
-====  ==================================================  =====================
-level example                                             steps
-====  ==================================================  =====================
-0     What is 4 + 3?                                      1, one-digit +
-1     What is 27 + 8?                                     1, two-digit + one-digit
-2     What is 6 times 7?  /  What is 15 - 8?              1, times table or -
-3     Anna has 12 apples. She gives 5 apples to Ben. ...  1, a story, + or -
-4     Tom buys 4 boxes of 6 pens and loses 3 pens. ...    2, a story, * then -
-====  ==================================================  =====================
+====  ===============================================================  =======================
+level problems                                                         base pass rate
+====  ===============================================================  =======================
+0     a + b, sums up to 9, four phrasings                              0.53 .. 0.67
+1     a + b, one-digit numbers, four phrasings                         0.42 .. 0.57
+2     a - b (a <= 9, three phrasings); a times 10; "a + b = ?"         0.30 .. 0.46; 0.38; 0.34
+3     a times b (times table); one-step story; "a minus b"             0.30; 0.17; 0.16
+4     two-digit + one-digit; two-step story (bags, then some lost)     0.12; 0.00
+====  ===============================================================  =======================
 
 The held-out split hashes the prompt with its names and objects blanked out, so one problem told
 about "Anna" and about "Ben" cannot land on both sides.
@@ -55,25 +59,33 @@ def _story_two_step(rng: random.Random) -> tuple[str, int]:
             f"How many {item} does {name} have?", boxes * per_box - lost)
 
 
+PHRASINGS = ("What is {a} {op} {b}?", "What is {a} {word} {b}?", "Calculate {a} {op} {b}.", "Compute {a} {op} {b}.")
+_WORDS = {"+": "plus", "-": "minus"}
+
+
+def _ask(rng: random.Random, op: str, a: tuple[int, int], b: tuple[int, int], phrasings=PHRASINGS) -> tuple[str, int]:
+    """``a op b`` (op "+", "-" or "times", the numbers drawn from the inclusive ranges) in one of
+    ``phrasings``."""
+    x, y = rng.randint(*a), rng.randint(*b)
+    value = x + y if op == "+" else x - y if op == "-" else x * y
+    return rng.choice(phrasings).format(a=x, b=y, op=op, word=_WORDS.get(op, op)), value
+
+
 def make_problem(rng: random.Random, level: int, for_warmup: bool = False) -> Problem:
+    family = rng.randrange(3)   # levels 2-4 mix families of about the same pass rate
     if level == 0:
-        a, b = rng.randint(1, 9), rng.randint(1, 9)
-        text, answer = f"What is {a} + {b}?", a + b
+        text, answer = _ask(rng, "+", (1, 5), (1, 4))
     elif level == 1:
-        a, b = rng.randint(11, 89), rng.randint(2, 9)
-        text, answer = f"What is {a} + {b}?", a + b
+        text, answer = _ask(rng, "+", (1, 9), (1, 9))
     elif level == 2:
-        if rng.random() < 0.5:
-            a, b = rng.randint(2, 9), rng.randint(2, 9)
-            text, answer = f"What is {a} times {b}?", a * b
-        else:
-            a = rng.randint(10, 19)
-            b = rng.randint(2, 9)
-            text, answer = f"What is {a} - {b}?", a - b
+        text, answer = (_ask(rng, "-", (5, 9), (1, 4), (PHRASINGS[0],) + PHRASINGS[2:]),
+                        _ask(rng, "times", (2, 9), (10, 10), PHRASINGS[:1]),
+                        _ask(rng, "+", (1, 9), (1, 9), ("{a} {op} {b} = ?",)))[family]
     elif level == 3:
-        text, answer = _story_one_step(rng)
+        text, answer = (_ask(rng, "times", (2, 9), (2, 9), PHRASINGS[:1]), _story_one_step(rng),
+                        _ask(rng, "-", (5, 9), (1, 4), PHRASINGS[1:2]))[family]
     elif level == 4:
-        text, answer = _story_two_step(rng)
+        text, answer = _ask(rng, "+", (11, 89), (2, 9), PHRASINGS[:1]) if family else _story_two_step(rng)
     else:
         raise ValueError(f"level must be in 0..{NUM_LEVELS - 1}, got {level}")
     return Problem(text, str(answer), difficulty=level)
@@ -93,7 +105,7 @@ def corpus_solution(problem: Problem, rng: random.Random, slip_rate: float) -> s
 
 TASK = BuiltinTask(
     name="wordmath",
-    chars=string.ascii_letters + string.digits + " .,?+-",
+    chars=string.ascii_letters + string.digits + " .,?+-=",
     num_levels=NUM_LEVELS,
     warmup_level_weights=(0.35, 0.25, 0.2, 0.12, 0.08),
     make_problem=make_problem,
