@@ -204,7 +204,7 @@ def test_degenerate_seed_has_no_ratio(tmp_path):
     for k in (1, 2):
         write_run(rd, "random", k, [0.2, 0.25], initial=0.3)  # training made it worse
         write_run(rd, "prepo", k, [0.1, 0.2], initial=0.3)
-    agg = stats.aggregate(runs.load_runs(rd, ["random", "prepo"], [1, 2], METRIC), "random")
+    agg = stats.aggregate(runs.load_runs([rd], ["random", "prepo"], [1, 2], METRIC)[0], "random")
     assert agg.degenerate_seeds == [1, 2]
     pp = agg.rows[1]
     assert pp.reach == [0, 0] and pp.comparison.ratio is None and pp.comparison.decision == "n/a"
@@ -250,7 +250,8 @@ def runs_dir(tmp_path):
 
 
 def test_aggregate_from_files(runs_dir):
-    loaded = runs.load_runs(runs_dir, ["random", "prepo", "dapo_dynamic"], [1, 2, 3], METRIC)
+    loaded, missing = runs.load_runs([runs_dir], ["random", "prepo", "dapo_dynamic"], [1, 2, 3], METRIC)
+    assert not missing
     assert loaded["random"][1].curve == [(0, 0.2), (20, 0.3), (40, 0.4), (60, 0.5)]
     agg = stats.aggregate(loaded, "random")
     assert agg.thresholds == {1: 0.5, 2: 0.6, 3: 0.7} and not agg.degenerate_seeds
@@ -296,8 +297,16 @@ def test_curve_without_step0_and_avg_metric(tmp_path):
 
 
 def test_missing_run_is_reported(tmp_path):
-    with pytest.raises(SystemExit, match="missing"):
-        runs.load_runs(tmp_path, ["random"], [1], METRIC)
+    write_run(tmp_path, "random", 2, [0.3, 0.4])
+    write_run(tmp_path, "prepo", 1, [0.3, 0.4])
+    (config.run_dir_of(tmp_path, "prepo", 1) / "summary.json").unlink()   # interrupted: not finished
+    loaded, missing = runs.load_runs([tmp_path], ["random", "prepo"], [1, 2], METRIC)
+    assert list(loaded) == ["random"] and list(loaded["random"]) == [2]
+    assert [m.split(":")[0] for m in missing] == ["random/seed1", "prepo/seed1", "prepo/seed2"]
+    assert "not finished" in missing[0]
+    # a summary of fewer steps than the config's is an older or shorter run: not finished either
+    assert list(runs.load_runs([tmp_path], ["random"], [2], METRIC, total_steps=4)[0]["random"]) == [2]
+    assert runs.load_runs([tmp_path], ["random"], [2], METRIC, total_steps=5)[0] == {}
 
 
 def test_step_records_diagnostics(tmp_path):
@@ -309,7 +318,7 @@ def test_step_records_diagnostics(tmp_path):
         m.selection = {"greso_skipped": i % 2 * 3, "greso_backfilled": 0}
 
     write_run(rd, "greso", 1, [0.3, 0.5], initial=0.2, edit=spread_and_skips)
-    loaded = runs.load_runs(rd, ["random", "greso"], [1], METRIC)
+    loaded = runs.load_runs([rd], ["random", "greso"], [1], METRIC)[0]
     r = loaded["greso"][1]
     assert isinstance(r.metrics[0], StepMetrics) and r.metrics[1].selection["greso_skipped"] == 3
     assert r.total_rollouts == r.metrics[-1].rollouts == 40
