@@ -117,6 +117,16 @@ def run_config(bench: BenchConfig, strategy: str, seed: int, runs_dir: Path) -> 
     return {**bench.train, "strategy": strategy, "seed": seed, "output_dir": str(run_dir_of(runs_dir, strategy, seed))}
 
 
-def full_config(overrides: dict) -> dict:
-    """The trainer's full config for these overrides (defaults filled in, validated)."""
-    return from_dict(overrides).to_dict()
+def full_config(overrides: dict, check_environment: bool = True) -> dict:
+    """The trainer's full config for these overrides (defaults filled in, validated). Without
+    ``check_environment`` the rollout engine is not asked of this machine: a report of runs made
+    with vLLM is written where vLLM is not installed (a fresh clone, from the exported runs)."""
+    if check_environment:
+        return from_dict(overrides).to_dict()
+    engine = overrides.get("rollout_engine", "hf")
+    return {**from_dict({**overrides, "rollout_engine": "hf"}).to_dict(), "rollout_engine": engine}
+
+
+def report_config(bench: BenchConfig) -> dict:
+    """The baseline run's full trainer config, as the report reads it (no checks of this machine)."""
+    return full_config({**bench.train, "strategy": bench.baseline}, check_environment=False)

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import numpy as np
 import yaml
 
-from .config import PRIMARIES, ROOT, BenchConfig, full_config
+from .config import PRIMARIES, ROOT, BenchConfig, report_config
 from .runner import machine_info
 from .runs import load_runs
 from .stats import LEVEL, N_BOOT, PAPER_RATIO, POWER_WIDTH, Aggregate, PairedEstimate, StrategyResult, aggregate, curve_band
@@ -215,7 +215,7 @@ def missing_section(agg: Aggregate) -> list[str]:
 # ---------------------------------------------------------------- the markdown
 def header(bench: BenchConfig, command: str, config_path: str, info: dict, timing: dict) -> list[str]:
     """Title, description, how and where the runs were made, the setup."""
-    tc = full_config({**bench.train, "strategy": bench.baseline})
+    tc = report_config(bench)
     k_prompts = max(1, round(tc["select_ratio"] * tc["candidate_batch_size"]))
     lines = [f"# {bench.title}", ""]
     lines += [bench.description, ""] if bench.description else []
@@ -241,7 +241,7 @@ def header(bench: BenchConfig, command: str, config_path: str, info: dict, timin
 def render_markdown(agg: Aggregate, bench: BenchConfig, command: str, info: dict, timing: dict,
                     images: Sequence[Path], config_path: str, base_report: Optional[Path] = None) -> str:
     """The whole report."""
-    tc = full_config({**bench.train, "strategy": bench.baseline})
+    tc = report_config(bench)
     resolved = {k: v for k, v in tc.items() if k not in ("strategy", "seed", "output_dir", "resume", "progress",
                                                           "tensorboard", "cache_dir")}
     lines = header(bench, command, config_path, info, timing) + missing_section(agg)
@@ -378,7 +378,7 @@ def load_finished(bench: BenchConfig, places: Sequence[Path]) -> tuple[dict, lis
     """(runs, missing): the finished runs of ``bench`` found in ``places`` (the runs directory, the
     exported copy) and why each other run is missing; a strategy run whose baseline seed is missing
     cannot be paired and counts as missing. Exits when the baseline has no finished run."""
-    steps = full_config({**bench.train, "strategy": bench.baseline})["total_steps"]
+    steps = report_config(bench)["total_steps"]
     runs, missing = load_runs(places, bench.strategies, bench.seeds, bench.metric, steps)
     base = runs.get(bench.baseline, {})
     if not base:
