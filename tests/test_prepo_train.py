@@ -69,13 +69,13 @@ def test_other_strategy_runs_in_process(tmp_path, tiny_cache_dir, strategy):
         assert all(r["step_rollouts"] == 4 * r["dynamic_groups_generated"] for r in rows)
     else:
         assert all(r["step_rollouts"] == 2 * 4 for r in rows)
+        assert rows[0]["weight_applied"] == (strategy == "entropy_only")
+        assert (rows[0]["ppl_window_lo"] is None) == (strategy == "entropy_only")
     picks = [json.loads(line) for line in (tmp_path / strategy / "selection.jsonl").read_text().splitlines()]
     assert [p["step"] for p in picks] == [1, 2]
     # dynamic sampling's refills are not indexed; strategies that do not score prompts log no ppl
     assert all((p["prompt_ids"] is None) == (strategy == "dapo_dynamic") for p in picks)
     assert all((p["ppl"] is None) == (strategy in ("dapo_dynamic", "entropy_only")) for p in picks)
-        assert rows[0]["weight_applied"] == (strategy == "entropy_only")
-        assert (rows[0]["ppl_window_lo"] is None) == (strategy == "entropy_only")
 
 
 @pytest.mark.slow
