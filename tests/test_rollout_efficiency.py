@@ -657,3 +657,31 @@ def test_smollm2_testbed_config_is_preregistered_and_valid():
     assert resolved["rollout_engine"] == "vllm" and resolved["save_every"] == 1
     # registered: >= 10 evaluations before half the budget (the ratio's resolution <= 0.1)
     assert resolved["eval_every"] <= resolved["total_steps"] / 20 and bench.metric == f"eval_avg@{resolved['eval_avg_k']}"
+
+
+@pytest.mark.slow
+def test_harness_end_to_end_exports_and_reaggregates_from_the_export(tmp_path, tiny_cache_dir):
+    """Real tiny runs through the harness: each finished run exported (no checkpoints), the report
+    written again from the export alone, with the curriculum's selection table."""
+    pytest.importorskip("matplotlib")
+    from trainer_harness import TINY
+
+    train = {**TINY, "total_steps": 3, "eval_every": 1, "eval_avg_k": 2, "spearman_prompts": 0,
+             "cache_dir": str(tiny_cache_dir), "tensorboard": False}
+    cfg = tmp_path / "testbed_e2e.yaml"
+    cfg.write_text(yaml.safe_dump({"strategies": ["random", "prepo"], "seeds": [1], "metric": "eval_avg@2",
+                                   "primary": "half_budget_threshold", "train": train}))
+    rd, exp, res = tmp_path / "runs", tmp_path / "export", tmp_path / "results"
+    common = ["--config", str(cfg), "--runs-dir", str(rd), "--export-dir", str(exp), "--results-dir", str(res)]
+    assert rollout_efficiency.main(common) == 0
+    assert (rd / "prepo" / "seed1" / "checkpoints").is_dir()
+    assert sorted(p.name for p in (exp / "prepo" / "seed1").iterdir()) == sorted(runs.EXPORT_FILES)
+    first = (res / "testbed_e2e.md").read_text()
+    shutil.rmtree(rd)
+    assert rollout_efficiency.main(common + ["--aggregate-only"]) == 0
+    again = (res / "testbed_e2e.md").read_text()
+    table = lambda md: md.split("## Diagnostics")[0].split("\n| strategy |")[1]  # noqa: E731
+    assert table(again) == table(first) and "Incomplete" not in again
+    assert "## What the curriculum rolled out" in again and "half-budget accuracy" in again
+    sel = again.split("## What the curriculum rolled out")[1].split("\n\n")[1]
+    assert "| prepo | " in sel and "| random | - / - / - |" in sel   # random does not score prompts

@@ -19,7 +19,8 @@ import yaml
 from .config import PRIMARIES, ROOT, BenchConfig, report_config
 from .runner import machine_info
 from .runs import load_runs
-from .stats import LEVEL, N_BOOT, PAPER_RATIO, POWER_WIDTH, Aggregate, PairedEstimate, StrategyResult, aggregate, curve_band
+from .stats import (LEVEL, N_BOOT, PAPER_RATIO, POWER_WIDTH, Aggregate, PairedEstimate, StrategyResult, aggregate,
+                    curve_band)
 
 
 # ---------------------------------------------------------------- formatting
@@ -79,9 +80,10 @@ def protocol_note(agg: Aggregate) -> str:
     k, base = agg.final_evals, agg.baseline
     final = "its last evaluation" if k == 1 else f"the mean of its last {k} evaluations"
     target = (f"{base} seed s's final accuracy" if agg.primary == PRIMARIES[0] else
-              f"the accuracy {base} seed s's curve (trailing mean over {k} evaluations) has at its last evaluation "
-              f"within half its rollout budget, which {base} reaches by mid-run")
-    note = (f"A run's final accuracy is {final}. Seeds are paired: strategy seed s must reach {target}; R(s) is the cumulative rollouts at the first evaluation where the strategy's curve"
+              f"the accuracy {base} seed s's curve" + ("" if k == 1 else f" (trailing mean over {k} evaluations)")
+              + f" has at its last evaluation within half its rollout budget, which {base} reaches by mid-run")
+    note = (f"A run's final accuracy is {final}. Seeds are paired: strategy seed s must reach {target}; R(s) is "
+            "the cumulative rollouts at the first evaluation where the strategy's curve"
             + ("" if k == 1 else f" (trailing mean over {k} evaluations)")
             + " reaches it, or the strategy's whole budget when it never does (censored: the ratio is then a lower "
             f"bound, '≥'). Ratio = geometric mean over seeds of R_strategy(s) / R_{base}(s) (< 1: fewer rollouts; the "

@@ -109,8 +109,7 @@ def load_runs(places: Sequence[Path], strategies: Sequence[str], seeds: Sequence
             found = next((run_dir_of(p, s, k) for p in places if is_finished(run_dir_of(p, s, k), total_steps)), None)
             if found is None:
                 missing.append(f"{s}/seed{k}: not finished (no summary.json"
-                               + ("" if total_steps is None else f" of {total_steps} steps") + " in "
-                               + " or ".join(str(run_dir_of(p, s, k)) for p in places) + ")")
+                               + ("" if total_steps is None else f" of {total_steps} steps") + ")")
                 continue
             try:
                 runs.setdefault(s, {})[k] = load_run(found, s, k, metric)
