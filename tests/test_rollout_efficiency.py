@@ -214,6 +214,10 @@ def test_degenerate_seed_has_no_ratio(tmp_path):
     pp = agg.rows[1]
     assert pp.reach == [0, 0] and pp.comparison.ratio is None and pp.comparison.decision == "n/a"
     assert "Degenerate on seed(s) [1, 2]" in report.protocol_note(agg)
+    assert "random's final accuracy does not exceed" in report.protocol_note(agg)
+    half = stats.aggregate(runs.load_runs([rd], ["random", "prepo"], [1, 2], METRIC)[0], "random",
+                           primary="half_budget_threshold")
+    assert half.degenerate_seeds == [1, 2] and "random's accuracy at half its budget does not exceed" in report.protocol_note(half)
     assert "| prepo | n/a |" in report.primary_table(agg, METRIC)
 
 

@@ -98,7 +98,8 @@ def protocol_note(agg: Aggregate) -> str:
             f"accuracy vs cumulative rollouts on [0, {base}'s budget] divided by that budget (a mean accuracy; a curve "
             f"is held at its last value past its end), strategy - {base}, per seed.")
     if agg.degenerate_seeds:
-        note += (f"\n\n**Degenerate on seed(s) {agg.degenerate_seeds}:** {base}'s final accuracy does not exceed its "
+        reached = "final accuracy" if agg.primary == PRIMARIES[0] else "accuracy at half its budget"
+        note += (f"\n\n**Degenerate on seed(s) {agg.degenerate_seeds}:** {base}'s {reached} does not exceed its "
                  "initial accuracy there (training did not improve on the base policy), so it is reached at 0 rollouts "
                  "and the ratio is undefined (n/a).")
     return note
