@@ -6,8 +6,8 @@ own ``python -m prepo.train`` process writing into ``<runs_dir>/<strategy>/seed<
 under ``benchmarks/results/<config name>.{md,csv,json,png}`` (+ ``_diagnostics.png``):
 
 * PRIMARY: per seed, the rollouts a strategy needs to reach the baseline's (paired) final accuracy
-  (or, with ``primary: half_budget_threshold``, its accuracy at half its budget) over the baseline's; geometric mean over seeds with a 95% paired-bootstrap CI, censored seeds
-  counted, and the pre-registered decision ('saves rollouts' / 'costs rollouts' / 'inconclusive');
+  (or, with ``primary: half_budget_threshold``, its accuracy at half its budget) over the
+  baseline's; geometric mean over seeds with a 95% paired-bootstrap CI, censored seeds counted, and the pre-registered decision ('saves rollouts' / 'costs rollouts' / 'inconclusive');
 * SECONDARY: final-accuracy and area-under-curve differences to the baseline, with CIs;
 * diagnostics for the "why" (zero-advantage groups, weights, entropy, selected difficulty, GRESO
   skips), the initial policy's Spearman(prompt perplexity, pass rate), per-level and per-seed tables;

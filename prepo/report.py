@@ -63,7 +63,8 @@ def _append_jsonl(path: Path, obj: dict) -> None:
 
 class RunLog:
     """Where each step's record goes: metrics.jsonl, selection.jsonl (the prompts it rolled out, one
-    row per metrics row), TensorBoard (when installed and asked for) and the progress bar. Disabled (every method does nothing) on data-parallel ranks other than 0."""
+    row per metrics row), TensorBoard (when installed and asked for) and the progress bar. Disabled
+    (every method does nothing) on data-parallel ranks other than 0."""
 
     def __init__(self, out: Path, cfg: TrainConfig, *, enabled: bool = True):
         self.out, self.cfg, self.enabled = out, cfg, enabled

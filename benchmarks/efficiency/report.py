@@ -394,7 +394,8 @@ def load_finished(bench: BenchConfig, places: Sequence[Path]) -> tuple[dict, lis
 
 
 def write_report(bench: BenchConfig, runs_dir: Path, results_dir: Path, command: str, config_path: str,
-                 timing: Optional[dict] = None, readme: Optional[Path] = None, export_dir: Optional[Path] = None) -> dict:
+                 timing: Optional[dict] = None, readme: Optional[Path] = None,
+                 export_dir: Optional[Path] = None) -> dict:
     """Aggregate the finished runs under ``runs_dir`` (or, for those not there, their exported copy in
     ``export_dir``) and write ``results_dir/<stem>.{md,csv,json,png}`` and ``<stem>_diagnostics.png``
     (and the README block). Returns {aggregate, markdown, files}."""

@@ -88,7 +88,8 @@ def launch(cfg: dict, resume: bool) -> tuple[int, float]:
     return rc, time.perf_counter() - t0
 
 
-def plan_runs(bench: BenchConfig, runs_dir: Path, rerun_mismatched: bool, export_dir: Optional[Path] = None) -> list[tuple]:
+def plan_runs(bench: BenchConfig, runs_dir: Path, rerun_mismatched: bool,
+              export_dir: Optional[Path] = None) -> list[tuple]:
     """[(strategy, seed, trainer overrides, status)] of every run; a run made with another config
     is an error, or deleted and planned anew with ``rerun_mismatched``. A new run whose exported
     copy in ``export_dir`` is finished (same config) is done."""
@@ -97,7 +98,8 @@ def plan_runs(bench: BenchConfig, runs_dir: Path, rerun_mismatched: bool, export
         for seed in bench.seeds:
             cfg = run_config(bench, strategy, seed, runs_dir)
             status, diff = run_status(Path(cfg["output_dir"]), cfg)
-            if status == "new" and export_dir is not None and run_status(run_dir_of(export_dir, strategy, seed), cfg)[0] == "done":
+            exported = run_dir_of(export_dir, strategy, seed) if export_dir is not None else None
+            if status == "new" and exported is not None and run_status(exported, cfg)[0] == "done":
                 status = "done"
             if status == "mismatch":
                 if not rerun_mismatched:
@@ -116,7 +118,8 @@ def export(item: tuple, export_dir: Optional[Path]) -> None:
         export_run(Path(cfg["output_dir"]), run_dir_of(export_dir, strategy, seed))
 
 
-def run_all(bench: BenchConfig, runs_dir: Path, rerun_mismatched: bool = False, export_dir: Optional[Path] = None) -> dict:
+def run_all(bench: BenchConfig, runs_dir: Path, rerun_mismatched: bool = False,
+            export_dir: Optional[Path] = None) -> dict:
     """Run what is not done yet, ``bench.jobs`` at a time, copying each finished run's small files
     into ``export_dir`` (when given) as it finishes. Returns the timing:
     {wall_seconds, total_seconds_incl_setup, run_seconds: {"<strategy>/seed<k>": seconds}}."""
