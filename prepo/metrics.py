@@ -72,6 +72,7 @@ class StepMetrics:
     selection: Optional[dict] = None   # greso: greso_skipped, greso_backfilled, greso_p_easy, greso_p_hard
     times: dict = field(default_factory=dict)   # TIME_KEYS + time_step, seconds
     eval: Optional[dict] = None        # on evaluation steps: eval_accuracy, time_eval[, eval_avg@k]
+    picked: Optional[dict] = None      # the prompts the step rolled out: its selection.jsonl row, not in metrics.jsonl
 
     @property
     def reward_mean(self) -> float:
@@ -102,7 +103,7 @@ class StepMetrics:
     def from_dict(cls, d: dict) -> "StepMetrics":
         """A metrics.jsonl row back as a record."""
         names = lambda c: {f.name for f in dataclasses.fields(c)}  # noqa: E731
-        top = names(cls) - {"batch", "update", "dynamic", "selection", "times", "eval"}
+        top = names(cls) - {"batch", "update", "dynamic", "selection", "times", "eval", "picked"}
         return cls(
             **{k: d.get(k) for k in top},
             batch=BatchStats(**{k: d[k] for k in names(BatchStats) if k in d}),

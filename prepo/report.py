@@ -1,13 +1,14 @@
-"""A run's outputs: metrics.jsonl / eval.jsonl (one record a line), TensorBoard scalars, the tqdm
-bar, config.yaml, summary.json and the accuracy-vs-rollouts plot. Everything here reads the
+"""A run's outputs: metrics.jsonl / eval.jsonl / selection.jsonl (one record a line), TensorBoard
+scalars, the tqdm bar, config.yaml, summary.json and the accuracy-vs-rollouts plot. Everything here reads the
 :class:`~prepo.metrics.StepMetrics` record or the files written from it."""
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
+import numpy as np
 import yaml
 
 from .config import TrainConfig
@@ -34,6 +35,26 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def _rounded(values: Optional[Sequence[float]]) -> Optional[list[float]]:
+    """Floats to 4 decimals (the rows stay small); None stays None."""
+    return None if values is None else [round(float(v), 4) for v in values]
+
+
+def selection_row(rho: float, prompt_ids: Optional[Sequence[int]], levels: Sequence[Optional[int]],
+                  pass_rates: Sequence[float], ppl: Optional[Sequence[float]] = None,
+                  cand_ppl: Optional[np.ndarray] = None) -> dict:
+    """One step's selection.jsonl row (the step number is added when written): the curriculum
+    position ``rho`` and the rolled-out prompts in selection order -- their train-set indices
+    (None for dynamic sampling, whose refills are not indexed), difficulty levels (None when the data
+    has none), prompt perplexities under the policy that selected them (None when the strategy does
+    not score prompts) and their groups' pass rates (mean reward, 0..1) -- and the p10/p50/p90
+    perplexity of the whole candidate batch (None without scores)."""
+    q = None if cand_ppl is None else dict(zip(("p10", "p50", "p90"), _rounded(np.percentile(cand_ppl, [10, 50, 90]))))
+    return {"rho": round(float(rho), 6), "prompt_ids": None if prompt_ids is None else [int(i) for i in prompt_ids],
+            "levels": list(levels) if any(v is not None for v in levels) else None, "ppl": _rounded(ppl),
+            "pass_rate": _rounded(pass_rates), "cand_ppl": q}
+
+
 def _append_jsonl(path: Path, obj: dict) -> None:
     with path.open("a") as f:
         f.write(json.dumps(obj) + "\n")
@@ -41,13 +62,15 @@ def _append_jsonl(path: Path, obj: dict) -> None:
 
 
 class RunLog:
-    """Where each step's record goes: metrics.jsonl, TensorBoard (when installed and asked for) and
-    the progress bar. Disabled (every method does nothing) on data-parallel ranks other than 0."""
+    """Where each step's record goes: metrics.jsonl, selection.jsonl (the prompts it rolled out, one
+    row per metrics row), TensorBoard (when installed and asked for) and the progress bar. Disabled
+    (every method does nothing) on data-parallel ranks other than 0."""
 
     def __init__(self, out: Path, cfg: TrainConfig, *, enabled: bool = True):
         self.out, self.cfg, self.enabled = out, cfg, enabled
         self.metrics_path = out / "metrics.jsonl"
         self.eval_path = out / "eval.jsonl"
+        self.selection_path = out / "selection.jsonl"
         self.tb = self.bar = None
         self.last_eval: Optional[float] = None
 
@@ -55,16 +78,19 @@ class RunLog:
         """A new run: clear old records, save the config."""
         if not self.enabled:
             return
-        for p in (self.metrics_path, self.eval_path):
+        for p in (self.metrics_path, self.eval_path, self.selection_path):
             if p.exists():
                 p.unlink()
         (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
 
     def truncate(self, metrics_lines: int, eval_lines: int) -> None:
-        """Back to what a checkpoint had seen (resume)."""
+        """Back to what a checkpoint had seen (resume). selection.jsonl has a row per metrics.jsonl row
+        (absent in runs from before it was written: they resume without the earlier rows)."""
         if self.enabled:
             truncate_lines(self.metrics_path, metrics_lines)
             truncate_lines(self.eval_path, eval_lines)
+            if self.selection_path.exists():
+                truncate_lines(self.selection_path, metrics_lines)
 
     def open(self, step: int, *, resumed: bool, initial: dict) -> None:
         if not self.enabled:
@@ -94,6 +120,8 @@ class RunLog:
         if not self.enabled:
             return
         _append_jsonl(self.metrics_path, m.to_dict())
+        if m.picked is not None:
+            _append_jsonl(self.selection_path, {"step": m.step, **m.picked})
         if self.tb is not None:
             for k, v in m.scalars().items():
                 self.tb.add_scalar(k, v, m.step)

@@ -50,7 +50,7 @@ from .metrics import BatchStats, StepMetrics, Timer, UpdateStats, step_times
 from .microbatch import token_chunks
 from .policy import Precision, load_policy
 from .prompts import PromptEncoder, PromptFormat
-from .report import RunLog, count_lines, write_summary
+from .report import RunLog, count_lines, selection_row, write_summary
 from .rewards import load_reward_fn
 from .rollout import HFGenerateEngine, Rollouts, Sampling, roll_out, stop_token_ids
 from .sampler import PromptSampler
@@ -208,7 +208,7 @@ class Trainer:
                 self.engine.sync_weights(self.model)
             batch = self.batch_stats(got.rewards, ent, ro.completion_mask, w)
         # 6. log: the step's record (counters summed over ranks)
-        return self.record(got, ppl, order, rho, batch, upd, timer, t0)
+        return self.record(got, cand, ppl, order, rho, batch, upd, timer, t0)
 
     # ------------------------------------------------------------------ its parts
     def perplexity(self, cand: list[int], timer: Timer) -> np.ndarray:
@@ -237,10 +237,11 @@ class Trainer:
         return collect_dynamic([train[cand[i]] for i in order], refill, roll, k=self.K, group_size=G,
                                max_rounds=self.cfg.dynamic_max_rounds, pad_id=self.tokenizer.pad_token_id)
 
-    def record(self, got: Collected, ppl: Optional[np.ndarray], order: list[int], rho: float, batch: BatchStats,
-               upd: UpdateStats, timer: Timer, t0: float) -> StepMetrics:
+    def record(self, got: Collected, cand: list[int], ppl: Optional[np.ndarray], order: list[int], rho: float,
+               batch: BatchStats, upd: UpdateStats, timer: Timer, t0: float) -> StepMetrics:
         """The step's bookkeeping: rollouts and reward failures summed over ranks into the run's
-        counters, the selected window's perplexities, and the step record."""
+        counters, the selected window's perplexities, and the step record with the prompts it rolled
+        out (its selection.jsonl row)."""
         failures = int(self.dist.sum(torch.tensor(got.failures)))
         self.reward_failures += failures
         if failures:
@@ -250,15 +251,19 @@ class Trainer:
         step_rollouts = int(self.dist.sum(torch.tensor(got.generated)))
         self.total_rollouts += step_rollouts
         sel_ppl = ppl[order[: self.K]] if ppl is not None else None
-        levels = self.dist.gather([p.difficulty for p in got.problems if p.difficulty is not None])
+        levels = self.dist.gather([p.difficulty for p in got.problems])
+        known = [v for v in levels if v is not None]
+        pass_rates = [] if got.rewards is None else got.rewards.view(-1, self.cfg.group_size).mean(1).tolist()
+        picked = selection_row(rho, None if self.strategy.refills else [cand[i] for i in order], levels,
+                               self.dist.gather(pass_rates), sel_ppl, ppl)
         return StepMetrics(
             step=self.step_idx, rollouts=self.total_rollouts, step_rollouts=step_rollouts, rho=rho,
             weight_applied=self.strategy.weighting, reward_failures=self.reward_failures, batch=batch, update=upd,
             ppl_window_lo=float(sel_ppl.min()) if sel_ppl is not None else None,
             ppl_window_hi=float(sel_ppl.max()) if sel_ppl is not None else None,
             ppl_batch_mean=float(ppl.mean()) if ppl is not None else None,
-            selected_difficulty=float(np.mean(levels)) if levels else None,
-            dynamic=got.dynamic, selection=self.strategy.stats(), times=step_times(timer, time.perf_counter() - t0))
+            selected_difficulty=float(np.mean(known)) if known else None, dynamic=got.dynamic,
+            selection=self.strategy.stats(), times=step_times(timer, time.perf_counter() - t0), picked=picked)
 
     def batch_stats(self, rewards, ent, cmask, w) -> BatchStats:
         """Rewards, entropy and weights of the global batch (all ranks' rollouts)."""

@@ -29,6 +29,17 @@ def test_two_step_run(tmp_path, tiny_cache_dir):
     assert need <= set(rows[0])
     assert rows[0]["rollouts"] == 2 * 4 and rows[1]["rollouts"] == 16   # K=2 prompts x G=4
     assert "eval_accuracy" in rows[1]                                       # evaluated at the end
+    # selection.jsonl: a row per step, the K=2 rolled-out prompts in selection order
+    picks = [json.loads(line) for line in (out / "selection.jsonl").read_text().splitlines()]
+    assert [p["step"] for p in picks] == [1, 2]
+    for p, r in zip(picks, rows):
+        assert len(p["prompt_ids"]) == len(p["levels"]) == len(p["ppl"]) == len(p["pass_rate"]) == 2
+        assert all(0 <= i < TINY["train_size"] for i in p["prompt_ids"]) and p["rho"] == r["rho"]
+        assert min(p["ppl"]) == pytest.approx(r["ppl_window_lo"], rel=1e-4)
+        assert max(p["ppl"]) == pytest.approx(r["ppl_window_hi"], rel=1e-4)
+        assert sum(p["pass_rate"]) / 2 == pytest.approx(r["reward_mean"], abs=1e-4)   # groups of equal size
+        assert sum(p["levels"]) / 2 == pytest.approx(r["selected_difficulty"])
+        assert p["cand_ppl"]["p10"] <= p["cand_ppl"]["p50"] <= p["cand_ppl"]["p90"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rollouts"] == 16 and summary["initial_accuracy"] is not None
     assert (out / "accuracy_vs_rollouts.png").is_file() and (out / "checkpoints" / "last.pt").is_file()
@@ -60,6 +71,11 @@ def test_other_strategy_runs_in_process(tmp_path, tiny_cache_dir, strategy):
         assert all(r["step_rollouts"] == 2 * 4 for r in rows)
         assert rows[0]["weight_applied"] == (strategy == "entropy_only")
         assert (rows[0]["ppl_window_lo"] is None) == (strategy == "entropy_only")
+    picks = [json.loads(line) for line in (tmp_path / strategy / "selection.jsonl").read_text().splitlines()]
+    assert [p["step"] for p in picks] == [1, 2]
+    # dynamic sampling's refills are not indexed; strategies that do not score prompts log no ppl
+    assert all((p["prompt_ids"] is None) == (strategy == "dapo_dynamic") for p in picks)
+    assert all((p["ppl"] is None) == (strategy in ("dapo_dynamic", "entropy_only")) for p in picks)
 
 
 @pytest.mark.slow
@@ -148,6 +164,8 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, tiny_cache_dir):
     strip = lambda d: [{k: v for k, v in json.loads(l).items() if k != "time_eval"}  # noqa: E731
                        for l in (d / "eval.jsonl").read_text().splitlines()]
     assert strip(run_dir) == strip(ref_dir)
+    read = lambda d: (d / "selection.jsonl").read_text().splitlines()  # noqa: E731
+    assert read(run_dir) == read(ref_dir) and len(read(ref_dir)) == steps   # no duplicate rows after resume
     rows = metrics(ref_dir)
     assert sum(r["greso_skipped"] + r["greso_backfilled"] for r in rows[2:]) > 0   # the history was used
     assert rows[0]["greso_p_easy"] != 0.5 or rows[0]["greso_p_hard"] != 0.5        # adapted after each step

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -25,10 +26,11 @@ METRIC = "eval_accuracy"
 
 
 def write_run(runs_dir: Path, strategy: str, seed: int, curve, *, per_step: int = 10, eval_every: int = 2,
-              initial=None, spearman=None, dynamic=False, zero_adv=0.25, weights=(0.8, 1.3), edit=None):
+              initial=None, spearman=None, dynamic=False, zero_adv=0.25, weights=(0.8, 1.3), edit=None, picked=None):
     """A run dir as the trainer writes it: metrics.jsonl (a StepMetrics record a step, eval_accuracy
-    every ``eval_every`` steps), eval.jsonl (step 0 + evals), initial.json, summary.json. ``curve``
-    lists the accuracies at the evaluations after step 0; ``edit(i, record)`` changes step i's record."""
+    every ``eval_every`` steps), eval.jsonl (step 0 + evals), initial.json, summary.json, and with
+    ``picked(step)`` (a selection row) selection.jsonl. ``curve`` lists the accuracies at the
+    evaluations after step 0; ``edit(i, record)`` changes step i's record."""
     d = config.run_dir_of(runs_dir, strategy, seed)
     d.mkdir(parents=True)
     steps = eval_every * len(curve)
@@ -47,8 +49,11 @@ def write_run(runs_dir: Path, strategy: str, seed: int, curve, *, per_step: int 
             evals.append({"step": s, "rollouts": rollouts, "accuracy": m.eval["eval_accuracy"]})
         if edit is not None:
             edit(s - 1, m)
+        m.picked = picked(s) if picked is not None else None
         records.append(m)
     (d / "metrics.jsonl").write_text("".join(json.dumps(m.to_dict()) + "\n" for m in records))
+    if picked is not None:
+        (d / "selection.jsonl").write_text("".join(json.dumps({"step": m.step, **m.picked}) + "\n" for m in records))
     (d / "eval.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
     init = {"eval": {"accuracy": initial}} if initial is not None else {}
     if spearman is not None:
@@ -204,11 +209,15 @@ def test_degenerate_seed_has_no_ratio(tmp_path):
     for k in (1, 2):
         write_run(rd, "random", k, [0.2, 0.25], initial=0.3)  # training made it worse
         write_run(rd, "prepo", k, [0.1, 0.2], initial=0.3)
-    agg = stats.aggregate(runs.load_runs(rd, ["random", "prepo"], [1, 2], METRIC), "random")
+    agg = stats.aggregate(runs.load_runs([rd], ["random", "prepo"], [1, 2], METRIC)[0], "random")
     assert agg.degenerate_seeds == [1, 2]
     pp = agg.rows[1]
     assert pp.reach == [0, 0] and pp.comparison.ratio is None and pp.comparison.decision == "n/a"
     assert "Degenerate on seed(s) [1, 2]" in report.protocol_note(agg)
+    assert "random's final accuracy does not exceed" in report.protocol_note(agg)
+    half = stats.aggregate(runs.load_runs([rd], ["random", "prepo"], [1, 2], METRIC)[0], "random",
+                           primary="half_budget_threshold")
+    assert half.degenerate_seeds == [1, 2] and "random's accuracy at half its budget does not exceed" in report.protocol_note(half)
     assert "| prepo | n/a |" in report.primary_table(agg, METRIC)
 
 
@@ -250,7 +259,8 @@ def runs_dir(tmp_path):
 
 
 def test_aggregate_from_files(runs_dir):
-    loaded = runs.load_runs(runs_dir, ["random", "prepo", "dapo_dynamic"], [1, 2, 3], METRIC)
+    loaded, missing = runs.load_runs([runs_dir], ["random", "prepo", "dapo_dynamic"], [1, 2, 3], METRIC)
+    assert not missing
     assert loaded["random"][1].curve == [(0, 0.2), (20, 0.3), (40, 0.4), (60, 0.5)]
     agg = stats.aggregate(loaded, "random")
     assert agg.thresholds == {1: 0.5, 2: 0.6, 3: 0.7} and not agg.degenerate_seeds
@@ -296,8 +306,16 @@ def test_curve_without_step0_and_avg_metric(tmp_path):
 
 
 def test_missing_run_is_reported(tmp_path):
-    with pytest.raises(SystemExit, match="missing"):
-        runs.load_runs(tmp_path, ["random"], [1], METRIC)
+    write_run(tmp_path, "random", 2, [0.3, 0.4])
+    write_run(tmp_path, "prepo", 1, [0.3, 0.4])
+    (config.run_dir_of(tmp_path, "prepo", 1) / "summary.json").unlink()   # interrupted: not finished
+    loaded, missing = runs.load_runs([tmp_path], ["random", "prepo"], [1, 2], METRIC)
+    assert list(loaded) == ["random"] and list(loaded["random"]) == [2]
+    assert [m.split(":")[0] for m in missing] == ["random/seed1", "prepo/seed1", "prepo/seed2"]
+    assert "not finished" in missing[0]
+    # a summary of fewer steps than the config's is an older or shorter run: not finished either
+    assert list(runs.load_runs([tmp_path], ["random"], [2], METRIC, total_steps=4)[0]["random"]) == [2]
+    assert runs.load_runs([tmp_path], ["random"], [2], METRIC, total_steps=5)[0] == {}
 
 
 def test_step_records_diagnostics(tmp_path):
@@ -309,7 +327,7 @@ def test_step_records_diagnostics(tmp_path):
         m.selection = {"greso_skipped": i % 2 * 3, "greso_backfilled": 0}
 
     write_run(rd, "greso", 1, [0.3, 0.5], initial=0.2, edit=spread_and_skips)
-    loaded = runs.load_runs(rd, ["random", "greso"], [1], METRIC)
+    loaded = runs.load_runs([rd], ["random", "greso"], [1], METRIC)[0]
     r = loaded["greso"][1]
     assert isinstance(r.metrics[0], StepMetrics) and r.metrics[1].selection["greso_skipped"] == 3
     assert r.total_rollouts == r.metrics[-1].rollouts == 40
@@ -427,7 +445,10 @@ def test_bench_config_committed_is_valid():
     assert config.run_config(b, "prepo", 2, Path("/r"))["output_dir"] == "/r/prepo/seed2"
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "benchmarks" / "configs").glob("testbed_*.yaml")), ids=lambda p: p.stem)
+TOY_TESTBEDS = sorted(p for p in (ROOT / "benchmarks" / "configs").glob("testbed_*.yaml") if p.stem != "testbed_smollm2")
+
+
+@pytest.mark.parametrize("path", TOY_TESTBEDS, ids=lambda p: p.stem)
 def test_testbed_configs_are_preregistered_and_valid(path):
     bench = config.load_bench_config(path)
     assert (ROOT / "benchmarks" / "preregistration" / f"{path.stem}.md").exists()
@@ -454,6 +475,7 @@ def test_bench_config_optional_keys(tmp_path):
     ({"baseline": "ppl_only"}, "baseline 'ppl_only'"),
     ({"metric": "accuracy"}, "eval key"),
     ({"final_evals": 0}, "final_evals"),
+    ({"primary": "auc_threshold"}, "primary must be one of final_threshold, half_budget_threshold"),
     ({"seeds": []}, "no seeds"),
     ({"smoothing": 3}, "unknown keys \\['smoothing'\\]"),
     ({"quick": {"baseline": "prepo"}}, "unknown keys under quick"),
@@ -495,3 +517,175 @@ def test_harness_meta_adds_up_invocations(tmp_path):
     timing, command = runner.load_harness_meta(tmp_path, "cmd --aggregate-only")
     assert timing == t2 and command == "cmd  (aggregated with: cmd --aggregate-only)"
     assert math.isclose(json.loads((tmp_path / "harness.json").read_text())["timing"]["total_seconds_incl_setup"], 18.0)
+
+
+# ---------------------------------------------------------------- round 3: primary, export, selection
+def test_half_budget_accuracy_hand_checked():
+    curve = [(0, 0.1), (100, 0.2), (200, 0.4), (300, 0.5), (400, 0.6)]
+    assert stats.half_budget_accuracy(curve, 1, 400) == 0.4          # the point at 200 = 400 / 2
+    assert stats.half_budget_accuracy(curve, 2, 400) == pytest.approx(0.3)   # smoothed (0.2 + 0.4) / 2
+    assert stats.half_budget_accuracy(curve, 1, 350) == 0.2          # last point within 175
+    assert stats.half_budget_accuracy(curve[1:], 1, 100) == 0.2      # none within 50: the first point
+
+
+# the baseline still rises at its end (as random did at 100 steps); the strategy gets anywhere 0.6x as fast
+RISING = {s: run_data(s, [(0, 0.1), (100, 0.2), (200, 0.3), (300, 0.4), (400, 0.5), (500, 0.6)], "random")
+          for s in (1, 2, 3)}
+FASTER = {s: run_data(s, [(0, 0.1), (60, 0.2), (120, 0.3), (180, 0.4), (240, 0.5), (300, 0.55), (400, 0.58),
+                          (500, 0.59)]) for s in (1, 2, 3)}
+
+
+def test_half_budget_threshold_shows_a_saving_the_final_threshold_censors():
+    # final rule: the strategy never reaches random's final 0.6 (censored at its budget): >= 1, no saving shown
+    c = stats.compare(FASTER, RISING, 1)
+    assert c.n_censored == 3 and c.ratio.estimate == pytest.approx(1.0) and c.decision == "inconclusive"
+    # half-budget rule: random's accuracy at 250 rollouts (its point at 200) is 0.3: 120 vs 200 rollouts
+    assert stats.baseline_thresholds(RISING, 1, "half_budget_threshold") == {1: 0.3, 2: 0.3, 3: 0.3}
+    c = stats.compare(FASTER, RISING, 1, "half_budget_threshold")
+    assert c.n_censored == 0 and c.ratio.per_seed == pytest.approx([0.6] * 3) and c.decision == "saves rollouts"
+    # the secondaries do not depend on the primary
+    assert c.auc_diff.per_seed == stats.compare(FASTER, RISING, 1).auc_diff.per_seed
+    with pytest.raises(ValueError, match="primary"):
+        stats.baseline_thresholds(RISING, 1, "auc")
+
+
+def test_decision_names_an_underpowered_interval():
+    est = lambda lo, hi, n=3: stats.PairedEstimate([1.0] * n, (lo + hi) / 2, lo, hi)  # noqa: E731
+    w = stats.POWER_WIDTH
+    assert w == pytest.approx(0.41)
+    assert stats.decide(est(0.7, 1.3), power_width=w) == "inconclusive (underpowered: 3 seeds, 95% CI width 0.60)"
+    assert stats.decide(est(0.9, 1.1), power_width=w) == "inconclusive"   # narrow: a real null
+    assert stats.decide(est(0.3, 0.9), power_width=w) == "saves rollouts"  # wide but decided
+    assert stats.decide(est(0.3, 0.9), 1, w) == "inconclusive (censored; underpowered: 3 seeds, 95% CI width 0.60)"
+    assert stats.decide(est(0.7, 1.3)) == "inconclusive"   # the toy testbeds' rule has no such clause
+    # wired to the primary: a wide interval over 2 seeds
+    strat = {1: run_data(1, [(0, 0.1), (100, 0.3), (500, 0.6)]), 2: run_data(2, [(0, 0.1), (300, 0.3), (500, 0.6)])}
+    base = {s: RISING[s] for s in (1, 2)}
+    assert stats.compare(strat, base, 1, "half_budget_threshold").decision.startswith("inconclusive (underpowered: 2 seeds")
+    assert stats.compare(strat, base, 1).decision == "inconclusive"
+
+
+def test_report_words_follow_the_primary(runs_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    b = bench_file(tmp_path, primary="half_budget_threshold", strategies=["random", "prepo"])
+    assert b.primary == "half_budget_threshold" and bench_file(tmp_path).primary == "final_threshold"
+    out = report.write_report(b, runs_dir, tmp_path / "res", "cmd", "cfg.yaml")
+    md = out["markdown"]
+    assert out["aggregate"].primary == "half_budget_threshold"
+    assert "rollouts to reach random's half-budget accuracy, ratio vs random" in md
+    assert "within half its rollout budget" in md and "reported as underpowered" in md
+    # random seed 1: 0.3, 0.4, 0.5 at 20, 40, 60 rollouts: 0.4 at 30 -> 0.3 (its point at 20)
+    assert out["aggregate"].thresholds == {1: 0.3, 2: 0.3, 3: 0.4}
+
+
+def test_export_then_aggregate_from_the_export_alone(tmp_path):
+    """A fresh clone: no runs dir, only the exported small files; unfinished runs listed as missing."""
+    pytest.importorskip("matplotlib")
+    b = bench_file(tmp_path, seeds=[1, 2])
+    rd, exp = tmp_path / "runs", tmp_path / "export"
+    for s, k, curve in (("random", 1, [0.3, 0.4, 0.5]), ("random", 2, [0.3, 0.5, 0.6]), ("prepo", 1, [0.5, 0.6, 0.6])):
+        d = write_run(rd, s, k, curve, initial=0.2, picked=lambda step: {"rho": step / 6, "pass_rate": [0.5]})
+        cfg = config.run_config(b, s, k, rd)
+        (d / "config.yaml").write_text(yaml.safe_dump(config.full_config(cfg)))
+        (d / "checkpoints").mkdir()
+        (d / "checkpoints" / "last.pt").write_text("big")
+    plan = runner.plan_runs(b, rd, False, exp)
+    for item in plan:
+        runner.export(item, exp)
+    assert sorted(p.name for p in (exp / "random" / "seed1").iterdir()) == sorted(runs.EXPORT_FILES)
+    assert not (exp / "prepo" / "seed2").exists()   # never ran: nothing to export
+    # the exported copy makes a run done even where the runs dir lacks it
+    shutil.rmtree(rd)
+    assert [p[3] for p in runner.plan_runs(b, rd, False, exp)] == ["done", "done", "done", "new"]
+    res = tmp_path / "results"
+    assert rollout_efficiency.main(["--config", str(tmp_path / "testbed_demo.yaml"), "--aggregate-only",
+                                    "--runs-dir", str(rd), "--export-dir", str(exp), "--results-dir", str(res)]) == 0
+    md = (res / "testbed_demo.md").read_text()
+    assert "**Incomplete: 1 run(s) missing" in md and "- prepo/seed2: not finished" in md
+    assert "| prepo | 20.0 | 60.0 / 20 | missing |" in md   # per seed: seed 2 missing
+
+
+def test_unpaired_runs_wait_for_their_baseline(tmp_path):
+    pytest.importorskip("matplotlib")
+    b = bench_file(tmp_path, seeds=[1, 2])
+    rd = tmp_path / "runs"
+    write_run(rd, "random", 1, [0.3, 0.4, 0.5])
+    write_run(rd, "prepo", 1, [0.5, 0.6, 0.6])
+    write_run(rd, "prepo", 2, [0.5, 0.6, 0.6])
+    loaded, missing = report.load_finished(b, [rd])
+    assert sorted(loaded["prepo"]) == [1] and missing[-1] == "prepo/seed2: finished, but unpaired until random/seed2 is"
+    with pytest.raises(ValueError, match="no random run of the same seed"):
+        stats.aggregate({"random": {1: loaded["random"][1]}, "prepo": {2: loaded["prepo"][1]}}, "random")
+    shutil.rmtree(config.run_dir_of(rd, "random", 1))
+    with pytest.raises(SystemExit, match="no finished run of the baseline"):
+        report.load_finished(b, [rd])
+
+
+def test_selection_by_third_of_the_run(tmp_path):
+    pytest.importorskip("matplotlib")
+    rd = tmp_path / "runs"
+    # 6 steps: thirds are steps 1-2, 3-4, 5-6; the window moves up the batch's perplexity
+    sel = lambda step: {"rho": step / 6, "prompt_ids": [step, step + 1], "levels": [step, None],  # noqa: E731
+                        "ppl": [step, step + 2], "pass_rate": [1.0, 0.5 if step > 3 else 0.0],
+                        "cand_ppl": {"p10": 1.0, "p50": 4.0, "p90": 8.0}}
+    for k in (1, 2):
+        write_run(rd, "random", k, [0.3, 0.4, 0.5])   # older runs: no selection.jsonl
+        write_run(rd, "prepo", k, [0.3, 0.4, 0.5], picked=sel)
+    b = bench_file(tmp_path, seeds=[1, 2])
+    out = report.write_report(b, rd, tmp_path / "res", "cmd", "cfg.yaml")
+    rows = {r.strategy: r for r in out["aggregate"].rows}
+    assert rows["random"].diagnostics.selection_phases == {}
+    ph = rows["prepo"].diagnostics.selection_phases
+    assert ph["ppl"] == pytest.approx([2.5, 4.5, 6.5]) and ph["cand_ppl_p50"] == [4.0, 4.0, 4.0]
+    assert ph["pass_rate"] == pytest.approx([0.5, 0.625, 0.75]) and ph["level"] == pytest.approx([1.5, 3.5, 5.5])
+    md = out["markdown"]
+    assert "## What the curriculum rolled out, by third of the run" in md
+    assert "| prepo | 2.50 / 4.50 / 6.50 | 4.00 / 4.00 / 4.00 | 50.0 / 62.5 / 75.0 | 1.50 / 3.50 / 5.50 |" in md
+    assert "| random |" not in md.split("## What the curriculum")[1].split("##")[0]
+
+
+def test_smollm2_testbed_config_is_preregistered_and_valid():
+    path = ROOT / "benchmarks" / "configs" / "testbed_smollm2.yaml"
+    bench = config.load_bench_config(path)
+    assert (ROOT / "benchmarks" / "preregistration" / "testbed_smollm2.md").exists()
+    assert bench.strategies == ["random", "prepo", "ppl_only", "entropy_only"] and bench.seeds == [11, 12, 13]
+    assert bench.primary == "half_budget_threshold" and bench.jobs == 1
+    assert bench.export_dir == "benchmarks/results/testbed_smollm2_runs"
+    assert not set(bench.seeds) & set(bench.tuning_seeds)
+    # resolved without asking this machine for vLLM (the report is written where it may be missing)
+    resolved = config.full_config(config.run_config(bench, "prepo", 11, Path("/tmp/x")), check_environment=False)
+    assert resolved == {**config.report_config(bench), "strategy": "prepo", "seed": 11, "output_dir": "/tmp/x/prepo/seed11"}
+    wordmath = yaml.safe_load((ROOT / "benchmarks" / "configs" / "smollm2_wordmath.yaml").read_text())["train"]
+    for key in ("model", "task", "chat_template", "instruction_suffix", "temperature", "max_new_tokens"):
+        assert resolved[key] == wordmath[key], key
+    assert resolved["rollout_engine"] == "vllm" and resolved["save_every"] == 1
+    # registered: >= 10 evaluations before half the budget (the ratio's resolution <= 0.1)
+    assert resolved["eval_every"] <= resolved["total_steps"] / 20 and bench.metric == f"eval_avg@{resolved['eval_avg_k']}"
+
+
+@pytest.mark.slow
+def test_harness_end_to_end_exports_and_reaggregates_from_the_export(tmp_path, tiny_cache_dir):
+    """Real tiny runs through the harness: each finished run exported (no checkpoints), the report
+    written again from the export alone, with the curriculum's selection table."""
+    pytest.importorskip("matplotlib")
+    from trainer_harness import TINY
+
+    train = {**TINY, "total_steps": 3, "eval_every": 1, "eval_avg_k": 2, "spearman_prompts": 0,
+             "cache_dir": str(tiny_cache_dir), "tensorboard": False}
+    cfg = tmp_path / "testbed_e2e.yaml"
+    cfg.write_text(yaml.safe_dump({"strategies": ["random", "prepo"], "seeds": [1], "metric": "eval_avg@2",
+                                   "primary": "half_budget_threshold", "train": train}))
+    rd, exp, res = tmp_path / "runs", tmp_path / "export", tmp_path / "results"
+    common = ["--config", str(cfg), "--runs-dir", str(rd), "--export-dir", str(exp), "--results-dir", str(res)]
+    assert rollout_efficiency.main(common) == 0
+    assert (rd / "prepo" / "seed1" / "checkpoints").is_dir()
+    assert sorted(p.name for p in (exp / "prepo" / "seed1").iterdir()) == sorted(runs.EXPORT_FILES)
+    first = (res / "testbed_e2e.md").read_text()
+    shutil.rmtree(rd)
+    assert rollout_efficiency.main(common + ["--aggregate-only"]) == 0
+    again = (res / "testbed_e2e.md").read_text()
+    table = lambda md: md.split("## Diagnostics")[0].split("\n| strategy |")[1]  # noqa: E731
+    assert table(again) == table(first) and "Incomplete" not in again
+    assert "## What the curriculum rolled out" in again and "half-budget accuracy" in again
+    sel = again.split("## What the curriculum rolled out")[1].split("\n\n")[1]
+    assert "| prepo | " in sel and "| random | - / - / - |" in sel   # random does not score prompts

@@ -18,6 +18,10 @@ DEFAULT_TITLE = "Rollout efficiency: PREPO vs baselines (issue 5)"
 # keys of the trainer config that never change a run's result (ignored when checking that an
 # existing run matches)
 NON_RESULT_KEYS = ("resume", "progress", "tensorboard", "output_dir", "save_every", "cache_dir")
+# the PRIMARY statistic's targets (benchmarks/efficiency/stats.py): the accuracy each paired seed must
+# reach is the baseline seed's final accuracy (the toy testbeds' rule), or the accuracy the baseline's
+# smoothed curve has at half its rollout budget (reachable before the baseline plateaus or ends)
+PRIMARIES = ("final_threshold", "half_budget_threshold")
 # the keys a ``quick:`` section may override besides ``train:``
 QUICK_KEYS = ("strategies", "seeds", "jobs", "metric", "final_evals")
 
@@ -34,7 +38,9 @@ class BenchConfig:
     metric: str = "eval_accuracy"     # a metrics.jsonl eval key: eval_accuracy (greedy) or eval_avg@<k>
     final_evals: int = 1         # a run's final accuracy: the mean of its last final_evals evaluations
     jobs: int = 1                # runs in parallel
+    primary: str = PRIMARIES[0]  # the PRIMARY ratio's target, one of PRIMARIES
     runs_dir: str = ""           # relative to the repository root; "" -> runs/<stem>
+    export_dir: str = ""         # finished runs' small files are copied here (relative to the root); "" -> none
     title: str = DEFAULT_TITLE   # the report's title
     description: str = ""        # a paragraph under the title
     train: dict = field(default_factory=dict)   # TrainConfig overrides shared by every run
@@ -68,7 +74,9 @@ def load_bench_config(path: Path, quick: bool = False) -> BenchConfig:
         metric=str(data.get("metric", "eval_accuracy")),
         final_evals=int(data.get("final_evals", 1)),
         jobs=int(data.get("jobs", 1)),
+        primary=str(data.get("primary", PRIMARIES[0])),
         runs_dir=str(data.get("runs_dir") or f"runs/{path.stem}"),
+        export_dir=str(data.get("export_dir") or ""),
         title=str(data.get("title") or DEFAULT_TITLE),
         description=str(data.get("description") or "").strip(),
         train=dict(data.get("train") or {}),
@@ -93,6 +101,8 @@ def _check(bench: BenchConfig, path: Path) -> None:
     if not bench.metric.startswith("eval_"):
         raise SystemExit(f"{path}: metric must be a metrics.jsonl eval key such as eval_accuracy or eval_avg@8; "
                          f"got {bench.metric!r}")
+    if bench.primary not in PRIMARIES:
+        raise SystemExit(f"{path}: primary must be one of {', '.join(PRIMARIES)}; got {bench.primary!r}")
     if bench.final_evals < 1 or bench.jobs < 1:
         raise SystemExit(f"{path}: final_evals and jobs must be >= 1; got {bench.final_evals}, {bench.jobs}")
 
@@ -107,6 +117,16 @@ def run_config(bench: BenchConfig, strategy: str, seed: int, runs_dir: Path) -> 
     return {**bench.train, "strategy": strategy, "seed": seed, "output_dir": str(run_dir_of(runs_dir, strategy, seed))}
 
 
-def full_config(overrides: dict) -> dict:
-    """The trainer's full config for these overrides (defaults filled in, validated)."""
-    return from_dict(overrides).to_dict()
+def full_config(overrides: dict, check_environment: bool = True) -> dict:
+    """The trainer's full config for these overrides (defaults filled in, validated). Without
+    ``check_environment`` the rollout engine is not asked of this machine: a report of runs made
+    with vLLM is written where vLLM is not installed (a fresh clone, from the exported runs)."""
+    if check_environment:
+        return from_dict(overrides).to_dict()
+    engine = overrides.get("rollout_engine", "hf")
+    return {**from_dict({**overrides, "rollout_engine": "hf"}).to_dict(), "rollout_engine": engine}
+
+
+def report_config(bench: BenchConfig) -> dict:
+    """The baseline run's full trainer config, as the report reads it (no checks of this machine)."""
+    return full_config({**bench.train, "strategy": bench.baseline}, check_environment=False)

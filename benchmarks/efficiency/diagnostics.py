@@ -1,9 +1,11 @@
 """The "why" numbers of a strategy, from the trainer's typed step records
 (:class:`~prepo.metrics.StepMetrics`): zero-advantage groups, relative-entropy weights, entropy,
-selected difficulty, reward, GRESO skips, per-level accuracy; and the initial policy's
-Spearman(prompt perplexity, pass rate) logged in ``initial.json``."""
+selected difficulty, reward, GRESO skips, per-level accuracy; what the curriculum selected per
+phase of the run (``selection.jsonl``); and the initial policy's Spearman(prompt perplexity, pass
+rate) logged in ``initial.json``."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence
@@ -16,12 +18,20 @@ from .runs import RunData
 
 # a step record's value: StepMetrics -> number or None (not logged at that step)
 Field = Callable[[StepMetrics], Optional[float]]
+PHASES = ((0.0, 1 / 3), (1 / 3, 2 / 3), (2 / 3, 1.0))   # a run's thirds, as fractions of its steps
+# a selection.jsonl row's value: the mean over the step's rolled-out prompts, or None when not logged
+SELECTION_FIELDS = {
+    "ppl": lambda row: _mean(row.get("ppl") or []),                     # prompt perplexity when selected
+    "cand_ppl_p50": lambda row: (row.get("cand_ppl") or {}).get("p50"),  # the candidate batch's median
+    "pass_rate": lambda row: _mean(row.get("pass_rate") or []),         # mean reward of the group, 0..1
+    "level": lambda row: _mean(row.get("levels") or []),
+}
 SPEARMAN_KEYS = ("spearman_ppl_passrate", "spearman_pvalue", "n_prompts", "samples", "pass_rate_mean", "pass_rate_hist")
 
 
-def mean_over_steps(metrics: Sequence[StepMetrics], get: Field, frac: tuple = (0.0, 1.0)) -> Optional[float]:
-    """Mean of ``get`` over the steps in the fraction ``frac`` of the run (at least one step; None
-    values skipped); None when there is no value."""
+def mean_over_steps(metrics: Sequence, get: Callable, frac: tuple = (0.0, 1.0)) -> Optional[float]:
+    """Mean of ``get`` over the steps (StepMetrics, or selection.jsonl rows) in the fraction
+    ``frac`` of the run (at least one step; None values skipped); None when there is no value."""
     n = len(metrics)
     lo = int(math.floor(frac[0] * n))
     hi = max(int(math.ceil(frac[1] * n)), lo + 1)
@@ -65,6 +75,8 @@ class Diagnostics:
     train_seconds: Optional[float]       # per run (the last process's, when resumed)
     levels_initial: dict                 # {level: greedy accuracy} before training
     levels_final: dict                   # ... at the last evaluation
+    # from selection.jsonl, {SELECTION_FIELDS key: [mean per PHASES third]}; {} when no run logged it
+    selection_phases: dict = dataclasses.field(default_factory=dict)
 
 
 def _mean(vals) -> Optional[float]:
@@ -108,7 +120,19 @@ def diagnose(runs: Mapping[int, RunData]) -> Diagnostics:
         train_seconds=_mean(r.summary.get("train_seconds_this_process") for r in runs.values()),
         levels_initial=_mean_levels([r.levels_initial for r in runs.values()]),
         levels_final=_mean_levels([r.levels_final for r in runs.values()]),
+        selection_phases=selection_phases(runs),
     )
+
+
+def selection_phases(runs: Mapping[int, RunData]) -> dict:
+    """What one strategy's curriculum rolled out, by third of the run: {SELECTION_FIELDS key: [mean
+    over the seeds that logged selection.jsonl of each run's mean over that third's steps]}; {} when
+    none did."""
+    logged = [r.selection for r in runs.values() if r.selection]
+    if not logged:
+        return {}
+    return {key: [_mean(mean_over_steps(rows, get, frac) for rows in logged) for frac in PHASES]
+            for key, get in SELECTION_FIELDS.items()}
 
 
 def spearman_summary(runs: Mapping[str, Mapping[int, RunData]]) -> dict:

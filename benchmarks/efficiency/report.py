@@ -1,5 +1,6 @@
 """The report of one benchmark: ``<results_dir>/<stem>.md`` (primary table first, then
-diagnostics, Spearman, plots, per-level and per-seed tables), ``<stem>.csv`` (a row per
+diagnostics, Spearman, what the curriculum selected, plots, per-level and per-seed tables; the runs
+not finished yet listed as missing), ``<stem>.csv`` (a row per
 strategy), ``<stem>.json`` (everything), ``<stem>.png`` (accuracy vs rollouts, mean over seeds with
 a 95% bootstrap band), ``<stem>_diagnostics.png``, and optionally the primary table in a README
 between ``<!-- <stem>:begin -->`` and ``<!-- <stem>:end -->``."""
@@ -15,10 +16,11 @@ from typing import Optional, Sequence
 import numpy as np
 import yaml
 
-from .config import ROOT, BenchConfig, full_config
+from .config import PRIMARIES, ROOT, BenchConfig, report_config
 from .runner import machine_info
 from .runs import load_runs
-from .stats import LEVEL, N_BOOT, Aggregate, PairedEstimate, StrategyResult, aggregate, curve_band
+from .stats import (LEVEL, N_BOOT, PAPER_RATIO, POWER_WIDTH, Aggregate, PairedEstimate, StrategyResult, aggregate,
+                    curve_band)
 
 
 # ---------------------------------------------------------------- formatting
@@ -53,11 +55,16 @@ def _rel(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
+def _target(agg: Aggregate) -> str:
+    """What each seed must reach, in a table's words."""
+    return f"{agg.baseline}'s " + ("final" if agg.primary == PRIMARIES[0] else "half-budget accuracy")
+
+
 # ---------------------------------------------------------------- tables
 def primary_table(agg: Aggregate, metric: str) -> str:
     """The pre-registered result: a row per strategy, the baseline first."""
     base, pct = agg.baseline, int(100 * LEVEL)
-    lines = [f"| strategy | rollouts to reach {base}'s final, ratio vs {base} (geo-mean [{pct}% CI]) | censored seeds | "
+    lines = [f"| strategy | rollouts to reach {_target(agg)}, ratio vs {base} (geo-mean [{pct}% CI]) | censored seeds | "
              f"decision | final {metric} diff, pts [{pct}% CI] | AUC diff, pts [{pct}% CI] | final {metric} % (mean ± std) |",
              "|---|---|---|---|---|---|---|"]
     for r in agg.rows:
@@ -72,19 +79,27 @@ def protocol_note(agg: Aggregate) -> str:
     """How to read the primary table."""
     k, base = agg.final_evals, agg.baseline
     final = "its last evaluation" if k == 1 else f"the mean of its last {k} evaluations"
-    note = (f"A run's final accuracy is {final}. Seeds are paired: strategy seed s must reach {base} seed s's final "
-            f"accuracy; R(s) is the cumulative rollouts at the first evaluation where the strategy's curve"
+    target = (f"{base} seed s's final accuracy" if agg.primary == PRIMARIES[0] else
+              f"the accuracy {base} seed s's curve" + ("" if k == 1 else f" (trailing mean over {k} evaluations)")
+              + f" has at its last evaluation within half its rollout budget, which {base} reaches by mid-run")
+    note = (f"A run's final accuracy is {final}. Seeds are paired: strategy seed s must reach {target}; R(s) is "
+            "the cumulative rollouts at the first evaluation where the strategy's curve"
             + ("" if k == 1 else f" (trailing mean over {k} evaluations)")
             + " reaches it, or the strategy's whole budget when it never does (censored: the ratio is then a lower "
             f"bound, '≥'). Ratio = geometric mean over seeds of R_strategy(s) / R_{base}(s) (< 1: fewer rollouts; the "
             f"paper's '1.7x fewer' is 0.59). CIs: paired bootstrap over seeds ({N_BOOT:,} resamples, fixed RNG seed, "
             "percentile interval). Decision: 'saves rollouts' when the ratio's CI lies below 1 and no seed is "
             "censored (a censored seed enters at its budget, below its true ratio, so the CI's upper end is then no "
-            "bound: 'inconclusive (censored)'), 'costs rollouts' when it lies above 1, else inconclusive. Final diff: final accuracy, strategy - {base}, per seed. AUC diff: area under "
+            "bound: 'inconclusive (censored)'), 'costs rollouts' when it lies above 1, else inconclusive"
+            + ("" if agg.primary == PRIMARIES[0] else
+               f"; an inconclusive CI wider than {POWER_WIDTH:.2f} (the distance from no saving, 1, to the paper's "
+               f"{PAPER_RATIO}) is reported as underpowered, with its number of seeds and width")
+            + ". Final diff: final accuracy, strategy - {base}, per seed. AUC diff: area under "
             f"accuracy vs cumulative rollouts on [0, {base}'s budget] divided by that budget (a mean accuracy; a curve "
             f"is held at its last value past its end), strategy - {base}, per seed.")
     if agg.degenerate_seeds:
-        note += (f"\n\n**Degenerate on seed(s) {agg.degenerate_seeds}:** {base}'s final accuracy does not exceed its "
+        reached = "final accuracy" if agg.primary == PRIMARIES[0] else "accuracy at half its budget"
+        note += (f"\n\n**Degenerate on seed(s) {agg.degenerate_seeds}:** {base}'s {reached} does not exceed its "
                  "initial accuracy there (training did not improve on the base policy), so it is reached at 0 rollouts "
                  "and the ratio is undefined (n/a).")
     return note
@@ -149,17 +164,19 @@ def levels_table(agg: Aggregate) -> list[str]:
 
 
 def per_seed_table(agg: Aggregate, metric: str) -> list[str]:
-    """Final accuracy and rollouts-to-reach per seed: the numbers behind the primary table."""
+    """Final accuracy and rollouts-to-reach per seed: the numbers behind the primary table ('missing'
+    where a run has not finished)."""
     seeds = agg.rows[0].seeds
-    lines = [f"## Per seed: final {metric} % / rollouts to reach {agg.baseline}'s final", "",
-             f"Thresholds ({agg.baseline}'s final, %): " + ", ".join(f"seed {s} {_pct(t)}" for s, t in agg.thresholds.items())
+    lines = [f"## Per seed: final {metric} % / rollouts to reach {_target(agg)}", "",
+             f"Thresholds ({_target(agg)}, %): " + ", ".join(f"seed {s} {_pct(t)}" for s, t in agg.thresholds.items())
              + ".", "",
              "| strategy | initial % (mean) | " + " | ".join(f"seed {s}" for s in seeds)
              + " | greedy final % (mean) | rollout budget per seed | train s/run |",
              "|---|---|" + "---|" * (len(seeds) + 3)]
     for r in agg.rows:
-        cells = [f"{_pct(f)} / " + (f"not reached (≥{x:,.0f})" if c else f"{x:,.0f}")
-                 for f, x, c in zip(r.finals, r.reach, r.censored)]
+        cell = {k: f"{_pct(f)} / " + (f"not reached (≥{x:,.0f})" if c else f"{x:,.0f}")
+                for k, f, x, c in zip(r.seeds, r.finals, r.reach, r.censored)}
+        cells = [cell.get(k, "missing") for k in seeds]
         d = r.diagnostics
         lines.append(f"| {r.strategy} | {_pct(d.initial_mean)} | " + " | ".join(cells)
                      + f" | {_pct(d.greedy_final_mean)} | {', '.join(f'{b:,}' for b in r.budgets)} | "
@@ -167,10 +184,41 @@ def per_seed_table(agg: Aggregate, metric: str) -> list[str]:
     return lines + [""]
 
 
+SELECTION_NOTE = (
+    "From each run's selection.jsonl: per third of the run, the mean over steps of the rolled-out prompts' "
+    "perplexity under the policy that selected them, the candidate batch's median perplexity (where in the "
+    "sorted batch a window picked), the share of correct rollouts in their groups, and their difficulty "
+    "level. Strategies that do not score prompts (random, entropy_only, dapo_dynamic, greso) log no perplexity (-).")
+
+
+def selection_table(agg: Aggregate) -> list[str]:
+    """What each strategy's curriculum rolled out, by third of the run (when selection.jsonl was logged)."""
+    rows = [r for r in agg.rows if r.diagnostics.selection_phases]
+    if not rows:
+        return []
+    lines = ["## What the curriculum rolled out, by third of the run (means over seeds)", "",
+             "| strategy | selected prompt ppl (1st / 2nd / 3rd) | candidate batch median ppl | group pass rate % | "
+             "level |", "|---|---|---|---|---|"]
+    for r in rows:
+        ph = r.diagnostics.selection_phases
+        thirds = lambda key, fmt: " / ".join(map(fmt, ph[key]))  # noqa: E731
+        lines.append(f"| {r.strategy} | {thirds('ppl', _num)} | {thirds('cand_ppl_p50', _num)} | "
+                     f"{thirds('pass_rate', _pct)} | {thirds('level', _num)} |")
+    return lines + ["", SELECTION_NOTE, ""]
+
+
+def missing_section(agg: Aggregate) -> list[str]:
+    """The runs the report lacks (not finished yet), when any."""
+    if not agg.missing:
+        return []
+    return [f"**Incomplete: {len(agg.missing)} run(s) missing; every table covers the finished runs only.**", "",
+            *[f"- {m}" for m in agg.missing], ""]
+
+
 # ---------------------------------------------------------------- the markdown
 def header(bench: BenchConfig, command: str, config_path: str, info: dict, timing: dict) -> list[str]:
     """Title, description, how and where the runs were made, the setup."""
-    tc = full_config({**bench.train, "strategy": bench.baseline})
+    tc = report_config(bench)
     k_prompts = max(1, round(tc["select_ratio"] * tc["candidate_batch_size"]))
     lines = [f"# {bench.title}", ""]
     lines += [bench.description, ""] if bench.description else []
@@ -196,14 +244,14 @@ def header(bench: BenchConfig, command: str, config_path: str, info: dict, timin
 def render_markdown(agg: Aggregate, bench: BenchConfig, command: str, info: dict, timing: dict,
                     images: Sequence[Path], config_path: str, base_report: Optional[Path] = None) -> str:
     """The whole report."""
-    tc = full_config({**bench.train, "strategy": bench.baseline})
+    tc = report_config(bench)
     resolved = {k: v for k, v in tc.items() if k not in ("strategy", "seed", "output_dir", "resume", "progress",
                                                           "tensorboard", "cache_dir")}
-    lines = header(bench, command, config_path, info, timing)
+    lines = header(bench, command, config_path, info, timing) + missing_section(agg)
     lines += [primary_table(agg, bench.metric), "", protocol_note(agg), "",
               "## Diagnostics (means over seeds)", "", diagnostics_table(agg), "", DIAGNOSTICS_NOTE, "",
               "## Prompt perplexity vs pass rate (initial policy)", "", *spearman_section(agg, base_report), "",
-              "## Plots", "", *[f"![{p.stem}]({p.name})" for p in images], ""]
+              *selection_table(agg), "## Plots", "", *[f"![{p.stem}]({p.name})" for p in images], ""]
     lines += levels_table(agg) + per_seed_table(agg, bench.metric)
     lines += ["<details><summary>Resolved trainer config (all strategies and seeds; strategy and seed vary)</summary>",
               "", "```yaml", yaml.safe_dump(resolved, sort_keys=False).rstrip(), "```", "", "</details>", ""]
@@ -227,10 +275,11 @@ def plot_accuracy(runs: dict, agg: Aggregate, metric: str, path: Path) -> None:
     make; the seeds' held-out sets differ, so the left bands also hold between-seed spread)."""
     plt = _pyplot()
     fig, (ax, dx) = plt.subplots(1, 2, figsize=(13, 4.8))
-    base = [runs[agg.baseline][s].curve for s in sorted(runs[agg.baseline])]
+    base = runs[agg.baseline]
     for i, (strategy, rs) in enumerate(runs.items()):
         curves = [rs[s].curve for s in sorted(rs)]
-        for axis, band in ((ax, curve_band(curves)), (dx, curve_band(curves, minus=base))):
+        paired = [base[s].curve for s in sorted(rs)]
+        for axis, band in ((ax, curve_band(curves)), (dx, curve_band(curves, minus=paired))):
             x, mean, lo, hi = band
             axis.plot(x, 100 * mean, color=f"C{i}", label=f"{strategy} (n={len(rs)})")
             axis.fill_between(x, 100 * lo, 100 * hi, color=f"C{i}", alpha=0.12, lw=0)
@@ -328,12 +377,30 @@ def update_readme(readme: Path, stem: str, content: str, heading: str) -> None:
     readme.write_text(text)
 
 
+def load_finished(bench: BenchConfig, places: Sequence[Path]) -> tuple[dict, list[str]]:
+    """(runs, missing): the finished runs of ``bench`` found in ``places`` (the runs directory, the
+    exported copy) and why each other run is missing; a strategy run whose baseline seed is missing
+    cannot be paired and counts as missing. Exits when the baseline has no finished run."""
+    steps = report_config(bench)["total_steps"]
+    runs, missing = load_runs(places, bench.strategies, bench.seeds, bench.metric, steps)
+    base = runs.get(bench.baseline, {})
+    if not base:
+        raise SystemExit("cannot aggregate: no finished run of the baseline\n  " + "\n  ".join(missing))
+    for s, rs in runs.items():
+        for k in [k for k in rs if k not in base]:
+            del rs[k]
+            missing.append(f"{s}/seed{k}: finished, but unpaired until {bench.baseline}/seed{k} is")
+    return {s: rs for s, rs in runs.items() if rs}, missing
+
+
 def write_report(bench: BenchConfig, runs_dir: Path, results_dir: Path, command: str, config_path: str,
-                 timing: Optional[dict] = None, readme: Optional[Path] = None) -> dict:
-    """Aggregate the runs under ``runs_dir`` and write ``results_dir/<stem>.{md,csv,json,png}`` and
-    ``<stem>_diagnostics.png`` (and the README block). Returns {aggregate, markdown, files}."""
-    runs = load_runs(runs_dir, bench.strategies, bench.seeds, bench.metric)
-    agg = aggregate(runs, bench.baseline, bench.final_evals)
+                 timing: Optional[dict] = None, readme: Optional[Path] = None,
+                 export_dir: Optional[Path] = None) -> dict:
+    """Aggregate the finished runs under ``runs_dir`` (or, for those not there, their exported copy in
+    ``export_dir``) and write ``results_dir/<stem>.{md,csv,json,png}`` and ``<stem>_diagnostics.png``
+    (and the README block). Returns {aggregate, markdown, files}."""
+    runs, missing = load_finished(bench, [runs_dir] + ([export_dir] if export_dir else []))
+    agg = aggregate(runs, bench.baseline, bench.final_evals, bench.primary, missing)
     results_dir.mkdir(parents=True, exist_ok=True)
     out = {ext: results_dir / f"{bench.stem}.{ext}" for ext in ("md", "csv", "json", "png")}
     images = [out["png"], results_dir / f"{bench.stem}_diagnostics.png"]

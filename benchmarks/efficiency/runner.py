@@ -1,8 +1,10 @@
 """Runs every (strategy, seed) of a benchmark, each as its own ``python -m prepo.train`` process
 writing into ``<runs_dir>/<strategy>/seed<k>/``. A run whose ``summary.json`` covers all its steps
 (with the same config) is skipped, one with a checkpoint but no summary is resumed, so an
-interrupted harness picks up where it stopped. ``<runs_dir>/harness.json`` records how the runs
-were made (command, wall time over all invocations, machine)."""
+interrupted harness picks up where it stopped. With an export directory each finished run's small
+files are copied there as it finishes (the raw data to commit), and a run finished there counts as
+done. ``<runs_dir>/harness.json`` records how the runs were made (command, wall time over all
+invocations, machine)."""
 from __future__ import annotations
 
 import json
@@ -15,12 +17,14 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
 from prepo.config import from_dict
 
-from .config import NON_RESULT_KEYS, ROOT, BenchConfig, full_config, run_config
+from .config import NON_RESULT_KEYS, ROOT, BenchConfig, full_config, run_config, run_dir_of
+from .runs import export_run
 
 
 def config_diff(want: dict, have: dict) -> list[str]:
@@ -84,14 +88,19 @@ def launch(cfg: dict, resume: bool) -> tuple[int, float]:
     return rc, time.perf_counter() - t0
 
 
-def plan_runs(bench: BenchConfig, runs_dir: Path, rerun_mismatched: bool) -> list[tuple]:
+def plan_runs(bench: BenchConfig, runs_dir: Path, rerun_mismatched: bool,
+              export_dir: Optional[Path] = None) -> list[tuple]:
     """[(strategy, seed, trainer overrides, status)] of every run; a run made with another config
-    is an error, or deleted and planned anew with ``rerun_mismatched``."""
+    is an error, or deleted and planned anew with ``rerun_mismatched``. A new run whose exported
+    copy in ``export_dir`` is finished (same config) is done."""
     plan = []
     for strategy in bench.strategies:
         for seed in bench.seeds:
             cfg = run_config(bench, strategy, seed, runs_dir)
             status, diff = run_status(Path(cfg["output_dir"]), cfg)
+            exported = run_dir_of(export_dir, strategy, seed) if export_dir is not None else None
+            if status == "new" and exported is not None and run_status(exported, cfg)[0] == "done":
+                status = "done"
             if status == "mismatch":
                 if not rerun_mismatched:
                     raise SystemExit(f"{cfg['output_dir']} holds a run with a different config (keys {diff}); "
@@ -102,11 +111,22 @@ def plan_runs(bench: BenchConfig, runs_dir: Path, rerun_mismatched: bool) -> lis
     return plan
 
 
-def run_all(bench: BenchConfig, runs_dir: Path, rerun_mismatched: bool = False) -> dict:
-    """Run what is not done yet, ``bench.jobs`` at a time. Returns the timing:
+def export(item: tuple, export_dir: Optional[Path]) -> None:
+    """Copy a planned run's small files into ``export_dir`` when it is finished in the runs directory."""
+    strategy, seed, cfg, _ = item
+    if export_dir is not None and run_status(Path(cfg["output_dir"]), cfg)[0] == "done":
+        export_run(Path(cfg["output_dir"]), run_dir_of(export_dir, strategy, seed))
+
+
+def run_all(bench: BenchConfig, runs_dir: Path, rerun_mismatched: bool = False,
+            export_dir: Optional[Path] = None) -> dict:
+    """Run what is not done yet, ``bench.jobs`` at a time, copying each finished run's small files
+    into ``export_dir`` (when given) as it finishes. Returns the timing:
     {wall_seconds, total_seconds_incl_setup, run_seconds: {"<strategy>/seed<k>": seconds}}."""
     t_setup = time.perf_counter()
-    plan = plan_runs(bench, runs_dir, rerun_mismatched)
+    plan = plan_runs(bench, runs_dir, rerun_mismatched, export_dir)
+    for item in plan:   # finished before the export was asked for (idempotent: small files)
+        export(item, export_dir)
     # longest first (dynamic sampling generates several times the rollouts per step), so the
     # parallel slots finish together
     todo = sorted((p for p in plan if p[3] != "done"), key=lambda p: p[0] != "dapo_dynamic")
@@ -122,6 +142,8 @@ def run_all(bench: BenchConfig, runs_dir: Path, rerun_mismatched: bool = False) 
         strategy, seed, cfg, status = item
         rc, sec = launch(cfg, resume=status == "resume")
         times[f"{strategy}/seed{seed}"] = sec
+        if rc == 0:
+            export(item, export_dir)
         state = "ok" if rc == 0 else f"FAILED rc={rc} (see {cfg['output_dir']}/train.log)"
         print(f"[{len(times)}/{len(todo)}] {strategy} seed {seed}: {sec:.0f}s {state} "
               f"(elapsed {time.perf_counter() - t_start:.0f}s)", flush=True)

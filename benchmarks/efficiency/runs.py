@@ -1,9 +1,12 @@
 """Reads a finished run directory (the trainer's ``metrics.jsonl`` as typed
-:class:`~prepo.metrics.StepMetrics`, ``eval.jsonl``, ``initial.json``, ``summary.json``) into
-:class:`RunData`."""
+:class:`~prepo.metrics.StepMetrics`, ``eval.jsonl``, ``selection.jsonl``, ``initial.json``,
+``summary.json``) into :class:`RunData`, from the runs directory or from the copy of those small
+files that :func:`export_run` puts in the repository (what a fresh clone has)."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -27,6 +30,7 @@ class RunData:
     greedy_final: Optional[float] = None          # greedy eval_accuracy at the last evaluation
     levels_initial: dict = field(default_factory=dict)  # {level: greedy accuracy} at step 0
     levels_final: dict = field(default_factory=dict)    # ... at the last evaluation
+    selection: list[dict] = field(default_factory=list)  # selection.jsonl: the prompts each step rolled out
 
     @property
     def initial_acc(self) -> Optional[float]:
@@ -67,20 +71,48 @@ def load_run(run_dir: Path, strategy: str, seed: int, metric: str) -> RunData:
         raise ValueError(f"{run_dir}: no {metric!r} values in metrics.jsonl (is eval_avg_k set?)")
     greedy = [m.eval["eval_accuracy"] for m in metrics if (m.eval or {}).get("eval_accuracy") is not None]
     return RunData(strategy, seed, curve, metrics, initial, _read_json(run_dir / "summary.json"),
-                   greedy[-1] if greedy else None, _levels(step0), _levels(evals[-1] if evals else None))
+                   greedy[-1] if greedy else None, _levels(step0), _levels(evals[-1] if evals else None),
+                   read_jsonl(run_dir / "selection.jsonl"))
 
 
-def load_runs(runs_dir: Path, strategies: Sequence[str], seeds: Sequence[int], metric: str) -> dict:
-    """{strategy: {seed: RunData}} of every (strategy, seed) under ``runs_dir``; exits listing
-    every run that is missing or lacks the metric."""
+# a finished run's small files: the raw data of the report (never the checkpoints); summary.json,
+# written last by the trainer, is copied last too, so a half-copied run never counts as finished
+EXPORT_FILES = ("config.yaml", "initial.json", "eval.jsonl", "metrics.jsonl", "selection.jsonl", "summary.json")
+
+
+def is_finished(run_dir: Path, total_steps: Optional[int] = None) -> bool:
+    """Whether ``run_dir`` holds a finished run: a summary.json covering ``total_steps`` steps
+    (any number when None)."""
+    summary = _read_json(Path(run_dir) / "summary.json")
+    return bool(summary) and (total_steps is None or summary.get("steps") == total_steps)
+
+
+def export_run(run_dir: Path, dest: Path) -> None:
+    """Copy a finished run's EXPORT_FILES (those present) from ``run_dir`` into ``dest``, each file
+    written to a temporary name and renamed, summary.json last."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in EXPORT_FILES:
+        if (run_dir / name).exists():
+            shutil.copyfile(run_dir / name, dest / f".{name}.tmp")
+            os.replace(dest / f".{name}.tmp", dest / name)
+
+
+def load_runs(places: Sequence[Path], strategies: Sequence[str], seeds: Sequence[int], metric: str,
+              total_steps: Optional[int] = None) -> tuple[dict, list[str]]:
+    """({strategy: {seed: RunData}}, missing): each (strategy, seed) from the first of ``places``
+    (runs directories, e.g. the runs and their exported copy) where it is finished (see
+    :func:`is_finished`); ``missing`` says why each other run is not there ('<strategy>/seed<k>: ...')."""
     runs: dict = {}
     missing = []
     for s in strategies:
         for k in seeds:
+            found = next((run_dir_of(p, s, k) for p in places if is_finished(run_dir_of(p, s, k), total_steps)), None)
+            if found is None:
+                missing.append(f"{s}/seed{k}: not finished (no summary.json"
+                               + ("" if total_steps is None else f" of {total_steps} steps") + ")")
+                continue
             try:
-                runs.setdefault(s, {})[k] = load_run(run_dir_of(runs_dir, s, k), s, k, metric)
+                runs.setdefault(s, {})[k] = load_run(found, s, k, metric)
             except (FileNotFoundError, ValueError) as exc:
-                missing.append(str(exc))
-    if missing:
-        raise SystemExit("cannot aggregate:\n  " + "\n  ".join(missing))
-    return runs
+                missing.append(f"{s}/seed{k}: {exc}")
+    return runs, missing

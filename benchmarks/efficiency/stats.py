@@ -4,11 +4,16 @@ Seeds are paired: strategy seed s is compared with baseline seed s (same base mo
 
 * A run's *final* accuracy is the mean of its last ``final_evals`` evaluations, and whether a curve
   *reaches* an accuracy is judged on the curve smoothed by the same trailing mean.
-* PRIMARY: threshold_s = baseline seed s's final accuracy; R_X(s) = the cumulative rollouts at X's
+* PRIMARY: threshold_s = baseline seed s's final accuracy (``primary: final_threshold``, the toy
+  testbeds' rule), or the accuracy of baseline seed s's smoothed curve at its last evaluation within
+  half its rollout budget (``half_budget_threshold``: the baseline reaches it by mid-run, so a 0.6x
+  saving can show uncensored even when the baseline is still rising at the end); R_X(s) = the cumulative rollouts at X's
   first evaluation whose smoothed accuracy is >= threshold_s, or X's whole rollout budget when it
   never is (*censored*); ratio(s) = R_strategy(s) / R_baseline(s). Estimate: the geometric mean of
   ratio(s) over seeds with a 95% paired-bootstrap CI over seeds; a lower bound when a strategy seed
-  is censored. Decision: 'saves rollouts' when the CI lies below 1, 'costs rollouts' above 1.
+  is censored. Decision: 'saves rollouts' when the CI lies below 1, 'costs rollouts' above 1; with
+  ``half_budget_threshold`` an inconclusive interval wider than the saving looked for (1 - 0.59, the
+  paper's 1.7x) is called underpowered, with the number of seeds and the width.
 * SECONDARY: final accuracy, strategy - baseline; area under accuracy vs cumulative rollouts on
   [0, baseline's budget] divided by that budget (a mean accuracy), strategy - baseline. Each
   per-seed paired, mean with a 95% paired-bootstrap CI.
@@ -17,11 +22,12 @@ Accuracies are fractions in 0..1, rollouts are counts of generated completions.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from .config import PRIMARIES
 from .diagnostics import Diagnostics, diagnose, spearman_summary
 from .runs import RunData
 
@@ -29,6 +35,9 @@ N_BOOT = 10_000   # bootstrap resamples
 BOOT_SEED = 0     # fixed, so a report is reproducible
 LEVEL = 0.95      # confidence level of every interval
 TOL = 1e-9        # an accuracy within TOL below a threshold counts as reaching it (float means)
+PAPER_RATIO = 0.59   # the paper's "1.7x fewer rollouts" as a ratio
+# an inconclusive CI wider than this cannot tell no saving (1) from the paper's (0.59): underpowered
+POWER_WIDTH = 1 - PAPER_RATIO
 
 Curve = Sequence[tuple[float, float]]   # [(cumulative rollouts, accuracy)], rollouts increasing
 # statistic(values, axis) -> values reduced over axis (np.mean, geometric_mean)
@@ -47,6 +56,14 @@ def final_accuracy(curve: Curve, k: int) -> float:
     """A run's final accuracy: the mean of its last ``k`` evaluations (all of them when fewer), the
     last point of its smoothed curve."""
     return smooth_curve(curve, k)[-1][1]
+
+
+def half_budget_accuracy(curve: Curve, k: int, budget: float) -> float:
+    """The accuracy of the curve smoothed over ``k`` evaluations at its last point within
+    ``budget / 2`` rollouts (its first point when none is)."""
+    smoothed = smooth_curve(curve, k)
+    within = [a for x, a in smoothed if x <= budget / 2]
+    return within[-1] if within else smoothed[0][1]
 
 
 def rollouts_to_threshold(curve: Curve, threshold: float, tol: float = TOL) -> Optional[float]:
@@ -114,23 +131,33 @@ def paired_estimate(per_seed: Sequence[float], statistic: Statistic = np.mean) -
     return PairedEstimate([float(v) for v in a], float(statistic(a, axis=0)), float(lo), float(hi))
 
 
-def decide(ratio: Optional[PairedEstimate], n_censored: int = 0) -> str:
+def decide(ratio: Optional[PairedEstimate], n_censored: int = 0, power_width: Optional[float] = None) -> str:
     """The pre-registered decision from the PRIMARY ratio's CI: 'saves rollouts' (upper bound < 1),
     'costs rollouts' (lower bound > 1), 'inconclusive', or 'n/a' without a ratio. A censored seed
     enters the ratio at its budget, below its true (unknown, larger) value, so with censored seeds
-    the upper bound is not one and 'saves rollouts' cannot be read off it: 'inconclusive (censored)'."""
+    the upper bound is not one and 'saves rollouts' cannot be read off it: 'inconclusive (censored)'.
+    With ``power_width``, an inconclusive CI wider than it adds 'underpowered: n seeds, CI width w'."""
     if ratio is None:
         return "n/a"
-    if ratio.hi < 1:
-        return "inconclusive (censored)" if n_censored else "saves rollouts"
     if ratio.lo > 1:
         return "costs rollouts"
-    return "inconclusive"
+    if ratio.hi < 1 and not n_censored:
+        return "saves rollouts"
+    why = ["censored"] if ratio.hi < 1 else []
+    width = ratio.hi - ratio.lo
+    if power_width is not None and width > power_width:
+        why.append(f"underpowered: {len(ratio.per_seed)} seeds, {int(100 * LEVEL)}% CI width {width:.2f}")
+    return "inconclusive" + (f" ({'; '.join(why)})" if why else "")
 
 
 # ---------------------------------------------------------------- a strategy against the baseline
-def baseline_thresholds(base: Mapping[int, RunData], final_evals: int) -> dict[int, float]:
-    """{seed: the baseline seed's final accuracy}: the accuracy each paired seed must reach."""
+def baseline_thresholds(base: Mapping[int, RunData], final_evals: int, primary: str = PRIMARIES[0]) -> dict[int, float]:
+    """{seed: the accuracy each paired seed must reach}: the baseline seed's final accuracy, or with
+    ``primary='half_budget_threshold'`` its smoothed accuracy at half its budget."""
+    if primary not in PRIMARIES:
+        raise ValueError(f"primary must be one of {', '.join(PRIMARIES)}; got {primary!r}")
+    if primary == "half_budget_threshold":
+        return {s: half_budget_accuracy(r.curve, final_evals, r.total_rollouts) for s, r in sorted(base.items())}
     return {s: final_accuracy(r.curve, final_evals) for s, r in sorted(base.items())}
 
 
@@ -158,14 +185,15 @@ class Comparison:
         return self.n_censored > 0
 
 
-def compare(runs: Mapping[int, RunData], base: Mapping[int, RunData], final_evals: int) -> Comparison:
+def compare(runs: Mapping[int, RunData], base: Mapping[int, RunData], final_evals: int,
+            primary: str = PRIMARIES[0]) -> Comparison:
     """A strategy's runs {seed: RunData} against the baseline's, on the same seeds."""
     if sorted(runs) != sorted(base):
         raise ValueError(f"seeds are paired: the strategy has seeds {sorted(runs)}, the baseline {sorted(base)}")
     seeds = sorted(base)
-    thresholds = baseline_thresholds(base, final_evals)
+    thresholds = baseline_thresholds(base, final_evals, primary)
     reach, censored = reach_per_seed(runs, thresholds, final_evals)
-    base_reach, _ = reach_per_seed(base, thresholds, final_evals)   # never censored: it reaches its own final
+    base_reach, _ = reach_per_seed(base, thresholds, final_evals)   # never censored: its own curve has the value
     # a seed reached at 0 rollouts (its initial policy already there) leaves the ratio undefined
     ratio = (paired_estimate(np.divide(reach, base_reach), geometric_mean)
              if min(reach) > 0 and min(base_reach) > 0 else None)
@@ -173,7 +201,7 @@ def compare(runs: Mapping[int, RunData], base: Mapping[int, RunData], final_eval
     return Comparison(
         ratio=ratio,
         n_censored=sum(censored),
-        decision=decide(ratio, sum(censored)),
+        decision=decide(ratio, sum(censored), None if primary == PRIMARIES[0] else POWER_WIDTH),
         final_diff=paired_estimate([final_accuracy(runs[s].curve, final_evals) - thresholds[s] for s in seeds]),
         auc_diff=paired_estimate([normalized_auc(runs[s].curve, b) - normalized_auc(base[s].curve, b)
                                   for s, b in zip(seeds, budgets)]),
@@ -203,21 +231,29 @@ class Aggregate:
 
     baseline: str
     final_evals: int
-    thresholds: dict[int, float]   # {seed: baseline's final accuracy}
-    degenerate_seeds: list[int]    # seeds where the baseline's initial policy is already at its final accuracy
+    thresholds: dict[int, float]   # {seed: the accuracy to reach (the baseline's final, or half-budget, accuracy)}
+    degenerate_seeds: list[int]    # seeds where the baseline's initial policy is already at the threshold
     rows: list[StrategyResult]     # the baseline first
     spearman: dict                 # diagnostics.spearman_summary
+    primary: str = PRIMARIES[0]    # the threshold rule (config.PRIMARIES)
+    missing: list[str] = field(default_factory=list)   # runs not (yet) finished: '<strategy>/seed<k>: why'
 
 
-def aggregate(runs: Mapping[str, Mapping[int, RunData]], baseline: str, final_evals: int = 1) -> Aggregate:
-    """The aggregate of {strategy: {seed: RunData}} against ``baseline``."""
+def aggregate(runs: Mapping[str, Mapping[int, RunData]], baseline: str, final_evals: int = 1,
+              primary: str = PRIMARIES[0], missing: Sequence[str] = ()) -> Aggregate:
+    """The aggregate of {strategy: {seed: RunData}} against ``baseline``. A strategy may lack some of
+    the baseline's seeds (runs not finished yet, listed in ``missing``): it is compared on the seeds
+    it has; a seed the baseline lacks cannot be paired and must not be there."""
     if baseline not in runs:
         raise ValueError(f"baseline {baseline!r} has no runs")
     base = runs[baseline]
-    thresholds = baseline_thresholds(base, final_evals)
+    unpaired = [f"{s}/seed{k}" for s, rs in runs.items() for k in rs if k not in base]
+    if unpaired:
+        raise ValueError(f"runs {unpaired} have no {baseline} run of the same seed to pair with")
+    thresholds = baseline_thresholds(base, final_evals, primary)
     base_reach, _ = reach_per_seed(base, thresholds, final_evals)
     rows = []
-    for strategy in [baseline] + [s for s in runs if s != baseline]:
+    for strategy in [baseline] + [s for s in runs if s != baseline and runs[s]]:
         rs = runs[strategy]
         seeds = sorted(rs)
         finals = [final_accuracy(rs[s].curve, final_evals) for s in seeds]
@@ -226,10 +262,10 @@ def aggregate(runs: Mapping[str, Mapping[int, RunData]], baseline: str, final_ev
             strategy=strategy, seeds=seeds, finals=finals, final_mean=float(np.mean(finals)),
             final_std=float(np.std(finals, ddof=1)) if len(finals) > 1 else 0.0,
             budgets=[rs[s].total_rollouts for s in seeds], reach=reach, censored=censored,
-            comparison=None if strategy == baseline else compare(rs, base, final_evals),
+            comparison=None if strategy == baseline else compare(rs, {k: base[k] for k in rs}, final_evals, primary),
             diagnostics=diagnose(rs)))
     return Aggregate(baseline, final_evals, thresholds, [s for s, r in zip(sorted(base), base_reach) if r == 0],
-                     rows, spearman_summary(runs))
+                     rows, spearman_summary(runs), primary, list(missing))
 
 
 def curve_band(curves: Sequence[Curve], n_points: int = 101,
