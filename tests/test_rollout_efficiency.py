@@ -596,7 +596,9 @@ def test_export_then_aggregate_from_the_export_alone(tmp_path):
     assert not (exp / "prepo" / "seed2").exists()   # never ran: nothing to export
     # the exported copy makes a run done even where the runs dir lacks it
     shutil.rmtree(rd)
-    assert [p[3] for p in runner.plan_runs(b, rd, False, exp)] == ["done", "done", "done", "new"]
+    plan = runner.plan_runs(b, rd, False, exp)   # seed by seed: a study cut short holds whole pairs
+    assert [(p[0], p[1], p[3]) for p in plan] == [("random", 1, "done"), ("prepo", 1, "done"),
+                                                   ("random", 2, "done"), ("prepo", 2, "new")]
     res = tmp_path / "results"
     assert rollout_efficiency.main(["--config", str(tmp_path / "testbed_demo.yaml"), "--aggregate-only",
                                     "--runs-dir", str(rd), "--export-dir", str(exp), "--results-dir", str(res)]) == 0

@@ -90,12 +90,13 @@ def launch(cfg: dict, resume: bool) -> tuple[int, float]:
 
 def plan_runs(bench: BenchConfig, runs_dir: Path, rerun_mismatched: bool,
               export_dir: Optional[Path] = None) -> list[tuple]:
-    """[(strategy, seed, trainer overrides, status)] of every run; a run made with another config
-    is an error, or deleted and planned anew with ``rerun_mismatched``. A new run whose exported
-    copy in ``export_dir`` is finished (same config) is done."""
+    """[(strategy, seed, trainer overrides, status)] of every run, seed by seed (so a study cut
+    short holds whole paired seeds); a run made with another config is an error, or deleted and
+    planned anew with ``rerun_mismatched``. A new run whose exported copy in ``export_dir`` is
+    finished (same config) is done."""
     plan = []
-    for strategy in bench.strategies:
-        for seed in bench.seeds:
+    for seed in bench.seeds:
+        for strategy in bench.strategies:
             cfg = run_config(bench, strategy, seed, runs_dir)
             status, diff = run_status(Path(cfg["output_dir"]), cfg)
             exported = run_dir_of(export_dir, strategy, seed) if export_dir is not None else None
