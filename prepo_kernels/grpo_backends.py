@@ -10,8 +10,8 @@ is ignore_index or whose advantage is 0 and flattened the leading dims.
       -> (logprob [n], entropy [n] or [0], grad_hidden [n, D] or [0], grad_weight [V, D] or [0],
           grad_bias [V] or [0])
 
-logprob / entropy / grad_hidden / grad_bias in the accumulation dtype, grad_weight in the accumulation
-dtype or already the weight's (the caller casts). With z = (h W^T + b) * inv_temp, p = softmax(z),
+logprob / entropy / grad_hidden / grad_bias in the accumulation dtype, grad_weight in the weight's
+(accumulated there across row chunks: no [V, D] buffer besides it). With z = (h W^T + b) * inv_temp, p = softmax(z),
 r = exp(logprob - old_logprob) and A the advantage, the loss is -scale * sum_rows surr, and
 
     dL/dlogprob = g = -scale * A * r   where the unclipped branch is the minimum, else 0
@@ -63,13 +63,14 @@ def chunk_rows(vocab: int) -> int:
 def torch_fwdbwd(hidden, weight, bias, targets, inv_temp, old_logprob, advantages, scale, eps_low, eps_high,
                  compute_entropy, need_grad):
     """The contract above in plain PyTorch (any device). The matmuls run in the inputs' dtype, as
-    the reference's logits do; softmax and dL/dz in the accumulation dtype; dW accumulates there."""
+    the reference's logits do; softmax and dL/dz in the accumulation dtype; dW accumulates in the
+    weight's dtype (bf16 / fp16: one rounding per row chunk, no [V, D] fp32 buffer)."""
     acc = accumulation_dtype(hidden.dtype)
     n, D, V = hidden.shape[0], hidden.shape[1], weight.shape[0]
     logprob = hidden.new_empty((n,), dtype=acc)
     entropy = hidden.new_empty((n if compute_entropy else 0,), dtype=acc)
     grad_h = hidden.new_empty((n, D) if need_grad else (0,), dtype=acc)
-    grad_w = weight.new_zeros((V, D) if need_grad else (0,), dtype=acc)
+    grad_w = weight.new_zeros((V, D) if need_grad else (0,))
     grad_b = weight.new_zeros((V,) if need_grad and bias is not None else (0,), dtype=acc)
     step = chunk_rows(V)
     for r0 in range(0, n, step):
@@ -93,7 +94,7 @@ def torch_fwdbwd(hidden, weight, bias, targets, inv_temp, old_logprob, advantage
             grad_b += dz.sum(0)
         dz = dz.to(hidden.dtype)
         grad_h[rows] = dz @ weight
-        grad_w += dz.T @ h
+        grad_w.addmm_(dz.T, h)
     return logprob, entropy, grad_h, grad_w, grad_b
 
 

@@ -208,8 +208,8 @@ def fused_grpo_loss(
         pick(old_logprob), pick(advantages), float(scale), eps_low, eps_high, compute_entropy, need_grad)
     logprob = _scatter_rows(lp, rows, n)
     entropy = _scatter_rows(ent, rows, n) if compute_entropy else ent
-    if need_grad:  # the backend's tensors themselves where they fit: no second [V, D] buffer
-        grads = (_scatter_rows(dh.to(hidden.dtype), rows, n), dw.to(weight.dtype),
+    if need_grad:  # dW is the backend's own tensor (the weight's dtype): no second [V, D] buffer
+        grads = (_scatter_rows(dh.to(hidden.dtype), rows, n), dw,
                  db.to(bias.dtype) if bias is not None else weight.new_zeros(0))
     else:
         grads = _zero_grads(hidden, weight, bias, need_grad)

@@ -121,6 +121,16 @@ def test_low_precision_within_reference_error(impl, dtype):
     assert_close_to_truth(impl, dtype, case, LOW[dtype])
 
 
+@pytest.mark.parametrize("impl", FUSED)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_dw_accumulates_across_chunks(impl, dtype, monkeypatch):
+    """bf16 / fp16: dW accumulates in the weight's dtype across row chunks (no [V, D] fp32
+    buffer), here 3 chunks of 16 rows, and stays within the reference's error."""
+    monkeypatch.setattr(grpo_backends, "CHUNK_BYTES", 1)  # the 16-row minimum
+    assert grpo_backends.chunk_rows(2500) == 16
+    assert_close_to_truth(impl, dtype, make_case(48, 64, 2500), LOW[dtype])
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_per_token_advantages_lead_dims_num_tokens(impl):
     """[B, T] targets, per-token advantages (PREPO's w_i folded in), a tensor temperature and a

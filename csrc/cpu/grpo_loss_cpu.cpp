@@ -12,7 +12,12 @@
 // Nothing is recomputed. fp32 / fp64 run their GEMMs in their own dtype on the whole vocabulary.
 // bf16 / fp16 run them in fp32 (on CPUs without native bf16 GEMMs, ATen's bf16 matmul is several
 // times slower than fp32): h_chunk is upcast once per chunk, W one vocab tile at a time into a small
-// buffer, and dW accumulates in fp32, rounded once to the weight's dtype at the end.
+// buffer, and each vocab tile's share of dW is computed in fp32 into a tile-sized buffer and added
+// to grad_weight in the weight's dtype (fp32 add, one rounding per row chunk). No [V, D] fp32
+// accumulator: the memory of linear_logprob_entropy's backward, which rounds each dW tile once
+// because it runs vocab tiles outermost; here the row chunks are outermost (a row's full logits
+// give its loss gradient), so a tile is revisited once per chunk (Liger's fused linear losses also
+// accumulate grad_weight in the weight's dtype).
 //
 // Registers its own schema (TORCH_LIBRARY_FRAGMENT), so csrc/ops.cpp is untouched.
 #include <ATen/ATen.h>
@@ -127,12 +132,17 @@ inline void grpo_rows(double* Z, const double* b, int64_t V, const double* it, c
 }
 
 // The GEMMs of one chunk in the accumulation dtype. For a weight already in that dtype they run on
-// the whole vocabulary; otherwise W is upcast one kUpcastTile-row tile at a time.
+// the whole vocabulary and dW accumulates in place; otherwise W is upcast and dW computed one
+// kUpcastTile-row tile at a time, each tile added to the low-precision dW (see the header).
 class ChunkGemms {
  public:
   ChunkGemms(const Tensor& weight, at::ScalarType acc)
       : weight_(weight), lowp_(weight.scalar_type() != acc) {
-    if (lowp_) wbuf_ = at::empty({std::min(kUpcastTile, weight.size(0)), weight.size(1)}, weight.options().dtype(acc));
+    if (lowp_) {
+      const int64_t rows = std::min(kUpcastTile, weight.size(0));
+      wbuf_ = at::empty({rows, weight.size(1)}, weight.options().dtype(acc));
+      dwbuf_ = at::empty({rows, weight.size(1)}, weight.options().dtype(acc));
+    }
   }
   // Z [c, V] = h W^T
   void logits(const Tensor& h, Tensor& Z) {
@@ -145,19 +155,30 @@ class ChunkGemms {
       at::mm_out(out, h, Wt.t());
     });
   }
-  // dh = Z W (overwritten), dW (+)= Z^T h
+  // dh = Z W (overwritten), dW (+)= Z^T h; dW has the weight's dtype
   void grads(const Tensor& Z, const Tensor& h, Tensor dh, Tensor& dW, bool accumulate) {
-    if (accumulate) {
-      dW.addmm_(Z.t(), h);
-    } else {
-      at::mm_out(dW, Z.t(), h);
-    }
     if (!lowp_) {
+      if (accumulate) {
+        dW.addmm_(Z.t(), h);
+      } else {
+        at::mm_out(dW, Z.t(), h);
+      }
       at::mm_out(dh, Z, weight_);
       return;
     }
     dh.zero_();
-    for_tiles([&](int64_t v0, int64_t vt, const Tensor& Wt) { dh.addmm_(Z.narrow(1, v0, vt), Wt); });
+    for_tiles([&](int64_t v0, int64_t vt, const Tensor& Wt) {
+      const Tensor Zt = Z.narrow(1, v0, vt);
+      dh.addmm_(Zt, Wt);
+      Tensor dWt = dwbuf_.narrow(0, 0, vt);
+      at::mm_out(dWt, Zt.t(), h);
+      Tensor out = dW.narrow(0, v0, vt);
+      if (accumulate) {
+        out.add_(dWt);  // computed in fp32, rounded once to the weight's dtype
+      } else {
+        out.copy_(dWt);
+      }
+    });
   }
 
  private:
@@ -173,7 +194,7 @@ class ChunkGemms {
   }
   const Tensor& weight_;
   const bool lowp_;
-  Tensor wbuf_;
+  Tensor wbuf_, dwbuf_;
 };
 
 template <typename acc_t>
@@ -194,9 +215,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fwdbwd_typed(const Tensor& hi
   Tensor entropy = at::empty({compute_entropy ? n : 0}, fopts);
   using Shape = std::vector<int64_t>;
   Tensor grad_h = at::empty(need_grad ? Shape{n, D} : Shape{0}, fopts);
-  const bool in_place_dw = weight.scalar_type() == acc;
   Tensor grad_w = at::empty(need_grad ? Shape{V, D} : Shape{0}, weight.options());
-  Tensor dw_acc = !need_grad ? Tensor() : (in_place_dw ? grad_w : at::empty({V, D}, fopts));
   Tensor grad_b = at::zeros({need_grad && b.defined() ? V : 0}, fopts);
   if (n == 0) {
     if (need_grad) grad_w.zero_();
@@ -223,10 +242,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fwdbwd_typed(const Tensor& hi
       grpo_rows(zp, bp, V, itp, yp, oldp, advp, s, need_grad, lp, ent, lo, hi);
     });
     if (!need_grad) continue;
-    gemms.grads(Z, hc, grad_h.narrow(0, r0, c), dw_acc, r0 > 0);
+    gemms.grads(Z, hc, grad_h.narrow(0, r0, c), grad_w, r0 > 0);
     if (b.defined()) grad_b.add_(Z.sum(0));
   }
-  if (need_grad && !in_place_dw) grad_w.copy_(dw_acc);
   return {logprob, entropy, grad_h, grad_w, grad_b};
 }
 
