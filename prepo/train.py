@@ -37,6 +37,8 @@ import numpy as np
 import torch
 
 import prepo_kernels
+from prepo_kernels.grpo_loss import grpo_impl_available
+from prepo_kernels.hf import decoder_hidden, next_token_grpo_loss
 
 from . import checkpoint as ckpt
 from .cli import main as cli_main
@@ -300,7 +302,7 @@ class Trainer:
         return torch.cat(old), torch.cat(ent), torch.cat(ref) if ref else None
 
     def update(self, ro: Rollouts, adv: torch.Tensor, weights: Optional[torch.Tensor], old_lp: torch.Tensor,
-               ref_lp: Optional[torch.Tensor], *, skip_zero_adv: bool = True) -> UpdateStats:
+               ref_lp: Optional[torch.Tensor], *, skip_zero_adv: bool = True, fused_loss: bool = True) -> UpdateStats:
         """``mini_batches`` optimizer steps per epoch, each over a mini-batch split into micro-batches
         of at most ``max_tokens_per_microbatch`` padded tokens whose gradients accumulate (each
         micro-batch's loss is divided by the whole mini-batch's completion tokens, all ranks').
@@ -309,13 +311,20 @@ class Trainer:
         at every token, whatever its ratio and weight, so it adds nothing to the gradient: such
         rollouts (all-equal reward groups) skip the forward and backward (``skip_zero_adv``; False
         runs them, for tests). The token-mean's denominator still counts their tokens, so the update
-        is the same update up to float summation order. With a KL term every rollout has a gradient."""
+        is the same update up to float summation order. With a KL term every rollout has a gradient.
+
+        The loss is :func:`prepo_kernels.linear_grpo_loss` on the decoder's hidden states (gradients
+        in the forward pass, three LM-head matmuls instead of four) where :meth:`fused_loss_applies`,
+        else the fused log-probs through :func:`prepo.loss.grpo_loss` (``fused_loss`` False: always
+        the latter, for tests); the two give the same update and statistics up to float rounding."""
         cfg = self.cfg
         ids, amask, sl = ro.full_sequences()
         cmask = ro.completion_mask
         n = ids.shape[0]
         n_all = int(self.dist.sum(torch.tensor(n)))
         live = adv != 0 if skip_zero_adv and cfg.kl_beta == 0 else torch.ones(n, dtype=torch.bool)
+        accumulate = self._accumulate_fused if fused_loss and self.fused_loss_applies(weights, live) else \
+            self._accumulate
         stats: list[list[float]] = []
         for _ in range(cfg.ppo_epochs):
             perm = torch.randperm(n)
@@ -325,7 +334,7 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 n_tok = float(self.dist.sum(cmask[mb].sum()))
                 rows = mb[live[mb]]
-                acc = self._accumulate((ids, amask, cmask, sl), rows, adv, weights, old_lp, ref_lp, n_tok)
+                acc = accumulate((ids, amask, cmask, sl), rows, adv, weights, old_lp, ref_lp, n_tok)
                 self.dist.sum_grads(self.model.parameters())   # zeros where no row ran: the step is as if they had
                 upd_frac = float(self.dist.sum(cmask[rows].sum())) / max(n_tok, 1.0)
                 stats.append(acc + [self.optimizer_step(), upd_frac])
@@ -355,6 +364,40 @@ class Trainer:
                 kl_beta=cfg.kl_beta, num_tokens=n_tok)
             (self.scaler.scale(out.loss) if self.scaler else out.loss).backward()
             for i, v in enumerate((out.loss.item(), out.clip_frac, out.kl, out.ratio_mean)):
+                acc[i] += v
+        return acc
+
+    def fused_loss_applies(self, weights: Optional[torch.Tensor], live: torch.Tensor) -> bool:
+        """Whether the update can use linear_grpo_loss, which is the surrogate alone: not with a KL
+        term (its gradient needs the reference log-prob of every token, and the op skips the
+        zero-advantage rows that a KL term still moves), not with a kernel backend the op lacks
+        (triton / cuda: the fallback's log-prob op has them), and not when an updated rollout's
+        weight is 0 (the op takes A w as one advantage and skips such a row, whose ratio and clip
+        statistics grpo_loss still counts)."""
+        if self.cfg.kl_beta != 0 or not grpo_impl_available(self.cfg.kernel_impl, self.device):
+            return False
+        return weights is None or bool((weights[live] != 0).all())
+
+    def _accumulate_fused(self, seqs, rows, adv, weights, old_lp, ref_lp, n_tok: float) -> list[float]:
+        """:meth:`_accumulate` with the fused GRPO loss (no KL term: ``ref_lp`` is None). PREPO's
+        weight is multiplied into the advantage (w >= 0, so min(r A, clip(r) A) w = min(r A w,
+        clip(r) A w) and the clipped tokens are the same); ratio_mean sums exp(logprob - old) over
+        the computed tokens, which are the mask's tokens of the rows (all of non-zero advantage)."""
+        cfg, dev = self.cfg, self.device
+        ids, amask, cmask, sl = seqs
+        acc = [0.0, 0.0, 0.0, 0.0]
+        for chunk in token_chunks(rows, ids.shape[1], cfg.max_tokens_per_microbatch):
+            a = adv[chunk] if weights is None else adv[chunk] * weights[chunk]
+            old = old_lp[chunk].to(dev)
+            with self.precision.autocast():
+                hidden, head = decoder_hidden(self.model, ids[chunk].to(dev), amask[chunk].to(dev))
+                loss, stats = next_token_grpo_loss(
+                    hidden, head, ids[chunk].to(dev), amask[chunk].to(dev), old, a[:, None].to(dev),
+                    temperature=cfg.temperature, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+                    num_tokens=max(n_tok, 1.0), impl=cfg.kernel_impl)
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            ratio = torch.where(stats.computed, torch.exp(stats.logprob - old), 0).sum() / max(n_tok, 1.0)
+            for i, v in enumerate((loss.item(), stats.clip_frac.item(), 0.0, ratio.item())):
                 acc[i] += v
         return acc
 

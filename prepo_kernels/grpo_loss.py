@@ -160,6 +160,15 @@ def _check_grpo_inputs(targets, old_logprob, advantages, eps_low, eps_high, num_
     return old_logprob.detach(), advantages.detach()
 
 
+def grpo_impl_available(impl: str, device: Union[str, torch.device]) -> bool:
+    """Whether ``linear_grpo_loss(..., impl=impl)`` runs on ``device`` ("auto" always does)."""
+    try:
+        _resolve(impl, torch.device(device))
+    except registry.BackendUnavailableError:
+        return False
+    return True
+
+
 def _resolve(impl: str, device: torch.device) -> str:
     """The GRPO backend for ``impl``: "auto" takes the registry's choice (which honours
     PREPO_KERNELS_IMPL) when this loss has that backend, else the torch backend."""
