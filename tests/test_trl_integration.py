@@ -341,3 +341,40 @@ if __name__ == "__main__":
     import sys
 
     _two_rank_worker(sys.argv[1], sys.argv[2])
+
+
+def test_fused_loss_matches_trls_loss(tiny_qwen2_dir, tmp_path):
+    """With old log-probs in the batch (steps_per_generation=2 over one accumulation step) the loss
+    is linear_grpo_loss; training with it gives the parameters and the logged metrics of TRL's own
+    loss on the fused log-probs, within float rounding."""
+
+    class Counting(PrepoGRPOTrainer):
+        fused_calls = 0
+
+        def fused_loss_applies(self, inputs):
+            applies = super().fused_loss_applies(inputs)
+            self.fused_calls += applies
+            return applies
+
+    class TrlLoss(PrepoGRPOTrainer):
+        def fused_loss_applies(self, inputs):
+            return False
+
+    # SGD, not AdamW: AdamW's first steps move every weight by about lr whatever the gradient's size,
+    # so rounding-level gradients of opposite signs would part the two runs by lr per weight
+    kw = dict(per_device_train_batch_size=G * K // 2, steps_per_generation=2, max_steps=4, optim="sgd",
+              learning_rate=2.0)
+    fused = make_trainer(tmp_path / "fused", tiny_qwen2_dir, cls=Counting, **kw)
+    fused.train()
+    ref = make_trainer(tmp_path / "ref", tiny_qwen2_dir, cls=TrlLoss, **kw)
+    ref.train()
+    assert fused.fused_calls == 4
+    ours = [h for h in fused.state.log_history if "loss" in h]
+    theirs = [h for h in ref.state.log_history if "loss" in h]
+    assert len(ours) == len(theirs) == 4 and ours[0].keys() == theirs[0].keys()
+    assert any(h["clip_ratio/region_mean"] > 0 for h in theirs)   # the ratios moved out of the clip range
+    for a, b in zip(ours, theirs):
+        a.pop("step_time"), b.pop("step_time")
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
+    for (name, p), q in zip(fused.model.named_parameters(), ref.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
