@@ -392,7 +392,7 @@ class Trainer:
             with self.precision.autocast():
                 hidden, head = decoder_hidden(self.model, ids[chunk].to(dev), amask[chunk].to(dev))
                 loss, stats = next_token_grpo_loss(
-                    hidden, head, ids[chunk].to(dev), amask[chunk].to(dev), old, a[:, None].to(dev),
+                    hidden, head, ids[chunk].to(dev), amask[chunk].to(dev), old.shape[1], old, a[:, None].to(dev),
                     temperature=cfg.temperature, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
                     num_tokens=max(n_tok, 1.0), impl=cfg.kernel_impl)
             (self.scaler.scale(loss) if self.scaler else loss).backward()

@@ -4,7 +4,7 @@ Contract (every backend in BACKENDS), on dense rows only: the caller has dropped
 is ignore_index or whose advantage is 0 and flattened the leading dims.
 
     fwdbwd(hidden [n, D], weight [V, D], bias [V] or None, targets [n] int64 in [0, V),
-           inv_temp [n], old_logprob [n], advantages [n]   (accumulation dtype: fp32, fp64 for fp64),
+           inv_temp [n], old_logprob [n] or None, advantages [n]   (accumulation dtype: fp32, fp64 for fp64),
            scale: float (1 / the token-mean's denominator), eps_low, eps_high: float,
            compute_entropy, need_grad: bool)
       -> (logprob [n], entropy [n] or [0], grad_hidden [n, D] or [0], grad_weight [V, D] or [0],
@@ -12,7 +12,8 @@ is ignore_index or whose advantage is 0 and flattened the leading dims.
 
 logprob / entropy / grad_hidden / grad_bias in the accumulation dtype, grad_weight in the weight's
 (accumulated there across row chunks: no [V, D] buffer besides it). With z = (h W^T + b) * inv_temp, p = softmax(z),
-r = exp(logprob - old_logprob) and A the advantage, the loss is -scale * sum_rows surr, and
+r = exp(logprob - old_logprob) (exactly 1 when old_logprob is None: on-policy, the old log-probs are
+the new ones, detached) and A the advantage, the loss is -scale * sum_rows surr, and
 
     dL/dlogprob = g = -scale * A * r   where the unclipped branch is the minimum, else 0
     dL/dz_v     = g * (1[v = y] - p_v)
@@ -37,23 +38,25 @@ OP = "prepo_kernels::grpo_loss_fwdbwd"
 CHUNK_BYTES = 32 << 20
 
 
-def clipped_surrogate(logprob: Tensor, old_logprob: Tensor, advantages: Tensor, eps_low: float,
+def clipped_surrogate(logprob: Tensor, old_logprob: Optional[Tensor], advantages: Tensor, eps_low: float,
                       eps_high: float) -> tuple[Tensor, Tensor]:
     """Per token, exactly as ``prepo.loss.grpo_loss``: (surr = min(r A, clip(r, 1 - eps_low,
     1 + eps_high) A), clipped = whether the clipped branch is strictly the minimum), r = exp(logprob -
-    old_logprob). Differentiable in logprob: d surr / d logprob = r A where not clipped, else 0."""
-    ratio = torch.exp(logprob - old_logprob)
+    old_logprob), old_logprob None meaning ``logprob.detach()`` (r = 1). Differentiable in logprob:
+    d surr / d logprob = r A where not clipped, else 0."""
+    ratio = torch.exp(logprob - (logprob.detach() if old_logprob is None else old_logprob))
     surr1 = ratio * advantages
     surr2 = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * advantages
     return torch.minimum(surr1, surr2), surr2 < surr1
 
 
-def surrogate_grad(logprob: Tensor, old_logprob: Tensor, advantages: Tensor, eps_low: float,
+def surrogate_grad(logprob: Tensor, old_logprob: Optional[Tensor], advantages: Tensor, eps_low: float,
                    eps_high: float) -> Tensor:
     """d surr / d logprob of :func:`clipped_surrogate`, in closed form: r A where not clipped, else 0
     (inside the clip range both branches are equal and torch.minimum's split gradients add up to r A)."""
     _, clipped = clipped_surrogate(logprob, old_logprob, advantages, eps_low, eps_high)
-    return torch.where(clipped, 0, torch.exp(logprob - old_logprob) * advantages)
+    ratio = 1 if old_logprob is None else torch.exp(logprob - old_logprob)
+    return torch.where(clipped, 0, ratio * advantages)
 
 
 def chunk_rows(vocab: int) -> int:
@@ -88,7 +91,8 @@ def torch_fwdbwd(hidden, weight, bias, targets, inv_temp, old_logprob, advantage
             entropy[rows] = -torch.where(p > 0, p * torch.log(p), 0).sum(1)
         if not need_grad:
             continue
-        g = -scale * surrogate_grad(lp, old_logprob[rows], advantages[rows], eps_low, eps_high)
+        old = None if old_logprob is None else old_logprob[rows]
+        g = -scale * surrogate_grad(lp, old, advantages[rows], eps_low, eps_high)
         dz = p.mul_(-g[:, None]).scatter_add_(1, y, g[:, None]).mul_(inv_temp[rows, None])
         if bias is not None:
             grad_b += dz.sum(0)

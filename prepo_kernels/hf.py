@@ -143,7 +143,8 @@ def next_token_grpo_loss(
     head: nn.Linear,
     input_ids: torch.Tensor,
     attention_mask: Optional[torch.Tensor],
-    old_logprob: torch.Tensor,
+    n_keep: int,
+    old_logprob: Optional[torch.Tensor],
     advantages: torch.Tensor,
     *,
     temperature: Temperature = 1.0,
@@ -153,14 +154,13 @@ def next_token_grpo_loss(
     compute_entropy: bool = False,
     impl: str = "auto",
 ) -> tuple[torch.Tensor, GRPOLossStats]:
-    """:func:`linear_grpo_loss` over the last ``n_keep = old_logprob.shape[1]`` tokens of
-    ``input_ids``, from the decoder's last hidden states, with the targets (and the padding they
-    skip) of :func:`next_token_logprob_entropy`.
+    """:func:`linear_grpo_loss` over the last ``n_keep`` tokens of ``input_ids`` (1 <= n_keep < T),
+    from the decoder's last hidden states, with the targets (and the padding they skip) of
+    :func:`next_token_logprob_entropy`.
 
-    hidden [B, T, D], input_ids / attention_mask [B, T]; old_logprob [B, n_keep] float; advantages
-    [B, 1] or [B, n_keep] (PREPO's w_i multiplied in); the rest as in :func:`linear_grpo_loss`,
-    whose (loss 0-d, stats with [B, n_keep] tensors) this returns."""
-    n_keep = old_logprob.shape[1]
+    hidden [B, T, D], input_ids / attention_mask [B, T]; old_logprob [B, n_keep] float or None
+    (on-policy); advantages [B, 1] or [B, n_keep] (PREPO's w_i multiplied in); the rest as in
+    :func:`linear_grpo_loss`, whose (loss 0-d, stats with [B, n_keep] tensors) this returns."""
     return linear_grpo_loss(
         _tail_hidden(hidden, head, n_keep), head.weight, _next_token_targets(input_ids, attention_mask, n_keep),
         old_logprob, advantages, bias=head.bias, temperature=temperature, ignore_index=IGNORE, eps_low=eps_low,

@@ -132,6 +132,21 @@ def test_low_precision_dw_accumulates_across_chunks(impl, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_on_policy_without_old_logprob(impl):
+    """old_logprob=None (TRL's on-policy case): the old log-probs are the new ones, detached, so
+    every ratio is 1 and nothing is clipped; the truth is grpo_loss with old = the float64 log-probs."""
+    case = make_case(40, 48, 129)
+    true_lp, _ = linear_logprob_entropy(case["hidden"], case["weight"], case["targets"], bias=case["bias"],
+                                        temperature=case["temperature"], impl="reference")
+    t_loss, t_grads, _, _, t_clip = truth(dict(case, old=true_lp))
+    loss, grads, stats = run(impl, F64, dict(case, old=None))
+    for t, x in zip([t_loss] + t_grads, [loss] + grads):
+        torch.testing.assert_close(x, t, rtol=1e-9, atol=1e-12)
+    assert t_clip == 0 and stats.clip_frac.item() == 0
+    assert stats.computed.sum() > 0 and t_grads[1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_per_token_advantages_lead_dims_num_tokens(impl):
     """[B, T] targets, per-token advantages (PREPO's w_i folded in), a tensor temperature and a
     micro-batch's num_tokens."""

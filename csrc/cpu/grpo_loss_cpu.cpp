@@ -42,12 +42,14 @@ using at::Tensor;
 constexpr int64_t kUpcastTile = 1024;
 
 // The per-row scalars of the surrogate (prepo.loss.grpo_loss): the loss is -scale * sum surr.
+// on_policy: no old log-probs, the ratio is exactly 1 (old = the new log-prob, detached).
 struct Surrogate {
   double scale, eps_low, eps_high;
+  bool on_policy;
   // dL/dlogprob for one token: -scale * A * r where min(r A, clip(r) A) takes the unclipped branch.
   template <typename T>
   T grad(T logprob, T old, T adv) const {
-    const T r = std::exp(logprob - old);
+    const T r = on_policy ? T(1) : std::exp(logprob - old);
     const T clipped_r = std::min(std::max(r, T(1 - eps_low)), T(1 + eps_high));
     const bool clipped = clipped_r * adv < r * adv;
     return clipped ? T(0) : T(-scale) * adv * r;
@@ -110,14 +112,16 @@ PREPO_CLONES
 void grpo_rows_f32(float* Z, const float* b, int64_t V, const float* it, const int64_t* y, const float* old,
                    const float* adv, const Surrogate& s, bool grad, float* lp, float* ent, int64_t lo, int64_t hi) {
   for (int64_t i = lo; i < hi; ++i)
-    grpo_row(Z + i * V, b, V, it[i], y[i], old[i], adv[i], s, grad, lp + i, ent != nullptr ? ent + i : nullptr);
+    grpo_row(Z + i * V, b, V, it[i], y[i], old != nullptr ? old[i] : 0.0f, adv[i], s, grad, lp + i,
+             ent != nullptr ? ent + i : nullptr);
 }
 
 void grpo_rows_f64(double* Z, const double* b, int64_t V, const double* it, const int64_t* y, const double* old,
                    const double* adv, const Surrogate& s, bool grad, double* lp, double* ent, int64_t lo,
                    int64_t hi) {
   for (int64_t i = lo; i < hi; ++i)
-    grpo_row(Z + i * V, b, V, it[i], y[i], old[i], adv[i], s, grad, lp + i, ent != nullptr ? ent + i : nullptr);
+    grpo_row(Z + i * V, b, V, it[i], y[i], old != nullptr ? old[i] : 0.0, adv[i], s, grad, lp + i,
+             ent != nullptr ? ent + i : nullptr);
 }
 
 inline void grpo_rows(float* Z, const float* b, int64_t V, const float* it, const int64_t* y, const float* old,
@@ -201,7 +205,8 @@ template <typename acc_t>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fwdbwd_typed(const Tensor& hidden, const Tensor& weight,
                                                                 const std::optional<Tensor>& bias,
                                                                 const Tensor& targets, const Tensor& inv_temp,
-                                                                const Tensor& old_logprob, const Tensor& advantages,
+                                                                const std::optional<Tensor>& old_logprob,
+                                                                const Tensor& advantages,
                                                                 const Surrogate& s, bool compute_entropy,
                                                                 bool need_grad, int64_t chunk) {
   const auto acc = c10::CppTypeToScalarType<acc_t>::value;
@@ -209,7 +214,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fwdbwd_typed(const Tensor& hi
   const auto fopts = hidden.options().dtype(acc);
   const Tensor h = hidden.detach().contiguous(), W = weight.detach().contiguous();
   const Tensor y = targets.contiguous(), it = inv_temp.to(acc).contiguous();
-  const Tensor old = old_logprob.to(acc).contiguous(), adv = advantages.to(acc).contiguous();
+  const Tensor old = old_logprob.has_value() ? old_logprob->to(acc).contiguous() : Tensor();
+  const Tensor adv = advantages.to(acc).contiguous();
   const Tensor b = bias.has_value() ? bias->detach().to(acc).contiguous() : Tensor();
   Tensor logprob = at::empty({n}, fopts);
   Tensor entropy = at::empty({compute_entropy ? n : 0}, fopts);
@@ -235,7 +241,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fwdbwd_typed(const Tensor& hi
     const acc_t* bp = b.defined() ? b.data_ptr<acc_t>() : nullptr;
     acc_t* lp = logprob.data_ptr<acc_t>() + r0;
     acc_t* ent = compute_entropy ? entropy.data_ptr<acc_t>() + r0 : nullptr;
-    const acc_t *itp = it.data_ptr<acc_t>() + r0, *oldp = old.data_ptr<acc_t>() + r0;
+    const acc_t* itp = it.data_ptr<acc_t>() + r0;
+    const acc_t* oldp = old.defined() ? old.data_ptr<acc_t>() + r0 : nullptr;
     const acc_t* advp = adv.data_ptr<acc_t>() + r0;
     const int64_t* yp = y.data_ptr<int64_t>() + r0;
     at::parallel_for(0, c, 1, [&](int64_t lo, int64_t hi) {
@@ -252,7 +259,8 @@ void check(bool ok, const char* what) { TORCH_CHECK(ok, "prepo_kernels::grpo_los
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> grpo_loss_fwdbwd(
     const Tensor& hidden, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& targets,
-    const Tensor& inv_temp, const Tensor& old_logprob, const Tensor& advantages, double scale, double eps_low,
+    const Tensor& inv_temp, const std::optional<Tensor>& old_logprob, const Tensor& advantages, double scale,
+    double eps_low,
     double eps_high, bool compute_entropy, bool need_grad, int64_t chunk_rows) {
   const auto dt = hidden.scalar_type();
   check(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1), "hidden [n, D], weight [V, D]");
@@ -263,15 +271,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> grpo_loss_fwdbwd(
   check(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->scalar_type() == dt),
         "bias must be [V] of hidden's dtype");
   const int64_t n = hidden.size(0);
-  for (const Tensor* t : {&targets, &inv_temp, &old_logprob, &advantages})
+  for (const Tensor* t : {&targets, &inv_temp, &advantages})
     check(t->dim() == 1 && t->size(0) == n, "targets, inv_temp, old_logprob and advantages must be [n]");
+  check(!old_logprob.has_value() || (old_logprob->dim() == 1 && old_logprob->size(0) == n),
+        "targets, inv_temp, old_logprob and advantages must be [n]");
   check(targets.scalar_type() == at::kLong, "targets must be int64");
   check(chunk_rows > 0, "chunk_rows must be > 0");
   if (n > 0) {
     check(targets.min().item<int64_t>() >= 0 && targets.max().item<int64_t>() < weight.size(0),
           "targets must be in [0, V)");
   }
-  const Surrogate s{scale, eps_low, eps_high};
+  const Surrogate s{scale, eps_low, eps_high, !old_logprob.has_value()};
   if (dt == at::kDouble)
     return fwdbwd_typed<double>(hidden, weight, bias, targets, inv_temp, old_logprob, advantages, s,
                                 compute_entropy, need_grad, chunk_rows);
@@ -284,7 +294,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> grpo_loss_fwdbwd(
 TORCH_LIBRARY_FRAGMENT(prepo_kernels, m) {
   m.def(
       "grpo_loss_fwdbwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor inv_temp, "
-      "Tensor old_logprob, Tensor advantages, float scale, float eps_low, float eps_high, bool compute_entropy, "
+      "Tensor? old_logprob, Tensor advantages, float scale, float eps_low, float eps_high, bool compute_entropy, "
       "bool need_grad, int chunk_rows) -> (Tensor logprob, Tensor entropy, Tensor grad_hidden, Tensor grad_weight, "
       "Tensor grad_bias)");
 }

@@ -20,10 +20,10 @@ Three parts, each switched by one config flag (all off is plain TRL GRPO):
 * ``prepo_fused_logprobs``: log-probs and entropies (loss, old and reference log-probs) come from
   prepo_kernels' fused LM head instead of TRL's (text-only models with a linear LM head; DDP yes,
   FSDP / ZeRO-3 sharded heads no). Where it applies (:meth:`PrepoGRPOTrainer.fused_loss_applies`:
-  DAPO's loss with its clipped token-level ratio and nothing added to it, and old log-probs in the
-  batch), the loss itself is ``prepo_kernels.linear_grpo_loss``: its gradients are computed in the
-  forward pass, three LM-head matmuls instead of four, zero-advantage rows skipped; TRL's metrics
-  are logged with their own definitions.
+  DAPO's loss with its clipped token-level ratio and nothing added to it), the loss itself is
+  ``prepo_kernels.linear_grpo_loss``: its gradients are computed in the forward pass, three LM-head
+  matmuls instead of four, zero-advantage rows skipped; TRL's metrics are logged with their own
+  definitions.
 
 Logged in the trainer's log history: ``prepo/ppl_window_lo``, ``prepo/ppl_window_hi``,
 ``prepo/candidates_scored`` (curriculum) and ``prepo/weight_min``, ``prepo/weight_max`` (weighting).
@@ -283,16 +283,15 @@ class PrepoGRPOTrainer(GRPOTrainer):
         surrogate alone. Not with: fused log-probs off; a KL term (it needs every token's reference
         log-prob and gradient); another loss type or aggregation, sequence-level ratios, two-sided
         clipping (delta), off-policy masks, entropy masks or bonus, vLLM importance weights, an MoE
-        aux loss, tool masks or images; and not without old log-probs in the batch: TRL then takes
-        the loss's own log-probs (detached) as the old ones, a ratio of exactly 1 that the fused op,
-        which needs the old log-probs before it computes the new ones, cannot reproduce."""
+        aux loss, tool masks or images. Without old log-probs in the batch TRL's ratio is exactly 1
+        (the loss's own log-probs, detached, as the old ones): linear_grpo_loss's old_logprob=None."""
         args = self.args
         return (args.prepo_fused_logprobs and self.beta == 0.0 and self.loss_type == "dapo"
                 and self.importance_sampling_level == "token" and args.delta is None
                 and self.off_policy_mask_threshold is None and self.top_entropy_quantile == 1.0
                 and not self._entropy_bonus_enabled and not self.aux_loss_enabled and not self._is_vlm
                 and not (self.use_vllm and self.vllm_importance_sampling_correction)
-                and "tool_mask" not in inputs and inputs.get("old_per_token_logps") is not None)
+                and "tool_mask" not in inputs)
 
     def _compute_loss(self, model, inputs):
         if not self.fused_loss_applies(inputs):
@@ -306,16 +305,17 @@ class PrepoGRPOTrainer(GRPOTrainer):
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         advantages = inputs["advantages"]
         advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
-        old = inputs["old_per_token_logps"]
+        old = inputs.get("old_per_token_logps")   # None: on-policy
         with self.accelerator.autocast():
             hidden, head = tail_hidden(model, self.accelerator.unwrap_model(model), input_ids, attention_mask)
             loss, stats = next_token_grpo_loss(
-                hidden, head, input_ids, attention_mask, old, advantages, temperature=self.temperature,
-                eps_low=self.epsilon_low, eps_high=self.epsilon_high, num_tokens=float(normalizer),
-                compute_entropy=True)
+                hidden, head, input_ids, attention_mask, inputs["completion_ids"].shape[1], old, advantages,
+                temperature=self.temperature, eps_low=self.epsilon_low, eps_high=self.epsilon_high,
+                num_tokens=float(normalizer), compute_entropy=True)
         entropy = self._fill_entropy(stats, hidden, head, input_ids, attention_mask, inputs["completion_mask"])
         # not computed (advantage 0): never clipped, whatever the ratio, so any ratio will do
-        coef_1 = torch.where(stats.computed, torch.exp(stats.logprob - old), 1.0)
+        coef_1 = torch.ones_like(stats.logprob) if old is None else \
+            torch.where(stats.computed, torch.exp(stats.logprob - old), 1.0)
         self._log_loss_metrics(mode, inputs["completion_mask"], advantages, coef_1, entropy)
         return loss
 
