@@ -20,10 +20,10 @@ def parity(prompts, completions, **columns):
 
 
 def _run(tmp_path, tiny_cache_dir, name, monkeypatch, *, fused: bool, **overrides):
-    """A 3-step default-config run; (its metrics rows, its final parameters, the update calls that
-    used the fused loss, those that used the fallback)."""
+    """A 3-step default-config run; (its metrics rows, its final parameters, the micro-batches whose
+    loss was the fused one, those whose loss was the fallback's)."""
     calls = {"fused": 0, "fallback": 0}
-    for kind, method in (("fused", "_accumulate_fused"), ("fallback", "_accumulate")):
+    for kind, method in (("fused", "_fused_chunk_loss"), ("fallback", "_chunk_loss")):
         orig = getattr(Trainer, method)
 
         def spy(self, *a, _orig=orig, _kind=kind, **k):
