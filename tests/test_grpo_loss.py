@@ -116,8 +116,10 @@ def test_several_chunks(impl, monkeypatch):
 
 @pytest.mark.parametrize("impl", FUSED)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_low_precision_within_reference_error(impl, dtype):
-    case = make_case(48, 64, 2500)  # V above the C++ backend's 1024-row upcast tile, not a multiple
+def test_low_precision_within_reference_error(impl, dtype, monkeypatch):
+    monkeypatch.setattr(grpo_backends, "TILE_BYTES", 4 * 64 * 1000)  # the C++ backend's W / dW tiles: 1000 rows
+    assert grpo_backends.tile_rows(64) == 1000
+    case = make_case(48, 64, 2500)  # V above the tile, not a multiple
     assert_close_to_truth(impl, dtype, case, LOW[dtype])
 
 
@@ -125,9 +127,10 @@ def test_low_precision_within_reference_error(impl, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_dw_accumulates_across_chunks(impl, dtype, monkeypatch):
     """bf16 / fp16: dW accumulates in the weight's dtype across row chunks (no [V, D] fp32
-    buffer), here 3 chunks of 16 rows, and stays within the reference's error."""
+    buffer), here 3 chunks of 16 rows and 3 vocab tiles, and stays within the reference's error."""
     monkeypatch.setattr(grpo_backends, "CHUNK_BYTES", 1)  # the 16-row minimum
-    assert grpo_backends.chunk_rows(2500) == 16
+    monkeypatch.setattr(grpo_backends, "TILE_BYTES", 4 * 64 * 1000)
+    assert grpo_backends.chunk_rows(2500) == 16 and grpo_backends.tile_rows(64) == 1000
     assert_close_to_truth(impl, dtype, make_case(48, 64, 2500), LOW[dtype])
 
 
@@ -251,6 +254,7 @@ def test_bad_input(name, overrides, exc, match):
 
 def test_chunk_rows_bounds_the_logits():
     assert grpo_backends.chunk_rows(32768) * 32768 * 4 <= grpo_backends.CHUNK_BYTES
+    assert grpo_backends.tile_rows(1024) * 1024 * 4 <= grpo_backends.TILE_BYTES
     assert grpo_backends.chunk_rows(10) == 1024 and grpo_backends.chunk_rows(10**7) == 16
 
 

@@ -11,8 +11,8 @@
 //   4. dW += Z^T h_chunk, db += column sums of Z            (matmul 3)
 // Nothing is recomputed. fp32 / fp64 run their GEMMs in their own dtype on the whole vocabulary.
 // bf16 / fp16 run them in fp32 (on CPUs without native bf16 GEMMs, ATen's bf16 matmul is several
-// times slower than fp32): h_chunk is upcast once per chunk, W one vocab tile at a time into a small
-// buffer, and each vocab tile's share of dW is computed in fp32 into a tile-sized buffer and added
+// times slower than fp32): h_chunk is upcast once per chunk, W one vocab tile of tile_rows rows at a
+// time into a buffer (the caller sizes it: prepo_kernels/grpo_backends.py), and each vocab tile's share of dW is computed in fp32 into a tile-sized buffer and added
 // to grad_weight in the weight's dtype (fp32 add, one rounding per row chunk). No [V, D] fp32
 // accumulator: the memory of linear_logprob_entropy's backward, which rounds each dW tile once
 // because it runs vocab tiles outermost; here the row chunks are outermost (a row's full logits
@@ -37,9 +37,6 @@ namespace prepo_kernels {
 namespace {
 
 using at::Tensor;
-
-// Vocab rows of W upcast at a time for bf16 / fp16 GEMMs (4 MB of fp32 at D = 1024).
-constexpr int64_t kUpcastTile = 1024;
 
 // The per-row scalars of the surrogate (prepo.loss.grpo_loss): the loss is -scale * sum surr.
 // on_policy: no old log-probs, the ratio is exactly 1 (old = the new log-prob, detached).
@@ -137,13 +134,13 @@ inline void grpo_rows(double* Z, const double* b, int64_t V, const double* it, c
 
 // The GEMMs of one chunk in the accumulation dtype. For a weight already in that dtype they run on
 // the whole vocabulary and dW accumulates in place; otherwise W is upcast and dW computed one
-// kUpcastTile-row tile at a time, each tile added to the low-precision dW (see the header).
+// tile of tile_rows vocab rows at a time, each tile added to the low-precision dW (see the header).
 class ChunkGemms {
  public:
-  ChunkGemms(const Tensor& weight, at::ScalarType acc)
-      : weight_(weight), lowp_(weight.scalar_type() != acc) {
+  ChunkGemms(const Tensor& weight, at::ScalarType acc, int64_t tile_rows)
+      : weight_(weight), lowp_(weight.scalar_type() != acc), tile_(std::min(tile_rows, weight.size(0))) {
     if (lowp_) {
-      const int64_t rows = std::min(kUpcastTile, weight.size(0));
+      const int64_t rows = tile_;
       wbuf_ = at::empty({rows, weight.size(1)}, weight.options().dtype(acc));
       dwbuf_ = at::empty({rows, weight.size(1)}, weight.options().dtype(acc));
     }
@@ -189,8 +186,8 @@ class ChunkGemms {
   template <typename F>
   void for_tiles(F&& f) {
     const int64_t V = weight_.size(0);
-    for (int64_t v0 = 0; v0 < V; v0 += kUpcastTile) {
-      const int64_t vt = std::min(kUpcastTile, V - v0);
+    for (int64_t v0 = 0; v0 < V; v0 += tile_) {
+      const int64_t vt = std::min(tile_, V - v0);
       Tensor Wt = wbuf_.narrow(0, 0, vt);
       Wt.copy_(weight_.narrow(0, v0, vt));
       f(v0, vt, Wt);
@@ -198,6 +195,7 @@ class ChunkGemms {
   }
   const Tensor& weight_;
   const bool lowp_;
+  const int64_t tile_;
   Tensor wbuf_, dwbuf_;
 };
 
@@ -208,7 +206,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fwdbwd_typed(const Tensor& hi
                                                                 const std::optional<Tensor>& old_logprob,
                                                                 const Tensor& advantages,
                                                                 const Surrogate& s, bool compute_entropy,
-                                                                bool need_grad, int64_t chunk) {
+                                                                bool need_grad, int64_t chunk, int64_t tile_rows) {
   const auto acc = c10::CppTypeToScalarType<acc_t>::value;
   const int64_t n = hidden.size(0), D = hidden.size(1), V = weight.size(0);
   const auto fopts = hidden.options().dtype(acc);
@@ -230,7 +228,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fwdbwd_typed(const Tensor& hi
   const int64_t C = std::min(n, chunk);
   const Tensor zbuf = at::empty({C * V}, fopts);
   const Tensor hbuf = h.scalar_type() == acc ? Tensor() : at::empty({C, D}, fopts);
-  ChunkGemms gemms(W, acc);
+  ChunkGemms gemms(W, acc, tile_rows);
   for (int64_t r0 = 0; r0 < n; r0 += C) {
     const int64_t c = std::min(C, n - r0);
     Tensor hc = h.narrow(0, r0, c);
@@ -261,7 +259,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> grpo_loss_fwdbwd(
     const Tensor& hidden, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& targets,
     const Tensor& inv_temp, const std::optional<Tensor>& old_logprob, const Tensor& advantages, double scale,
     double eps_low,
-    double eps_high, bool compute_entropy, bool need_grad, int64_t chunk_rows) {
+    double eps_high, bool compute_entropy, bool need_grad, int64_t chunk_rows, int64_t tile_rows) {
   const auto dt = hidden.scalar_type();
   check(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1), "hidden [n, D], weight [V, D]");
   check(weight.size(0) > 0, "weight must have at least one row");
@@ -276,7 +274,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> grpo_loss_fwdbwd(
   check(!old_logprob.has_value() || (old_logprob->dim() == 1 && old_logprob->size(0) == n),
         "targets, inv_temp, old_logprob and advantages must be [n]");
   check(targets.scalar_type() == at::kLong, "targets must be int64");
-  check(chunk_rows > 0, "chunk_rows must be > 0");
+  check(chunk_rows > 0 && tile_rows > 0, "chunk_rows and tile_rows must be > 0");
   if (n > 0) {
     check(targets.min().item<int64_t>() >= 0 && targets.max().item<int64_t>() < weight.size(0),
           "targets must be in [0, V)");
@@ -284,9 +282,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> grpo_loss_fwdbwd(
   const Surrogate s{scale, eps_low, eps_high, !old_logprob.has_value()};
   if (dt == at::kDouble)
     return fwdbwd_typed<double>(hidden, weight, bias, targets, inv_temp, old_logprob, advantages, s,
-                                compute_entropy, need_grad, chunk_rows);
+                                compute_entropy, need_grad, chunk_rows, tile_rows);
   return fwdbwd_typed<float>(hidden, weight, bias, targets, inv_temp, old_logprob, advantages, s, compute_entropy,
-                             need_grad, chunk_rows);
+                             need_grad, chunk_rows, tile_rows);
 }
 
 }  // namespace
@@ -295,7 +293,7 @@ TORCH_LIBRARY_FRAGMENT(prepo_kernels, m) {
   m.def(
       "grpo_loss_fwdbwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor inv_temp, "
       "Tensor? old_logprob, Tensor advantages, float scale, float eps_low, float eps_high, bool compute_entropy, "
-      "bool need_grad, int chunk_rows) -> (Tensor logprob, Tensor entropy, Tensor grad_hidden, Tensor grad_weight, "
+      "bool need_grad, int chunk_rows, int tile_rows) -> (Tensor logprob, Tensor entropy, Tensor grad_hidden, Tensor grad_weight, "
       "Tensor grad_bias)");
 }
 
