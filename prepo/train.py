@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 import prepo_kernels
-from prepo_kernels.grpo_loss import grpo_impl_available
+from prepo_kernels.grpo_loss import grpo_runs_natively
 from prepo_kernels.hf import decoder_hidden, next_token_grpo_loss
 
 from . import checkpoint as ckpt
@@ -378,11 +378,11 @@ class Trainer:
     def fused_loss_applies(self, weights: Optional[torch.Tensor], live: torch.Tensor) -> bool:
         """Whether the update can use linear_grpo_loss, which is the surrogate alone: not with a KL
         term (its gradient needs the reference log-prob of every token, and the op skips the
-        zero-advantage rows that a KL term still moves), not with a kernel backend the op lacks
-        (triton / cuda: the fallback's log-prob op has them), and not when an updated rollout's
-        weight is 0 (the op takes A w as one advantage and skips such a row, whose ratio and clip
-        statistics grpo_loss still counts)."""
-        if self.cfg.kl_beta != 0 or not grpo_impl_available(self.cfg.kernel_impl, self.device):
+        zero-advantage rows that a KL term still moves), not where ``kernel_impl`` runs a backend the
+        op lacks (triton / cuda, on GPUs also under "auto": the fallback's log-prob kernel then beats
+        the op's PyTorch row chunks), and not when an updated rollout's weight is 0 (the op takes
+        A w as one advantage and skips such a row, whose ratio and clip statistics grpo_loss counts)."""
+        if self.cfg.kl_beta != 0 or not grpo_runs_natively(self.cfg.kernel_impl, self.device):
             return False
         return weights is None or bool((weights[live] != 0).all())
 

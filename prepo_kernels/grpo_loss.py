@@ -164,13 +164,16 @@ def _check_grpo_inputs(targets, old_logprob, advantages, eps_low, eps_high, num_
     return None if old_logprob is None else old_logprob.detach(), advantages.detach()
 
 
-def grpo_impl_available(impl: str, device: Union[str, torch.device]) -> bool:
-    """Whether ``linear_grpo_loss(..., impl=impl)`` runs on ``device`` ("auto" always does)."""
+def grpo_runs_natively(impl: str, device: Union[str, torch.device]) -> bool:
+    """Whether ``linear_grpo_loss(..., impl=impl)`` runs on ``device`` the backend that
+    ``linear_logprob_entropy(..., impl=impl)`` runs there ("auto": the registry's choice), not the
+    torch fallback "auto" takes where this loss lacks that backend (triton / cuda on GPUs, whose
+    fused log-prob kernels beat this loss's row chunks in plain PyTorch)."""
     try:
-        _resolve(impl, torch.device(device))
+        name = registry.resolve(impl, torch.device(device))
     except registry.BackendUnavailableError:
         return False
-    return True
+    return name == "reference" or grpo_unavailable_reason(name) is None
 
 
 def _resolve(impl: str, device: torch.device) -> str:

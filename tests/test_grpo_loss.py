@@ -267,6 +267,17 @@ def test_a_backend_that_ignores_a_clip_side_fails_this_suite(eps, monkeypatch):
         assert_close_to_truth("torch", F64, make_case(40, 48, 129), 1e-9)
 
 
+def test_runs_natively_only_where_the_log_prob_op_runs_the_same_backend(monkeypatch):
+    """The trainer and PrepoGRPOTrainer take the fused loss where it runs the backend the fused
+    log-probs would: not on a GPU whose auto choice is triton / cuda (this op's torch fallback)."""
+    from prepo_kernels.backends import registry
+    from prepo_kernels.grpo_loss import grpo_runs_natively
+
+    assert all(grpo_runs_natively(impl, "cpu") for impl in ("auto", "torch", "reference"))
+    monkeypatch.setattr(registry, "resolve", lambda impl, device: "triton")
+    assert not grpo_runs_natively("auto", "cpu")
+
+
 def test_auto_falls_back_to_torch_without_the_native_op(monkeypatch):
     """An extension built before csrc/cpu/grpo_loss_cpu.cpp existed: "auto" runs the torch backend,
     an explicit "cpu" says why it cannot."""

@@ -42,6 +42,7 @@ import prepo_kernels
 import trl
 from trl import GRPOConfig, GRPOTrainer
 
+from prepo_kernels.grpo_loss import grpo_runs_natively
 from prepo_kernels.hf import next_token_grpo_loss, next_token_logprob_entropy
 from trl.trainer.utils import nanmax, nanmin
 
@@ -283,10 +284,12 @@ class PrepoGRPOTrainer(GRPOTrainer):
         surrogate alone. Not with: fused log-probs off; a KL term (it needs every token's reference
         log-prob and gradient); another loss type or aggregation, sequence-level ratios, two-sided
         clipping (delta), off-policy masks, entropy masks or bonus, vLLM importance weights, an MoE
-        aux loss, tool masks or images. Without old log-probs in the batch TRL's ratio is exactly 1
-        (the loss's own log-probs, detached, as the old ones): linear_grpo_loss's old_logprob=None."""
+        aux loss, tool masks or images; nor on a device whose fused log-prob kernel the op lacks (GPUs:
+        triton / cuda). Without old log-probs in the batch TRL's ratio is exactly 1 (the loss's own
+        log-probs, detached, as the old ones): linear_grpo_loss's old_logprob=None."""
         args = self.args
-        return (args.prepo_fused_logprobs and self.beta == 0.0 and self.loss_type == "dapo"
+        return (args.prepo_fused_logprobs and grpo_runs_natively("auto", self.accelerator.device)
+                and self.beta == 0.0 and self.loss_type == "dapo"
                 and self.importance_sampling_level == "token" and args.delta is None
                 and self.off_policy_mask_threshold is None and self.top_entropy_quantile == 1.0
                 and not self._entropy_bonus_enabled and not self.aux_loss_enabled and not self._is_vlm
