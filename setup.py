@@ -39,6 +39,27 @@ def _rel(paths):
     return sorted(os.path.relpath(p, HERE) for p in paths)
 
 
+def _host_flags() -> tuple[list[str], list[str]]:
+    """(C++ compiler flags, linker flags) of the host code. torch adds the C++ standard its headers
+    need. -fno-trapping-math lets gcc if-convert (and so vectorize) the clamped exp loops of
+    csrc/cpu/lle_cpu.cpp; torch itself builds with it."""
+    if sys.platform.startswith("linux"):
+        return ["-O3", "-fno-trapping-math", "-fno-math-errno", "-fopenmp"], ["-fopenmp"]
+    if sys.platform == "win32":
+        return ["/O2", "/openmp", "/std:c++17"], []
+    # macOS: Apple clang has no -fopenmp; at::parallel_for then runs on ATen's own pool
+    return ["-O3", "-fno-trapping-math", "-fno-math-errno"], []
+
+
+def _sanitized(cxx_flags: list[str], link_flags: list[str], sanitize: str) -> tuple[list[str], list[str]]:
+    """The flags of a sanitizer build when ``sanitize`` (PREPO_SANITIZE, e.g. "address,undefined")
+    is set: every report fatal, -O1 -g so that the reports' stacks stay readable (.ci/run_sanitize)."""
+    if not sanitize:
+        return cxx_flags, link_flags
+    san = [f"-fsanitize={sanitize}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
+    return [f for f in cxx_flags if not f.startswith("-O")] + ["-O1"] + san, link_flags + san
+
+
 def _extensions_and_build_ext():
     """(ext_modules, build_ext class); ([], plain build_ext) when the extension cannot be built."""
     if _env_off("PREPO_BUILD_EXT"):
@@ -62,21 +83,7 @@ def _extensions_and_build_ext():
         and not _env_off("PREPO_BUILD_CUDA")
     )
 
-    # torch adds the C++ standard its headers need. -fno-trapping-math lets gcc if-convert (and so
-    # vectorize) the clamped exp loops of csrc/cpu/lle_cpu.cpp; torch itself builds with it.
-    cxx_flags = ["-O3", "-fno-trapping-math", "-fno-math-errno"]
-    link_flags = []
-    if sys.platform.startswith("linux"):
-        cxx_flags.append("-fopenmp")
-        link_flags.append("-fopenmp")
-    elif sys.platform == "win32":
-        cxx_flags = ["/O2", "/openmp", "/std:c++17"]
-    # (macOS: Apple clang has no -fopenmp; at::parallel_for then runs on ATen's own pool.)
-    sanitize = os.environ.get("PREPO_SANITIZE", "").strip()
-    if sanitize:  # every report fatal; -O1 -g keeps the reports' stacks readable (.ci/run_sanitize)
-        san = [f"-fsanitize={sanitize}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
-        cxx_flags = [f for f in cxx_flags if not f.startswith("-O")] + ["-O1"] + san
-        link_flags += san
+    cxx_flags, link_flags = _sanitized(*_host_flags(), os.environ.get("PREPO_SANITIZE", "").strip())
     macros = []
     if with_cuda:
         macros.append(("PREPO_WITH_CUDA", None))

@@ -20,7 +20,6 @@ inputs and the two unavoidable gradients, as bench_logprob_entropy.py; time: med
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -29,14 +28,13 @@ import torch
 # this checkout's packages first (not an installed copy), then the benchmark helpers
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 import providers  # noqa: E402
-from bench_logprob_entropy import fmt, machine, time_and_peak  # noqa: E402
+from bench_logprob_entropy import fmt, machine, parse_or_serve, time_and_peak  # noqa: E402
 from bench_logprob_entropy import measure as measure_in_worker  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SCENARIOS = {"all_rows": 0.0, "half_zero_adv": 0.5}
 PROVIDERS = ("matmul_3", "matmul_4", "matmul_4_fp32", "naive", "lle_torch", "lle_cpu", "grpo_torch", "grpo_cpu")
 SKIPPING = ("lle_cpu", "grpo_cpu")  # rerun in half_zero_adv; the floors are copied, the rest skipped
-RESULTS = Path(__file__).resolve().parent / "results"
 EPS_LOW, EPS_HIGH = 0.2, 0.28
 
 
@@ -135,16 +133,10 @@ def main() -> None:
     parser.add_argument("--dtypes", default="fp32,bf16")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
     parser.add_argument("--providers", default=",".join(PROVIDERS))
-    parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--skip-bf16-floors", action="store_true",
                         help="do not time matmul_3 / matmul_4 in bf16 (minutes each on a CPU without bf16 GEMMs)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--name", default="grpo_loss_cpu_4096x1024x32768")
-    parser.add_argument("--quick", action="store_true", help="tiny shape, 1 rep: a smoke test, not a result")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
+    args = parse_or_serve(parser, worker, "grpo_loss_cpu_4096x1024x32768")
+    if args is None:
         return
     if args.quick:
         args.shape, args.reps, args.name = "256x64x2000", 1, "grpo_loss_quick"

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -147,20 +148,30 @@ def write(rows: list[dict], out: Path, header: str, name: str) -> None:
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
+def parse_or_serve(parser: argparse.ArgumentParser, worker_fn, name: str) -> Optional[argparse.Namespace]:
+    """Adds the options both CPU kernel benchmarks share (--reps, --out, --name defaulting to
+    ``name``, --quick, and --worker, the launcher's own), parses the command line and returns it;
+    or, called as a worker (:func:`measure`), prints ``worker_fn``'s JSON answer and returns None."""
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--name", default=name, help="file stem of the results")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, 1 rep: a smoke test, not a result")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker_fn(json.loads(args.worker))))
+        return None
+    return args
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=FULL_SHAPES, help="comma-separated NxDxV")
     parser.add_argument("--dtypes", default="fp32,bf16")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
     parser.add_argument("--providers", default=None, help="comma-separated fused providers (floors always run)")
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--name", default="logprob_entropy_cpu", help="file stem of the CSV and markdown")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, 1 rep: a smoke test, not a result")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
+    args = parse_or_serve(parser, worker, "logprob_entropy_cpu")
+    if args is None:
         return
     if args.quick:
         args.shapes, args.reps = QUICK_SHAPES, 1

@@ -37,6 +37,8 @@ import numpy as np
 import torch
 
 import prepo_kernels
+from prepo_kernels.grpo_loss import grpo_runs_natively
+from prepo_kernels.hf import decoder_hidden, next_token_grpo_loss
 
 from . import checkpoint as ckpt
 from .cli import main as cli_main
@@ -305,7 +307,7 @@ class Trainer:
         return torch.cat(old), torch.cat(ent), torch.cat(ref) if ref else None
 
     def update(self, ro: Rollouts, adv: torch.Tensor, weights: Optional[torch.Tensor], old_lp: torch.Tensor,
-               ref_lp: Optional[torch.Tensor], *, skip_zero_adv: bool = True) -> UpdateStats:
+               ref_lp: Optional[torch.Tensor], *, skip_zero_adv: bool = True, fused_loss: bool = True) -> UpdateStats:
         """``mini_batches`` optimizer steps per epoch, each over a mini-batch split into micro-batches
         of at most ``max_tokens_per_microbatch`` padded tokens whose gradients accumulate (each
         micro-batch's loss is divided by the whole mini-batch's completion tokens, all ranks').
@@ -314,13 +316,19 @@ class Trainer:
         at every token, whatever its ratio and weight, so it adds nothing to the gradient: such
         rollouts (all-equal reward groups) skip the forward and backward (``skip_zero_adv``; False
         runs them, for tests). The token-mean's denominator still counts their tokens, so the update
-        is the same update up to float summation order. With a KL term every rollout has a gradient."""
+        is the same update up to float summation order. With a KL term every rollout has a gradient.
+
+        The loss is :func:`prepo_kernels.linear_grpo_loss` on the decoder's hidden states (gradients
+        in the forward pass, three LM-head matmuls instead of four) where :meth:`fused_loss_applies`,
+        else the fused log-probs through :func:`prepo.loss.grpo_loss` (``fused_loss`` False: always
+        the latter, for tests); the two give the same update and statistics up to float rounding."""
         cfg = self.cfg
         ids, amask, sl = ro.full_sequences()
         cmask = ro.completion_mask
         n = ids.shape[0]
         n_all = int(self.dist.sum(torch.tensor(n)))
         live = adv != 0 if skip_zero_adv and cfg.kl_beta == 0 else torch.ones(n, dtype=torch.bool)
+        fused = fused_loss and self.fused_loss_applies(weights, live)
         stats: list[list[float]] = []
         for _ in range(cfg.ppo_epochs):
             perm = torch.randperm(n)
@@ -330,7 +338,8 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 n_tok = float(self.dist.sum(cmask[mb].sum()))
                 rows = mb[live[mb]]
-                acc = self._accumulate((ids, amask, cmask, sl), rows, adv, weights, old_lp, ref_lp, n_tok)
+                acc = self._accumulate((ids, amask, cmask, sl), rows, adv, weights, old_lp, ref_lp, n_tok,
+                                       fused=fused)
                 self.dist.sum_grads(self.model.parameters())   # zeros where no row ran: the step is as if they had
                 upd_frac = float(self.dist.sum(cmask[rows].sum())) / max(n_tok, 1.0)
                 stats.append(acc + [self.optimizer_step(), upd_frac])
@@ -344,24 +353,60 @@ class Trainer:
         return UpdateStats(loss=loss, clip_frac=clip, kl=kl, ratio_mean=ratio, grad_norm=gnorm,
                            skipped_rollouts=skipped)
 
-    def _accumulate(self, seqs, rows, adv, weights, old_lp, ref_lp, n_tok: float) -> list[float]:
+    def _accumulate(self, seqs, rows, adv, weights, old_lp, ref_lp, n_tok: float, *, fused: bool) -> list[float]:
         """Forward and backward of the GRPO loss on ``rows`` of ``seqs`` (input ids, attention mask,
         completion mask, completion slice) in micro-batches, gradients summed; [loss, clip_frac, kl,
-        ratio sum], each over the mini-batch's ``n_tok`` tokens."""
-        cfg, dev = self.cfg, self.device
-        ids, amask, cmask, sl = seqs
+        ratio sum], each over the mini-batch's ``n_tok`` tokens. ``fused``: :meth:`_fused_chunk_loss`,
+        else :meth:`_chunk_loss`."""
+        chunk_loss = self._fused_chunk_loss if fused else self._chunk_loss
         acc = [0.0, 0.0, 0.0, 0.0]
-        for chunk in token_chunks(rows, ids.shape[1], cfg.max_tokens_per_microbatch):
-            lp, _ = self._logprob(self.model, ids, amask, chunk, entropy=False)
-            out = grpo_loss(
-                lp[:, sl], old_lp[chunk].to(dev), adv[chunk].to(dev), cmask[chunk].to(dev),
-                None if weights is None else weights[chunk].to(dev), eps_low=cfg.eps_low,
-                eps_high=cfg.eps_high, ref_logprob=None if ref_lp is None else ref_lp[chunk].to(dev),
-                kl_beta=cfg.kl_beta, num_tokens=n_tok)
-            (self.scaler.scale(out.loss) if self.scaler else out.loss).backward()
-            for i, v in enumerate((out.loss.item(), out.clip_frac, out.kl, out.ratio_mean)):
+        for chunk in token_chunks(rows, seqs[0].shape[1], self.cfg.max_tokens_per_microbatch):
+            loss, *logged = chunk_loss(seqs, chunk, adv, weights, old_lp, ref_lp, n_tok)
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            for i, v in enumerate([loss.item()] + logged):
                 acc[i] += v
         return acc
+
+    def _chunk_loss(self, seqs, chunk, adv, weights, old_lp, ref_lp, n_tok: float) -> list:
+        """[loss, clip_frac, kl, ratio sum] of the micro-batch ``chunk``: the fused log-probs through
+        :func:`prepo.loss.grpo_loss`."""
+        cfg, dev = self.cfg, self.device
+        ids, amask, cmask, sl = seqs
+        lp, _ = self._logprob(self.model, ids, amask, chunk, entropy=False)
+        out = grpo_loss(
+            lp[:, sl], old_lp[chunk].to(dev), adv[chunk].to(dev), cmask[chunk].to(dev),
+            None if weights is None else weights[chunk].to(dev), eps_low=cfg.eps_low,
+            eps_high=cfg.eps_high, ref_logprob=None if ref_lp is None else ref_lp[chunk].to(dev),
+            kl_beta=cfg.kl_beta, num_tokens=n_tok)
+        return [out.loss, out.clip_frac, out.kl, out.ratio_mean]
+
+    def fused_loss_applies(self, weights: Optional[torch.Tensor], live: torch.Tensor) -> bool:
+        """Whether the update can use linear_grpo_loss, which is the surrogate alone: not with a KL
+        term (its gradient needs the reference log-prob of every token, and the op skips the
+        zero-advantage rows that a KL term still moves), not where ``kernel_impl`` runs a backend the
+        op lacks (triton / cuda, on GPUs also under "auto": the fallback's log-prob kernel then beats
+        the op's PyTorch row chunks), and not when an updated rollout's weight is 0 (the op takes
+        A w as one advantage and skips such a row, whose ratio and clip statistics grpo_loss counts)."""
+        if self.cfg.kl_beta != 0 or not grpo_runs_natively(self.cfg.kernel_impl, self.device):
+            return False
+        return weights is None or bool((weights[live] != 0).all())
+
+    def _fused_chunk_loss(self, seqs, chunk, adv, weights, old_lp, ref_lp, n_tok: float) -> list:
+        """:meth:`_chunk_loss` by linear_grpo_loss on the decoder's hidden states (no KL term: ``ref_lp``
+        is None). PREPO's weight is multiplied into the advantage (w > 0, so min(r A, clip(r) A) w =
+        min(r A w, clip(r) A w), and the clipped tokens are the same); the ratio sum is over the
+        computed tokens, which are the completion tokens of the rows (all of non-zero advantage)."""
+        cfg, dev = self.cfg, self.device
+        ids, amask = (t[chunk].to(dev) for t in seqs[:2])
+        a = adv[chunk] if weights is None else adv[chunk] * weights[chunk]
+        old = old_lp[chunk].to(dev)
+        with self.precision.autocast():
+            hidden, head = decoder_hidden(self.model, ids, amask)
+            loss, stats = next_token_grpo_loss(
+                hidden, head, ids, amask, old.shape[1], old, a[:, None].to(dev), temperature=cfg.temperature,
+                eps_low=cfg.eps_low, eps_high=cfg.eps_high, num_tokens=max(n_tok, 1.0), impl=cfg.kernel_impl)
+        ratio = torch.where(stats.computed, torch.exp(stats.logprob - old), 0).sum() / max(n_tok, 1.0)
+        return [loss, stats.clip_frac.item(), 0.0, ratio.item()]
 
     def optimizer_step(self) -> float:
         """Clip the gradient norm, step (through the fp16 loss scaler when there is one); the norm."""

@@ -56,7 +56,7 @@ def linear_grpo_loss(
     hidden: Tensor,
     weight: Tensor,
     targets: Tensor,
-    old_logprob: Tensor,
+    old_logprob: Optional[Tensor],
     advantages: Tensor,
     *,
     bias: Optional[Tensor] = None,
@@ -78,7 +78,9 @@ def linear_grpo_loss(
         hidden: [..., D] float32 / bfloat16 / float16 (float64 for checks).
         weight: [V, D], same dtype (the LM head); bias: optional [V].
         targets: [...] int64 token ids in [0, V), or ``ignore_index`` (not counted, no gradient).
-        old_logprob: float tensor with ``targets``' shape (the behaviour policy's log-probs; constant).
+        old_logprob: float tensor with ``targets``' shape (the behaviour policy's log-probs; constant),
+            or None: on-policy, the old log-probs are the new ones, detached (the ratio is exactly 1,
+            as TRL's GRPO takes it when it makes no old-log-prob pass).
         advantages: float tensor broadcastable to ``targets``' shape, e.g. [B, 1] per rollout or
             [B, T] per token, with PREPO's w_i already multiplied in (constant). Tokens whose
             advantage is exactly 0 cost nothing (no matmul) and contribute exactly 0.
@@ -104,7 +106,7 @@ def linear_grpo_loss(
     acc = accumulation_dtype(hidden.dtype)
     y = validation.checked_targets(targets.reshape(-1), weight.shape[0], ignore_index)
     inv_temp = validation.temperature_per_row(temperature, targets, acc)
-    old = old.reshape(-1).to(acc)
+    old = None if old is None else old.reshape(-1).to(acc)
     adv = torch.broadcast_to(adv, targets.shape).reshape(-1).to(acc)
     valid = y != ignore_index
     computed = valid & (adv != 0)
@@ -134,12 +136,14 @@ def linear_grpo_loss(
 
 
 def _check_grpo_inputs(targets, old_logprob, advantages, eps_low, eps_high, num_tokens, compute_entropy):
-    validation.check_tensor("old_logprob", old_logprob, floating=True)
     validation.check_tensor("advantages", advantages, floating=True)
-    validation.check_same_device(targets=targets, old_logprob=old_logprob, advantages=advantages)
-    if old_logprob.shape != targets.shape:
-        raise ValueError(f"old_logprob shape {tuple(old_logprob.shape)} must equal targets' shape "
-                         f"{tuple(targets.shape)}")
+    validation.check_same_device(targets=targets, advantages=advantages)
+    if old_logprob is not None:
+        validation.check_tensor("old_logprob", old_logprob, floating=True)
+        validation.check_same_device(targets=targets, old_logprob=old_logprob)
+        if old_logprob.shape != targets.shape:
+            raise ValueError(f"old_logprob shape {tuple(old_logprob.shape)} must equal targets' shape "
+                             f"{tuple(targets.shape)}")
     if not validation._broadcasts(tuple(advantages.shape), tuple(targets.shape)):
         raise ValueError(f"advantages of shape {tuple(advantages.shape)} does not broadcast to targets' shape "
                          f"{tuple(targets.shape)} (per-rollout advantages of [B, T] targets: pass [B, 1])")
@@ -157,7 +161,19 @@ def _check_grpo_inputs(targets, old_logprob, advantages, eps_low, eps_high, num_
             raise ValueError(f"num_tokens must be finite and > 0, got {num_tokens}")
     if not isinstance(compute_entropy, bool):
         raise TypeError(f"compute_entropy must be a bool, got {type(compute_entropy).__name__}")
-    return old_logprob.detach(), advantages.detach()
+    return None if old_logprob is None else old_logprob.detach(), advantages.detach()
+
+
+def grpo_runs_natively(impl: str, device: Union[str, torch.device]) -> bool:
+    """Whether ``linear_grpo_loss(..., impl=impl)`` runs on ``device`` the backend that
+    ``linear_logprob_entropy(..., impl=impl)`` runs there ("auto": the registry's choice), not the
+    torch fallback "auto" takes where this loss lacks that backend (triton / cuda on GPUs, whose
+    fused log-prob kernels beat this loss's row chunks in plain PyTorch)."""
+    try:
+        name = registry.resolve(impl, torch.device(device))
+    except registry.BackendUnavailableError:
+        return False
+    return name == "reference" or grpo_unavailable_reason(name) is None
 
 
 def _resolve(impl: str, device: torch.device) -> str:
@@ -187,11 +203,12 @@ def _reference(h, weight, bias, y, inv_temp, old, adv, valid, scale, ignore_inde
 @torch.library.custom_op("prepo_kernels::fused_grpo_loss", mutates_args=())
 def fused_grpo_loss(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, inv_temp: Tensor,
-    old_logprob: Tensor, advantages: Tensor, scale: Tensor, ignore_index: int, eps_low: float, eps_high: float,
+    old_logprob: Optional[Tensor], advantages: Tensor, scale: Tensor, ignore_index: int, eps_low: float,
+    eps_high: float,
     compute_entropy: bool, need_grad: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """hidden [N, D], weight [V, D], bias [V] or None, targets [N] (checked), inv_temp / old_logprob /
-    advantages [N] and scale 0-d in the accumulation dtype -> (loss 0-d, logprob [N], entropy [N] or
+    advantages [N] (old_logprob None: on-policy) and scale 0-d in the accumulation dtype -> (loss 0-d, logprob [N], entropy [N] or
     [0], grad_hidden [N, D] or [0], grad_weight [V, D] or [0], grad_bias [V] or [0]): the gradients
     of the loss in the parameters' dtypes, when ``need_grad``. Only rows with a valid target and a
     non-zero advantage reach the backend; the others give 0 everywhere."""
@@ -205,11 +222,11 @@ def fused_grpo_loss(
     pick = (lambda x: x) if rows.numel() == n else (lambda x: x.index_select(0, rows))  # noqa: E731
     lp, ent, dh, dw, db = BACKENDS[backend](
         pick(hidden).contiguous(), weight.contiguous(), bias, pick(targets), pick(inv_temp),
-        pick(old_logprob), pick(advantages), float(scale), eps_low, eps_high, compute_entropy, need_grad)
+        None if old_logprob is None else pick(old_logprob), pick(advantages), float(scale), eps_low, eps_high, compute_entropy, need_grad)
     logprob = _scatter_rows(lp, rows, n)
     entropy = _scatter_rows(ent, rows, n) if compute_entropy else ent
-    if need_grad:  # the backend's tensors themselves where they fit: no second [V, D] buffer
-        grads = (_scatter_rows(dh.to(hidden.dtype), rows, n), dw.to(weight.dtype),
+    if need_grad:  # dW is the backend's own tensor (the weight's dtype): no second [V, D] buffer
+        grads = (_scatter_rows(dh.to(hidden.dtype), rows, n), dw,
                  db.to(bias.dtype) if bias is not None else weight.new_zeros(0))
     else:
         grads = _zero_grads(hidden, weight, bias, need_grad)

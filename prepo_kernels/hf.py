@@ -1,8 +1,9 @@
 """Next-token log-prob and entropy for Hugging Face causal LMs, without running the LM head.
 
 Runs the decoder to its final hidden states and hands them with the LM-head weight to
-:func:`linear_logprob_entropy`. Works for any model whose output embedding is a plain
-``nn.Linear`` applied to the decoder's last hidden state (Qwen2, Qwen3, Llama, Mistral, ...).
+:func:`linear_logprob_entropy` (or, for a GRPO update, :func:`linear_grpo_loss`). Works for any
+model whose output embedding is a plain ``nn.Linear`` applied to the decoder's last hidden state
+(Qwen2, Qwen3, Llama, Mistral, ...).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from .functional import linear_logprob_entropy
+from .grpo_loss import GRPOLossStats, linear_grpo_loss
 from .validation import Temperature, check_tensor
 
 IGNORE = -100
@@ -70,6 +72,18 @@ def causal_lm_logprob_entropy(
         (logprob, entropy), each [B, T-1] float32. Position t scores token t+1; positions where the
         token or its context position is padding give 0 and get no gradient. Differentiable.
     """
+    hidden, head = decoder_hidden(model, input_ids, attention_mask)
+    return next_token_logprob_entropy(
+        hidden, head, input_ids, attention_mask, input_ids.shape[1] - 1, temperature=temperature,
+        compute_entropy=compute_entropy, impl=impl,
+    )
+
+
+def decoder_hidden(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]
+) -> tuple[torch.Tensor, nn.Linear]:
+    """(the decoder's last hidden state [B, T, D] for ``input_ids`` [B, T] int64 (T >= 2), the LM
+    head) of an unwrapped HF causal LM; position ids are rebuilt from ``attention_mask`` [B, T] 0/1."""
     check_tensor("input_ids", input_ids, integer=True)
     if input_ids.dim() != 2 or input_ids.shape[1] < 2:
         raise ValueError(f"input_ids must be [B, T] with T >= 2, got shape {tuple(input_ids.shape)}")
@@ -83,10 +97,7 @@ def causal_lm_logprob_entropy(
             )
         kwargs["position_ids"] = position_ids(attention_mask)
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).last_hidden_state
-    return next_token_logprob_entropy(
-        hidden, head, input_ids, attention_mask, input_ids.shape[1] - 1, temperature=temperature,
-        compute_entropy=compute_entropy, impl=impl,
-    )
+    return hidden, head
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -115,17 +126,58 @@ def next_token_logprob_entropy(
     ``compute_entropy``), in nats; 0, and no gradient, where the token or its context position is
     padding. The one HF -> fused adapter: ``causal_lm_logprob_entropy`` and the trainer's
     ``prepo.integrations.hf_fused`` both end here."""
-    targets = input_ids[:, -n_keep:]
-    if attention_mask is not None:
-        valid = attention_mask[:, -n_keep:].bool() & attention_mask[:, -n_keep - 1 : -1].bool()
-        targets = torch.where(valid, targets, IGNORE)
     return linear_logprob_entropy(
-        hidden[:, -n_keep - 1 : -1].to(head.weight.dtype),  # autocast may hand back another dtype
+        _tail_hidden(hidden, head, n_keep),
         head.weight,
-        targets,
+        _next_token_targets(input_ids, attention_mask, n_keep),
         bias=head.bias,
         temperature=temperature,
         ignore_index=IGNORE,
         compute_entropy=compute_entropy,
         impl=impl,
     )
+
+
+def next_token_grpo_loss(
+    hidden: torch.Tensor,
+    head: nn.Linear,
+    input_ids: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    n_keep: int,
+    old_logprob: Optional[torch.Tensor],
+    advantages: torch.Tensor,
+    *,
+    temperature: Temperature = 1.0,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    num_tokens: Optional[float] = None,
+    compute_entropy: bool = False,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, GRPOLossStats]:
+    """:func:`linear_grpo_loss` over the last ``n_keep`` tokens of ``input_ids`` (1 <= n_keep < T),
+    from the decoder's last hidden states, with the targets (and the padding they skip) of
+    :func:`next_token_logprob_entropy`.
+
+    hidden [B, T, D], input_ids / attention_mask [B, T]; old_logprob [B, n_keep] float or None
+    (on-policy); advantages [B, 1] or [B, n_keep] (PREPO's w_i multiplied in); the rest as in
+    :func:`linear_grpo_loss`, whose (loss 0-d, stats with [B, n_keep] tensors) this returns."""
+    return linear_grpo_loss(
+        _tail_hidden(hidden, head, n_keep), head.weight, _next_token_targets(input_ids, attention_mask, n_keep),
+        old_logprob, advantages, bias=head.bias, temperature=temperature, ignore_index=IGNORE, eps_low=eps_low,
+        eps_high=eps_high, num_tokens=num_tokens, compute_entropy=compute_entropy, impl=impl,
+    )
+
+
+def _tail_hidden(hidden: torch.Tensor, head: nn.Linear, n_keep: int) -> torch.Tensor:
+    """The hidden states that predict the last ``n_keep`` tokens, in the head's dtype (autocast may
+    hand back another)."""
+    return hidden[:, -n_keep - 1 : -1].to(head.weight.dtype)
+
+
+def _next_token_targets(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], n_keep: int) -> torch.Tensor:
+    """[B, n_keep] the last ``n_keep`` tokens, IGNORE where the token or its context position is padding."""
+    targets = input_ids[:, -n_keep:]
+    if attention_mask is None:
+        return targets
+    valid = attention_mask[:, -n_keep:].bool() & attention_mask[:, -n_keep - 1 : -1].bool()
+    return torch.where(valid, targets, IGNORE)

@@ -116,9 +116,37 @@ def test_several_chunks(impl, monkeypatch):
 
 @pytest.mark.parametrize("impl", FUSED)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_low_precision_within_reference_error(impl, dtype):
-    case = make_case(48, 64, 2500)  # V above the C++ backend's 1024-row upcast tile, not a multiple
+def test_low_precision_within_reference_error(impl, dtype, monkeypatch):
+    monkeypatch.setattr(grpo_backends, "TILE_BYTES", 4 * 64 * 1000)  # the C++ backend's W / dW tiles: 1000 rows
+    assert grpo_backends.tile_rows(64) == 1000
+    case = make_case(48, 64, 2500)  # V above the tile, not a multiple
     assert_close_to_truth(impl, dtype, case, LOW[dtype])
+
+
+@pytest.mark.parametrize("impl", FUSED)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_dw_accumulates_across_chunks(impl, dtype, monkeypatch):
+    """bf16 / fp16: dW accumulates in the weight's dtype across row chunks (no [V, D] fp32
+    buffer), here 3 chunks of 16 rows and 3 vocab tiles, and stays within the reference's error."""
+    monkeypatch.setattr(grpo_backends, "CHUNK_BYTES", 1)  # the 16-row minimum
+    monkeypatch.setattr(grpo_backends, "TILE_BYTES", 4 * 64 * 1000)
+    assert grpo_backends.chunk_rows(2500) == 16 and grpo_backends.tile_rows(64) == 1000
+    assert_close_to_truth(impl, dtype, make_case(48, 64, 2500), LOW[dtype])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_on_policy_without_old_logprob(impl):
+    """old_logprob=None (TRL's on-policy case): the old log-probs are the new ones, detached, so
+    every ratio is 1 and nothing is clipped; the truth is grpo_loss with old = the float64 log-probs."""
+    case = make_case(40, 48, 129)
+    true_lp, _ = linear_logprob_entropy(case["hidden"], case["weight"], case["targets"], bias=case["bias"],
+                                        temperature=case["temperature"], impl="reference")
+    t_loss, t_grads, _, _, t_clip = truth(dict(case, old=true_lp))
+    loss, grads, stats = run(impl, F64, dict(case, old=None))
+    for t, x in zip([t_loss] + t_grads, [loss] + grads):
+        torch.testing.assert_close(x, t, rtol=1e-9, atol=1e-12)
+    assert t_clip == 0 and stats.clip_frac.item() == 0
+    assert stats.computed.sum() > 0 and t_grads[1].abs().sum() > 0
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -226,6 +254,7 @@ def test_bad_input(name, overrides, exc, match):
 
 def test_chunk_rows_bounds_the_logits():
     assert grpo_backends.chunk_rows(32768) * 32768 * 4 <= grpo_backends.CHUNK_BYTES
+    assert grpo_backends.tile_rows(1024) * 1024 * 4 <= grpo_backends.TILE_BYTES
     assert grpo_backends.chunk_rows(10) == 1024 and grpo_backends.chunk_rows(10**7) == 16
 
 
@@ -236,6 +265,17 @@ def test_a_backend_that_ignores_a_clip_side_fails_this_suite(eps, monkeypatch):
     monkeypatch.setitem(grpo_backends.BACKENDS, "torch", wrong)
     with pytest.raises(AssertionError, match="d_hidden"):
         assert_close_to_truth("torch", F64, make_case(40, 48, 129), 1e-9)
+
+
+def test_runs_natively_only_where_the_log_prob_op_runs_the_same_backend(monkeypatch):
+    """The trainer and PrepoGRPOTrainer take the fused loss where it runs the backend the fused
+    log-probs would: not on a GPU whose auto choice is triton / cuda (this op's torch fallback)."""
+    from prepo_kernels.backends import registry
+    from prepo_kernels.grpo_loss import grpo_runs_natively
+
+    assert all(grpo_runs_natively(impl, "cpu") for impl in ("auto", "torch", "reference"))
+    monkeypatch.setattr(registry, "resolve", lambda impl, device: "triton")
+    assert not grpo_runs_natively("auto", "cpu")
 
 
 def test_auto_falls_back_to_torch_without_the_native_op(monkeypatch):

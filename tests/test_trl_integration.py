@@ -341,3 +341,58 @@ if __name__ == "__main__":
     import sys
 
     _two_rank_worker(sys.argv[1], sys.argv[2])
+
+
+@pytest.mark.parametrize("old_logprobs", [True, False])
+def test_fused_loss_matches_trls_loss(tiny_qwen2_dir, tmp_path, old_logprobs):
+    """The loss is linear_grpo_loss, with old log-probs in the batch (steps_per_generation=2 over
+    one accumulation step) and without (on-policy, TRL's ratio of exactly 1); training with it gives
+    the parameters and the logged metrics of TRL's own loss on the fused log-probs, within float
+    rounding."""
+
+    class Counting(PrepoGRPOTrainer):
+        fused_calls = 0
+
+        def fused_loss_applies(self, inputs):
+            applies = super().fused_loss_applies(inputs)
+            self.fused_calls += applies
+            return applies
+
+    class TrlLoss(PrepoGRPOTrainer):
+        def fused_loss_applies(self, inputs):
+            return False
+
+    # SGD, not AdamW: AdamW's first steps move every weight by about lr whatever the gradient's size,
+    # so rounding-level gradients of opposite signs would part the two runs by lr per weight
+    kw = dict(max_steps=4, optim="sgd", learning_rate=0.5)
+    if old_logprobs:   # a large step, so that the second step's ratios leave the clip range
+        kw.update(per_device_train_batch_size=G * K // 2, steps_per_generation=2, learning_rate=2.0)
+    def half_zero(completions, uid, **kwargs):   # the odd prompts' groups have zero reward variance
+        return [0.0 if u % 2 else r for u, r in zip(uid, reward_chars(completions))]
+
+    # with old log-probs, one group per optimizer step, reward_chars' (their ratios get clipped);
+    # on-policy, half_zero's groups of both kinds (the fused loss skips the zero-variance ones)
+    reward = reward_chars if old_logprobs else half_zero
+
+    from transformers import AutoTokenizer
+
+    def train(cls):   # built and trained before the next is built: the Trainer seeds the RNGs as it is built
+        trainer = cls(model=load_model(tiny_qwen2_dir), reward_funcs=reward, train_dataset=prompt_dataset(),
+                      args=make_config(tmp_path / cls.__name__, **kw),
+                      processing_class=AutoTokenizer.from_pretrained(tiny_qwen2_dir))
+        trainer.train()
+        return trainer
+
+    fused, ref = train(Counting), train(TrlLoss)
+    assert fused.fused_calls == 4
+    ours = [h for h in fused.state.log_history if "loss" in h]
+    theirs = [h for h in ref.state.log_history if "loss" in h]
+    assert len(ours) == len(theirs) == 4 and ours[0].keys() == theirs[0].keys()
+    # with old log-probs the ratios moved out of the clip range; without, they are 1
+    assert any(h["clip_ratio/region_mean"] > 0 for h in theirs) == old_logprobs
+    assert old_logprobs or any(h["frac_reward_zero_std"] > 0 for h in theirs)
+    for a, b in zip(ours, theirs):
+        a.pop("step_time"), b.pop("step_time")
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
+    for (name, p), q in zip(fused.model.named_parameters(), ref.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)

@@ -11,8 +11,13 @@
 //   4. dW += Z^T h_chunk, db += column sums of Z            (matmul 3)
 // Nothing is recomputed. fp32 / fp64 run their GEMMs in their own dtype on the whole vocabulary.
 // bf16 / fp16 run them in fp32 (on CPUs without native bf16 GEMMs, ATen's bf16 matmul is several
-// times slower than fp32): h_chunk is upcast once per chunk, W one vocab tile at a time into a small
-// buffer, and dW accumulates in fp32, rounded once to the weight's dtype at the end.
+// times slower than fp32): h_chunk is upcast once per chunk, W one vocab tile of tile_rows rows at a
+// time into a buffer (the caller sizes it: prepo_kernels/grpo_backends.py), and each vocab tile's share of dW is computed in fp32 into a tile-sized buffer and added
+// to grad_weight in the weight's dtype (fp32 add, one rounding per row chunk). No [V, D] fp32
+// accumulator: the memory of linear_logprob_entropy's backward, which rounds each dW tile once
+// because it runs vocab tiles outermost; here the row chunks are outermost (a row's full logits
+// give its loss gradient), so a tile is revisited once per chunk (Liger's fused linear losses also
+// accumulate grad_weight in the weight's dtype).
 //
 // Registers its own schema (TORCH_LIBRARY_FRAGMENT), so csrc/ops.cpp is untouched.
 #include <ATen/ATen.h>
@@ -33,16 +38,15 @@ namespace {
 
 using at::Tensor;
 
-// Vocab rows of W upcast at a time for bf16 / fp16 GEMMs (4 MB of fp32 at D = 1024).
-constexpr int64_t kUpcastTile = 1024;
-
 // The per-row scalars of the surrogate (prepo.loss.grpo_loss): the loss is -scale * sum surr.
+// on_policy: no old log-probs, the ratio is exactly 1 (old = the new log-prob, detached).
 struct Surrogate {
   double scale, eps_low, eps_high;
+  bool on_policy;
   // dL/dlogprob for one token: -scale * A * r where min(r A, clip(r) A) takes the unclipped branch.
   template <typename T>
   T grad(T logprob, T old, T adv) const {
-    const T r = std::exp(logprob - old);
+    const T r = on_policy ? T(1) : std::exp(logprob - old);
     const T clipped_r = std::min(std::max(r, T(1 - eps_low)), T(1 + eps_high));
     const bool clipped = clipped_r * adv < r * adv;
     return clipped ? T(0) : T(-scale) * adv * r;
@@ -105,14 +109,16 @@ PREPO_CLONES
 void grpo_rows_f32(float* Z, const float* b, int64_t V, const float* it, const int64_t* y, const float* old,
                    const float* adv, const Surrogate& s, bool grad, float* lp, float* ent, int64_t lo, int64_t hi) {
   for (int64_t i = lo; i < hi; ++i)
-    grpo_row(Z + i * V, b, V, it[i], y[i], old[i], adv[i], s, grad, lp + i, ent != nullptr ? ent + i : nullptr);
+    grpo_row(Z + i * V, b, V, it[i], y[i], old != nullptr ? old[i] : 0.0f, adv[i], s, grad, lp + i,
+             ent != nullptr ? ent + i : nullptr);
 }
 
 void grpo_rows_f64(double* Z, const double* b, int64_t V, const double* it, const int64_t* y, const double* old,
                    const double* adv, const Surrogate& s, bool grad, double* lp, double* ent, int64_t lo,
                    int64_t hi) {
   for (int64_t i = lo; i < hi; ++i)
-    grpo_row(Z + i * V, b, V, it[i], y[i], old[i], adv[i], s, grad, lp + i, ent != nullptr ? ent + i : nullptr);
+    grpo_row(Z + i * V, b, V, it[i], y[i], old != nullptr ? old[i] : 0.0, adv[i], s, grad, lp + i,
+             ent != nullptr ? ent + i : nullptr);
 }
 
 inline void grpo_rows(float* Z, const float* b, int64_t V, const float* it, const int64_t* y, const float* old,
@@ -127,12 +133,17 @@ inline void grpo_rows(double* Z, const double* b, int64_t V, const double* it, c
 }
 
 // The GEMMs of one chunk in the accumulation dtype. For a weight already in that dtype they run on
-// the whole vocabulary; otherwise W is upcast one kUpcastTile-row tile at a time.
+// the whole vocabulary and dW accumulates in place; otherwise W is upcast and dW computed one
+// tile of tile_rows vocab rows at a time, each tile added to the low-precision dW (see the header).
 class ChunkGemms {
  public:
-  ChunkGemms(const Tensor& weight, at::ScalarType acc)
-      : weight_(weight), lowp_(weight.scalar_type() != acc) {
-    if (lowp_) wbuf_ = at::empty({std::min(kUpcastTile, weight.size(0)), weight.size(1)}, weight.options().dtype(acc));
+  ChunkGemms(const Tensor& weight, at::ScalarType acc, int64_t tile_rows)
+      : weight_(weight), lowp_(weight.scalar_type() != acc), tile_(std::min(tile_rows, weight.size(0))) {
+    if (lowp_) {
+      const int64_t rows = tile_;
+      wbuf_ = at::empty({rows, weight.size(1)}, weight.options().dtype(acc));
+      dwbuf_ = at::empty({rows, weight.size(1)}, weight.options().dtype(acc));
+    }
   }
   // Z [c, V] = h W^T
   void logits(const Tensor& h, Tensor& Z) {
@@ -145,27 +156,38 @@ class ChunkGemms {
       at::mm_out(out, h, Wt.t());
     });
   }
-  // dh = Z W (overwritten), dW (+)= Z^T h
+  // dh = Z W (overwritten), dW (+)= Z^T h; dW has the weight's dtype
   void grads(const Tensor& Z, const Tensor& h, Tensor dh, Tensor& dW, bool accumulate) {
-    if (accumulate) {
-      dW.addmm_(Z.t(), h);
-    } else {
-      at::mm_out(dW, Z.t(), h);
-    }
     if (!lowp_) {
+      if (accumulate) {
+        dW.addmm_(Z.t(), h);
+      } else {
+        at::mm_out(dW, Z.t(), h);
+      }
       at::mm_out(dh, Z, weight_);
       return;
     }
     dh.zero_();
-    for_tiles([&](int64_t v0, int64_t vt, const Tensor& Wt) { dh.addmm_(Z.narrow(1, v0, vt), Wt); });
+    for_tiles([&](int64_t v0, int64_t vt, const Tensor& Wt) {
+      const Tensor Zt = Z.narrow(1, v0, vt);
+      dh.addmm_(Zt, Wt);
+      Tensor dWt = dwbuf_.narrow(0, 0, vt);
+      at::mm_out(dWt, Zt.t(), h);
+      Tensor out = dW.narrow(0, v0, vt);
+      if (accumulate) {
+        out.add_(dWt);  // computed in fp32, rounded once to the weight's dtype
+      } else {
+        out.copy_(dWt);
+      }
+    });
   }
 
  private:
   template <typename F>
   void for_tiles(F&& f) {
     const int64_t V = weight_.size(0);
-    for (int64_t v0 = 0; v0 < V; v0 += kUpcastTile) {
-      const int64_t vt = std::min(kUpcastTile, V - v0);
+    for (int64_t v0 = 0; v0 < V; v0 += tile_) {
+      const int64_t vt = std::min(tile_, V - v0);
       Tensor Wt = wbuf_.narrow(0, 0, vt);
       Wt.copy_(weight_.narrow(0, v0, vt));
       f(v0, vt, Wt);
@@ -173,30 +195,31 @@ class ChunkGemms {
   }
   const Tensor& weight_;
   const bool lowp_;
-  Tensor wbuf_;
+  const int64_t tile_;
+  Tensor wbuf_, dwbuf_;
 };
 
 template <typename acc_t>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fwdbwd_typed(const Tensor& hidden, const Tensor& weight,
                                                                 const std::optional<Tensor>& bias,
                                                                 const Tensor& targets, const Tensor& inv_temp,
-                                                                const Tensor& old_logprob, const Tensor& advantages,
+                                                                const std::optional<Tensor>& old_logprob,
+                                                                const Tensor& advantages,
                                                                 const Surrogate& s, bool compute_entropy,
-                                                                bool need_grad, int64_t chunk) {
+                                                                bool need_grad, int64_t chunk, int64_t tile_rows) {
   const auto acc = c10::CppTypeToScalarType<acc_t>::value;
   const int64_t n = hidden.size(0), D = hidden.size(1), V = weight.size(0);
   const auto fopts = hidden.options().dtype(acc);
   const Tensor h = hidden.detach().contiguous(), W = weight.detach().contiguous();
   const Tensor y = targets.contiguous(), it = inv_temp.to(acc).contiguous();
-  const Tensor old = old_logprob.to(acc).contiguous(), adv = advantages.to(acc).contiguous();
+  const Tensor old = old_logprob.has_value() ? old_logprob->to(acc).contiguous() : Tensor();
+  const Tensor adv = advantages.to(acc).contiguous();
   const Tensor b = bias.has_value() ? bias->detach().to(acc).contiguous() : Tensor();
   Tensor logprob = at::empty({n}, fopts);
   Tensor entropy = at::empty({compute_entropy ? n : 0}, fopts);
   using Shape = std::vector<int64_t>;
   Tensor grad_h = at::empty(need_grad ? Shape{n, D} : Shape{0}, fopts);
-  const bool in_place_dw = weight.scalar_type() == acc;
   Tensor grad_w = at::empty(need_grad ? Shape{V, D} : Shape{0}, weight.options());
-  Tensor dw_acc = !need_grad ? Tensor() : (in_place_dw ? grad_w : at::empty({V, D}, fopts));
   Tensor grad_b = at::zeros({need_grad && b.defined() ? V : 0}, fopts);
   if (n == 0) {
     if (need_grad) grad_w.zero_();
@@ -205,7 +228,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fwdbwd_typed(const Tensor& hi
   const int64_t C = std::min(n, chunk);
   const Tensor zbuf = at::empty({C * V}, fopts);
   const Tensor hbuf = h.scalar_type() == acc ? Tensor() : at::empty({C, D}, fopts);
-  ChunkGemms gemms(W, acc);
+  ChunkGemms gemms(W, acc, tile_rows);
   for (int64_t r0 = 0; r0 < n; r0 += C) {
     const int64_t c = std::min(C, n - r0);
     Tensor hc = h.narrow(0, r0, c);
@@ -216,17 +239,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fwdbwd_typed(const Tensor& hi
     const acc_t* bp = b.defined() ? b.data_ptr<acc_t>() : nullptr;
     acc_t* lp = logprob.data_ptr<acc_t>() + r0;
     acc_t* ent = compute_entropy ? entropy.data_ptr<acc_t>() + r0 : nullptr;
-    const acc_t *itp = it.data_ptr<acc_t>() + r0, *oldp = old.data_ptr<acc_t>() + r0;
+    const acc_t* itp = it.data_ptr<acc_t>() + r0;
+    const acc_t* oldp = old.defined() ? old.data_ptr<acc_t>() + r0 : nullptr;
     const acc_t* advp = adv.data_ptr<acc_t>() + r0;
     const int64_t* yp = y.data_ptr<int64_t>() + r0;
     at::parallel_for(0, c, 1, [&](int64_t lo, int64_t hi) {
       grpo_rows(zp, bp, V, itp, yp, oldp, advp, s, need_grad, lp, ent, lo, hi);
     });
     if (!need_grad) continue;
-    gemms.grads(Z, hc, grad_h.narrow(0, r0, c), dw_acc, r0 > 0);
+    gemms.grads(Z, hc, grad_h.narrow(0, r0, c), grad_w, r0 > 0);
     if (b.defined()) grad_b.add_(Z.sum(0));
   }
-  if (need_grad && !in_place_dw) grad_w.copy_(dw_acc);
   return {logprob, entropy, grad_h, grad_w, grad_b};
 }
 
@@ -234,8 +257,9 @@ void check(bool ok, const char* what) { TORCH_CHECK(ok, "prepo_kernels::grpo_los
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> grpo_loss_fwdbwd(
     const Tensor& hidden, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& targets,
-    const Tensor& inv_temp, const Tensor& old_logprob, const Tensor& advantages, double scale, double eps_low,
-    double eps_high, bool compute_entropy, bool need_grad, int64_t chunk_rows) {
+    const Tensor& inv_temp, const std::optional<Tensor>& old_logprob, const Tensor& advantages, double scale,
+    double eps_low,
+    double eps_high, bool compute_entropy, bool need_grad, int64_t chunk_rows, int64_t tile_rows) {
   const auto dt = hidden.scalar_type();
   check(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1), "hidden [n, D], weight [V, D]");
   check(weight.size(0) > 0, "weight must have at least one row");
@@ -245,20 +269,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> grpo_loss_fwdbwd(
   check(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->scalar_type() == dt),
         "bias must be [V] of hidden's dtype");
   const int64_t n = hidden.size(0);
-  for (const Tensor* t : {&targets, &inv_temp, &old_logprob, &advantages})
+  for (const Tensor* t : {&targets, &inv_temp, &advantages})
     check(t->dim() == 1 && t->size(0) == n, "targets, inv_temp, old_logprob and advantages must be [n]");
+  check(!old_logprob.has_value() || (old_logprob->dim() == 1 && old_logprob->size(0) == n),
+        "targets, inv_temp, old_logprob and advantages must be [n]");
   check(targets.scalar_type() == at::kLong, "targets must be int64");
-  check(chunk_rows > 0, "chunk_rows must be > 0");
+  check(chunk_rows > 0 && tile_rows > 0, "chunk_rows and tile_rows must be > 0");
   if (n > 0) {
     check(targets.min().item<int64_t>() >= 0 && targets.max().item<int64_t>() < weight.size(0),
           "targets must be in [0, V)");
   }
-  const Surrogate s{scale, eps_low, eps_high};
+  const Surrogate s{scale, eps_low, eps_high, !old_logprob.has_value()};
   if (dt == at::kDouble)
     return fwdbwd_typed<double>(hidden, weight, bias, targets, inv_temp, old_logprob, advantages, s,
-                                compute_entropy, need_grad, chunk_rows);
+                                compute_entropy, need_grad, chunk_rows, tile_rows);
   return fwdbwd_typed<float>(hidden, weight, bias, targets, inv_temp, old_logprob, advantages, s, compute_entropy,
-                             need_grad, chunk_rows);
+                             need_grad, chunk_rows, tile_rows);
 }
 
 }  // namespace
@@ -266,8 +292,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> grpo_loss_fwdbwd(
 TORCH_LIBRARY_FRAGMENT(prepo_kernels, m) {
   m.def(
       "grpo_loss_fwdbwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor inv_temp, "
-      "Tensor old_logprob, Tensor advantages, float scale, float eps_low, float eps_high, bool compute_entropy, "
-      "bool need_grad, int chunk_rows) -> (Tensor logprob, Tensor entropy, Tensor grad_hidden, Tensor grad_weight, "
+      "Tensor? old_logprob, Tensor advantages, float scale, float eps_low, float eps_high, bool compute_entropy, "
+      "bool need_grad, int chunk_rows, int tile_rows) -> (Tensor logprob, Tensor entropy, Tensor grad_hidden, Tensor grad_weight, "
       "Tensor grad_bias)");
 }
 

@@ -45,6 +45,15 @@ def tail_logprob_entropy(
                          "must both be [B, T]")
     if not 1 <= n_keep < input_ids.size(1):
         raise ValueError(f"n_keep must be in [1, T) with T={input_ids.size(1)}, got {n_keep}")
+    hidden, head = tail_hidden(model, unwrapped, input_ids, attention_mask)
+    return next_token_logprob_entropy(hidden, head, input_ids, attention_mask, n_keep, temperature=temperature,
+                                      compute_entropy=compute_entropy)
+
+
+def tail_hidden(model: nn.Module, unwrapped: nn.Module, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor) -> tuple[torch.Tensor, nn.Linear]:
+    """(the decoder's last hidden state [B, T, D], the LM head) of ``model`` called through its
+    wrapper on ``input_ids`` / ``attention_mask`` [B, T] (arguments as in :func:`tail_logprob_entropy`)."""
     decoder, head = decoder_and_head(unwrapped)
     captured = []
     handle = decoder.register_forward_hook(lambda _m, _a, out: captured.append(out.last_hidden_state))
@@ -55,5 +64,4 @@ def tail_logprob_entropy(
         handle.remove()
     if len(captured) != 1:
         raise RuntimeError(f"expected one decoder call in the model's forward, saw {len(captured)}")
-    return next_token_logprob_entropy(captured[0], head, input_ids, attention_mask, n_keep, temperature=temperature,
-                                      compute_entropy=compute_entropy)
+    return captured[0], head

@@ -19,7 +19,11 @@ Three parts, each switched by one config flag (all off is plain TRL GRPO):
   extra no-grad fused pass.
 * ``prepo_fused_logprobs``: log-probs and entropies (loss, old and reference log-probs) come from
   prepo_kernels' fused LM head instead of TRL's (text-only models with a linear LM head; DDP yes,
-  FSDP / ZeRO-3 sharded heads no).
+  FSDP / ZeRO-3 sharded heads no). Where it applies (:meth:`PrepoGRPOTrainer.fused_loss_applies`:
+  DAPO's loss with its clipped token-level ratio and nothing added to it), the loss itself is
+  ``prepo_kernels.linear_grpo_loss``: its gradients are computed in the forward pass, three LM-head
+  matmuls instead of four, zero-advantage rows skipped; TRL's metrics are logged with their own
+  definitions.
 
 Logged in the trainer's log history: ``prepo/ppl_window_lo``, ``prepo/ppl_window_hi``,
 ``prepo/candidates_scored`` (curriculum) and ``prepo/weight_min``, ``prepo/weight_max`` (weighting).
@@ -38,10 +42,14 @@ import prepo_kernels
 import trl
 from trl import GRPOConfig, GRPOTrainer
 
+from prepo_kernels.grpo_loss import grpo_runs_natively
+from prepo_kernels.hf import next_token_grpo_loss, next_token_logprob_entropy
+from trl.trainer.utils import nanmax, nanmin
+
 from ..hub import resolve_model
 from ..signals.pacing import pacing_rho, window_select
 from ..signals.weighting import relative_entropy_weights
-from .hf_fused import tail_logprob_entropy
+from .hf_fused import tail_hidden, tail_logprob_entropy
 
 SUPPORTED_TRL = (Version("1.16.0"), Version("1.17.0"))  # [lo, hi): the overridden methods' contracts
 if not SUPPORTED_TRL[0] <= Version(trl.__version__) < SUPPORTED_TRL[1]:
@@ -101,7 +109,8 @@ class PrepoGRPOTrainer(GRPOTrainer):
 
     Overrides: ``get_train_dataloader`` / ``_get_train_sampler`` (candidate batches),
     ``_generate_and_score_completions`` (window before generation, weights after the advantages),
-    ``_get_per_token_logps_and_entropies`` (fused log-probs and entropies).
+    ``_get_per_token_logps_and_entropies`` (fused log-probs and entropies), ``_compute_loss`` (the
+    fused GRPO loss where it applies).
     """
 
     def __init__(self, model, reward_funcs=None, args: PrepoGRPOConfig | None = None, *pargs, **kwargs):
@@ -268,3 +277,82 @@ class PrepoGRPOTrainer(GRPOTrainer):
         if policy_pass:
             self._fused_passes.append((logps, entropy))
         return logps, entropy if compute_entropy else None, None
+
+    # ---------------------------------------------------------------- fused loss
+    def fused_loss_applies(self, inputs: dict) -> bool:
+        """Whether ``_compute_loss`` can be ``linear_grpo_loss``, which is DAPO's token-level clipped
+        surrogate alone. Not with: fused log-probs off; a KL term (it needs every token's reference
+        log-prob and gradient); another loss type or aggregation, sequence-level ratios, two-sided
+        clipping (delta), off-policy masks, entropy masks or bonus, vLLM importance weights, an MoE
+        aux loss, tool masks or images; nor on a device whose fused log-prob kernel the op lacks (GPUs:
+        triton / cuda). Without old log-probs in the batch TRL's ratio is exactly 1 (the loss's own
+        log-probs, detached, as the old ones): linear_grpo_loss's old_logprob=None."""
+        args = self.args
+        return (args.prepo_fused_logprobs and grpo_runs_natively("auto", self.accelerator.device)
+                and self.beta == 0.0 and self.loss_type == "dapo"
+                and self.importance_sampling_level == "token" and args.delta is None
+                and self.off_policy_mask_threshold is None and self.top_entropy_quantile == 1.0
+                and not self._entropy_bonus_enabled and not self.aux_loss_enabled and not self._is_vlm
+                and not (self.use_vllm and self.vllm_importance_sampling_correction)
+                and "tool_mask" not in inputs)
+
+    def _compute_loss(self, model, inputs):
+        if not self.fused_loss_applies(inputs):
+            return super()._compute_loss(model, inputs)
+        mode = "train" if self.model.training else "eval"
+        # TRL's DAPO normalizer: the generation batch's tokens, rescaled to one accumulation window
+        normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+        if mode == "train":
+            normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        advantages = inputs["advantages"]
+        advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+        old = inputs.get("old_per_token_logps")   # None: on-policy
+        with self.accelerator.autocast():
+            hidden, head = tail_hidden(model, self.accelerator.unwrap_model(model), input_ids, attention_mask)
+            loss, stats = next_token_grpo_loss(
+                hidden, head, input_ids, attention_mask, inputs["completion_ids"].shape[1], old, advantages,
+                temperature=self.temperature, eps_low=self.epsilon_low, eps_high=self.epsilon_high,
+                num_tokens=float(normalizer), compute_entropy=True)
+        entropy = self._fill_entropy(stats, hidden, head, input_ids, attention_mask, inputs["completion_mask"])
+        # not computed (advantage 0): never clipped, whatever the ratio, so any ratio will do
+        coef_1 = torch.ones_like(stats.logprob) if old is None else \
+            torch.where(stats.computed, torch.exp(stats.logprob - old), 1.0)
+        self._log_loss_metrics(mode, inputs["completion_mask"], advantages, coef_1, entropy)
+        return loss
+
+    def _fill_entropy(self, stats, hidden, head, input_ids, attention_mask, mask) -> torch.Tensor:
+        """[B, C] entropies of the completion tokens (``mask``): the fused loss's where it computed them,
+        a no-grad forward of the LM head on the rows holding the rest (zero-advantage rows, which the
+        loss skips)."""
+        entropy = stats.entropy
+        rows = (mask.bool() & ~stats.computed).any(1).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return entropy
+        with torch.no_grad(), self.accelerator.autocast():
+            _, rest = next_token_logprob_entropy(hidden[rows], head, input_ids[rows], attention_mask[rows],
+                                                 entropy.shape[1], temperature=self.temperature)
+        entropy = entropy.clone()
+        entropy[rows] = torch.where(stats.computed[rows], entropy[rows], rest)
+        return entropy
+
+    def _log_loss_metrics(self, mode, mask, advantages, coef_1, entropy) -> None:
+        """TRL's DAPO metrics with TRL's definitions: the token-mean entropy and clip ratios over all
+        ranks, the per-sequence low-clip minimum and high-clip maximum."""
+        mask = mask.to(coef_1.dtype)
+
+        def global_masked_mean(x):
+            totals = self.accelerator.reduce(torch.stack([(x * mask).sum(), mask.sum()]), reduction="sum")
+            return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+        metrics = self._metrics[mode]
+        metrics["entropy"].append(global_masked_mean(entropy))
+        low = ((coef_1 < 1 - self.epsilon_low) & (advantages < 0)).float()
+        high = ((coef_1 > 1 + self.epsilon_high) & (advantages > 0)).float()
+        metrics["clip_ratio/low_mean"].append(global_masked_mean(low))
+        metrics["clip_ratio/high_mean"].append(global_masked_mean(high))
+        metrics["clip_ratio/region_mean"].append(global_masked_mean(torch.maximum(low, high)))
+        seq_mean = lambda x: (x * mask).sum(-1) / mask.sum(-1)  # noqa: E731
+        metrics["clip_ratio/low_min"].append(nanmin(self.accelerator.gather(seq_mean(low))).item())
+        metrics["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(seq_mean(high))).item())
