@@ -8,11 +8,14 @@ The step, as the trainer runs it (each phase in micro-batches of ``--micro-batch
 
 1. score: log-probs of the candidate prompts' tokens (|B| = 5 K prompts, K = rollouts / 8), no grad;
 2. old: log-probs and full-vocabulary entropies of the completions, no grad;
-3. update: log-probs of the completions with grad, backward into the hidden states and the head.
+3. update: the clipped GRPO surrogate (DAPO token-mean, clip 0.2 / 0.28) of the completions
+   against the old log-probs of 2., random per-token advantages, backward into the hidden states
+   and the head.
 
-``fused`` = ``prepo_kernels.linear_logprob_entropy`` (``impl="auto"``); ``materialized`` = logits
-``h @ W.T`` then TRL's ``selective_log_softmax`` / ``entropy_from_logits`` (what TRL's GRPO and
-HF models do). Hidden states are the model's real final hidden states over wordmath chats with
+``fused`` = ``prepo_kernels.linear_logprob_entropy`` for 1. and 2. and ``linear_grpo_loss`` for 3.
+(``impl="auto"``; the trainer's update uses the latter where it applies); ``materialized`` = logits
+``h @ W.T`` then TRL's ``selective_log_softmax`` / ``entropy_from_logits`` and the surrogate on
+the log-probs (what TRL's GRPO and HF models do). Hidden states are the model's real final hidden states over wordmath chats with
 answers (a pool of rows, tiled to the batch), targets the real next tokens. Each path runs in its
 own subprocess: peak RSS above the inputs (Linux VmHWM after a reset) over the whole step, then
 the median of ``--reps`` timed steps. Writes ``benchmarks/results/smollm2_lm_head.{md,json}``.
@@ -34,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
 TEMPERATURE = 0.7
+EPS = (0.2, 0.28)   # DAPO's clip range (eps_low, eps_high)
 
 
 def real_rows(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -72,6 +76,19 @@ def head(path: str, h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, entropy: 
     return selective_log_softmax(logits, y), entropy_from_logits(logits) if entropy else None
 
 
+def surrogate_backward(path: str, h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, old: torch.Tensor,
+                       adv: torch.Tensor) -> None:
+    """Backward of the DAPO clipped surrogate (token-mean over the rows) with ``path``'s method."""
+    if path == "fused":
+        from prepo_kernels import linear_grpo_loss
+
+        loss, _ = linear_grpo_loss(h, w, y, old, adv, temperature=TEMPERATURE, eps_low=EPS[0], eps_high=EPS[1])
+    else:
+        ratio = torch.exp(head(path, h, w, y, entropy=False)[0] - old)
+        loss = -torch.minimum(ratio * adv, ratio.clamp(1 - EPS[0], 1 + EPS[1]) * adv).mean()
+    loss.backward()
+
+
 def step(path: str, args, data) -> dict:
     """One RL step's head work; seconds per phase."""
     prompt_h, prompt_y, comp_h, comp_y, w = data
@@ -83,16 +100,16 @@ def step(path: str, args, data) -> dict:
             head(path, h, w, y, entropy=False)
         out["score_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        for h, y in zip(split(comp_h, args.completion_len), split(comp_y, args.completion_len)):
-            head(path, h, w, y, entropy=True)
+        old = [head(path, h, w, y, entropy=True)[0]
+               for h, y in zip(split(comp_h, args.completion_len), split(comp_y, args.completion_len))]
         out["old_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     w = w.detach().requires_grad_()
     gen = torch.Generator().manual_seed(1)
-    for h, y in zip(split(comp_h, args.completion_len), split(comp_y, args.completion_len)):
-        h = h.detach().requires_grad_()
-        lp, _ = head(path, h, w, y, entropy=False)
-        (lp * torch.randn(lp.shape, generator=gen)).sum().backward()    # advantages x weights
+    for h, y, lp_old in zip(split(comp_h, args.completion_len), split(comp_y, args.completion_len), old):
+        adv = torch.randn(lp_old.shape, generator=gen)                      # advantages x weights
+        lp_old = lp_old + 0.05 * torch.randn(lp_old.shape, generator=gen)   # a policy that moved: some tokens clip
+        surrogate_backward(path, h.detach().requires_grad_(), w, y, lp_old, adv)
     out["update_s"] = time.perf_counter() - t0
     out["step_s"] = out["score_s"] + out["old_s"] + out["update_s"]
     return out
