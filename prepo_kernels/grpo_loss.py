@@ -110,10 +110,7 @@ def linear_grpo_loss(
     adv = torch.broadcast_to(adv, targets.shape).reshape(-1).to(acc)
     valid = y != ignore_index
     computed = valid & (adv != 0)
-    if num_tokens is None:
-        scale = 1.0 / valid.sum().clamp(min=1).to(acc)
-    else:
-        scale = torch.tensor(1.0 / max(float(num_tokens), 1.0), dtype=acc, device=hidden.device)
+    scale = _token_mean_scale(valid, num_tokens, acc)
     h2 = hidden.reshape(-1, hidden.shape[-1])
     if backend == "reference":
         loss, logprob, entropy = _reference(h2, weight, bias, y, inv_temp, old, adv, valid, scale,
@@ -133,6 +130,13 @@ def linear_grpo_loss(
         clip_frac=((clipped & computed).sum() * scale).detach(),
     )
     return loss, stats
+
+
+def _token_mean_scale(valid: Tensor, num_tokens: Optional[Union[int, float]], dtype: torch.dtype) -> Tensor:
+    """0-d 1 / (the token-mean's denominator): ``num_tokens`` when given, else the valid targets (>= 1)."""
+    if num_tokens is None:
+        return 1.0 / valid.sum().clamp(min=1).to(dtype)
+    return torch.tensor(1.0 / max(float(num_tokens), 1.0), dtype=dtype, device=valid.device)
 
 
 def _check_grpo_inputs(targets, old_logprob, advantages, eps_low, eps_high, num_tokens, compute_entropy):
