@@ -108,6 +108,25 @@ def test_inputs_clip_on_both_sides():
 
 
 @pytest.mark.parametrize("impl", FUSED)
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_large_and_masked_logits(impl, dtype):
+    """Logits in the hundreds and vocabulary entries masked by a -inf bias (never a target): finite
+    values and gradients, p = 0 exactly on the masked entries (no inf * 0)."""
+    case = make_case(37, 16, 300, temperature=1.3)
+    case["hidden"] = case["hidden"] * 60
+    masked = torch.ones(300, dtype=torch.bool)
+    masked[case["targets"][case["targets"] >= 0]] = False
+    case["bias"] = case["bias"].masked_fill(masked & (torch.arange(300) % 2 == 0), float("-inf"))  # about half the vocabulary
+    t_loss, t_grads, *_ = truth(case)
+    loss, grads, stats = run(impl, dtype, case)
+    assert torch.isfinite(stats.logprob).all() and torch.isfinite(stats.entropy).all()
+    tol = 1e-9 if dtype == F64 else 1e-4
+    for t, x in zip([t_loss] + t_grads[:2], [loss] + grads[:2]):
+        assert torch.allclose(x, t, atol=tol * (1 + t.abs().max()), rtol=tol)
+    assert (grads[2][case["bias"] == float("-inf")] == 0).all()
+
+
+@pytest.mark.parametrize("impl", FUSED)
 def test_several_chunks(impl, monkeypatch):
     """Rows in several chunks (the last one short): dW accumulates across them."""
     monkeypatch.setattr(grpo_backends, "CHUNK_BYTES", 3 * 4 * 300)  # 3 rows
