@@ -177,14 +177,14 @@ def grpo_runs_natively(impl: str, device: Union[str, torch.device]) -> bool:
         name = registry.resolve(impl, torch.device(device))
     except registry.BackendUnavailableError:
         return False
-    return name == "reference" or grpo_unavailable_reason(name) is None
+    return name == "reference" or grpo_unavailable_reason(name, torch.device(device)) is None
 
 
 def _resolve(impl: str, device: torch.device) -> str:
     """The GRPO backend for ``impl``: "auto" takes the registry's choice (which honours
     PREPO_KERNELS_IMPL) when this loss has that backend, else the torch backend."""
     name = registry.resolve(impl, device)
-    why = None if name == "reference" else grpo_unavailable_reason(name)
+    why = None if name == "reference" else grpo_unavailable_reason(name, device)
     if why is None:
         return name
     if impl == "auto":

@@ -5,14 +5,17 @@ tol (1 + |truth|). Inputs put tokens on both sides of the clip range on purpose.
 import pytest
 import torch
 
-from kernel_harness import F64, make_inputs, skip_reason
+from kernel_harness import F64, interpreter_warnings, make_inputs, skip_reason
 from prepo.loss import grpo_loss
 from prepo_kernels import BackendUnavailableError, linear_grpo_loss, linear_logprob_entropy
 from prepo_kernels import grpo_backends
 
+# "triton" runs on CPU under Triton's interpreter (conftest.py sets TRITON_INTERPRET=1): slow, so
+# the shapes here stay small
 IMPLS = [pytest.param(i, marks=[pytest.mark.skip(reason=skip_reason(i, "cpu"))] if skip_reason(i, "cpu") else [])
-         for i in ("reference", "torch", "cpu")]
+         for i in ("reference", "torch", "cpu", "triton")]
 FUSED = IMPLS[1:]
+pytestmark = interpreter_warnings  # numpy's warnings of the interpreter's guarded -inf arithmetic
 LOW = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 # ratio bands: below 1 - eps_low, inside, above 1 + eps_high; away from the edges, so that a
 # low-precision log-prob cannot move a token across one
@@ -112,11 +115,19 @@ def test_inputs_clip_on_both_sides():
 def test_large_and_masked_logits(impl, dtype):
     """Logits in the hundreds and vocabulary entries masked by a -inf bias (never a target): finite
     values and gradients, p = 0 exactly on the masked entries (no inf * 0)."""
+    check_large_and_masked(impl, dtype, masked_head=0)
+
+
+def check_large_and_masked(impl, dtype, masked_head):
+    """About half of 300 vocabulary entries masked, and the first ``masked_head`` of them all."""
     case = make_case(37, 16, 300, temperature=1.3)
     case["hidden"] = case["hidden"] * 60
+    y = case["targets"]
+    case["targets"] = torch.where((y >= 0) & (y < masked_head), y + masked_head, y)
     masked = torch.ones(300, dtype=torch.bool)
     masked[case["targets"][case["targets"] >= 0]] = False
-    case["bias"] = case["bias"].masked_fill(masked & (torch.arange(300) % 2 == 0), float("-inf"))  # about half the vocabulary
+    masked &= (torch.arange(300) % 2 == 0) | (torch.arange(300) < masked_head)
+    case["bias"] = case["bias"].masked_fill(masked, float("-inf"))
     t_loss, t_grads, *_ = truth(case)
     loss, grads, stats = run(impl, dtype, case)
     assert torch.isfinite(stats.logprob).all() and torch.isfinite(stats.entropy).all()
@@ -124,6 +135,19 @@ def test_large_and_masked_logits(impl, dtype):
     for t, x in zip([t_loss] + t_grads[:2], [loss] + grads[:2]):
         assert torch.allclose(x, t, atol=tol * (1 + t.abs().max()), rtol=tol)
     assert (grads[2][case["bias"] == float("-inf")] == 0).all()
+
+
+@pytest.mark.skipif(skip_reason("triton", "cpu") is not None, reason=str(skip_reason("triton", "cpu")))
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_triton_rows_over_many_vocab_tiles(dtype, monkeypatch):
+    """The Triton row kernel with 16-wide vocab tiles (19 per row, the last one partial, the first
+    two entirely -inf): its running max / sum / entropy sum across tiles, and its second pass."""
+    from prepo_kernels.triton import config
+
+    monkeypatch.setattr(config, "grpo_rows_blocks", lambda vocab, dt: (16, 4))
+    check_large_and_masked("triton", dtype, masked_head=32)
+    if dtype == F64:  # both clipped branches, ignored and zero-advantage rows
+        assert_close_to_truth("triton", F64, make_case(20, 13, 300), 1e-9)
 
 
 @pytest.mark.parametrize("impl", FUSED)
@@ -257,7 +281,7 @@ BAD = [
     ("temperature", dict(temperature=0.0), ValueError, "temperature must be finite and > 0"),
     ("compute_entropy", dict(compute_entropy=1), TypeError, "compute_entropy must be a bool"),
     ("impl", dict(impl="fastest"), ValueError, "impl must be"),
-    ("no triton backend", dict(impl="triton"), (ValueError, BackendUnavailableError), "triton"),
+    ("cuda on cpu", dict(impl="cuda"), BackendUnavailableError, "impl='cuda' is unavailable on cpu"),
 ]
 
 
@@ -288,13 +312,39 @@ def test_a_backend_that_ignores_a_clip_side_fails_this_suite(eps, monkeypatch):
 
 def test_runs_natively_only_where_the_log_prob_op_runs_the_same_backend(monkeypatch):
     """The trainer and PrepoGRPOTrainer take the fused loss where it runs the backend the fused
-    log-probs would: not on a GPU whose auto choice is triton / cuda (this op's torch fallback)."""
+    log-probs would: on CPU, and on a GPU whose auto choice is triton (this op's triton backend);
+    not where that choice is "cuda" (this op's torch fallback). The registry calls a CUDA device
+    triton's without asking for one, so the GPU decision is checked here on a CPU-only machine."""
     from prepo_kernels.backends import registry
     from prepo_kernels.grpo_loss import grpo_runs_natively
 
-    assert all(grpo_runs_natively(impl, "cpu") for impl in ("auto", "torch", "reference"))
-    monkeypatch.setattr(registry, "resolve", lambda impl, device: "triton")
-    assert not grpo_runs_natively("auto", "cpu")
+    assert all(grpo_runs_natively(impl, "cpu") for impl in ("auto", "torch", "reference", "triton"))
+    assert registry.resolve("auto", torch.device("cuda")) == "triton" and grpo_runs_natively("auto", "cuda")
+    assert not grpo_runs_natively("cuda", "cuda")
+    monkeypatch.setattr(registry, "resolve", lambda impl, device: "cuda")
+    assert not grpo_runs_natively("auto", "cuda")
+
+
+def test_triton_needs_cuda_or_the_interpreter(monkeypatch):
+    """Without a CUDA device and with TRITON_INTERPRET unset the triton backend says why it cannot
+    run, an explicit impl="triton" raises that reason, and the fused loss does not apply there."""
+    from prepo_kernels.grpo_loss import grpo_runs_natively
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    why = grpo_backends.grpo_unavailable_reason("triton", torch.device("cpu"))
+    assert why is not None and "TRITON_INTERPRET=1" in why
+    assert grpo_backends.grpo_unavailable_reason("triton", torch.device("cuda")) is None
+    assert not grpo_runs_natively("triton", "cpu")
+    with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET=1"):
+        run("triton", F64, make_case(4, 8, 30))
+
+
+@pytest.mark.parametrize("impl", FUSED)
+def test_zero_dim_advantage(impl):
+    """One advantage for every token (a 0-d tensor): the backends get a stride-0 broadcast row."""
+    case = make_case(9, 8, 40, zero_adv_frac=0.0, ignore_frac=0.0)  # no row dropped: no copy
+    case["adv"] = torch.tensor(-0.7, dtype=F64)
+    assert_close_to_truth(impl, F64, case, 1e-9)
 
 
 def test_auto_falls_back_to_torch_without_the_native_op(monkeypatch):
@@ -302,7 +352,7 @@ def test_auto_falls_back_to_torch_without_the_native_op(monkeypatch):
     an explicit "cpu" says why it cannot."""
     import prepo_kernels.grpo_loss as module
 
-    monkeypatch.setattr(module, "grpo_unavailable_reason", lambda name: "not built" if name == "cpu" else None)
+    monkeypatch.setattr(module, "grpo_unavailable_reason", lambda name, device: "not built" if name == "cpu" else None)
     used = []
     monkeypatch.setitem(grpo_backends.BACKENDS, "torch", lambda *a: used.append(1) or grpo_backends.torch_fwdbwd(*a))
     case = make_case(5, 8, 30)
@@ -310,8 +360,8 @@ def test_auto_falls_back_to_torch_without_the_native_op(monkeypatch):
     assert used == [1]
     with pytest.raises(BackendUnavailableError, match="not built"):
         run("cpu", F64, case)
-    assert grpo_backends.grpo_unavailable_reason("cpu") is None or skip_reason("cpu", "cpu")
-    assert "no 'triton' backend" in grpo_backends.grpo_unavailable_reason("triton")
+    assert grpo_backends.grpo_unavailable_reason("cpu", torch.device("cpu")) is None or skip_reason("cpu", "cpu")
+    assert "no 'cuda' backend" in grpo_backends.grpo_unavailable_reason("cuda", torch.device("cuda"))
 
 
 @pytest.mark.parametrize("impl", FUSED)
