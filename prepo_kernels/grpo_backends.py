@@ -19,9 +19,12 @@ the new ones, detached) and A the advantage, the loss is -scale * sum_rows surr,
     dL/dz_v     = g * (1[v = y] - p_v)
     grad_hidden = (dL/dz * inv_temp) W,  grad_weight = (dL/dz * inv_temp)^T h,  grad_bias = column sums.
 
-Both backends take the rows in chunks and hold one chunk's full-vocabulary logits [rows, V] at a
+Every backend takes the rows in chunks and holds one chunk's full-vocabulary logits [rows, V] at a
 time: matmul 1 gives them, g follows from the row's own log-prob, dL/dz overwrites the logits, and
-matmuls 2 and 3 give dh and add the chunk's share of dW. No logits are recomputed.
+matmuls 2 and 3 give dh and add the chunk's share of dW. No logits are recomputed. "torch" and
+"triton" share that loop (:func:`chunked_fwdbwd`, torch matmuls) and differ in the row pass: torch
+ops, or one Triton kernel (prepo_kernels/triton/grpo_rows.py; tested under Triton's interpreter
+and compiled for sm_90 by aot_check, not yet run on a GPU); "cpu" is the same scheme in C++.
 """
 from __future__ import annotations
 
