@@ -33,7 +33,7 @@ def _grpo_rows_kernel(
     z_row = z_ptr + row.to(tl.int64) * V
     y = tl.load(y_ptr + row)
     inv_t = tl.load(it_ptr + row)
-    zero = inv_t * 0.0
+    zero = inv_t * 0.0  # a scalar of the row's dtype (fp32 or fp64)
     m = zero + float("-inf")
     s = zero
     t = zero
