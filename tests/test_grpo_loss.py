@@ -2,12 +2,14 @@
 ``prepo.loss.grpo_loss`` (the trainer's own loss), values and the hidden / weight / bias gradients,
 held to the suite's criterion (kernel_harness): |truth - impl| <= |truth - same-dtype reference| +
 tol (1 + |truth|). Inputs put tokens on both sides of the clip range on purpose."""
+import dataclasses
+
 import pytest
 import torch
 
 from kernel_harness import F64, interpreter_warnings, make_inputs, skip_reason
 from prepo.loss import grpo_loss
-from prepo_kernels import BackendUnavailableError, linear_grpo_loss, linear_logprob_entropy
+from prepo_kernels import BackendUnavailableError, GRPOLossStats, linear_grpo_loss, linear_logprob_entropy
 from prepo_kernels import grpo_backends
 
 # "triton" runs on CPU under Triton's interpreter (conftest.py sets TRITON_INTERPRET=1): slow, so
@@ -53,15 +55,19 @@ def truth(case, num_tokens=None, eps=(0.2, 0.28)):
     return out.loss.detach(), grads, lp.detach(), ent.detach(), out.clip_frac
 
 
-def run(impl, dtype, case, num_tokens=None, eps=(0.2, 0.28), compute_entropy=True):
-    """(loss, [d_hidden, d_weight, d_bias], stats) of linear_grpo_loss in ``dtype``, float64 on the way out."""
+def run(impl, dtype, case, num_tokens=None, eps=(0.2, 0.28), compute_entropy=True, device="cpu"):
+    """(loss, [d_hidden, d_weight, d_bias], stats) of linear_grpo_loss in ``dtype`` on ``device``,
+    float64 on CPU on the way out."""
+    on = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in case.items()}
     leaves = [None if t is None else t.detach().to(dtype).requires_grad_() for t in
-              (case["hidden"], case["weight"], case["bias"])]
-    loss, stats = linear_grpo_loss(leaves[0], leaves[1], case["targets"], case["old"], case["adv"], bias=leaves[2],
-                                   temperature=case["temperature"], eps_low=eps[0], eps_high=eps[1],
+              (on["hidden"], on["weight"], on["bias"])]
+    loss, stats = linear_grpo_loss(leaves[0], leaves[1], on["targets"], on["old"], on["adv"], bias=leaves[2],
+                                   temperature=on["temperature"], eps_low=eps[0], eps_high=eps[1],
                                    num_tokens=num_tokens, compute_entropy=compute_entropy, impl=impl)
     loss.backward()
-    return loss.detach().to(F64), [t.grad.to(F64) for t in leaves if t is not None], stats
+    stats = GRPOLossStats(**{f.name: None if getattr(stats, f.name) is None else getattr(stats, f.name).cpu()
+                             for f in dataclasses.fields(stats)})
+    return loss.detach().cpu().to(F64), [t.grad.cpu().to(F64) for t in leaves if t is not None], stats
 
 
 def rounded(case, dtype):
@@ -72,11 +78,11 @@ def rounded(case, dtype):
     return out
 
 
-def assert_close_to_truth(impl, dtype, case, tol, **kwargs):
+def assert_close_to_truth(impl, dtype, case, tol, device="cpu", **kwargs):
     case = rounded(case, dtype)
     t_loss, t_grads, t_lp, t_ent, t_clip = truth(case, **kwargs)
     r_loss, r_grads, _ = run("reference", dtype, case, **kwargs)
-    loss, grads, stats = run(impl, dtype, case, **kwargs)
+    loss, grads, stats = run(impl, dtype, case, device=device, **kwargs)
     names = ["loss", "d_hidden", "d_weight", "d_bias"]
     for name, t, r, x in zip(names, [t_loss] + t_grads, [r_loss] + r_grads, [loss] + grads):
         bound = (t - r).abs() + tol * (1 + t.abs())
@@ -118,7 +124,7 @@ def test_large_and_masked_logits(impl, dtype):
     check_large_and_masked(impl, dtype, masked_head=0)
 
 
-def check_large_and_masked(impl, dtype, masked_head):
+def check_large_and_masked(impl, dtype, masked_head, device="cpu"):
     """About half of 300 vocabulary entries masked, and the first ``masked_head`` of them all."""
     case = make_case(37, 16, 300, temperature=1.3)
     case["hidden"] = case["hidden"] * 60
@@ -129,7 +135,7 @@ def check_large_and_masked(impl, dtype, masked_head):
     masked &= (torch.arange(300) % 2 == 0) | (torch.arange(300) < masked_head)
     case["bias"] = case["bias"].masked_fill(masked, float("-inf"))
     t_loss, t_grads, *_ = truth(case)
-    loss, grads, stats = run(impl, dtype, case)
+    loss, grads, stats = run(impl, dtype, case, device=device)
     assert torch.isfinite(stats.logprob).all() and torch.isfinite(stats.entropy).all()
     tol = 1e-9 if dtype == F64 else 1e-4
     for t, x in zip([t_loss] + t_grads[:2], [loss] + grads[:2]):
@@ -148,6 +154,18 @@ def test_triton_rows_over_many_vocab_tiles(dtype, monkeypatch):
     check_large_and_masked("triton", dtype, masked_head=32)
     if dtype == F64:  # both clipped branches, ignored and zero-advantage rows
         assert_close_to_truth("triton", F64, make_case(20, 13, 300), 1e-9)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(skip_reason("triton", "cuda") is not None, reason=str(skip_reason("triton", "cuda")))
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
+def test_triton_on_cuda(dtype):
+    """The triton backend compiled and run on a CUDA device (the tests above run it on CPU, under
+    Triton's interpreter): against the truth, and with large and -inf-masked logits in fp32 / fp64."""
+    tol = 1e-9 if dtype == F64 else LOW[dtype]
+    assert_close_to_truth("triton", dtype, make_case(48, 64, 2500), tol, device="cuda")
+    if dtype != torch.bfloat16:
+        check_large_and_masked("triton", dtype, masked_head=0, device="cuda")
 
 
 @pytest.mark.parametrize("impl", FUSED)
