@@ -383,10 +383,11 @@ class Trainer:
     def fused_loss_applies(self, weights: Optional[torch.Tensor], live: torch.Tensor) -> bool:
         """Whether the update can use linear_grpo_loss, which is the surrogate alone: not with a KL
         term (its gradient needs the reference log-prob of every token, and the op skips the
-        zero-advantage rows that a KL term still moves), not where ``kernel_impl`` runs a backend the
-        op lacks (triton / cuda, on GPUs also under "auto": the fallback's log-prob kernel then beats
-        the op's PyTorch row chunks), and not when an updated rollout's weight is 0 (the op takes
-        A w as one advantage and skips such a row, whose ratio and clip statistics grpo_loss counts)."""
+        zero-advantage rows that a KL term still moves), not where ``kernel_impl`` runs a log-prob
+        backend the op lacks ("cuda": its log-prob kernel beats the op's PyTorch row chunks; on
+        GPUs "auto" is "triton", which the op has), and not when an updated rollout's weight is 0
+        (the op takes A w as one advantage and skips such a row, whose ratio and clip statistics
+        grpo_loss counts)."""
         if self.cfg.kl_beta != 0 or not grpo_runs_natively(self.cfg.kernel_impl, self.device):
             return False
         return weights is None or bool((weights[live] != 0).all())

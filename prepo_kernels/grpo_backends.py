@@ -19,9 +19,12 @@ the new ones, detached) and A the advantage, the loss is -scale * sum_rows surr,
     dL/dz_v     = g * (1[v = y] - p_v)
     grad_hidden = (dL/dz * inv_temp) W,  grad_weight = (dL/dz * inv_temp)^T h,  grad_bias = column sums.
 
-Both backends take the rows in chunks and hold one chunk's full-vocabulary logits [rows, V] at a
+Every backend takes the rows in chunks and holds one chunk's full-vocabulary logits [rows, V] at a
 time: matmul 1 gives them, g follows from the row's own log-prob, dL/dz overwrites the logits, and
-matmuls 2 and 3 give dh and add the chunk's share of dW. No logits are recomputed.
+matmuls 2 and 3 give dh and add the chunk's share of dW. No logits are recomputed. "torch" and
+"triton" share that loop (:func:`chunked_fwdbwd`, torch matmuls) and differ in the row pass: torch
+ops, or one Triton kernel (prepo_kernels/triton/grpo_rows.py; tested under Triton's interpreter
+and compiled for sm_90 by aot_check, not yet run on a GPU); "cpu" is the same scheme in C++.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .backends import registry
 from .backends.base import accumulation_dtype
 
 OP = "prepo_kernels::grpo_loss_fwdbwd"
@@ -73,11 +77,17 @@ def tile_rows(dim: int) -> int:
     return max(16, TILE_BYTES // (4 * dim))
 
 
-def torch_fwdbwd(hidden, weight, bias, targets, inv_temp, old_logprob, advantages, scale, eps_low, eps_high,
-                 compute_entropy, need_grad):
-    """The contract above in plain PyTorch (any device). The matmuls run in the inputs' dtype, as
-    the reference's logits do; softmax and dL/dz in the accumulation dtype; dW accumulates in the
-    weight's dtype (bf16 / fp16: one rounding per row chunk, no [V, D] fp32 buffer)."""
+def chunked_fwdbwd(row_pass, hidden, weight, bias, targets, inv_temp, old_logprob, advantages, scale, eps_low,
+                   eps_high, compute_entropy, need_grad):
+    """The contract above as a loop over row chunks, any device: the chunk's logits z = h W^T + b
+    (matmul 1, in the inputs' dtype as the reference's logits, then in the accumulation dtype), then
+
+        row_pass(z [c, V], targets [c], inv_temp [c], old_logprob [c] or None, advantages [c],
+                 logprob [c], entropy [c] or None, scale, eps_low, eps_high, need_grad)
+
+    writes the chunk's log-probs (and entropies) into the given views and, with ``need_grad``,
+    overwrites z with dL/dz * inv_temp; then dh (matmul 2), dW (matmul 3, accumulated in the
+    weight's dtype: for bf16 / fp16 one rounding per row chunk, no [V, D] fp32 buffer) and db."""
     acc = accumulation_dtype(hidden.dtype)
     n, D, V = hidden.shape[0], hidden.shape[1], weight.shape[0]
     logprob = hidden.new_empty((n,), dtype=acc)
@@ -92,24 +102,52 @@ def torch_fwdbwd(hidden, weight, bias, targets, inv_temp, old_logprob, advantage
         z = h @ weight.T
         if bias is not None:
             z += bias
-        logp = z.to(acc).mul_(inv_temp[rows, None])
-        logp -= torch.logsumexp(logp, dim=1, keepdim=True)
-        y = targets[rows, None]
-        logprob[rows] = lp = logp.gather(1, y).squeeze(1)
-        p = logp.exp_()  # logp is not needed again; -inf logits give p = 0
-        if compute_entropy:
-            entropy[rows] = -torch.where(p > 0, p * torch.log(p), 0).sum(1)
+        z = z.to(acc)
+        row_pass(z, targets[rows], inv_temp[rows], None if old_logprob is None else old_logprob[rows],
+                 advantages[rows], logprob[rows], entropy[rows] if compute_entropy else None, scale, eps_low,
+                 eps_high, need_grad)
         if not need_grad:
             continue
-        old = None if old_logprob is None else old_logprob[rows]
-        g = -scale * surrogate_grad(lp, old, advantages[rows], eps_low, eps_high)
-        dz = p.mul_(-g[:, None]).scatter_add_(1, y, g[:, None]).mul_(inv_temp[rows, None])
         if bias is not None:
-            grad_b += dz.sum(0)
-        dz = dz.to(hidden.dtype)
+            grad_b += z.sum(0)
+        dz = z.to(hidden.dtype)
         grad_h[rows] = dz @ weight
         grad_w.addmm_(dz.T, h)
     return logprob, entropy, grad_h, grad_w, grad_b
+
+
+def torch_rows(z, targets, inv_temp, old_logprob, advantages, logprob, entropy, scale, eps_low, eps_high,
+               need_grad):
+    """chunked_fwdbwd's row pass in torch ops (log-softmax, gather, entropy, dL/dz), on z in place."""
+    logp = z.mul_(inv_temp[:, None])
+    logp -= torch.logsumexp(logp, dim=1, keepdim=True)
+    y = targets[:, None]
+    logprob.copy_(logp.gather(1, y).squeeze(1))
+    p = logp.exp_()  # logp is not needed again; -inf logits give p = 0
+    if entropy is not None:
+        entropy.copy_(-torch.where(p > 0, p * torch.log(p), 0).sum(1))
+    if need_grad:
+        g = -scale * surrogate_grad(logprob, old_logprob, advantages, eps_low, eps_high)
+        p.mul_(-g[:, None]).scatter_add_(1, y, g[:, None]).mul_(inv_temp[:, None])
+
+
+def triton_rows(*args):
+    """chunked_fwdbwd's row pass as one Triton kernel (prepo_kernels/triton/grpo_rows.py; imported
+    on first use, as it imports triton)."""
+    from .triton.grpo_rows import triton_rows as rows
+
+    rows(*args)
+
+
+def torch_fwdbwd(*args):
+    """The contract above in plain PyTorch (any device): the chunk loop with torch's row pass."""
+    return chunked_fwdbwd(torch_rows, *args)
+
+
+def triton_fwdbwd(*args):
+    """The contract above with the row pass in Triton (CUDA, or CPU under TRITON_INTERPRET=1); the
+    three matmuls are torch's (cuBLAS on a GPU)."""
+    return chunked_fwdbwd(triton_rows, *args)
 
 
 def cpu_fwdbwd(hidden, weight, bias, targets, inv_temp, old_logprob, advantages, scale, eps_low, eps_high,
@@ -120,16 +158,16 @@ def cpu_fwdbwd(hidden, weight, bias, targets, inv_temp, old_logprob, advantages,
         compute_entropy, need_grad, chunk_rows(weight.shape[0]), tile_rows(weight.shape[1]))
 
 
-BACKENDS = {"torch": torch_fwdbwd, "cpu": cpu_fwdbwd}
+BACKENDS = {"torch": torch_fwdbwd, "cpu": cpu_fwdbwd, "triton": triton_fwdbwd}
 
 
-def grpo_unavailable_reason(name: str) -> Optional[str]:
-    """None when linear_grpo_loss can run backend ``name`` (already resolved by the registry, so
-    available for the device), else why not."""
+def grpo_unavailable_reason(name: str, device: torch.device) -> Optional[str]:
+    """None when linear_grpo_loss can run backend ``name`` on ``device``, else why not: this loss
+    lacks it ("cuda"), the extension lacks its op ("cpu"), or the registry's reason ("triton": no
+    CUDA device and TRITON_INTERPRET unset, or triton not importable)."""
     if name not in BACKENDS:
         return f"no {name!r} backend for the fused GRPO loss (it has {sorted(BACKENDS)} and 'reference')"
     if name == "cpu" and not hasattr(torch.ops.prepo_kernels, OP.split("::")[1]):
         return ("the native extension was built without csrc/cpu/grpo_loss_cpu.cpp; rebuild it with "
                 "`pip install --no-build-isolation -e .`")
-    return None
-
+    return registry.unavailable_reason(name, device)

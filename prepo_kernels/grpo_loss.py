@@ -12,8 +12,10 @@ know the loss at forward time and recomputes the logits in backward (four matmul
 
 Backends (``impl``): "reference" (materialized logits and torch autograd: the oracle), "torch"
 (row chunks in plain PyTorch, any device), "cpu" (the C++/OpenMP op
-``prepo_kernels::grpo_loss_fwdbwd`` of csrc/cpu/grpo_loss_cpu.cpp). The backend contract is
-:func:`prepo_kernels.grpo_backends.torch_fwdbwd`'s docstring.
+``prepo_kernels::grpo_loss_fwdbwd`` of csrc/cpu/grpo_loss_cpu.cpp), "triton" (the torch row-chunk
+loop with its per-row softmax / surrogate / dL/dz pass as one Triton kernel: CUDA, or CPU under
+TRITON_INTERPRET=1; tested under the interpreter and compiled for sm_90, not yet run on a GPU).
+The backend contract is :mod:`prepo_kernels.grpo_backends`' docstring.
 """
 from __future__ import annotations
 
@@ -89,8 +91,9 @@ def linear_grpo_loss(
         num_tokens: the token-mean's denominator (> 0) when these rows are one micro-batch of a
             larger mini-batch; default: this call's valid targets (at least 1).
         compute_entropy: also return each computed token's full-vocabulary entropy in ``stats``.
-        impl: "auto" (fastest available: "cpu" on CPU tensors when the extension is built, else
-            "torch"), "reference", "torch" or "cpu".
+        impl: "auto" (the registry's choice where this loss has it: "cpu" on CPU tensors when the
+            extension is built, "triton" on CUDA tensors; else "torch"), "reference", "torch",
+            "cpu" or "triton".
 
     Returns:
         (loss, stats): loss is a 0-d fp32 tensor (fp64 for fp64 inputs), differentiable w.r.t.
@@ -171,20 +174,20 @@ def _check_grpo_inputs(targets, old_logprob, advantages, eps_low, eps_high, num_
 def grpo_runs_natively(impl: str, device: Union[str, torch.device]) -> bool:
     """Whether ``linear_grpo_loss(..., impl=impl)`` runs on ``device`` the backend that
     ``linear_logprob_entropy(..., impl=impl)`` runs there ("auto": the registry's choice), not the
-    torch fallback "auto" takes where this loss lacks that backend (triton / cuda on GPUs, whose
-    fused log-prob kernels beat this loss's row chunks in plain PyTorch)."""
+    torch fallback "auto" takes where this loss lacks that backend ("cuda", whose fused log-prob
+    kernels beat this loss's row chunks in plain PyTorch). On GPUs "auto" is "triton", which it has."""
     try:
         name = registry.resolve(impl, torch.device(device))
     except registry.BackendUnavailableError:
         return False
-    return name == "reference" or grpo_unavailable_reason(name) is None
+    return name == "reference" or grpo_unavailable_reason(name, torch.device(device)) is None
 
 
 def _resolve(impl: str, device: torch.device) -> str:
     """The GRPO backend for ``impl``: "auto" takes the registry's choice (which honours
     PREPO_KERNELS_IMPL) when this loss has that backend, else the torch backend."""
     name = registry.resolve(impl, device)
-    why = None if name == "reference" else grpo_unavailable_reason(name)
+    why = None if name == "reference" else grpo_unavailable_reason(name, device)
     if why is None:
         return name
     if impl == "auto":

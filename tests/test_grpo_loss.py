@@ -2,17 +2,22 @@
 ``prepo.loss.grpo_loss`` (the trainer's own loss), values and the hidden / weight / bias gradients,
 held to the suite's criterion (kernel_harness): |truth - impl| <= |truth - same-dtype reference| +
 tol (1 + |truth|). Inputs put tokens on both sides of the clip range on purpose."""
+import dataclasses
+
 import pytest
 import torch
 
-from kernel_harness import F64, make_inputs, skip_reason
+from kernel_harness import F64, interpreter_warnings, make_inputs, skip_reason
 from prepo.loss import grpo_loss
-from prepo_kernels import BackendUnavailableError, linear_grpo_loss, linear_logprob_entropy
+from prepo_kernels import BackendUnavailableError, GRPOLossStats, linear_grpo_loss, linear_logprob_entropy
 from prepo_kernels import grpo_backends
 
+# "triton" runs on CPU under Triton's interpreter (conftest.py sets TRITON_INTERPRET=1): slow, so
+# the shapes here stay small
 IMPLS = [pytest.param(i, marks=[pytest.mark.skip(reason=skip_reason(i, "cpu"))] if skip_reason(i, "cpu") else [])
-         for i in ("reference", "torch", "cpu")]
+         for i in ("reference", "torch", "cpu", "triton")]
 FUSED = IMPLS[1:]
+pytestmark = interpreter_warnings  # numpy's warnings of the interpreter's guarded -inf arithmetic
 LOW = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 # ratio bands: below 1 - eps_low, inside, above 1 + eps_high; away from the edges, so that a
 # low-precision log-prob cannot move a token across one
@@ -50,15 +55,19 @@ def truth(case, num_tokens=None, eps=(0.2, 0.28)):
     return out.loss.detach(), grads, lp.detach(), ent.detach(), out.clip_frac
 
 
-def run(impl, dtype, case, num_tokens=None, eps=(0.2, 0.28), compute_entropy=True):
-    """(loss, [d_hidden, d_weight, d_bias], stats) of linear_grpo_loss in ``dtype``, float64 on the way out."""
+def run(impl, dtype, case, num_tokens=None, eps=(0.2, 0.28), compute_entropy=True, device="cpu"):
+    """(loss, [d_hidden, d_weight, d_bias], stats) of linear_grpo_loss in ``dtype`` on ``device``,
+    float64 on CPU on the way out."""
+    on = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in case.items()}
     leaves = [None if t is None else t.detach().to(dtype).requires_grad_() for t in
-              (case["hidden"], case["weight"], case["bias"])]
-    loss, stats = linear_grpo_loss(leaves[0], leaves[1], case["targets"], case["old"], case["adv"], bias=leaves[2],
-                                   temperature=case["temperature"], eps_low=eps[0], eps_high=eps[1],
+              (on["hidden"], on["weight"], on["bias"])]
+    loss, stats = linear_grpo_loss(leaves[0], leaves[1], on["targets"], on["old"], on["adv"], bias=leaves[2],
+                                   temperature=on["temperature"], eps_low=eps[0], eps_high=eps[1],
                                    num_tokens=num_tokens, compute_entropy=compute_entropy, impl=impl)
     loss.backward()
-    return loss.detach().to(F64), [t.grad.to(F64) for t in leaves if t is not None], stats
+    stats = GRPOLossStats(**{f.name: None if getattr(stats, f.name) is None else getattr(stats, f.name).cpu()
+                             for f in dataclasses.fields(stats)})
+    return loss.detach().cpu().to(F64), [t.grad.cpu().to(F64) for t in leaves if t is not None], stats
 
 
 def rounded(case, dtype):
@@ -69,11 +78,11 @@ def rounded(case, dtype):
     return out
 
 
-def assert_close_to_truth(impl, dtype, case, tol, **kwargs):
+def assert_close_to_truth(impl, dtype, case, tol, device="cpu", **kwargs):
     case = rounded(case, dtype)
     t_loss, t_grads, t_lp, t_ent, t_clip = truth(case, **kwargs)
     r_loss, r_grads, _ = run("reference", dtype, case, **kwargs)
-    loss, grads, stats = run(impl, dtype, case, **kwargs)
+    loss, grads, stats = run(impl, dtype, case, device=device, **kwargs)
     names = ["loss", "d_hidden", "d_weight", "d_bias"]
     for name, t, r, x in zip(names, [t_loss] + t_grads, [r_loss] + r_grads, [loss] + grads):
         bound = (t - r).abs() + tol * (1 + t.abs())
@@ -112,18 +121,51 @@ def test_inputs_clip_on_both_sides():
 def test_large_and_masked_logits(impl, dtype):
     """Logits in the hundreds and vocabulary entries masked by a -inf bias (never a target): finite
     values and gradients, p = 0 exactly on the masked entries (no inf * 0)."""
+    check_large_and_masked(impl, dtype, masked_head=0)
+
+
+def check_large_and_masked(impl, dtype, masked_head, device="cpu"):
+    """About half of 300 vocabulary entries masked, and the first ``masked_head`` of them all."""
     case = make_case(37, 16, 300, temperature=1.3)
     case["hidden"] = case["hidden"] * 60
+    y = case["targets"]
+    case["targets"] = torch.where((y >= 0) & (y < masked_head), y + masked_head, y)
     masked = torch.ones(300, dtype=torch.bool)
     masked[case["targets"][case["targets"] >= 0]] = False
-    case["bias"] = case["bias"].masked_fill(masked & (torch.arange(300) % 2 == 0), float("-inf"))  # about half the vocabulary
+    masked &= (torch.arange(300) % 2 == 0) | (torch.arange(300) < masked_head)
+    case["bias"] = case["bias"].masked_fill(masked, float("-inf"))
     t_loss, t_grads, *_ = truth(case)
-    loss, grads, stats = run(impl, dtype, case)
+    loss, grads, stats = run(impl, dtype, case, device=device)
     assert torch.isfinite(stats.logprob).all() and torch.isfinite(stats.entropy).all()
     tol = 1e-9 if dtype == F64 else 1e-4
     for t, x in zip([t_loss] + t_grads[:2], [loss] + grads[:2]):
         assert torch.allclose(x, t, atol=tol * (1 + t.abs().max()), rtol=tol)
     assert (grads[2][case["bias"] == float("-inf")] == 0).all()
+
+
+@pytest.mark.skipif(skip_reason("triton", "cpu") is not None, reason=str(skip_reason("triton", "cpu")))
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_triton_rows_over_many_vocab_tiles(dtype, monkeypatch):
+    """The Triton row kernel with 16-wide vocab tiles (19 per row, the last one partial, the first
+    two entirely -inf): its running max / sum / entropy sum across tiles, and its second pass."""
+    from prepo_kernels.triton import config
+
+    monkeypatch.setattr(config, "grpo_rows_blocks", lambda vocab, dt: (16, 4))
+    check_large_and_masked("triton", dtype, masked_head=32)
+    if dtype == F64:  # both clipped branches, ignored and zero-advantage rows
+        assert_close_to_truth("triton", F64, make_case(20, 13, 300), 1e-9)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(skip_reason("triton", "cuda") is not None, reason=str(skip_reason("triton", "cuda")))
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
+def test_triton_on_cuda(dtype):
+    """The triton backend compiled and run on a CUDA device (the tests above run it on CPU, under
+    Triton's interpreter): against the truth, and with large and -inf-masked logits in fp32 / fp64."""
+    tol = 1e-9 if dtype == F64 else LOW[dtype]
+    assert_close_to_truth("triton", dtype, make_case(48, 64, 2500), tol, device="cuda")
+    if dtype != torch.bfloat16:
+        check_large_and_masked("triton", dtype, masked_head=0, device="cuda")
 
 
 @pytest.mark.parametrize("impl", FUSED)
@@ -257,7 +299,7 @@ BAD = [
     ("temperature", dict(temperature=0.0), ValueError, "temperature must be finite and > 0"),
     ("compute_entropy", dict(compute_entropy=1), TypeError, "compute_entropy must be a bool"),
     ("impl", dict(impl="fastest"), ValueError, "impl must be"),
-    ("no triton backend", dict(impl="triton"), (ValueError, BackendUnavailableError), "triton"),
+    ("cuda on cpu", dict(impl="cuda"), BackendUnavailableError, "impl='cuda' is unavailable on cpu"),
 ]
 
 
@@ -288,13 +330,40 @@ def test_a_backend_that_ignores_a_clip_side_fails_this_suite(eps, monkeypatch):
 
 def test_runs_natively_only_where_the_log_prob_op_runs_the_same_backend(monkeypatch):
     """The trainer and PrepoGRPOTrainer take the fused loss where it runs the backend the fused
-    log-probs would: not on a GPU whose auto choice is triton / cuda (this op's torch fallback)."""
+    log-probs would: on CPU, and on a GPU whose auto choice is triton (this op's triton backend);
+    not where that choice is "cuda" (this op's torch fallback). The registry calls a CUDA device
+    triton's without asking for one, so the GPU decision is checked here on a CPU-only machine."""
     from prepo_kernels.backends import registry
     from prepo_kernels.grpo_loss import grpo_runs_natively
 
     assert all(grpo_runs_natively(impl, "cpu") for impl in ("auto", "torch", "reference"))
-    monkeypatch.setattr(registry, "resolve", lambda impl, device: "triton")
-    assert not grpo_runs_natively("auto", "cpu")
+    assert grpo_runs_natively("triton", "cpu") == (skip_reason("triton", "cpu") is None)  # the interpreter
+    assert registry.resolve("auto", torch.device("cuda")) == "triton" and grpo_runs_natively("auto", "cuda")
+    assert not grpo_runs_natively("cuda", "cuda")
+    monkeypatch.setattr(registry, "resolve", lambda impl, device: "cuda")
+    assert not grpo_runs_natively("auto", "cuda")
+
+
+def test_triton_needs_cuda_or_the_interpreter(monkeypatch):
+    """Without a CUDA device and with TRITON_INTERPRET unset the triton backend says why it cannot
+    run, an explicit impl="triton" raises that reason, and the fused loss does not apply there."""
+    from prepo_kernels.grpo_loss import grpo_runs_natively
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    why = grpo_backends.grpo_unavailable_reason("triton", torch.device("cpu"))
+    assert why is not None and "TRITON_INTERPRET=1" in why
+    assert grpo_backends.grpo_unavailable_reason("triton", torch.device("cuda")) is None
+    assert not grpo_runs_natively("triton", "cpu")
+    with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET=1"):
+        run("triton", F64, make_case(4, 8, 30))
+
+
+@pytest.mark.parametrize("impl", FUSED)
+def test_zero_dim_advantage(impl):
+    """One advantage for every token (a 0-d tensor): the backends get a stride-0 broadcast row."""
+    case = make_case(9, 8, 40, zero_adv_frac=0.0, ignore_frac=0.0)  # no row dropped: no copy
+    case["adv"] = torch.tensor(-0.7, dtype=F64)
+    assert_close_to_truth(impl, F64, case, 1e-9)
 
 
 def test_auto_falls_back_to_torch_without_the_native_op(monkeypatch):
@@ -302,7 +371,7 @@ def test_auto_falls_back_to_torch_without_the_native_op(monkeypatch):
     an explicit "cpu" says why it cannot."""
     import prepo_kernels.grpo_loss as module
 
-    monkeypatch.setattr(module, "grpo_unavailable_reason", lambda name: "not built" if name == "cpu" else None)
+    monkeypatch.setattr(module, "grpo_unavailable_reason", lambda name, device: "not built" if name == "cpu" else None)
     used = []
     monkeypatch.setitem(grpo_backends.BACKENDS, "torch", lambda *a: used.append(1) or grpo_backends.torch_fwdbwd(*a))
     case = make_case(5, 8, 30)
@@ -310,8 +379,8 @@ def test_auto_falls_back_to_torch_without_the_native_op(monkeypatch):
     assert used == [1]
     with pytest.raises(BackendUnavailableError, match="not built"):
         run("cpu", F64, case)
-    assert grpo_backends.grpo_unavailable_reason("cpu") is None or skip_reason("cpu", "cpu")
-    assert "no 'triton' backend" in grpo_backends.grpo_unavailable_reason("triton")
+    assert grpo_backends.grpo_unavailable_reason("cpu", torch.device("cpu")) is None or skip_reason("cpu", "cpu")
+    assert "no 'cuda' backend" in grpo_backends.grpo_unavailable_reason("cuda", torch.device("cuda"))
 
 
 @pytest.mark.parametrize("impl", FUSED)

@@ -176,8 +176,10 @@ def test_unavailable_reason(monkeypatch):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the cuda tests compile the kernels for real")
 def test_kernels_compile_for_sm90_ahead_of_time():
-    """Compile the bf16 kernel variants for sm_90 with the GPU launch configs (triton.compile with a
-    GPUTarget, ptxas from the triton wheel) in a subprocess without TRITON_INTERPRET."""
+    """Compile the bf16 kernel variants (the fused GRPO loss's row kernel on their fp32 logits
+    included), and that row kernel on fp64 logits, for sm_90 with the GPU launch configs
+    (triton.compile with a GPUTarget, ptxas from the triton wheel) in a subprocess without
+    TRITON_INTERPRET."""
     import subprocess
     import sys
     from pathlib import Path
@@ -189,7 +191,9 @@ def test_kernels_compile_for_sm90_ahead_of_time():
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     root = Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-m", "prepo_kernels.triton.aot_check", "--arch", "90", "--dtypes", "bf16"],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "all variants compiled" in proc.stdout
+    for args in (["--dtypes", "bf16"], ["--dtypes", "fp64", "--kernels", "grpo_rows"]):
+        proc = subprocess.run([sys.executable, "-m", "prepo_kernels.triton.aot_check", "--arch", "90", *args],
+                              cwd=root, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+        assert "all variants compiled" in proc.stdout
+        assert proc.stdout.count("ok   grpo_rows ") == 6  # entropy x grad, old log-probs with grad

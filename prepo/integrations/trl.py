@@ -284,9 +284,10 @@ class PrepoGRPOTrainer(GRPOTrainer):
         surrogate alone. Not with: fused log-probs off; a KL term (it needs every token's reference
         log-prob and gradient); another loss type or aggregation, sequence-level ratios, two-sided
         clipping (delta), off-policy masks, entropy masks or bonus, vLLM importance weights, an MoE
-        aux loss, tool masks or images; nor on a device whose fused log-prob kernel the op lacks (GPUs:
-        triton / cuda). Without old log-probs in the batch TRL's ratio is exactly 1 (the loss's own
-        log-probs, detached, as the old ones): linear_grpo_loss's old_logprob=None."""
+        aux loss, tool masks or images; nor where the fused log-probs run a backend the op lacks
+        ("cuda"; on GPUs "auto" is "triton", which it has). Without old log-probs in the batch
+        TRL's ratio is exactly 1 (the loss's own log-probs, detached, as the old ones):
+        linear_grpo_loss's old_logprob=None."""
         args = self.args
         return (args.prepo_fused_logprobs and grpo_runs_natively("auto", self.accelerator.device)
                 and self.beta == 0.0 and self.loss_type == "dapo"

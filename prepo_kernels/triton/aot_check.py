@@ -1,6 +1,7 @@
 """Compile every kernel variant ahead of time for a CUDA target, no GPU needed.
 
     python -m prepo_kernels.triton.aot_check [--arch 90] [--dtypes bf16,fp16,fp32,fp64]
+                                             [--kernels forward,backward,grpo_rows]
 
 Runs the full Triton pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin with the ptxas bundled in the
 triton wheel) for the launch configurations config.py picks on a GPU, and reports registers and
@@ -90,6 +91,30 @@ def _backward_variants(name: str, dt) -> Iterator[_Variant]:
                                f"backward_fused {tag}")
 
 
+def _grpo_rows_variants(name: str, dt) -> Iterator[_Variant]:
+    """The fused GRPO loss's row kernel on the logits of ``dt`` inputs (fp32, fp64 for fp64): with
+    and without entropy and gradient; with the gradient, with and without old log-probs."""
+    import torch
+
+    from . import config
+    from .grpo_rows import _grpo_rows_kernel
+
+    acc = "*fp64" if dt == torch.float64 else "*fp32"
+    block_v, num_warps = config.grpo_rows_blocks(_V, torch.float64 if dt == torch.float64 else torch.float32)
+    names = ["z_ptr", "y_ptr", "it_ptr", "old_ptr", "adv_ptr", "consts_ptr", "logprob_ptr", "ent_ptr", "V"]
+    types = [acc, "*i64"] + [acc] * 6 + ["i32"]
+    blocks = config.Blocks(1, block_v, 0, num_warps=num_warps, num_stages=1)
+    for grad, has_old, ent in ((False, False, False), (False, False, True), (True, False, False),
+                               (True, False, True), (True, True, False), (True, True, True)):
+        consts = dict(HAS_OLD=has_old, COMPUTE_ENTROPY=ent, NEED_GRAD=grad, BLOCK_V=block_v)
+        yield _Variant(_grpo_rows_kernel, names, types, consts, blocks,
+                       f"grpo_rows {acc[1:]} logits ({name} inputs) grad={grad} old={has_old} entropy={ent} "
+                       f"BLOCK_V={block_v} num_warps={num_warps}")
+
+
+_FAMILIES = {"forward": _forward_variants, "backward": _backward_variants, "grpo_rows": _grpo_rows_variants}
+
+
 def _common_flags(dt) -> dict:
     import torch
 
@@ -134,17 +159,23 @@ def _resource_usage(cubin: bytes) -> str:
     return f"regs {m.group(1)}, stack {m.group(2)} B" if m else ""
 
 
-def _compile_all(arch: int, dtypes: list[str], verbose: bool) -> int:
-    """Compile every variant for sm_``arch``; the number that failed."""
+def _compile_all(arch: int, dtypes: list[str], kernels: list[str], verbose: bool) -> int:
+    """Compile every variant of ``kernels`` (families of _FAMILIES) for sm_``arch``; the number that
+    failed. grpo_rows runs on fp32 logits for bf16 / fp16 / fp32 inputs alike: compiled once."""
     import torch
     from triton.backends.compiler import GPUTarget
 
     target = GPUTarget("cuda", arch, 32)
-    failures = 0
+    failures, logits_done = 0, set()
     for name in dtypes:
         dt = getattr(torch, _TORCH_DTYPES[name])
-        for variant in (*_forward_variants(name, dt), *_backward_variants(name, dt)):
-            failures += not _compile_one(variant, target, verbose)
+        for family in kernels:
+            if family == "grpo_rows":
+                if (dt == torch.float64) in logits_done:
+                    continue
+                logits_done.add(dt == torch.float64)
+            for variant in _FAMILIES[family](name, dt):
+                failures += not _compile_one(variant, target, verbose)
     return failures
 
 
@@ -152,12 +183,18 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability as an int (80, 90, ...)")
     p.add_argument("--dtypes", default="bf16,fp16,fp32,fp64")
+    p.add_argument("--kernels", default=",".join(_FAMILIES), help="kernel families to compile")
     p.add_argument("-v", "--verbose", action="store_true", help="print compile errors in full")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("aot_check: unset TRITON_INTERPRET (kernels would be defined for the interpreter)", file=sys.stderr)
         return 2
-    failures = _compile_all(args.arch, [d.strip() for d in args.dtypes.split(",") if d.strip()], args.verbose)
+    kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
+    unknown = sorted(set(kernels) - set(_FAMILIES))
+    if unknown:
+        p.error(f"--kernels: unknown {unknown}, expected some of {list(_FAMILIES)}")
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    failures = _compile_all(args.arch, dtypes, kernels, args.verbose)
     print(f"{failures} variant(s) failed to compile" if failures else "all variants compiled")
     return 1 if failures else 0
 
