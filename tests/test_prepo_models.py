@@ -170,9 +170,13 @@ def test_microbatch_budget_and_checkpointing_do_not_change_the_update(tmp_path, 
         assert _main([*common, "--output-dir", tmp_path / name, "--save-every", "1", *extra]) == 0
         params[name] = _final_params(tmp_path / name)
         assert _metrics(tmp_path / name)[0]["grad_norm"] > 0
+    # atol: AdamW's first step moves a weight by lr g / (|g| + 1e-8), so where g is near 0 (lm_head
+    # rows of tokens the batch makes unlikely) a summation-order difference of ~1e-12 in g moves it
+    # by lr * 1e-4 = 1e-6 (seen: 6 of lm_head's 4.9M weights)
     for name in ("micro", "ckpt"):
         for k, v in params["whole"].items():
-            torch.testing.assert_close(params[name][k], v, rtol=1e-5, atol=1e-6, msg=f"{name}: {k}")
+            torch.testing.assert_close(params[name][k], v, rtol=1e-5, atol=1e-5,
+                                       msg=lambda m, name=name, k=k: f"{name}: {k}: {m}")
     m = {name: _metrics(tmp_path / name)[0] for name in runs}
     assert m["micro"]["loss"] == pytest.approx(m["whole"]["loss"], abs=1e-6)
 
