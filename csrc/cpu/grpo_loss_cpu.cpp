@@ -76,6 +76,32 @@ struct ChunkRows {
   T* entropy;  // nullptr: not asked for
 };
 
+// For the token columns [j0, j0 + w) of ZT [V, c] (scaled logits z) and their maxima mx: sum[k] =
+// sum_v e^{z-m}, tsum[k] = sum_v e^{z-m}(z-m) (the entropy's), both added to. Summed in blocks of
+// kSumRows vocab rows, then the blocks' sums: a token's sum runs sequentially down the vocabulary,
+// and one long fp32 sum's rounding error grows with V (~1e-5 relative at V = 150k).
+template <typename T>
+PREPO_ALWAYS_INLINE void sum_exps(const T* __restrict ZT, int64_t c, int64_t V, int64_t j0, int64_t w,
+                                  const T* mx, T* sum, T* tsum) {
+  for (int64_t v0 = 0; v0 < V; v0 += kSumRows) {
+    T bsum[kCols] = {}, btsum[kCols] = {};
+    for (int64_t v = v0; v < std::min(V, v0 + kSumRows); ++v) {
+      const T* __restrict z = ZT + v * c + j0;
+#pragma omp simd
+      for (int64_t k = 0; k < w; ++k) {
+        const T d = z[k] - mx[k];
+        const T e = clamped_exp(d);
+        bsum[k] += e;
+        btsum[k] += e > 0 ? e * d : T(0);
+      }
+    }
+    for (int64_t k = 0; k < w; ++k) {
+      sum[k] += bsum[k];
+      tsum[k] += btsum[k];
+    }
+  }
+}
+
 // Step 2 for the token columns [j0, j0 + w), w <= kCols, of the chunk's vocab-major logits ZT [V, c]
 // (token j's logit for vocab row v at ZT[v * c + j]): raw logits in, dL/dz * inv_temp out (when
 // grad). Three sweeps down the vocabulary, each over w contiguous floats per row (vectorized across
@@ -98,30 +124,13 @@ PREPO_ALWAYS_INLINE void grpo_cols(T* __restrict ZT, int64_t c, const T* __restr
       mx[k] = z[k] > mx[k] ? z[k] : mx[k];
     }
   }
-  // Summed in blocks of kSumRows vocab rows, then the blocks' sums: a token's sum is a sequential one
-  // down the vocabulary, whose rounding error would grow with V (~1e-5 relative at V = 150k).
-  for (int64_t v0 = 0; v0 < V; v0 += kSumRows) {
-    T bsum[kCols] = {}, btsum[kCols] = {};
-    for (int64_t v = v0; v < std::min(V, v0 + kSumRows); ++v) {
-      const T* __restrict z = ZT + v * c + j0;
-#pragma omp simd
-      for (int64_t k = 0; k < w; ++k) {
-        const T d = z[k] - mx[k];
-        const T e = clamped_exp(d);
-        bsum[k] += e;
-        btsum[k] += e > 0 ? e * d : T(0);
-      }
-    }
-    for (int64_t k = 0; k < w; ++k) {
-      sum[k] += bsum[k];
-      tsum[k] += btsum[k];
-    }
-  }
+  sum_exps(ZT, c, V, j0, w, mx, sum, tsum);
   T g[kCols];
   for (int64_t k = 0; k < w; ++k) {
     const int64_t j = j0 + k;
-    lse[k] = mx[k] + std::log(sum[k]);
-    if (r.entropy != nullptr) r.entropy[j] = std::log(sum[k]) - tsum[k] / sum[k];
+    const T log_sum = std::log(sum[k]);
+    lse[k] = mx[k] + log_sum;
+    if (r.entropy != nullptr) r.entropy[j] = log_sum - tsum[k] / sum[k];
     r.logprob[j] = ZT[r.target[j] * c + j] - lse[k];
     g[k] = s.grad(r.logprob[j], r.old != nullptr ? r.old[j] : T(0), r.adv[j]);
     coef[k] = -g[k] * sc[k];  // 0 for a clipped token: its column of dz is all zeros
