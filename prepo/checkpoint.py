@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
@@ -31,6 +32,8 @@ def set_rng_state(state: dict) -> None:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to ``path`` or nothing: a failed write leaves the old file and no temp file behind, and
+    says how much room the disk had (torch reports a full disk only as "unexpected pos")."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -40,9 +43,13 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, (OSError, RuntimeError)):
+            free = shutil.disk_usage(path.parent).free / 2**30
+            raise OSError(f"writing {path} failed with {free:.2f} GiB free on its disk; the previous file is "
+                          f"untouched. {type(exc).__name__}: {exc}") from exc
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
