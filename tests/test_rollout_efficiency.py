@@ -607,6 +607,20 @@ def test_export_then_aggregate_from_the_export_alone(tmp_path):
     assert "| prepo | 20.0 | 60.0 / 20 | missing |" in md   # per seed: seed 2 missing
 
 
+def test_export_writes_paths_relative_to_the_repository(tmp_path):
+    """The committed copy names no machine: paths under the root lose it, others are kept."""
+    run_dir = tmp_path / "runs" / "random" / "seed1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(f"output_dir: {run_dir}\nmodel: /elsewhere/model\n")
+    (run_dir / "summary.json").write_text(json.dumps({"metrics": str(run_dir / "metrics.jsonl"), "steps": 3}))
+    runs.export_run(run_dir, tmp_path / "export", root=tmp_path)
+    assert yaml.safe_load((tmp_path / "export" / "config.yaml").read_text()) == {
+        "output_dir": "runs/random/seed1", "model": "/elsewhere/model"}
+    assert json.loads((tmp_path / "export" / "summary.json").read_text()) == {
+        "metrics": "runs/random/seed1/metrics.jsonl", "steps": 3}
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["config.yaml", "summary.json"]
+
+
 def test_unpaired_runs_wait_for_their_baseline(tmp_path):
     pytest.importorskip("matplotlib")
     b = bench_file(tmp_path, seeds=[1, 2])

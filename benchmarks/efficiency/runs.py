@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -14,7 +13,7 @@ from typing import Optional, Sequence
 from prepo.metrics import StepMetrics
 from prepo.report import read_jsonl
 
-from .config import run_dir_of
+from .config import ROOT, run_dir_of
 
 
 @dataclass
@@ -87,13 +86,15 @@ def is_finished(run_dir: Path, total_steps: Optional[int] = None) -> bool:
     return bool(summary) and (total_steps is None or summary.get("steps") == total_steps)
 
 
-def export_run(run_dir: Path, dest: Path) -> None:
-    """Copy a finished run's EXPORT_FILES (those present) from ``run_dir`` into ``dest``, each file
-    written to a temporary name and renamed, summary.json last."""
+def export_run(run_dir: Path, dest: Path, root: Path = ROOT) -> None:
+    """Copy a finished run's EXPORT_FILES (those present, all text) from ``run_dir`` into ``dest``, each
+    written to a temporary name and renamed, summary.json last. Paths under ``root`` (the repository)
+    are written relative to it, so that the committed copy reads the same on every machine."""
     dest.mkdir(parents=True, exist_ok=True)
     for name in EXPORT_FILES:
         if (run_dir / name).exists():
-            shutil.copyfile(run_dir / name, dest / f".{name}.tmp")
+            text = (run_dir / name).read_text().replace(f"{Path(root).resolve()}{os.sep}", "")
+            (dest / f".{name}.tmp").write_text(text)
             os.replace(dest / f".{name}.tmp", dest / name)
 
 
