@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -55,6 +57,7 @@ from .prompts import PromptEncoder, PromptFormat
 from .report import RunLog, count_lines, selection_row, write_summary
 from .rewards import load_reward_fn
 from .rollout import HFGenerateEngine, Rollouts, Sampling, roll_out, stop_token_ids
+from .runlock import run_lock
 from .sampler import PromptSampler
 from .signals.pacing import pacing_rho
 from .signals.scoring import prompt_perplexity
@@ -507,11 +510,13 @@ def run(config: TrainConfig | dict | None = None, *, reward_fn: Optional[Callabl
         cfg = from_dict(config)
     else:
         cfg = config.validate()
-    trainer = Trainer(cfg, reward_fn=reward_fn)
-    try:
-        return trainer.fit()
-    finally:
-        trainer.dist.close()
+    # rank 0 writes the run directory; it takes the lock before the (slow) model and engine load
+    with run_lock(cfg.output_dir) if int(os.environ.get("RANK", "0")) == 0 else nullcontext():
+        trainer = Trainer(cfg, reward_fn=reward_fn)
+        try:
+            return trainer.fit()
+        finally:
+            trainer.dist.close()
 
 
 def main(argv=None) -> int:
