@@ -305,6 +305,14 @@ def test_curve_without_step0_and_avg_metric(tmp_path):
         runs.load_run(d, "random", 1, "eval_avg@16")
 
 
+def test_a_run_with_a_step_written_twice_is_refused(tmp_path):
+    d = write_run(tmp_path / "runs", "random", 1, [0.3, 0.4])
+    lines = (d / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (d / "metrics.jsonl").write_text("".join(lines[:2] + lines[1:]))
+    with pytest.raises(ValueError, match=r"steps \[2\] appear more than once"):
+        runs.load_run(d, "random", 1, METRIC)
+
+
 def test_missing_run_is_reported(tmp_path):
     write_run(tmp_path, "random", 2, [0.3, 0.4])
     write_run(tmp_path, "prepo", 1, [0.3, 0.4])

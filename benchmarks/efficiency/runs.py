@@ -60,6 +60,11 @@ def load_run(run_dir: Path, strategy: str, seed: int, metric: str) -> RunData:
     metrics = [StepMetrics.from_dict(row) for row in read_jsonl(run_dir / "metrics.jsonl")]
     if not metrics:
         raise FileNotFoundError(f"{run_dir / 'metrics.jsonl'} is missing or empty")
+    steps = [m.step for m in metrics]
+    if len(set(steps)) != len(steps):
+        twice = sorted({k for k in steps if steps.count(k) > 1})
+        raise ValueError(f"{run_dir / 'metrics.jsonl'}: steps {twice} appear more than once (two trainers "
+                         "wrote this run?); the curve would count them twice")
     initial = _read_json(run_dir / "initial.json")
     evals = read_jsonl(run_dir / "eval.jsonl")
     step0 = next((e for e in evals if e.get("step") == 0), None) or initial.get("eval")
