@@ -215,6 +215,7 @@ def test_degenerate_seed_has_no_ratio(tmp_path):
     assert pp.reach == [0, 0] and pp.comparison.ratio is None and pp.comparison.decision == "n/a"
     assert "Degenerate on seed(s) [1, 2]" in report.protocol_note(agg)
     assert "random's final accuracy does not exceed" in report.protocol_note(agg)
+    assert "Final diff: final accuracy, strategy - random, per seed" in report.protocol_note(agg)
     half = stats.aggregate(runs.load_runs([rd], ["random", "prepo"], [1, 2], METRIC)[0], "random",
                            primary="half_budget_threshold")
     assert half.degenerate_seeds == [1, 2] and "random's accuracy at half its budget does not exceed" in report.protocol_note(half)
@@ -551,7 +552,9 @@ def test_half_budget_threshold_shows_a_saving_the_final_threshold_censors():
     assert stats.baseline_thresholds(RISING, 1, "half_budget_threshold") == {1: 0.3, 2: 0.3, 3: 0.3}
     c = stats.compare(FASTER, RISING, 1, "half_budget_threshold")
     assert c.n_censored == 0 and c.ratio.per_seed == pytest.approx([0.6] * 3) and c.decision == "saves rollouts"
-    # the secondaries do not depend on the primary
+    # the secondaries do not depend on the primary: final 0.59 against random's final 0.6, not its threshold
+    assert c.final_diff.per_seed == pytest.approx([-0.01] * 3)
+    assert c.final_diff.per_seed == stats.compare(FASTER, RISING, 1).final_diff.per_seed
     assert c.auc_diff.per_seed == stats.compare(FASTER, RISING, 1).auc_diff.per_seed
     with pytest.raises(ValueError, match="primary"):
         stats.baseline_thresholds(RISING, 1, "auc")

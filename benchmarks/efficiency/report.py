@@ -94,7 +94,7 @@ def protocol_note(agg: Aggregate) -> str:
             + ("" if agg.primary == PRIMARIES[0] else
                f"; an inconclusive CI wider than {POWER_WIDTH:.2f} (the distance from no saving, 1, to the paper's "
                f"{PAPER_RATIO}) is reported as underpowered, with its number of seeds and width")
-            + ". Final diff: final accuracy, strategy - {base}, per seed. AUC diff: area under "
+            + f". Final diff: final accuracy, strategy - {base}, per seed. AUC diff: area under "
             f"accuracy vs cumulative rollouts on [0, {base}'s budget] divided by that budget (a mean accuracy; a curve "
             f"is held at its last value past its end), strategy - {base}, per seed.")
     if agg.degenerate_seeds:

@@ -202,7 +202,9 @@ def compare(runs: Mapping[int, RunData], base: Mapping[int, RunData], final_eval
         ratio=ratio,
         n_censored=sum(censored),
         decision=decide(ratio, sum(censored), None if primary == PRIMARIES[0] else POWER_WIDTH),
-        final_diff=paired_estimate([final_accuracy(runs[s].curve, final_evals) - thresholds[s] for s in seeds]),
+        # against the baseline's final accuracy, which is the threshold only under the final_threshold primary
+        final_diff=paired_estimate([final_accuracy(runs[s].curve, final_evals) - final_accuracy(base[s].curve, final_evals)
+                                    for s in seeds]),
         auc_diff=paired_estimate([normalized_auc(runs[s].curve, b) - normalized_auc(base[s].curve, b)
                                   for s, b in zip(seeds, budgets)]),
     )
