@@ -68,13 +68,26 @@ WRONG = [
 PATHOLOGICAL = "\\boxed{9^{9^{9^{9}}}}"  # sympy evaluates the power: hours
 
 
+@pytest.fixture(scope="module")
+def patient_checker():
+    """The verdict tests ask what the answer is, not how fast: a symbolic check on a loaded machine
+    can pass the 5 s limit (tested on its own below) and would read as a wrong verdict."""
+    import prepo.rewards
+
+    checker, default = MathChecker(time_limit_s=60.0), prepo.rewards._checker
+    prepo.rewards._checker = checker
+    yield checker
+    prepo.rewards._checker = default
+    checker.close()
+
+
 @pytest.mark.parametrize("completion,gold", CORRECT)
-def test_equivalent_forms_score_one(completion, gold):
+def test_equivalent_forms_score_one(completion, gold, patient_checker):
     assert math_reward([completion], [gold]) == [1.0]
 
 
 @pytest.mark.parametrize("completion,gold", WRONG)
-def test_wrong_but_close_scores_zero(completion, gold):
+def test_wrong_but_close_scores_zero(completion, gold, patient_checker):
     assert math_reward([completion], [gold]) == [0.0]
 
 
