@@ -306,6 +306,16 @@ def test_curve_without_step0_and_avg_metric(tmp_path):
         runs.load_run(d, "random", 1, "eval_avg@16")
 
 
+def test_wall_time_says_which_runs_it_covers(tmp_path):
+    """A study run over several sessions: the invocation that finished timed only its own runs."""
+    b, info = bench_file(tmp_path), {"cpu": "AMD EPYC", "cores": 2, "python": "3.11"}
+    part = "\n".join(report.header(b, "cmd", "cfg.yaml", info, {"wall_seconds": 120.0, "run_seconds": {"prepo/seed3": 60.0}}))
+    assert "Wall time of the runs: 2.0 min, covering 1 of the 6 runs (the others ran in invocations" in part
+    every = {f"{s}/seed{k}": 20.0 for s in b.strategies for k in b.seeds}
+    whole = "\n".join(report.header(b, "cmd", "cfg.yaml", info, {"wall_seconds": 120.0, "run_seconds": every}))
+    assert "Wall time of the runs: 2.0 min.  " in whole
+
+
 def test_a_run_with_a_step_written_twice_is_refused(tmp_path):
     d = write_run(tmp_path / "runs", "random", 1, [0.3, 0.4])
     lines = (d / "metrics.jsonl").read_text().splitlines(keepends=True)

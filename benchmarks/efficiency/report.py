@@ -229,9 +229,13 @@ def header(bench: BenchConfig, command: str, config_path: str, info: dict, timin
               f"Machine: {info['cpu']}, {info['cores']} cores, torch {info.get('torch', '?')}, Python {info['python']}; "
               f"{tc['num_threads']} torch thread(s) per run, {bench.jobs} run(s) in parallel.  "]
     if timing.get("wall_seconds") is not None:
-        inv = timing.get("invocations", 1)
+        inv, timed = timing.get("invocations", 1), len(timing.get("run_seconds", {}))
+        planned = len(bench.strategies) * len(bench.seeds)
         lines.append(f"Wall time of the runs: {timing['wall_seconds'] / 60:.1f} min"
-                     + (f" over {inv} invocations (resumed)" if inv > 1 else "") + ".  ")
+                     + (f" over {inv} invocations (resumed)" if inv > 1 else "")
+                     + (f", covering {timed} of the {planned} runs (the others ran in invocations that were "
+                        "interrupted, which record no wall time; each run's training time is in the per-seed table)"
+                        if 0 < timed < planned else "") + ".  ")
     lines += [f"Setup: task `{tc.get('task') or 'arithmetic'}`, {tc['total_steps']} steps, candidate batch |B| = "
               f"{tc['candidate_batch_size']}, K = {k_prompts}, G = {tc['group_size']} ({k_prompts * tc['group_size']} "
               f"rollouts/step except dapo_dynamic, which counts every generated rollout), lr {tc['lr']}, eval every "
