@@ -288,7 +288,7 @@ def plot_accuracy(runs: dict, agg: Aggregate, metric: str, path: Path) -> None:
             axis.plot(x, 100 * mean, color=f"C{i}", label=f"{strategy} (n={len(rs)})")
             axis.fill_between(x, 100 * lo, 100 * hi, color=f"C{i}", alpha=0.12, lw=0)
     ax.axhline(100 * float(np.mean(list(agg.thresholds.values()))), color="k", ls="--", lw=0.8,
-               label=f"{agg.baseline} final (mean over seeds)")
+               label=f"the target: {_target(agg)} (mean over seeds)")
     dx.axhline(0.0, color="k", lw=0.8)
     ax.set_ylabel(f"held-out {metric} (%)")
     dx.set_ylabel(f"{metric} minus {agg.baseline}, same seed (points)")
