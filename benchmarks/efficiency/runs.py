@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -60,9 +61,8 @@ def load_run(run_dir: Path, strategy: str, seed: int, metric: str) -> RunData:
     metrics = [StepMetrics.from_dict(row) for row in read_jsonl(run_dir / "metrics.jsonl")]
     if not metrics:
         raise FileNotFoundError(f"{run_dir / 'metrics.jsonl'} is missing or empty")
-    steps = [m.step for m in metrics]
-    if len(set(steps)) != len(steps):
-        twice = sorted({k for k in steps if steps.count(k) > 1})
+    twice = sorted(k for k, n in Counter(m.step for m in metrics).items() if n > 1)
+    if twice:
         raise ValueError(f"{run_dir / 'metrics.jsonl'}: steps {twice} appear more than once (two trainers "
                          "wrote this run?); the curve would count them twice")
     initial = _read_json(run_dir / "initial.json")
@@ -96,9 +96,10 @@ def export_run(run_dir: Path, dest: Path, root: Path = ROOT) -> None:
     written to a temporary name and renamed, summary.json last. Paths under ``root`` (the repository)
     are written relative to it, so that the committed copy reads the same on every machine."""
     dest.mkdir(parents=True, exist_ok=True)
+    prefix = f"{Path(root).resolve()}{os.sep}"
     for name in EXPORT_FILES:
         if (run_dir / name).exists():
-            text = (run_dir / name).read_text().replace(f"{Path(root).resolve()}{os.sep}", "")
+            text = (run_dir / name).read_text().replace(prefix, "")
             (dest / f".{name}.tmp").write_text(text)
             os.replace(dest / f".{name}.tmp", dest / name)
 
