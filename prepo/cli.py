@@ -40,11 +40,14 @@ def print_outcome(summary: dict, wall: float) -> None:
               f"{info['skipped_reasons'] or ''}")
     if summary["spearman_ppl_passrate"] is not None:
         print(f"Spearman(prompt perplexity, pass rate) of the base policy: {summary['spearman_ppl_passrate']:.3f}")
-    if summary["initial_accuracy"] is not None:
-        print(f"held-out greedy accuracy: initial {summary['initial_accuracy']:.3f} -> final {summary['final_accuracy']:.3f}")
+    # sampled first: it is what RL optimizes here; greedy says whether the model's best answer held
     if summary["initial_avg_k"] is not None:
         print(f"held-out avg@{summary['avg_k']} (sampled): initial {summary['initial_avg_k']:.3f} -> "
-              f"final {summary['final_avg_k']:.3f}")
+              f"final {summary['final_avg_k']:.3f}   (accuracy of {summary['avg_k']} samples per problem at the "
+              "training temperature: what RL optimizes)")
+    if summary["initial_accuracy"] is not None:
+        print(f"held-out greedy accuracy: initial {summary['initial_accuracy']:.3f} -> final "
+              f"{summary['final_accuracy']:.3f}   (the single most likely answer per problem)")
     fr = summary["time_split_frac"]
     print("step time split: " + ", ".join(f"{k[5:]} {100 * v:.1f}%" for k, v in fr.items())
           + f"; PREPO overhead (scoring + weighting) {100 * summary['prepo_overhead_frac']:.2f}%")

@@ -36,3 +36,16 @@ def test_bench_is_the_kernel_benchmark(capsys):
     assert prepo_main(["bench", "--help"]) == 0
     out = capsys.readouterr().out
     assert "--shapes" in out and "--providers" in out
+
+
+def test_the_summary_prints_sampled_accuracy_first_and_says_what_each_means(capsys):
+    from prepo.cli import print_outcome
+
+    summary = {"strategy": "prepo", "steps": 2, "rollouts": 16, "data": {}, "spearman_ppl_passrate": None,
+               "initial_accuracy": 0.5, "final_accuracy": 0.5, "initial_avg_k": 0.25, "final_avg_k": 0.375, "avg_k": 8,
+               "time_split_frac": {"time_score": 0.5, "time_update": 0.5}, "prepo_overhead_frac": 0.01,
+               "plot": None, "output_dir": "runs/x"}
+    print_outcome(summary, 1.0)
+    out = capsys.readouterr().out
+    sampled, greedy = out.index("held-out avg@8 (sampled): initial 0.250 -> final 0.375"), out.index("held-out greedy")
+    assert sampled < greedy and "what RL optimizes" in out and "most likely answer" in out
