@@ -132,6 +132,8 @@ class TrainConfig:
     vllm_gpu_memory_utilization: float = 0.3   # vllm on cuda: share of the GPU's memory its engine may take
     vllm_cpu_kv_cache_gib: float = 1.0         # vllm on cpu: its KV cache in GiB of RAM
     vllm_execution: str = "auto"     # vllm: auto (cuda: compiled + CUDA graphs; cpu: eager) | eager | compiled
+    vllm_check_every: int = 1        # vllm: check its log-probs against the policy's every N weight syncs (0 = never)
+    vllm_check_tol: float = 0.0      # vllm: largest log-prob gap (nats) that passes the check; 0 = by dtype (fp32 0.01)
     group_size: int = 8              # G
     max_new_tokens: int = 48         # the longest worked solution is 40 tokens with its EOS
     temperature: float = 1.0
@@ -205,6 +207,7 @@ class TrainConfig:
                                                     f"got {self.kernel_impl!r}")
         need(0 < self.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization must be in (0, 1]")
         need(self.vllm_cpu_kv_cache_gib > 0, "vllm_cpu_kv_cache_gib must be > 0")
+        need(self.vllm_check_every >= 0 and self.vllm_check_tol >= 0, "vllm_check_every and vllm_check_tol must be >= 0")
         need(self.vllm_execution in VLLM_EXECUTION,
              f"vllm_execution must be one of {', '.join(VLLM_EXECUTION)}; got {self.vllm_execution!r}")
         need(self.max_tokens_per_microbatch >= 1, "max_tokens_per_microbatch must be >= 1")

@@ -73,6 +73,7 @@ class StepMetrics:
     times: dict = field(default_factory=dict)   # TIME_KEYS + time_step, seconds
     eval: Optional[dict] = None        # on evaluation steps: eval_accuracy, time_eval[, eval_avg@k]
     picked: Optional[dict] = None      # the prompts the step rolled out: its selection.jsonl row, not in metrics.jsonl
+    engine: Optional[dict] = None      # vLLM, on checked weight syncs: vllm_logprob_gap (nats, max over the probe tokens)
 
     @property
     def reward_mean(self) -> float:
@@ -92,6 +93,7 @@ class StepMetrics:
         d.update(self.selection or {})
         d.update(self.times)
         d.update(self.eval or {})
+        d.update(self.engine or {})
         return d
 
     def scalars(self) -> dict[str, float]:
@@ -103,7 +105,7 @@ class StepMetrics:
     def from_dict(cls, d: dict) -> "StepMetrics":
         """A metrics.jsonl row back as a record."""
         names = lambda c: {f.name for f in dataclasses.fields(c)}  # noqa: E731
-        top = names(cls) - {"batch", "update", "dynamic", "selection", "times", "eval", "picked"}
+        top = names(cls) - {"batch", "update", "dynamic", "selection", "times", "eval", "picked", "engine"}
         return cls(
             **{k: d.get(k) for k in top},
             batch=BatchStats(**{k: d[k] for k in names(BatchStats) if k in d}),
@@ -112,6 +114,7 @@ class StepMetrics:
             selection={k: v for k, v in d.items() if k.startswith("greso_")} or None,
             times={k: v for k, v in d.items() if k.startswith("time_") and k != "time_eval"},
             eval={k: v for k, v in d.items() if k.startswith("eval_") or k == "time_eval"} or None,
+            engine={k: v for k, v in d.items() if k.startswith("vllm_")} or None,
         )
 
 

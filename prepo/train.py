@@ -82,7 +82,8 @@ def make_engine(cfg: TrainConfig, model_source, model, tokenizer, encoder: Promp
         return VLLMEngine(str(model_source), tokenizer, encoder, sampling, dtype=VLLM_DTYPES[cfg.dtype], seed=cfg.seed,
                           stop_ids=stop_token_ids(model, tokenizer), device=precision.device.type,
                           gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-                          cpu_kv_cache_gib=cfg.vllm_cpu_kv_cache_gib, execution=cfg.vllm_execution)
+                          cpu_kv_cache_gib=cfg.vllm_cpu_kv_cache_gib, execution=cfg.vllm_execution,
+                          check_every=cfg.vllm_check_every, check_tol=cfg.vllm_check_tol or None)
     return HFGenerateEngine(model, tokenizer, encoder, sampling, autocast=precision.autocast)
 
 
@@ -195,7 +196,7 @@ class Trainer:
             order = self.strategy.select(ppl, cand, self.K, rho, self.select_rng)
         # 2-3. roll out G completions per selected prompt (this rank's share) and reward them
         got = self.collect(cand, order, rho, timer)
-        batch, upd = BatchStats(), UpdateStats()   # stay so when nothing was kept (dynamic sampling)
+        batch, upd, gap = BatchStats(), UpdateStats(), None   # stay so when nothing was kept (dynamic sampling)
         if got.rollouts is not None:
             ro = got.rollouts
             # 4. score/weight: old log-probs and entropies in one no-grad pass, w_i = H_i / H_bar
@@ -209,11 +210,11 @@ class Trainer:
             # 5. update the policy, then hand the rollout engine its new weights
             with timer("time_update"):
                 upd = self.update(ro, adv, w if self.strategy.weighting else None, old_lp, ref_lp)
-            with timer("time_sync"):
-                self.engine.sync_weights(self.model)
+            with timer("time_sync"):   # vLLM: returns its log-prob gap to the policy on checked syncs
+                gap = self.engine.sync_weights(self.model)
             batch = self.batch_stats(got.rewards, ent, ro.completion_mask, w)
         # 6. log: the step's record (counters summed over ranks)
-        return self.record(got, cand, ppl, order, rho, batch, upd, timer, t0)
+        return self.record(got, cand, ppl, order, rho, batch, upd, timer, t0, sync_gap=gap)
 
     # ------------------------------------------------------------------ its parts
     def perplexity(self, cand: list[int], timer: Timer) -> np.ndarray:
@@ -243,7 +244,8 @@ class Trainer:
                                max_rounds=self.cfg.dynamic_max_rounds, pad_id=self.tokenizer.pad_token_id)
 
     def record(self, got: Collected, cand: list[int], ppl: Optional[np.ndarray], order: list[int], rho: float,
-               batch: BatchStats, upd: UpdateStats, timer: Timer, t0: float) -> StepMetrics:
+               batch: BatchStats, upd: UpdateStats, timer: Timer, t0: float,
+               sync_gap: Optional[float] = None) -> StepMetrics:
         """The step's bookkeeping: rollouts and reward failures summed over ranks into the run's
         counters, the selected window's perplexities, and the step record with the prompts it rolled
         out (its selection.jsonl row)."""
@@ -268,7 +270,8 @@ class Trainer:
             ppl_window_hi=float(sel_ppl.max()) if sel_ppl is not None else None,
             ppl_batch_mean=float(ppl.mean()) if ppl is not None else None,
             selected_difficulty=float(np.mean(known)) if known else None, dynamic=got.dynamic,
-            selection=self.strategy.stats(), times=step_times(timer, time.perf_counter() - t0), picked=picked)
+            selection=self.strategy.stats(), times=step_times(timer, time.perf_counter() - t0), picked=picked,
+            engine=None if sync_gap is None else {"vllm_logprob_gap": sync_gap})
 
     def batch_stats(self, rewards, ent, cmask, w) -> BatchStats:
         """Rewards, entropy and weights of the global batch (all ranks' rollouts)."""
