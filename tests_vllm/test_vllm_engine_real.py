@@ -80,7 +80,7 @@ def test_generation_uses_the_updated_weights(arch, tiny_dirs, qwen_tokenizer):
         after = trainer_logprobs(model, fixed)
         assert (after - before).abs().sum() / fixed.completion_mask.sum() > 1.0   # the update moved them a lot
         gap = engine.sync_weights(model)
-        assert gap is not None and gap < 2e-4
+        assert gap is not None and gap < 1e-3   # rounding (assert_close below: 2e-4 + 1e-4 |log-prob|)
         torch.testing.assert_close(engine.completion_logprobs(fixed), after, atol=2e-4, rtol=1e-4)
         greedy = next(engine.generate([prompt], 1, greedy=True))
         assert greedy.completion_ids[0, : len(target)].tolist() == target
@@ -189,4 +189,4 @@ def test_sync_refuses_modules_left_unloaded_and_stale_log_probs(tiny_dirs, qwen_
     with pytest.raises(StaleWeightsError, match="stale weights"):
         engine.sync_weights(model)
     engine.llm.collective_rpc = reload
-    assert engine.sync_weights(model) < 2e-4
+    assert engine.sync_weights(model) < 1e-3
