@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from .config import ConfigError
+from .errors import ModelError
 from .tasks import Prompt, prompt_key
 
 
@@ -45,7 +45,7 @@ class PromptFormat:
         if not self.uses_template(prompt):
             return f"{prompt}\n{self.instruction_suffix}" if self.instruction_suffix else prompt
         if not getattr(tokenizer, "chat_template", None):
-            raise ConfigError("a chat template is needed (the prompt is a message list or --chat-template is on) "
+            raise ModelError("a chat template is needed (the prompt is a message list or --chat-template is on) "
                               "but the model's tokenizer has none")
         return tokenizer.apply_chat_template(self.messages(prompt), tokenize=False, add_generation_prompt=True)
 

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from prepo.config import ConfigError, TrainConfig, from_dict, parse_args
+from prepo.config import TrainConfig, from_dict, parse_args
+from prepo.errors import ConfigError, DataError
 from prepo.sampler import PromptSampler
 from prepo.signals import get_strategy, pacing_rho, window_select, window_start
 from prepo.loss import group_advantages, grpo_loss
 from prepo.rewards import compute_rewards, math_verify_reward
-from prepo.tasks import DataError, Problem, get_task, is_heldout
+from prepo.tasks import Problem, get_task, is_heldout
 from prepo.tasks.arithmetic import LEVELS, TASK as ARITHMETIC, evaluate_expression, worked_solution
 from prepo.signals.weighting import relative_entropy_weights
 

@@ -11,7 +11,8 @@ import types
 import pytest
 import torch
 
-from prepo.config import ConfigError, TrainConfig
+from prepo.config import TrainConfig
+from prepo.errors import ConfigError
 from prepo.prompts import PromptEncoder
 from prepo.rollout import Rollouts, Sampling, completion_mask_from_ids
 from prepo.vllm_engine import (GiB, VLLMEngine, device_options, require_vllm, rollouts_from_tokens,
