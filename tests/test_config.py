@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from prepo import vllm_engine
-from prepo.config import FIELDS, _TYPES, from_dict, parse_args
+from prepo.config import FIELDS, _TYPES, TrainConfig, from_dict, parse_args
 from prepo.errors import ConfigError
 from prepo.preflight import preflight
 
@@ -93,6 +93,36 @@ def test_the_vllm_engine_needs_vllm_installed(monkeypatch, installed):
     else:
         with pytest.raises(ConfigError, match="--rollout-engine vllm needs vLLM"):
             preflight(cfg)
+
+
+def test_defaults_are_valid():
+    cfg = TrainConfig().validate()
+    assert cfg.num_selected == 13 and cfg.strategy == "prepo"
+
+
+def test_overrides_in_order(tmp_path):
+    """Defaults, then the YAML file, then the command line (which wins), in every spelling."""
+    y = tmp_path / "c.yaml"
+    y.write_text("strategy: random\ntotal_steps: 7\nlr: 1.0e-4\n")
+    cfg = parse_args(["--config", str(y), "--total-steps", "9", "--seed=4", "--resume", "--output_dir", "o"])
+    assert (cfg.strategy, cfg.total_steps, cfg.seed, cfg.resume, cfg.output_dir, cfg.lr) == ("random", 9, 4, True, "o", 1e-4)
+    assert from_dict({"group-size": 4}).group_size == 4
+
+
+def test_parsing_errors_name_the_problem(tmp_path):
+    """What the option tables above do not reach: misspelt keys (listing the valid ones), a YAML
+    file that is not a mapping, a key without its value."""
+    with pytest.raises(ConfigError, match="unknown config key 'total-stepz'; valid keys:.*total_steps"):
+        parse_args(["--total-stepz", "3"])
+    y = tmp_path / "bad.yaml"
+    y.write_text("stratgy: prepo\n")
+    with pytest.raises(ConfigError, match="unknown config key 'stratgy'"):
+        parse_args(["--config", str(y)])
+    y.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        parse_args(["--config", str(y)])
+    with pytest.raises(ConfigError, match="--seed needs a value"):
+        parse_args(["--seed"])
 
 
 def test_warmup_records_the_runs_task():
