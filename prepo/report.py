@@ -12,6 +12,7 @@ import numpy as np
 import yaml
 
 from .config import TrainConfig
+from .errors import RunDirError
 from .metrics import PREPO_OVERHEAD_KEYS, TIME_KEYS, StepMetrics
 
 
@@ -23,11 +24,11 @@ def truncate_lines(path: Path, n: int) -> None:
     """Keep the first ``n`` lines of ``path`` (what a checkpoint had seen), drop the rest."""
     if not path.exists():
         if n:
-            raise RuntimeError(f"{path} is missing but the checkpoint expects {n} lines in it")
+            raise RunDirError(f"{path} is missing but the checkpoint expects {n} lines in it")
         return
     lines = path.read_text().splitlines(keepends=True)
     if len(lines) < n:
-        raise RuntimeError(f"{path} has {len(lines)} lines, the checkpoint expects {n}")
+        raise RunDirError(f"{path} has {len(lines)} lines, the checkpoint expects {n}")
     path.write_text("".join(lines[:n]))
 
 
