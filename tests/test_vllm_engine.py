@@ -12,7 +12,8 @@ import types
 import pytest
 import torch
 
-from prepo.config import ConfigError, TrainConfig
+from prepo.config import TrainConfig
+from prepo.errors import ConfigError
 from prepo.prompts import PromptEncoder
 from prepo.rollout import Rollouts, Sampling, completion_mask_from_ids
 from prepo.vllm_engine import (_NOT_LOADED_MSG, _RELOAD_LOGGER, CHECK_TOL, GiB, VLLMEngine, _modules_not_loaded,
@@ -239,7 +240,7 @@ def test_engine_bookkeeping_with_a_stand_in_vllm(monkeypatch, qwen_tokenizer, ti
 def test_trainer_config_reaches_the_engine(monkeypatch, qwen_tokenizer, tiny_qwen2_dir):
     """--vllm-check-every / --vllm-check-tol (0: by dtype) are the engine's check_every / check_tol."""
     from prepo.policy import Precision
-    from prepo.train import make_engine
+    from prepo.builder import make_engine
 
     monkeypatch.setitem(sys.modules, "vllm", fake_vllm(qwen_tokenizer.eos_token_id)[0])
     enc = PromptEncoder(qwen_tokenizer)

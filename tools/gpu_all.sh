@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The one device call (issue 23): run benchmarks/gpu_all.py on the GPU machine, with the wheels the
-# image lacks when they were carried. Here, first: python benchmarks/gpu_all.py --fetch-wheels
-# Device tool: command 'bash benchmarks/gpu_all.sh', carry ['.whl'], timeout_s 540 (budget 420 s + slack).
+# The one device call (issue 23): run tools/gpu_all.py on the GPU machine, with the wheels the
+# image lacks when they were carried. Here, first: python tools/gpu_all.py --fetch-wheels
+# Device tool: command 'bash tools/gpu_all.sh', carry ['.whl'], timeout_s 540 (budget 420 s + slack).
 # Arguments go to gpu_all.py (--budget-s, --parts, ...); it always exits 0 after writing summary.md.
 set -u
 cd "$(dirname "$0")/.."
@@ -14,4 +14,4 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     echo "gpu_all.sh: installing .whl/ failed; going on without those packages" >&2
   fi
 fi
-exec "$PYTHON" benchmarks/gpu_all.py "$@"
+exec "$PYTHON" tools/gpu_all.py "$@"

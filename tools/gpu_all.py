@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Everything a lent GPU should measure, in one process tree with a hard time budget (issue 23).
 
-    bash benchmarks/gpu_all.sh                    # on the GPU machine: installs .whl/ if carried, then this
-    python benchmarks/gpu_all.py --budget-s 420   # the same without the wheel install
-    python benchmarks/gpu_all.py --dry-run        # CPU: every part on tiny shapes (Triton interpreted)
-    python benchmarks/gpu_all.py --fetch-wheels   # here, before a device call: the peers' wheels into .whl/
+    bash tools/gpu_all.sh                    # on the GPU machine: installs .whl/ if carried, then this
+    python tools/gpu_all.py --budget-s 420   # the same without the wheel install
+    python tools/gpu_all.py --dry-run        # CPU: every part on tiny shapes (Triton interpreted)
+    python tools/gpu_all.py --fetch-wheels   # here, before a device call: the peers' wheels into .whl/
 
 Parts, in this order; each one but `env` is a child process in its own process group, killed at its
 deadline (its cap, or what is left of the budget). A part that fails or overruns is recorded as such
@@ -16,8 +16,7 @@ and the next one runs; the script always exits 0 after writing summary.md.
     tests_triton  pytest -m gpu -k triton (the Triton parity tests at small shapes), during the build
     tests_cuda    pytest -m gpu -k "not triton" (the CUDA backend and the rest), after the build
     suite         benchmarks/gpu_suite.py at (8192, 4096, 131072) and (8192, 4096, 151936) bf16
-    grpo_loss     prepo_kernels.linear_grpo_loss fwd+bwd, GRPO-like advantages ("not available"
-                  when this checkout has no such function)
+    grpo_loss     prepo_kernels.linear_grpo_loss fwd+bwd on every backend, GRPO-like advantages
     rl            a few RL steps of `python -m prepo.train --rollout-engine hf` on the GPU: the named
                   smollm2-135m-instruct where it is installed, and a tiny Qwen2 saved on the fly
 
@@ -27,7 +26,7 @@ rewritten as soon as it is measured: summary.md (all tables), env.csv, tests.csv
 grpo_loss.csv, rl.csv, gpu_all.log (every child's output).
 
 A rerun on the still-warm machine names only the parts that failed, without `build` (the library the
-first call built stays in prepo_kernels/), e.g. `bash benchmarks/gpu_all.sh --parts suite --budget-s 200`.
+first call built stays in prepo_kernels/), e.g. `bash tools/gpu_all.sh --parts suite --budget-s 200`.
 """
 from __future__ import annotations
 
@@ -382,29 +381,26 @@ GRPO_COLUMNS = ["shape", "impl", "ms", "tflops_6ndv", "pct_gemm", "peak_gib", "s
 
 
 def part_grpo_loss(args, out: Path) -> int:
-    """fwd+bwd of prepo_kernels.linear_grpo_loss (issue 20's signature) on every available backend at
-    the first suite shape, half the rows zero-advantage, old log-probs near the current ones (so
-    some ratios clip); a bare GEMM row is the yardstick. One CSV row per backend, written as measured."""
+    """fwd+bwd of prepo_kernels.linear_grpo_loss on every available backend at the first suite
+    shape (benchmarks/providers.py's inputs: about half the rows zero-advantage, old log-probs near
+    the current ones, so some ratios clip); a bare GEMM row is the yardstick. One CSV row per
+    backend, written as measured."""
     import torch
 
     import prepo_kernels
     from prepo_kernels.backends.registry import BackendUnavailableError
 
-    device, gpu = _device_and_gpu(args.dry_run)
-    path = out / "grpo_loss.csv"
-    loss_fn = getattr(prepo_kernels, "linear_grpo_loss", None)
-    if loss_fn is None:
-        write_csv(path, gpu, GRPO_COLUMNS, [{"status": "not available: prepo_kernels.linear_grpo_loss does not "
-                                                      "exist in this checkout"}])
-        return 0
     sys.path.insert(0, str(BENCH))
     import gpu_suite
+    import providers
 
+    device, gpu = _device_and_gpu(args.dry_run)
+    path = out / "grpo_loss.csv"
     N, D, V = (int(x) for x in _shapes(args).split(";")[0].split(","))
     warmup, iters = (1, 2) if args.dry_run else (3, 10)
-    h, w, y, g, _, _, ref_lp = gpu_suite.make_inputs(N, D, V, torch.bfloat16, device, 1.5)
-    adv = g.masked_fill(gpu_suite.grpo_mask(N, device), 0.0)
-    old_lp = ref_lp + 0.1 * torch.randn(N, device=device)
+    case = providers.make_case(N, D, V, torch.bfloat16, 0.5, device=device, sample_targets=True)
+    h, w, y = case.hidden, case.weight, case.targets
+    old_lp, adv = providers.grpo_inputs(case)
     timer, shape, flop = gpu_suite.Timer(device), f"{N}x{D}x{V}", 6.0 * N * D * V
     gemm_ms = timer.median_ms(lambda: h @ w.T, warmup, iters)
     rows = [{"shape": shape, "impl": "bf16-gemm (h @ W.T)", "ms": f"{gemm_ms:.4g}", "status": "ok"}]
@@ -413,7 +409,7 @@ def part_grpo_loss(args, out: Path) -> int:
 
         def step():
             hh.grad = ww.grad = None
-            loss, _ = loss_fn(hh, ww, y, old_lp, adv, num_tokens=N, impl=impl)
+            loss, _ = prepo_kernels.linear_grpo_loss(hh, ww, y, old_lp, adv, num_tokens=N, impl=impl)
             loss.backward()
 
         row = {"shape": shape, "impl": impl, "status": "ok"}
@@ -568,7 +564,7 @@ def orchestrate(run: Run, parts: set) -> None:
     dry = ["--dry-run"] if run.args.dry_run else []
     if "suite" in parts:
         later = sum(CAP_SHARE[p] for p in ("grpo_loss", "rl") if p in parts) * run.args.budget_s
-        cmd = [sys.executable, str(BENCH / "gpu_suite.py"), "--skip-tests", "--no-build", "--out-dir", out,
+        cmd = [sys.executable, str(BENCH / "gpu_suite.py"), "--out-dir", out,
                "--basename", "suite", "--shapes", _shapes(run.args), *dry]
         _child(run, "suite", cmd, run.left() - later, ["status"])
     for part in ("grpo_loss", "rl"):
@@ -652,7 +648,7 @@ def fetch_wheels() -> int:
         print(f"gpu_all: not carried: {name}: {why}")
     shutil.rmtree(scratch, ignore_errors=True)
     print(f"gpu_all: {len(kept)} wheels, {sum(files[k] for k in kept) / 2**20:.1f} MiB, in {dest} "
-          f"(working tree {tree / 2**20:.1f} MiB); device call: command 'bash benchmarks/gpu_all.sh', carry ['.whl']")
+          f"(working tree {tree / 2**20:.1f} MiB); device call: command 'bash tools/gpu_all.sh', carry ['.whl']")
     return 0
 
 
