@@ -1,6 +1,7 @@
 """``python -m prepo.train [--config file.yaml] [--key value ...]``: parse, run, print the outcome.
-Configuration and data errors exit with status 2 and a one-line message. :mod:`prepo.train`
-calls :func:`main` with its ``run``; this module imports nothing of the trainer (one direction).
+A user error (:class:`~prepo.errors.UserError`: an option, the data, the reward, the model, the
+output directory) exits with status 2 and a one-line message. :mod:`prepo.train` calls :func:`main`
+with its ``run``; this module imports nothing of the trainer (one direction).
 
 Also the ``prepo`` console script (:func:`prepo_main`): ``prepo <command> [args]`` runs exactly what
 ``python -m <module> [args]`` runs, for each command of :data:`COMMANDS`.
@@ -16,9 +17,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from .config import ConfigError, parse_args
-from .rewards import RewardError
-from .tasks import DataError
+from .config import parse_args
+from .errors import UserError
 
 
 def _quiet_libraries() -> None:
@@ -50,7 +50,7 @@ def print_outcome(summary: dict, wall: float) -> None:
               f"{summary['final_accuracy']:.3f}   (the single most likely answer per problem)")
     fr = summary["time_split_frac"]
     print("step time split: " + ", ".join(f"{k[5:]} {100 * v:.1f}%" for k, v in fr.items())
-          + f"; PREPO overhead (scoring + weighting) {100 * summary['prepo_overhead_frac']:.2f}%")
+          + f"; PREPO overhead (scoring, selection, weighting) {100 * summary['prepo_overhead_frac']:.2f}%")
     plot = Path(summary["plot"]).name if summary["plot"] else "no plot"
     print(f"results in {summary['output_dir']} (metrics.jsonl, eval.jsonl, summary.json, {plot})")
 
@@ -64,7 +64,7 @@ def main(run: Callable, argv: Optional[Sequence[str]] = None) -> int:
     t0 = time.perf_counter()
     try:
         summary = run(parse_args(sys.argv[1:] if argv is None else argv))
-    except (ConfigError, DataError, RewardError) as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if summary is not None:
