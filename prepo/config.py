@@ -31,6 +31,7 @@ from .tasks import TASKS
 STRATEGIES = tuple(_STRATEGY_REGISTRY)
 DTYPES = ("fp32", "bf16", "fp16")
 ENGINES = ("hf", "vllm")
+PPL_SCOPES = ("problem", "user", "prompt")   # what the prompt perplexity averages (prepo.prompts)
 VLLM_EXECUTION = ("auto", "eager", "compiled")   # how the vLLM engine runs (prepo.vllm_engine.device_options)
 WARMUP_VERSION = 2  # bump when the warm-up code changes in a way that changes its result
 
@@ -116,6 +117,7 @@ class TrainConfig:
     chat_template: bool = False      # apply the tokenizer's chat template to plain-string prompts too
     system_prompt: str = ""          # with a chat template: a system message (when the prompt has none)
     instruction_suffix: str = ""     # appended to the (last user message of the) prompt
+    ppl_scope: str = "problem"       # the perplexity scores: problem (its text) | user (+ suffix) | prompt (all after the first)
     # --- reward ---
     reward: str = ""                 # module:function ("" = built-in checker / math_reward for user data)
     # --- base model ---
@@ -197,6 +199,7 @@ class TrainConfig:
         need(self.dynamic_max_rounds >= 1, "dynamic_max_rounds must be >= 1")
         need(0 < self.heldout_frac < 1, "heldout_frac must be in (0, 1)")
         self._check_warmup()
+        need(self.ppl_scope in PPL_SCOPES, f"ppl_scope must be one of {', '.join(PPL_SCOPES)}; got {self.ppl_scope!r}")
         need(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
         need(self.rollout_engine in ENGINES, f"rollout_engine must be one of {', '.join(ENGINES)}; got {self.rollout_engine!r}")
         need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,

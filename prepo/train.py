@@ -117,7 +117,7 @@ class Trainer:
             self.ref_model, _ = load_policy(self.base_dir, self.device)
             self.ref_model.requires_grad_(False)
         self.encoder = PromptEncoder(self.tokenizer, PromptFormat(cfg.chat_template, cfg.system_prompt,
-                                                                  cfg.instruction_suffix))
+                                                                  cfg.instruction_suffix, cfg.ppl_scope))
         self.engine = make_engine(cfg, self.base_dir, self.model, self.tokenizer, self.encoder, self.precision)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                            betas=(0.9, 0.99))
