@@ -81,6 +81,11 @@ class PromptFormat:
         return start, start + (problem_len if self.ppl_scope == "problem" else len(content))
 
 
+def problem_text(prompt: Prompt) -> str:
+    """The problem's own text: the string prompt, or a chat's last user message (its content)."""
+    return prompt if isinstance(prompt, str) else prompt[_last_user(prompt, "no problem text")]["content"]
+
+
 def _last_user(msgs: list[dict], why: str) -> int:
     """Index of the last user message of ``msgs``; ValueError starting with ``why`` if there is none."""
     last = max((i for i, m in enumerate(msgs) if m.get("role") == "user"), default=None)
