@@ -60,6 +60,7 @@ from .rollout import HFGenerateEngine, Rollouts, Sampling, roll_out, stop_token_
 from .runlock import run_lock
 from .sampler import PromptSampler
 from .signals.pacing import pacing_rho
+from .signals.premise import Premise, PremiseParams
 from .signals.scoring import prompt_perplexity
 from .signals.strategies import Strategy, get_strategy
 from .signals.weighting import relative_entropy_weights
@@ -94,6 +95,7 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
         self.strategy: Strategy = get_strategy(cfg.strategy)
+        self.premise = Premise(PremiseParams(cfg.curriculum_direction, cfg.premise_probes, cfg.premise_window_steps))
         self.K = cfg.num_selected
         self.device = resolve_device(cfg.device)
         if self.device.type == "cpu" and torch.cuda.is_available():
@@ -158,6 +160,7 @@ class Trainer:
             "sampler": self.sampler.state_dict(),
             "select_rng": self.select_rng.bit_generator.state,
             "strategy": self.strategy.state_dict(),   # the strategy's own state (GRESO's), else None
+            "premise": self.premise.state_dict(),
             "rng": self.dist.gather([ckpt.rng_state()]),   # one per rank
             "metrics_lines": count_lines(self.runlog.metrics_path),
             "eval_lines": count_lines(self.runlog.eval_path),
@@ -179,6 +182,7 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         self.select_rng.bit_generator.state = state["select_rng"]
         self.strategy.load_state_dict(state.get("strategy"))
+        self.premise.load_state_dict(state.get("premise"))
         ckpt.set_rng_state(state["rng"][self.dist.rank])
         self.runlog.truncate(state["metrics_lines"], state["eval_lines"])
 
@@ -191,8 +195,9 @@ class Trainer:
         cand = self.sampler.next_batch(cfg.candidate_batch_size)
         ppl = self.perplexity(cand, timer) if self.strategy.needs_ppl else None
         rho = pacing_rho(self.step_idx, cfg.total_steps, cfg.pacing)
-        with timer("time_score"):
-            order = self.strategy.select(ppl, cand, self.K, rho, self.select_rng)
+        with timer("time_score"):   # a scoring strategy's window, turned and probed by the premise estimate
+            order = (self.premise.select(self.strategy, ppl, cand, self.K, rho, self.select_rng) if ppl is not None
+                     else self.strategy.select(ppl, cand, self.K, rho, self.select_rng))
         # 2-3. roll out G completions per selected prompt (this rank's share) and reward them
         got = self.collect(cand, order, rho, timer)
         batch, upd = BatchStats(), UpdateStats()   # stay so when nothing was kept (dynamic sampling)
@@ -259,16 +264,22 @@ class Trainer:
         levels = self.dist.gather([p.difficulty for p in got.problems])
         known = [v for v in levels if v is not None]
         pass_rates = [] if got.rewards is None else got.rewards.view(-1, self.cfg.group_size).mean(1).tolist()
+        pass_rates = self.dist.gather(pass_rates)
         picked = selection_row(rho, None if self.strategy.refills else [cand[i] for i in order], levels,
-                               self.dist.gather(pass_rates), sel_ppl, ppl)
+                               pass_rates, sel_ppl, ppl)
+        if ppl is not None:   # the premise estimate sees the rolled-out prompts' ranks and pass rates
+            self.premise.observe(ppl, order, pass_rates)
+            self.premise.update_direction(self.step_idx)
+            window_ppl = ppl[order[: self.premise.window_size]]
         return StepMetrics(
             step=self.step_idx, rollouts=self.total_rollouts, step_rollouts=step_rollouts, rho=rho,
             weight_applied=self.strategy.weighting, reward_failures=self.reward_failures, batch=batch, update=upd,
-            ppl_window_lo=float(sel_ppl.min()) if sel_ppl is not None else None,
-            ppl_window_hi=float(sel_ppl.max()) if sel_ppl is not None else None,
+            ppl_window_lo=float(window_ppl.min()) if ppl is not None else None,
+            ppl_window_hi=float(window_ppl.max()) if ppl is not None else None,
             ppl_batch_mean=float(ppl.mean()) if ppl is not None else None,
             selected_difficulty=float(np.mean(known)) if known else None, dynamic=got.dynamic,
-            selection=self.strategy.stats(), times=step_times(timer, time.perf_counter() - t0), picked=picked)
+            selection=self.strategy.stats(), premise=self.premise.stats() if ppl is not None else None,
+            times=step_times(timer, time.perf_counter() - t0), picked=picked)
 
     def batch_stats(self, rewards, ent, cmask, w) -> BatchStats:
         """Rewards, entropy and weights of the global batch (all ranks' rollouts)."""

@@ -26,6 +26,7 @@ import numpy as np
 log = logging.getLogger("prepo")
 
 DIRECTIONS = ("low_to_high", "high_to_low", "auto")
+ALPHA = 0.05
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
@@ -68,19 +69,18 @@ def premise_stats(ppl: Sequence[float], pass_rate: Sequence[float], length: Sequ
 @dataclass(frozen=True)
 class PremiseParams:
     """``direction``: one of :data:`DIRECTIONS`; ``probes``: rollout slots per step drawn uniformly
-    from the candidates outside the window; ``window_steps``: steps the estimate pools;
-    ``alpha``: the two-sided p-value under which ``auto`` takes the estimate's sign as reliable."""
+    from the candidates outside the window; ``window_steps``: steps the estimate pools. ``auto``
+    takes the estimate's sign as reliable when its two-sided p-value is below :data:`ALPHA`."""
 
     direction: str = "low_to_high"
     probes: int = 0
     window_steps: int = 5
-    alpha: float = 0.05
 
     def __post_init__(self):
         if self.direction not in DIRECTIONS:
             raise ValueError(f"curriculum_direction must be one of {', '.join(DIRECTIONS)}; got {self.direction!r}")
-        if self.probes < 0 or self.window_steps < 1 or not 0 < self.alpha < 1:
-            raise ValueError("need premise_probes >= 0, premise_window_steps >= 1 and 0 < premise_alpha < 1")
+        if self.probes < 0 or self.window_steps < 1:
+            raise ValueError("need premise_probes >= 0 and premise_window_steps >= 1")
 
 
 class Premise:
@@ -91,6 +91,7 @@ class Premise:
         self.high_to_low = params.direction == "high_to_low"
         self.steps: deque = deque(maxlen=params.window_steps)   # per step: (ranks, pass rates)
         self.turned_at: Optional[int] = None                   # the step auto last turned the window at
+        self.window_size = 0                                   # the last selection's window (without probes)
 
     def position(self, rho: float) -> float:
         """The window's position in the ascending-perplexity order at curriculum progress ``rho``."""
@@ -100,8 +101,9 @@ class Premise:
                rng: np.random.Generator) -> list[int]:
         """Indices into ``cand``: the strategy's window of ``k - probes`` prompts at :meth:`position`,
         then ``probes`` drawn uniformly from the other candidates (no RNG drawn without probes)."""
-        probes = min(self.params.probes, k - 1, len(cand) - k)
-        order = strategy.select(ppl, cand, k - max(probes, 0), self.position(rho), rng)
+        probes = max(min(self.params.probes, k - 1, len(cand) - k), 0)
+        order = strategy.select(ppl, cand, k - probes, self.position(rho), rng)
+        self.window_size = len(order)
         if probes > 0:
             rest = np.setdiff1d(np.arange(len(cand)), order)
             order = order + rng.choice(rest, probes, replace=False).tolist()
@@ -125,7 +127,7 @@ class Premise:
         if self.params.direction != "auto":
             return
         rho, p, n = self.estimate()
-        if not p < self.params.alpha or (rho > 0) != (not self.high_to_low):
+        if not p < ALPHA or (rho > 0) != (not self.high_to_low):
             return
         self.high_to_low = not self.high_to_low
         self.turned_at = step
