@@ -15,6 +15,10 @@ registered by name and override its steps; this module registers :class:`PREPOTr
 Options (``trainer.prepo.*``, read by :meth:`VerlPrepoParams.from_config`): ``candidate_multiple``
 (5), ``pacing`` (linear | quadratic | exponential), ``curriculum`` (true), ``weighting`` (true).
 
+For trainers that keep verl's own trainer mode, :class:`~prepo.integrations.verl_sampler.PREPOSampler`
+(``trainer.v1.sampler.custom_sampler.path=pkg://prepo.integrations.verl``, ``.name=PREPOSampler``)
+walks the window over a ``ppl`` column written by ``python -m prepo.score``.
+
 verl builds the trainer inside a Ray actor, so the registry there must hold this class: pass
 ``+ray_kwargs.ray_init.runtime_env.worker_process_setup_hook=prepo.integrations.verl.register``
 (Ray imports this module in every worker process). Requires verl >= 0.9, < 0.10 (see
@@ -58,6 +62,7 @@ from verl.protocol import DataProto  # noqa: E402
 from verl.trainer.ppo.v1 import PPOTrainerSync, register_trainer  # noqa: E402
 from verl.workers.utils.padding import response_from_nested, response_to_nested  # noqa: E402
 
+from .verl_sampler import PREPOSampler, SamplerParams  # noqa: E402,F401  (custom_sampler: pkg://prepo.integrations.verl)
 from .verl_ops import (chat_prompt_ids, perplexity_from_response_log_probs, prompt_scoring_fields,  # noqa: E402
                        select_window, weight_advantages)
 
