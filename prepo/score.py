@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-import torch
 
 from .cli import _quiet_libraries as quiet_libraries
 from .config import DTYPES, PPL_SCOPES, ConfigError, resolve_device
