@@ -31,6 +31,8 @@ import torch
 from .config import PPL_SCOPES, ConfigError
 from .tasks import Prompt, prompt_key
 
+_MARKER = "\x00prepo-scored-message\x00"   # stands in for the last user message when locating it
+
 
 @dataclass(frozen=True)
 class PromptFormat:
@@ -64,17 +66,21 @@ class PromptFormat:
                               "but the model's tokenizer has none")
         return tokenizer.apply_chat_template(self.messages(prompt), tokenize=False, add_generation_prompt=True)
 
-    def scored_chars(self, prompt: Prompt, text: str) -> tuple[int, int] | None:
+    def scored_chars(self, prompt: Prompt, text: str, tokenizer) -> tuple[int, int] | None:
         """The character span [start, end) of ``text`` (``prompt`` formatted by :meth:`text`) that
-        ``ppl_scope`` scores; None for ``prompt`` (every token after the first)."""
+        ``ppl_scope`` scores; None for ``prompt`` (every token after the first). With a template the
+        last user message is located by formatting the chat again with a marker in its place (a
+        plain search could match the same characters in the template's own text)."""
         if self.ppl_scope == "prompt":
             return None
         if not self.uses_template(prompt):
             return 0, len(prompt) if self.ppl_scope == "problem" else len(text)
         msgs = self.messages(prompt)
-        content = msgs[_last_user(msgs, f"ppl_scope {self.ppl_scope!r} scores the last user message")]["content"]
-        start = text.rfind(content)
-        if start < 0:
+        last = _last_user(msgs, f"ppl_scope {self.ppl_scope!r} scores the last user message")
+        content = msgs[last]["content"]
+        msgs[last] = {**msgs[last], "content": _MARKER}
+        start = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True).find(_MARKER)
+        if start < 0 or text[start : start + len(content)] != content:
             raise ValueError(f"the chat template does not reproduce the last user message of {prompt!r} verbatim, "
                              f"so ppl_scope {self.ppl_scope!r} cannot find it; use ppl_scope prompt")
         problem_len = len(content) - (len(self.instruction_suffix) + 1 if self.instruction_suffix else 0)
@@ -113,7 +119,7 @@ class PromptEncoder:
         hit = self._cache.get(key)
         if hit is None:
             text = self.fmt.text(prompt, self.tokenizer)
-            chars = self.fmt.scored_chars(prompt, text)
+            chars = self.fmt.scored_chars(prompt, text, self.tokenizer)
             # a templated text carries its own special tokens
             enc = self.tokenizer(text, add_special_tokens=not self.fmt.uses_template(prompt),
                                  return_offsets_mapping=chars is not None)

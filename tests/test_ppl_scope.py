@@ -167,3 +167,15 @@ def test_smollm2_problem_scope(smollm2_dir):
     torch.testing.assert_close(ppl(model, other, PROMPTS, instruction_suffix=SUFFIX), base, rtol=1e-4, atol=0)
     whole = ppl(model, tok, PROMPTS, instruction_suffix=SUFFIX, ppl_scope="prompt")
     assert ((whole - base).abs() > 1e-2 * base).all()
+
+
+def test_a_message_whose_text_recurs_in_the_template_is_found_in_place(qwen_tokenizer):
+    """'assistant' also appears in the template's generation prompt, after the message: the span
+    is the message's own place, not the last match in the text."""
+    enc = PromptEncoder(qwen_tokenizer, PromptFormat(chat_template=True))
+    ids, mask, scored = enc.scored(["assistant"])
+    text = qwen_tokenizer.decode(ids[0])
+    start = text.index("user\nassistant") + len("user\n")
+    pos = [i for i in range(ids.shape[1]) if scored[0, i]]
+    assert qwen_tokenizer.decode(ids[0, pos]) == "assistant"
+    assert len(qwen_tokenizer.decode(ids[0, : pos[0]])) == start
