@@ -23,7 +23,7 @@ without a suffix (the built-in tasks) the three scopes score the same tokens.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -40,6 +40,7 @@ class PromptFormat:
     system_prompt: str = ""
     instruction_suffix: str = ""
     ppl_scope: str = "problem"    # one of PPL_SCOPES: the span the prompt perplexity averages
+    template_kwargs: dict = field(default_factory=dict)   # extra apply_chat_template arguments (verl's)
 
     def __post_init__(self):
         if self.ppl_scope not in PPL_SCOPES:
@@ -64,7 +65,8 @@ class PromptFormat:
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError("a chat template is needed (the prompt is a message list or --chat-template is on) "
                               "but the model's tokenizer has none")
-        return tokenizer.apply_chat_template(self.messages(prompt), tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(self.messages(prompt), tokenize=False, add_generation_prompt=True,
+                                             **self.template_kwargs)
 
     def scored_chars(self, prompt: Prompt, text: str, tokenizer) -> tuple[int, int] | None:
         """The character span [start, end) of ``text`` (``prompt`` formatted by :meth:`text`) that
@@ -79,7 +81,8 @@ class PromptFormat:
         last = _last_user(msgs, f"ppl_scope {self.ppl_scope!r} scores the last user message")
         content = msgs[last]["content"]
         msgs[last] = {**msgs[last], "content": _MARKER}
-        start = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True).find(_MARKER)
+        start = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True,
+                                              **self.template_kwargs).find(_MARKER)
         if start < 0 or text[start : start + len(content)] != content:
             raise ValueError(f"the chat template does not reproduce the last user message of {prompt!r} verbatim, "
                              f"so ppl_scope {self.ppl_scope!r} cannot find it; use ppl_scope prompt")
@@ -113,7 +116,7 @@ class PromptEncoder:
         self.pad_id = tokenizer.pad_token_id
         self._cache: dict[str, tuple[list[int], tuple[int, int]]] = {}
 
-    def _encode(self, prompt: Prompt) -> tuple[list[int], tuple[int, int]]:
+    def encode(self, prompt: Prompt) -> tuple[list[int], tuple[int, int]]:
         """(token ids, [lo, hi) token span of ``ppl_scope``)."""
         key = prompt_key(prompt)
         hit = self._cache.get(key)
@@ -130,7 +133,7 @@ class PromptEncoder:
         return hit
 
     def ids(self, prompt: Prompt) -> list[int]:
-        return self._encode(prompt)[0]
+        return self.encode(prompt)[0]
 
     def __call__(self, prompts: Sequence[Prompt]) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids, mask), both [len(prompts), longest] int64 on the CPU, left-padded."""
@@ -141,7 +144,7 @@ class PromptEncoder:
         """(ids, mask, scored), each [len(prompts), longest] on the CPU, left-padded: int64 ids and
         attention mask, and a bool mask of the tokens whose log-probs the perplexity averages
         (never a row's first token, which has no log-prob)."""
-        enc = [self._encode(p) for p in prompts]
+        enc = [self.encode(p) for p in prompts]
         width = max(len(s) for s, _ in enc)
         ids = torch.tensor([[self.pad_id] * (width - len(s)) + s for s, _ in enc], dtype=torch.long)
         mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s, _ in enc], dtype=torch.long)
