@@ -39,17 +39,10 @@ EPS_LOW, EPS_HIGH = 0.2, 0.28
 
 
 def make_inputs(n, d, vocab, dtype, zero_frac):
-    """providers.make_case's hidden / weight / targets (mean entropy about 1.5 nats), and old
-    log-probs a little off the current ones (ratios in about [0.75, 1.35], so both clip sides
-    occur) and advantages, 0 on the rows make_case gives no gradient."""
-    from prepo_kernels import linear_logprob_entropy
-
+    """providers.make_case's hidden / weight / targets (mean entropy about 1.5 nats) and
+    providers.grpo_inputs' old log-probs and advantages (0 on the rows make_case gives no gradient)."""
     case = providers.make_case(n, d, vocab, dtype, zero_frac)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        lp, _ = linear_logprob_entropy(case.hidden, case.weight, case.targets, compute_entropy=False)
-    old = lp - 0.15 * torch.randn(n, generator=gen)
-    adv = torch.where(case.grad_logprob != 0, torch.randn(n, generator=gen), 0)
+    old, adv = providers.grpo_inputs(case)
     return case.hidden, case.weight, case.targets, old, adv, case
 
 

@@ -28,7 +28,8 @@ from typing import Sequence
 
 import torch
 
-from .config import PPL_SCOPES, ConfigError
+from .config import PPL_SCOPES
+from .errors import ConfigError, DataError, ModelError
 from .tasks import Prompt, prompt_key
 
 _MARKER = "\x00prepo-scored-message\x00"   # stands in for the last user message when locating it
@@ -63,7 +64,7 @@ class PromptFormat:
         if not self.uses_template(prompt):
             return f"{prompt}\n{self.instruction_suffix}" if self.instruction_suffix else prompt
         if not getattr(tokenizer, "chat_template", None):
-            raise ConfigError("a chat template is needed (the prompt is a message list or --chat-template is on) "
+            raise ModelError("a chat template is needed (the prompt is a message list or --chat-template is on) "
                               "but the model's tokenizer has none")
         return tokenizer.apply_chat_template(self.messages(prompt), tokenize=False, add_generation_prompt=True,
                                              **self.template_kwargs)
@@ -84,7 +85,7 @@ class PromptFormat:
         start = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True,
                                               **self.template_kwargs).find(_MARKER)
         if start < 0 or text[start : start + len(content)] != content:
-            raise ValueError(f"the chat template does not reproduce the last user message of {prompt!r} verbatim, "
+            raise ModelError(f"the chat template does not reproduce the last user message of {prompt!r} verbatim, "
                              f"so ppl_scope {self.ppl_scope!r} cannot find it; use ppl_scope prompt")
         problem_len = len(content) - (len(self.instruction_suffix) + 1 if self.instruction_suffix else 0)
         return start, start + (problem_len if self.ppl_scope == "problem" else len(content))
@@ -96,10 +97,10 @@ def problem_text(prompt: Prompt) -> str:
 
 
 def _last_user(msgs: list[dict], why: str) -> int:
-    """Index of the last user message of ``msgs``; ValueError starting with ``why`` if there is none."""
+    """Index of the last user message of ``msgs``; a DataError starting with ``why`` if there is none."""
     last = max((i for i, m in enumerate(msgs) if m.get("role") == "user"), default=None)
     if last is None:
-        raise ValueError(f"{why}: no user message in {msgs!r}")
+        raise DataError(f"{why}: no user message in {msgs!r}")
     return last
 
 
@@ -128,7 +129,7 @@ class PromptEncoder:
                                  return_offsets_mapping=chars is not None)
             ids = enc["input_ids"]
             if not ids:
-                raise ValueError(f"prompt {prompt!r} encodes to no tokens")
+                raise DataError(f"prompt {prompt!r} encodes to no tokens")
             hit = self._cache[key] = (ids, (1, len(ids)) if chars is None else _token_span(enc["offset_mapping"], chars))
         return hit
 

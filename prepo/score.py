@@ -29,13 +29,14 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .cli import _quiet_libraries as quiet_libraries
-from .config import DTYPES, PPL_SCOPES, ConfigError, resolve_device
+from .config import DTYPES, PPL_SCOPES
 from .data import check_columns, read_rows, usable_row
+from .errors import ConfigError, DataError, UserError
 from .hub import resolve_model
 from .policy import Precision, load_policy
+from .preflight import resolve_device
 from .prompts import PromptEncoder, PromptFormat
 from .signals.scoring import prompt_perplexity
-from .tasks import DataError
 
 log = logging.getLogger("prepo")
 OUTPUT_FORMATS = (".jsonl", ".parquet")
@@ -156,7 +157,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse(argv)
     try:
         summary = run(args)
-    except (ConfigError, DataError, ValueError) as exc:
+    except UserError as exc:
         print("error: " + " ".join(str(exc).split()), file=sys.stderr)   # one line, whatever the library wrote
         return 2
     skipped = sum(summary["skipped"].values())

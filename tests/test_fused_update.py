@@ -3,13 +3,12 @@ fallback (the fused log-probs through prepo.loss.grpo_loss): a short default-con
 same parameters and the same logged metrics either way, and a KL term takes the fallback."""
 from __future__ import annotations
 
-from functools import partialmethod
-
 import pytest
 import torch
 
 from prepo import checkpoint as ckpt
-from prepo.train import Trainer, run
+from prepo.learner import Learner
+from prepo.train import run
 from trainer_harness import TINY, metrics
 
 
@@ -24,14 +23,15 @@ def _run(tmp_path, tiny_cache_dir, name, monkeypatch, *, fused: bool, **override
     loss was the fused one, those whose loss was the fallback's)."""
     calls = {"fused": 0, "fallback": 0}
     for kind, method in (("fused", "_fused_chunk_loss"), ("fallback", "_chunk_loss")):
-        orig = getattr(Trainer, method)
+        orig = getattr(Learner, method)
 
         def spy(self, *a, _orig=orig, _kind=kind, **k):
             calls[_kind] += 1
             return _orig(self, *a, **k)
 
-        monkeypatch.setattr(Trainer, method, spy)
-    monkeypatch.setattr(Trainer, "update", partialmethod(Trainer.update, fused_loss=fused))
+        monkeypatch.setattr(Learner, method, spy)
+    if not fused:   # a learner that never takes the fused loss
+        monkeypatch.setattr(Learner, "fused_loss_applies", lambda self, weights, live: False)
     out = tmp_path / name
     run({**TINY, "total_steps": 3, "output_dir": str(out), "cache_dir": str(tiny_cache_dir), "spearman_prompts": 0,
          "eval_every": 0, "tensorboard": False, "lr": 1e-4, **overrides}, reward_fn=parity)

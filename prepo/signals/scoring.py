@@ -11,6 +11,8 @@ import torch
 
 import prepo_kernels
 
+from ..errors import DataError
+
 from ..microbatch import token_chunks
 
 if TYPE_CHECKING:  # the encoder is the caller's; signals import nothing from the trainer's other parts
@@ -25,12 +27,12 @@ def prompt_perplexity(model, encoder: "PromptEncoder", prompts: Sequence["Prompt
     the last user message, or every token after the first), each conditioned on all the tokens
     before it. Runs under inference_mode (cheaper than no_grad; the result is only sorted, never
     differentiated), in micro-batches of at most ``max_tokens`` padded tokens. A prompt whose
-    scope holds no token after the first is a ValueError."""
+    scope holds no token after the first is a :class:`~prepo.errors.DataError`."""
     device = next(model.parameters()).device
     ids, mask, scored = encoder.scored(prompts)
     empty = (~scored.any(dim=1)).nonzero().flatten().tolist()
     if empty:
-        raise ValueError(f"prompt {prompts[empty[0]]!r} has no token to score after its first "
+        raise DataError(f"prompt {prompts[empty[0]]!r} has no token to score after its first "
                          f"(ppl_scope {encoder.fmt.ppl_scope!r}); {len(empty)} such prompt(s)")
     out = []
     for rows in token_chunks(torch.arange(len(prompts)), ids.shape[1], max_tokens):
