@@ -83,9 +83,8 @@ class Trainer:
         cand = self.sampler.next_batch(cfg.candidate_batch_size)
         ppl = self.perplexity(cand, timer) if self.strategy.needs_ppl else None
         rho = pacing_rho(self.counters.steps, cfg.total_steps, cfg.pacing)
-        with timer("time_select"):   # a scoring strategy's window, turned and probed by the premise estimate
-            order = (self.premise.select(self.strategy, ppl, cand, self.K, rho, self.select_rng) if ppl is not None
-                     else self.strategy.select(ppl, cand, self.K, rho, self.select_rng))
+        with timer("time_select"):   # a scoring strategy's window is turned and probed by the premise estimate
+            order = self.premise.select(self.strategy, ppl, cand, self.K, rho, self.select_rng)
         # 2-3. roll out G completions per selected prompt (this rank's share) and reward them
         got = self.collect(cand, order, rho, timer)
         batch, upd, gap = BatchStats(), UpdateStats(), None   # stay so when nothing was kept (dynamic sampling)
@@ -159,24 +158,21 @@ class Trainer:
         sel_ppl = ppl[order[: self.K]] if ppl is not None else None
         levels = self.dist.gather([p.difficulty for p in got.problems])
         known = [v for v in levels if v is not None]
-        pass_rates = [] if got.rewards is None else got.rewards.view(-1, self.cfg.group_size).mean(1).tolist()
-        pass_rates = self.dist.gather(pass_rates)
+        pass_rates = self.dist.gather([] if got.rewards is None else
+                                      got.rewards.view(-1, self.cfg.group_size).mean(1).tolist())
         picked = selection_row(rho, None if self.strategy.refills else [cand[i] for i in order], levels,
                                pass_rates, sel_ppl, ppl)
-        if ppl is not None:   # the premise estimate sees the rolled-out prompts' ranks and pass rates
-            self.premise.observe(ppl, order, pass_rates)
-            self.premise.update_direction(self.counters.steps)
-            window_ppl = ppl[order[: self.premise.window_size]]
+        window_ppl = ppl[order[: self.premise.window_size]] if ppl is not None else None
+        self.premise.observe(ppl, order, pass_rates, step=self.counters.steps)   # the rolled-out prompts' ranks, pass rates
         c = self.counters
         return StepMetrics(
             step=c.steps, rollouts=c.rollouts, step_rollouts=step_rollouts, rho=rho,
             weight_applied=self.strategy.weighting, reward_failures=c.reward_failures, batch=batch, update=upd,
-            ppl_window_lo=float(window_ppl.min()) if ppl is not None else None,
-            ppl_window_hi=float(window_ppl.max()) if ppl is not None else None,
+            ppl_window_lo=float(window_ppl.min()) if window_ppl is not None else None,
+            ppl_window_hi=float(window_ppl.max()) if window_ppl is not None else None,
             ppl_batch_mean=float(ppl.mean()) if ppl is not None else None,
             selected_difficulty=float(np.mean(known)) if known else None, dynamic=got.dynamic,
-            selection=self.strategy.stats(), premise=self.premise.stats() if ppl is not None else None,
-            times=times, picked=picked,
+            selection=self.strategy.stats(), premise=self.premise.stats(), times=times, picked=picked,
             engine=None if sync_gap is None else {"vllm_logprob_gap": sync_gap})
 
     # ------------------------------------------------------------------ checkpoint state

@@ -16,14 +16,15 @@ from prepo.signals.strategies import get_strategy
 B, K = 40, 8
 
 
-def synthetic_step(premise, rng, sign: float, rho: float, strategy=None):
+def synthetic_step(premise, rng, sign: float, rho: float, step: int = 0, strategy=None):
     """One step: candidates, their perplexities (exp(sign * d) with noise), the selection, and the
-    rolled-out prompts' pass rates (1 - d with noise); the premise observes them."""
+    rolled-out prompts' pass rates (1 - d with noise); the premise observes them (and, under
+    ``auto``, may turn the window)."""
     d = rng.random(B)
     ppl = np.exp(2.0 * sign * d + 0.3 * rng.standard_normal(B)) + 1
     order = premise.select(strategy or get_strategy("prepo"), ppl, list(range(B)), K, rho, rng)
     rates = np.clip(1 - d[order] + 0.2 * rng.standard_normal(len(order)), 0, 1)
-    premise.observe(ppl, order, rates.tolist())
+    premise.observe(ppl, order, rates.tolist(), step=step)
     return ppl, order
 
 
@@ -44,9 +45,11 @@ def test_estimate_has_the_scorers_sign(sign):
 def test_estimate_pools_the_last_window_steps():
     rng = np.random.default_rng(1)
     premise = Premise(PremiseParams(probes=2, window_steps=3))
-    assert premise.stats()["premise_spearman"] is None   # nothing seen yet
-    for step in range(7):
-        synthetic_step(premise, rng, 1.0, step / 7)
+    assert premise.stats() is None   # nothing observed: no record fields (a strategy that does not score)
+    synthetic_step(premise, rng, 1.0, 0.0)
+    assert premise.stats()["premise_prompts"] == K
+    for step in range(1, 7):
+        synthetic_step(premise, rng, 1.0, step / 7, step)
     assert premise.estimate()[2] == 3 * K
 
 
@@ -69,6 +72,7 @@ def test_high_to_low_walks_the_window_from_the_top():
     first = premise.select(get_strategy("prepo"), ppl, list(range(B)), K, 0.0, None)
     last = premise.select(get_strategy("prepo"), ppl, list(range(B)), K, 1.0, None)
     assert sorted(first) == list(range(B - K, B)) and sorted(last) == list(range(K))
+    premise.observe(ppl, last, [0.5] * K, step=1)
     assert premise.stats()["premise_direction"] == -1
 
 
@@ -77,16 +81,14 @@ def test_auto_turns_the_window_when_the_estimate_is_reliably_positive(caplog):
     premise = Premise(PremiseParams(direction="auto", probes=3, window_steps=4))
     with caplog.at_level(logging.WARNING, logger="prepo"):
         for step in range(1, 9):
-            synthetic_step(premise, rng, -1.0, step / 10)   # the reversed premise
-            premise.update_direction(step)
+            synthetic_step(premise, rng, -1.0, step / 10, step)   # the reversed premise
             if premise.high_to_low:
                 break
     assert premise.high_to_low and premise.turned_at == step and premise.position(0.2) == pytest.approx(0.8)
     assert "the curriculum window now runs high to low perplexity" in caplog.text
     # under the new direction the same reversed premise is the expected one: it stays turned
     for step in range(step + 1, step + 8):
-        synthetic_step(premise, rng, -1.0, step / 20)
-        premise.update_direction(step)
+        synthetic_step(premise, rng, -1.0, step / 20, step)
     assert premise.high_to_low
 
 
@@ -94,8 +96,7 @@ def test_auto_keeps_the_papers_direction_when_the_premise_holds():
     rng = np.random.default_rng(4)
     premise = Premise(PremiseParams(direction="auto", probes=3, window_steps=4))
     for step in range(1, 12):
-        synthetic_step(premise, rng, 1.0, step / 12)
-        premise.update_direction(step)
+        synthetic_step(premise, rng, 1.0, step / 12, step)
     assert not premise.high_to_low and premise.turned_at is None
 
 
@@ -103,8 +104,7 @@ def test_fixed_directions_never_turn():
     rng = np.random.default_rng(5)
     premise = Premise(PremiseParams(direction="low_to_high", probes=3, window_steps=4))
     for step in range(1, 8):
-        synthetic_step(premise, rng, -1.0, step / 8)
-        premise.update_direction(step)
+        synthetic_step(premise, rng, -1.0, step / 8, step)
     assert not premise.high_to_low and premise.estimate()[0] > 0
 
 

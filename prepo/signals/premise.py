@@ -92,6 +92,7 @@ class Premise:
         self.steps: deque = deque(maxlen=params.window_steps)   # per step: (ranks, pass rates)
         self.turned_at: Optional[int] = None                   # the step auto last turned the window at
         self.window_size = 0                                   # the last selection's window (without probes)
+        self.seen = False                                      # whether any step was observed (a scoring strategy)
 
     def position(self, rho: float) -> float:
         """The window's position in the ascending-perplexity order at curriculum progress ``rho``."""
@@ -100,7 +101,10 @@ class Premise:
     def select(self, strategy, ppl: np.ndarray, cand: Sequence[int], k: int, rho: float,
                rng: np.random.Generator) -> list[int]:
         """Indices into ``cand``: the strategy's window of ``k - probes`` prompts at :meth:`position`,
-        then ``probes`` drawn uniformly from the other candidates (no RNG drawn without probes)."""
+        then ``probes`` drawn uniformly from the other candidates (no RNG drawn without probes);
+        without perplexities (``ppl`` None) the strategy's own choice."""
+        if ppl is None:
+            return strategy.select(ppl, cand, k, rho, rng)
         probes = max(min(self.params.probes, k - 1, len(cand) - k), 0)
         order = strategy.select(ppl, cand, k - probes, self.position(rho), rng)
         self.window_size = len(order)
@@ -109,11 +113,16 @@ class Premise:
             order = order + rng.choice(rest, probes, replace=False).tolist()
         return order
 
-    def observe(self, ppl: np.ndarray, order: Sequence[int], pass_rates: Sequence[float]) -> None:
-        """After the rollouts: the perplexity ranks within the candidate batch ([len(ppl)] scores)
-        of the rolled-out prompts ``order`` and their groups' pass rates, in that order."""
+    def observe(self, ppl: Optional[np.ndarray], order: Sequence[int], pass_rates: Sequence[float], step: int) -> None:
+        """After the rollouts of ``step``: the perplexity ranks within the candidate batch ([len(ppl)]
+        scores) of the rolled-out prompts ``order`` and their groups' pass rates, in that order;
+        then :meth:`update_direction`. Nothing without perplexities (``ppl`` None)."""
+        if ppl is None:
+            return
+        self.seen = True
         ranks = np.argsort(np.argsort(np.asarray(ppl), kind="stable"), kind="stable") / max(len(ppl) - 1, 1)
         self.steps.append(([float(ranks[i]) for i in order[: len(pass_rates)]], [float(r) for r in pass_rates]))
+        self.update_direction(step)
 
     def estimate(self) -> tuple[float, float, int]:
         """(Spearman rho, p-value, prompts) pooled over the last ``window_steps`` steps."""
@@ -136,9 +145,12 @@ class Premise:
                     "high to low perplexity" if self.high_to_low else "low to high perplexity")
         self.steps.clear()   # the next turn needs fresh evidence under the new direction
 
-    def stats(self) -> dict:
+    def stats(self) -> Optional[dict]:
         """The step record's fields: the estimate (None until it has 3 prompts), its p-value and
-        size, and the direction in force (+1 low-to-high, -1 high-to-low)."""
+        size, and the direction in force (+1 low-to-high, -1 high-to-low); None when nothing was
+        observed (a strategy that does not score prompts)."""
+        if not self.seen:
+            return None
         rho, p, n = self.estimate()
         return {"premise_spearman": None if math.isnan(rho) else round(rho, 6),
                 "premise_pvalue": None if math.isnan(p) else round(p, 6), "premise_prompts": n,
@@ -146,11 +158,11 @@ class Premise:
 
     def state_dict(self) -> dict:
         return {"high_to_low": self.high_to_low, "steps": [list(map(list, s)) for s in self.steps],
-                "turned_at": self.turned_at}
+                "turned_at": self.turned_at, "seen": self.seen}
 
     def load_state_dict(self, state: Optional[dict]) -> None:
         if state is None:   # a checkpoint from before the estimate: start it afresh
             return
-        self.high_to_low, self.turned_at = state["high_to_low"], state["turned_at"]
+        self.high_to_low, self.turned_at, self.seen = state["high_to_low"], state["turned_at"], state["seen"]
         self.steps.clear()
         self.steps.extend(tuple(s) for s in state["steps"])
