@@ -122,7 +122,7 @@ class TrainConfig:
     vllm_gpu_memory_utilization: float = 0.3   # vllm on cuda: share of the GPU's memory its engine may take
     vllm_cpu_kv_cache_gib: float = 1.0         # vllm on cpu: its KV cache in GiB of RAM
     vllm_execution: str = "auto"     # vllm: auto (cuda: compiled + CUDA graphs; cpu: eager) | eager | compiled
-    vllm_check_every: int = 1        # vllm: check its log-probs against the policy's every N weight syncs (0 = never)
+    vllm_check_every: int = 4        # vllm: check its log-probs against the policy's at the 1st weight sync and every N after (0 = never)
     vllm_check_tol: float = 0.0      # vllm: largest log-prob gap (nats) that passes the check; 0 = by dtype (fp32 0.01)
     group_size: int = 8              # G
     max_new_tokens: int = 48         # the longest worked solution is 40 tokens with its EOS

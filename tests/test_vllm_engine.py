@@ -244,7 +244,7 @@ def test_trainer_config_reaches_the_engine(monkeypatch, qwen_tokenizer, tiny_qwe
 
     monkeypatch.setitem(sys.modules, "vllm", fake_vllm(qwen_tokenizer.eos_token_id)[0])
     enc = PromptEncoder(qwen_tokenizer)
-    for opts, expect in [(dict(), (1, CHECK_TOL["float32"])), (dict(vllm_check_every=3, vllm_check_tol=0.2), (3, 0.2)),
+    for opts, expect in [(dict(), (4, CHECK_TOL["float32"])), (dict(vllm_check_every=3, vllm_check_tol=0.2), (3, 0.2)),
                          (dict(vllm_check_every=0, dtype="bf16"), (0, CHECK_TOL["bfloat16"]))]:
         cfg = TrainConfig(rollout_engine="vllm", **opts)
         engine = make_engine(cfg, tiny_qwen2_dir, None, qwen_tokenizer, enc, Precision(cfg.dtype, torch.device("cpu")))

@@ -25,7 +25,7 @@ PROMPTS = [f"What is {a} plus {b}?" for a in range(1, 9) for b in range(1, 5)]  
 def cpu_engine(path, tok, sampling: Sampling, **kw) -> VLLMEngine:
     """A small fp32 vLLM engine on the CPU (KV cache 0.25 GiB, sequences of at most 256 tokens)."""
     return VLLMEngine(path, tok, PromptEncoder(tok), sampling, dtype="float32", device="cpu", cpu_kv_cache_gib=0.25,
-                      max_model_len=256, **kw)
+                      max_model_len=256, check_every=1, **kw)
 
 
 def trainer_logprobs(model, ro: Rollouts) -> torch.Tensor:
@@ -145,7 +145,7 @@ def test_smollm2_tied_head_follows_the_weights(smollm2):
     model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
     assert model.config.tie_word_embeddings
     engine = VLLMEngine(smollm2, tok, PromptEncoder(tok), Sampling(16, temperature=0.7), dtype="float32",
-                        device="cpu", cpu_kv_cache_gib=0.25, max_model_len=256)
+                        device="cpu", cpu_kv_cache_gib=0.25, max_model_len=256, check_every=1)
     fixed = Rollouts.concat(list(engine.generate(["What is 12 minus 5?"], 2)), tok.pad_token_id)
     before = trainer_logprobs(model, fixed)
     embedding = model.get_input_embeddings().weight

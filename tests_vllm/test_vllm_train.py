@@ -28,13 +28,14 @@ def test_train_cli_with_the_vllm_engine_on_cpu(tmp_path, tiny_dirs):
            "--device", "cpu", "--vllm-cpu-kv-cache-gib", "0.25", "--train-data", str(data), "--chat-template",
            "--reward", f"{reward}:score", "--total-steps", "2", "--candidate-batch-size", "4", "--select-ratio", "0.5",
            "--group-size", "4", "--max-new-tokens", "8", "--spearman-prompts", "0", "--eval-avg-k", "0",
-           "--progress", "false", "--tensorboard", "false", "--save-every", "0", "--output-dir", str(out)]
+           "--progress", "false", "--tensorboard", "false", "--save-every", "0", "--vllm-check-every", "1",
+           "--output-dir", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(steps) == 2 and steps[-1]["rollouts"] == 2 * 2 * 4
-    # every sync is checked (vllm_check_every 1): vLLM's log-probs of the probe equal the policy's
+    # every sync checked (--vllm-check-every 1): vLLM's log-probs of the probe equal the policy's
     assert all(0 <= s["vllm_logprob_gap"] < 1e-3 for s in steps), [s.get("vllm_logprob_gap") for s in steps]
     # vLLM 0.32 logs this once per in-place reload (its rotary module has no weights to load)
     assert (proc.stdout + proc.stderr).count("RotaryEmbedding: Failed to load weights") == 2
