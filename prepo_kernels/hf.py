@@ -146,25 +146,19 @@ def next_token_grpo_loss(
     n_keep: int,
     old_logprob: Optional[torch.Tensor],
     advantages: torch.Tensor,
-    *,
-    temperature: Temperature = 1.0,
-    eps_low: float = 0.2,
-    eps_high: float = 0.28,
-    num_tokens: Optional[float] = None,
-    compute_entropy: bool = False,
-    impl: str = "auto",
+    **loss_kwargs,
 ) -> tuple[torch.Tensor, GRPOLossStats]:
     """:func:`linear_grpo_loss` over the last ``n_keep`` tokens of ``input_ids`` (1 <= n_keep < T),
     from the decoder's last hidden states, with the targets (and the padding they skip) of
     :func:`next_token_logprob_entropy`.
 
     hidden [B, T, D], input_ids / attention_mask [B, T]; old_logprob [B, n_keep] float or None
-    (on-policy); advantages [B, 1] or [B, n_keep] (PREPO's w_i multiplied in); the rest as in
-    :func:`linear_grpo_loss`, whose (loss 0-d, stats with [B, n_keep] tensors) this returns."""
+    (on-policy); advantages [B, 1] or [B, n_keep]; ``loss_kwargs`` (params, ref_logprob, temperature,
+    num_tokens, ...) as in :func:`linear_grpo_loss`, whose (loss 0-d, stats with [B, n_keep] tensors)
+    this returns."""
     return linear_grpo_loss(
         _tail_hidden(hidden, head, n_keep), head.weight, _next_token_targets(input_ids, attention_mask, n_keep),
-        old_logprob, advantages, bias=head.bias, temperature=temperature, ignore_index=IGNORE, eps_low=eps_low,
-        eps_high=eps_high, num_tokens=num_tokens, compute_entropy=compute_entropy, impl=impl,
+        old_logprob, advantages, bias=head.bias, ignore_index=IGNORE, **loss_kwargs,
     )
 
 
