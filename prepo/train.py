@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 import prepo_kernels
-from prepo_kernels.grpo_loss import grpo_runs_natively
+from prepo_kernels import GRPOLossParams
 from prepo_kernels.hf import decoder_hidden, next_token_grpo_loss
 
 from . import checkpoint as ckpt
@@ -391,7 +391,7 @@ class Trainer:
         GPUs "auto" is "triton", which the op has), and not when an updated rollout's weight is 0
         (the op takes A w as one advantage and skips such a row, whose ratio and clip statistics
         grpo_loss counts)."""
-        if self.cfg.kl_beta != 0 or not grpo_runs_natively(self.cfg.kernel_impl, self.device):
+        if self.cfg.kl_beta != 0:
             return False
         return weights is None or bool((weights[live] != 0).all())
 
@@ -408,7 +408,8 @@ class Trainer:
             hidden, head = decoder_hidden(self.model, ids, amask)
             loss, stats = next_token_grpo_loss(
                 hidden, head, ids, amask, old.shape[1], old, a[:, None].to(dev), temperature=cfg.temperature,
-                eps_low=cfg.eps_low, eps_high=cfg.eps_high, num_tokens=max(n_tok, 1.0), impl=cfg.kernel_impl)
+                params=GRPOLossParams(eps_low=cfg.eps_low, eps_high=cfg.eps_high), num_tokens=max(n_tok, 1.0),
+                impl=cfg.kernel_impl)
         ratio = torch.where(stats.computed, torch.exp(stats.logprob - old), 0).sum() / max(n_tok, 1.0)
         return [loss, stats.clip_frac.item(), 0.0, ratio.item()]
 

@@ -161,8 +161,8 @@ def linear_grpo_loss(
     denominator = mask.sum().clamp(min=1) if num_tokens is None else max(float(num_tokens), 1.0)
     stats = GRPOLossStats(
         logprob=lp.view(targets.shape), entropy=None if ent is None else ent.view(targets.shape),
-        computed=computed.view(targets.shape), clip_frac=(_region_clipped(terms.coef_1, tokens, params) & mask).sum()
-        / denominator, terms=terms)
+        computed=computed.view(targets.shape),
+        clip_frac=(_region_clipped(terms.coef_1, tokens, params) & mask).sum().to(acc) / denominator, terms=terms)
     return loss, stats
 
 

@@ -49,6 +49,7 @@ def tile_rows(dim: int) -> int:
 TokenGrads = Callable[[Tensor, slice], "tuple[Tensor, Optional[Tensor]]"]
 
 
+@torch.no_grad()  # the gradients are computed here, not recorded (token_grads enables grad for its own vectors)
 def one_pass_fwdbwd(chunks, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                     inv_temp: Tensor, token_grads: TokenGrads, need_grad: bool, compute_entropy: bool):
     """Every row chunk through ``chunks``: (logprob [n], entropy [n] or [0], (grad_hidden [n, D] acc,
