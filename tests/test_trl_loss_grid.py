@@ -37,15 +37,17 @@ def trainer(tiny_qwen2_dir, tmp_path_factory):
     return t
 
 
-def make_batch(trainer, dtype, is_mode, seed=0):
-    """A batch as TRL's _generate_and_score_completions leaves it: left-padded prompts, completions
-    with trailing padding, advantages of both signs and one 0, old / reference / sampling log-probs
-    near the policy's (ratios on both sides of the clip range) and vLLM's ratios."""
+def make_batch(trainer, dtype, is_mode, seed=0, left_pad=True):
+    """A batch as TRL's _generate_and_score_completions leaves it: prompts (left-padded unless not
+    ``left_pad``), completions with trailing padding, advantages of both signs and one 0, old /
+    reference / sampling log-probs near the policy's (ratios on both sides of the clip range) and
+    vLLM's ratios."""
     gen = torch.Generator().manual_seed(seed)
     vocab = trainer.model.config.vocab_size
     prompt_ids = torch.randint(0, vocab, (B, P), generator=gen)
     prompt_mask = torch.ones(B, P, dtype=torch.long)
-    prompt_mask[0, 0] = prompt_mask[2, :2] = 0
+    if left_pad:
+        prompt_mask[0, 0] = prompt_mask[2, :2] = 0
     completion_ids = torch.randint(0, vocab, (B, C), generator=gen)
     completion_mask = torch.ones(B, C, dtype=torch.long)
     completion_mask[1, 3:] = completion_mask[3, 1:] = 0
@@ -111,7 +113,8 @@ def assert_same(trainer, inputs, monkeypatch, rtol):
     ours = loss_and_grads(trainer, inputs, fused=True)
     theirs = loss_and_grads(trainer, inputs, fused=False)
     assert len(calls) == 1, "the fused op was not the one called"
-    torch.testing.assert_close(ours[0], theirs[0], rtol=rtol, atol=rtol * 1e-2)
+    # atol: the loss sums per-token terms of order 1 (and of both signs), so its rounding is absolute
+    torch.testing.assert_close(ours[0], theirs[0], rtol=rtol, atol=rtol)
     for (name, _), a, b in zip(trainer.model.named_parameters(), ours[1], theirs[1]):
         err = torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp(min=1e-30)
         assert err <= rtol, f"{name}: gradient {err:.3g} relative (norm)"
@@ -140,13 +143,21 @@ GRID = list(itertools.product(LOSS_TYPES, ("token", "sequence"), (0.0, 0.04), (0
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_fused_loss_equals_trls_on_the_grid_fp32(trainer, monkeypatch, loss_type):
+    """TRL's own path, unpatched. Prompts without left padding: TRL's model call leaves the position
+    ids to the model, which counts padding, and the fused path counts them from the mask; rotary
+    embeddings in float32 at shifted absolute positions differ at float32 rounding, which is the
+    model's, not the loss's (the float64 test below covers left padding)."""
     trainer.model.float()
     for mode in (None, "token", "sequence"):
-        inputs = make_batch(trainer, torch.float32, mode)
+        inputs = make_batch(trainer, torch.float32, mode, left_pad=False)
         for _, level, beta, coef, quantile, is_mode in (g for g in GRID if g[0] == loss_type and g[5] == mode):
-            configure(trainer, loss_type=loss_type, level=level, beta=beta, entropy_coef=coef, quantile=quantile,
-                      is_mode=is_mode)
-            assert_same(trainer, inputs, monkeypatch, rtol=1e-5)
+            opts = dict(loss_type=loss_type, level=level, beta=beta, entropy_coef=coef, quantile=quantile,
+                        is_mode=is_mode)
+            configure(trainer, **opts)
+            try:
+                assert_same(trainer, inputs, monkeypatch, rtol=1e-5)
+            except AssertionError as exc:
+                raise AssertionError(f"{opts}: {exc}") from None
 
 
 @pytest.mark.parametrize("opts", [
