@@ -177,6 +177,7 @@ def main() -> None:
         return
     if args.quick:
         args.shape, args.reps, args.name = "1024x64x2000", 1, "grpo_loss_quick"
+        args.dtypes, args.variants = "fp32", "dapo,grpo_sequence"  # one of each path: a smoke test
     command = "python benchmarks/bench_grpo_loss.py " + " ".join(sys.argv[1:])
     header = (f"Machine: {machine()}. Command: `{command.strip()}`. Median of {args.reps} calls, ms; "
               "extra_mb: peak RSS above the inputs and the hidden / weight gradients. The floors do not depend "
