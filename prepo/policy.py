@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError
+from .config import DTYPES
+from .errors import ModelError
 
 log = logging.getLogger(__name__)
-AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -30,8 +30,8 @@ class Precision:
     device: torch.device
 
     def autocast(self):
-        dt = AUTOCAST[self.dtype]
-        if dt is None:
+        dt = DTYPES[self.dtype]
+        if dt is torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=dt)
 
@@ -51,13 +51,13 @@ def load_policy(source: str | Path, device: torch.device, *, gradient_checkpoint
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     except OSError as exc:
         where = "is not a local directory and could not be loaded from the Hugging Face hub or its local cache"
-        raise ConfigError(f"model {source!r} {where} (offline? download it first with "
+        raise ModelError(f"model {source!r} {where} (offline? download it first with "
                           f"`huggingface-cli download {source}` or pass a local directory): {exc}") from None
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:  # e.g. Llama: pad with EOS (padding is masked everywhere)
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.eos_token_id is None:
-        raise ConfigError(f"model {source!r}: its tokenizer has no EOS token, so completions cannot end")
+        raise ModelError(f"model {source!r}: its tokenizer has no EOS token, so completions cannot end")
     model.to(device)
     model.eval()
     if gradient_checkpointing:

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from .config import ConfigError
+from .errors import DataError, ModelError
 from .tasks import Prompt, prompt_key
 
 
@@ -31,7 +31,7 @@ class PromptFormat:
         if self.instruction_suffix:
             last = max((i for i, m in enumerate(msgs) if m.get("role") == "user"), default=None)
             if last is None:
-                raise ValueError(f"cannot append the instruction suffix: no user message in {prompt!r}")
+                raise DataError(f"cannot append the instruction suffix: no user message in {prompt!r}")
             msgs[last]["content"] = f"{msgs[last]['content']}\n{self.instruction_suffix}"
         if self.system_prompt and not any(m.get("role") == "system" for m in msgs):
             msgs.insert(0, {"role": "system", "content": self.system_prompt})
@@ -45,7 +45,7 @@ class PromptFormat:
         if not self.uses_template(prompt):
             return f"{prompt}\n{self.instruction_suffix}" if self.instruction_suffix else prompt
         if not getattr(tokenizer, "chat_template", None):
-            raise ConfigError("a chat template is needed (the prompt is a message list or --chat-template is on) "
+            raise ModelError("a chat template is needed (the prompt is a message list or --chat-template is on) "
                               "but the model's tokenizer has none")
         return tokenizer.apply_chat_template(self.messages(prompt), tokenize=False, add_generation_prompt=True)
 
@@ -67,7 +67,7 @@ class PromptEncoder:
             # a templated text carries its own special tokens
             ids = self.tokenizer(text, add_special_tokens=not self.fmt.uses_template(prompt))["input_ids"]
             if not ids:
-                raise ValueError(f"prompt {prompt!r} encodes to no tokens")
+                raise DataError(f"prompt {prompt!r} encodes to no tokens")
             self._cache[key] = ids
         return ids
 

@@ -12,7 +12,8 @@ import numpy as np
 import yaml
 
 from .config import TrainConfig
-from .metrics import TIME_KEYS, StepMetrics
+from .errors import RunDirError
+from .metrics import PREPO_OVERHEAD_KEYS, TIME_KEYS, StepMetrics
 
 
 def count_lines(path: Path) -> int:
@@ -23,11 +24,11 @@ def truncate_lines(path: Path, n: int) -> None:
     """Keep the first ``n`` lines of ``path`` (what a checkpoint had seen), drop the rest."""
     if not path.exists():
         if n:
-            raise RuntimeError(f"{path} is missing but the checkpoint expects {n} lines in it")
+            raise RunDirError(f"{path} is missing but the checkpoint expects {n} lines in it")
         return
     lines = path.read_text().splitlines(keepends=True)
     if len(lines) < n:
-        raise RuntimeError(f"{path} has {len(lines)} lines, the checkpoint expects {n}")
+        raise RunDirError(f"{path} has {len(lines)} lines, the checkpoint expects {n}")
     path.write_text("".join(lines[:n]))
 
 
@@ -162,7 +163,7 @@ def write_summary(out: Path, cfg: TrainConfig, *, steps: int, rollouts: int, rew
         "data": initial.get("data", {}),
         "time_split_seconds": split,
         "time_split_frac": {key: split[key] / step_total for key in TIME_KEYS},
-        "prepo_overhead_frac": (split["time_score"] + split["time_weight"]) / step_total,
+        "prepo_overhead_frac": sum(split[key] for key in PREPO_OVERHEAD_KEYS) / step_total,
         "train_seconds_this_process": seconds,
         "warmup_seconds": initial.get("warmup_seconds", 0.0),
         "resumed_from_step": resumed_from,

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
+from .errors import RewardError
 from .verify_worker import READY
 
 if TYPE_CHECKING:
@@ -39,10 +40,6 @@ RewardFn = Callable[..., Sequence[float]]
 TIME_LIMIT_S = 5.0   # per answer; math-verify's own default
 _CACHE_SIZE = 1 << 16
 _STARTUP_LIMIT_S = 120.0  # importing math-verify and sympy: about 1 s, more on a loaded machine
-
-
-class RewardError(ValueError):
-    """A reward function that cannot be loaded (bad spec, missing module or function)."""
 
 
 class MathChecker:

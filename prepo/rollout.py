@@ -96,8 +96,9 @@ class RolloutEngine(Protocol):
         a prompt's samples are consecutive rows of one chunk)."""
         ...
 
-    def sync_weights(self, model) -> None:
-        """Make the next rollouts come from ``model``'s current weights (called after every update)."""
+    def sync_weights(self, model) -> Optional[float]:
+        """Make the next rollouts come from ``model``'s current weights (called after every update).
+        Returns the engine's checked log-prob gap to ``model`` in nats, or None (not checked)."""
         ...
 
     def sleep(self) -> None:
@@ -135,7 +136,7 @@ class HFGenerateEngine:
         self.stop_ids = stop_token_ids(model, tokenizer)
 
     def sync_weights(self, model) -> None:
-        """Nothing to copy: generation runs on the policy itself."""
+        """Nothing to copy: generation runs on the policy itself (nothing to check: returns None)."""
 
     def sleep(self) -> None:
         """Nothing to free: the engine holds no memory of its own."""

@@ -10,14 +10,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .config import ConfigError
+from .errors import RunDirError
 
 LOCK = ".lock"
 
 
 @contextmanager
 def run_lock(out_dir: Path) -> Iterator[None]:
-    """Hold ``out_dir``'s lock for the block; ConfigError (naming the holder's pid) when it is held."""
+    """Hold ``out_dir``'s lock for the block; RunDirError (naming the holder's pid) when it is held."""
     path = Path(out_dir) / LOCK
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
@@ -26,7 +26,7 @@ def run_lock(out_dir: Path) -> Iterator[None]:
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "unknown"
-            raise ConfigError(f"output_dir {str(out_dir)!r} is in use by another prepo.train (pid {holder}); "
+            raise RunDirError(f"output_dir {str(out_dir)!r} is in use by another prepo.train (pid {holder}); "
                               "two writers would interleave its logs and checkpoints: wait for it, stop it, "
                               "or choose another output_dir") from None
         f.seek(0)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import DataError, RunDirError
+
 
 class PromptSampler:
     """Candidate batches drawn without replacement from a reshuffled permutation each epoch.
@@ -10,7 +12,7 @@ class PromptSampler:
 
     def __init__(self, num_items: int, seed: int):
         if num_items < 1:
-            raise ValueError("the training set is empty")
+            raise DataError("the training set is empty")
         self.num_items = num_items
         self.seed = seed
         self.epoch = 0
@@ -37,6 +39,6 @@ class PromptSampler:
 
     def load_state_dict(self, state: dict) -> None:
         if state["num_items"] != self.num_items or state["seed"] != self.seed:
-            raise ValueError("sampler state is for a different data set or seed")
+            raise RunDirError("the checkpoint's prompt sampler is for a different data set or seed: resume with the data and seed it was made with")
         self.epoch, self.cursor = state["epoch"], state["cursor"]
         self._perm = self._permutation(self.epoch)

@@ -7,7 +7,8 @@ import logging
 from dataclasses import dataclass, field
 
 from .config import TrainConfig
-from .tasks import DataError, Problem, get_task, prompt_key
+from .errors import DataError
+from .tasks import Problem, get_task, prompt_key
 
 log = logging.getLogger(__name__)
 

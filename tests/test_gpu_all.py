@@ -1,4 +1,4 @@
-"""benchmarks/gpu_all.py, the one script a lent GPU runs: its pieces, and a whole dry run on the CPU
+"""tools/gpu_all.py, the one script a lent GPU runs: its pieces, and a whole dry run on the CPU
 (Triton interpreted, tiny shapes) that must write every table, so that the script itself is not what
 breaks when a GPU is finally lent."""
 import csv
@@ -14,13 +14,13 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "benchmarks" / "gpu_all.py"
+SCRIPT = REPO / "tools" / "gpu_all.py"
 _spec = importlib.util.spec_from_file_location("gpu_all", SCRIPT)
 gpu_all = sys.modules["gpu_all"] = importlib.util.module_from_spec(_spec)  # dataclasses look it up there
 _spec.loader.exec_module(gpu_all)
 
 TABLES = {"summary.md", "env.csv", "tests.csv", "suite.csv", "suite.md", "grpo_loss.csv", "rl.csv", "gpu_all.log"}
-# what the device tool brings back from $OUT: at most 8 files, named in letters, digits, '.', '_', '-'
+# what the device tool brings back from $OUT: plain files named in letters, digits, '.', '_', '-'
 RETURNABLE = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
@@ -69,12 +69,6 @@ def test_finish_kills_the_whole_process_group_at_the_deadline():
     assert gpu_all.finish(subprocess.Popen(["true"], start_new_session=True), 10) == ("ok", 0)
 
 
-def test_gpu_test_files_run_the_parity_tests_first_and_compile_last():
-    files = gpu_all.test_files(dry_run=False)
-    assert files[:3] == ["tests/test_kernels.py", "tests/test_triton.py", "tests/test_cpp_ops.py"]
-    assert files[-1] == "tests/test_compile.py" and len(set(files)) == len(files)
-
-
 @pytest.mark.slow
 def test_gpu_test_files_hold_every_gpu_test():
     """`pytest -m gpu` over test_files() collects exactly what it collects over the whole folder."""
@@ -118,14 +112,14 @@ def _table(path):
 
 @pytest.mark.slow
 def test_dry_run_writes_every_table(tmp_path):
-    """Every part on the CPU (about 4 minutes on a loaded 2-core machine): all tables written, no more
-    files than the device tool returns, each part finished."""
+    """Every part on the CPU (about 4 minutes on a loaded 2-core machine): all tables written under
+    names the device tool returns, each part finished."""
     _dry_run(tmp_path, "--budget-s", "600")
     files = set(os.listdir(tmp_path))
-    assert files == TABLES and len(files) <= 8 and all(RETURNABLE.match(f) for f in files)
+    assert files == TABLES and all(RETURNABLE.match(f) for f in files)
     summary = (tmp_path / "summary.md").read_text()
     parts = dict(re.findall(r"^\| (\w+) \| (.+?) \| [\d.]+ \|$", summary, re.M))
-    assert list(parts) == ["env", "tests_triton", "build", "tests_cuda", "suite", "grpo_loss", "rl"]
+    assert set(parts) == {"env", *gpu_all.PARTS}
     assert not [p for p, s in parts.items() if re.match(r"overran|failed|skipped|aborted|FAILED", s)], parts
     env = {r["key"]: r["value"] for r in _table(tmp_path / "env.csv")}
     assert {"torch", "triton", "nvcc", "extension build", "available_impls"} <= set(env)
@@ -156,26 +150,23 @@ def test_overrun_is_recorded_and_the_script_still_exits_0(tmp_path):
 
 
 @pytest.mark.slow
-def test_grpo_loss_part_times_every_backend_of_a_function_with_issue_20s_signature(tmp_path, monkeypatch):
-    """prepo_kernels.linear_grpo_loss does not exist yet; a function with its signature (issue 20), built
-    from the real fused log-prob and the DAPO clipped surrogate, shows the part measures what it finds."""
+def test_grpo_loss_part_times_every_backend(tmp_path, monkeypatch):
+    """The part calls prepo_kernels.linear_grpo_loss once per available backend (a row each, timed,
+    or saying why that backend cannot run the op), after the GEMM yardstick."""
     import prepo_kernels
-    from prepo_kernels import linear_logprob_entropy
 
     calls = []
+    real = prepo_kernels.linear_grpo_loss
 
-    def linear_grpo_loss(hidden, weight, targets, old_logprob, advantages, *, eps_low=0.2, eps_high=0.28,
-                         num_tokens=None, impl="auto"):
+    def counting(*args, impl="auto", **kwargs):
         calls.append(impl)
-        lp, _ = linear_logprob_entropy(hidden, weight, targets, impl=impl, compute_entropy=False)
-        ratio = torch.exp(lp - old_logprob)
-        clipped = torch.minimum(ratio * advantages, ratio.clamp(1 - eps_low, 1 + eps_high) * advantages)
-        return -clipped.sum() / num_tokens, {"logprob": lp.detach()}
+        return real(*args, impl=impl, **kwargs)
 
-    monkeypatch.setattr(prepo_kernels, "linear_grpo_loss", linear_grpo_loss, raising=False)
+    monkeypatch.setattr(prepo_kernels, "linear_grpo_loss", counting)
     gpu_all.part_grpo_loss(gpu_all.parse_args(["--dry-run", "--shapes", "40,16,100"]), tmp_path)
     rows = _table(tmp_path / "grpo_loss.csv")
     impls = prepo_kernels.available_impls("cpu")
     assert [r["impl"] for r in rows] == ["bf16-gemm (h @ W.T)", *impls] and set(calls) == set(impls)
-    assert all(r["status"] == "ok" and float(r["ms"]) > 0 for r in rows)
-    assert all(float(r["tflops_6ndv"]) > 0 for r in rows[1:])
+    ran = [r for r in rows[1:] if r["status"] == "ok"]
+    assert ran and all(float(r["ms"]) > 0 and float(r["tflops_6ndv"]) > 0 for r in ran)
+    assert all(r["status"].startswith("not available") for r in rows[1:] if r not in ran)

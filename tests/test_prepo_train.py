@@ -25,7 +25,7 @@ def test_two_step_run(tmp_path, tiny_cache_dir):
     assert [r["step"] for r in rows] == [1, 2]
     need = {"step", "rollouts", "reward_mean", "zero_adv_frac", "ppl_window_lo", "ppl_window_hi", "entropy_mean",
             "weight_min", "weight_max", "loss", "clip_frac", "time_score", "time_generate", "time_old_logprob",
-            "time_update", "time_sync"}
+            "time_update", "time_sync", "time_select"}
     assert need <= set(rows[0])
     assert rows[0]["rollouts"] == 2 * 4 and rows[1]["rollouts"] == 16   # K=2 prompts x G=4
     assert "eval_accuracy" in rows[1]                                       # evaluated at the end

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from prepo.config import ConfigError, TrainConfig, from_dict, parse_args
+from prepo.errors import DataError
 from prepo.sampler import PromptSampler
 from prepo.signals import get_strategy, pacing_rho, window_select, window_start
 from prepo.loss import group_advantages, grpo_loss
 from prepo.rewards import compute_rewards, math_verify_reward
-from prepo.tasks import DataError, Problem, get_task, is_heldout
+from prepo.tasks import Problem, get_task, is_heldout
 from prepo.tasks.arithmetic import LEVELS, TASK as ARITHMETIC, evaluate_expression, worked_solution
 from prepo.signals.weighting import relative_entropy_weights
 
@@ -244,37 +244,3 @@ def test_reward_fn_raising_gives_zero_and_is_counted():
 
     rewards, failures = compute_rewards(returns_none, ["p"] * 3, ["a", "x", "b"])
     assert rewards == [1.0, 0.0, 1.0] and failures == 1
-
-
-# ---------------------------------------------------------------- config
-def test_config_overrides_and_yaml(tmp_path):
-    y = tmp_path / "c.yaml"
-    y.write_text("strategy: random\ntotal_steps: 7\nlr: 1.0e-4\n")
-    cfg = parse_args(["--config", str(y), "--total-steps", "9", "--seed=4", "--resume", "--output_dir", "o"])
-    assert (cfg.strategy, cfg.total_steps, cfg.seed, cfg.resume, cfg.output_dir, cfg.lr) == ("random", 9, 4, True, "o", 1e-4)
-    assert from_dict({"group-size": 4}).group_size == 4
-
-
-def test_config_errors(tmp_path):
-    with pytest.raises(ConfigError, match="unknown config key.*valid keys:.*total_steps"):
-        parse_args(["--total-stepz", "3"])
-    with pytest.raises(ConfigError, match="expects an integer"):
-        parse_args(["--total-steps", "three"])
-    with pytest.raises(ConfigError, match="expects a number"):
-        parse_args(["--lr", "fast"])
-    with pytest.raises(ConfigError, match="expects a boolean"):
-        parse_args(["--progress", "maybe"])
-    with pytest.raises(ConfigError, match="strategy must be one of"):
-        parse_args(["--strategy", "gresso"])
-    with pytest.raises(ConfigError, match="select_ratio"):
-        parse_args(["--select-ratio", "1.5"])
-    y = tmp_path / "bad.yaml"
-    y.write_text("stratgy: prepo\n")
-    with pytest.raises(ConfigError, match="unknown config key 'stratgy'"):
-        parse_args(["--config", str(y)])
-    y.write_text("- a\n- b\n")
-    with pytest.raises(ConfigError, match="mapping"):
-        parse_args(["--config", str(y)])
-    with pytest.raises(ConfigError, match="needs a value"):
-        parse_args(["--seed"])
-    assert TrainConfig().validate().num_selected == 13

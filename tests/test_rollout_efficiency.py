@@ -599,11 +599,11 @@ def test_report_words_follow_the_primary(runs_dir, tmp_path):
     assert out["aggregate"].thresholds == {1: 0.3, 2: 0.3, 3: 0.4}
 
 
-def test_export_then_aggregate_from_the_export_alone(tmp_path):
-    """A fresh clone: no runs dir, only the exported small files; unfinished runs listed as missing."""
+def test_archive_then_aggregate_from_the_archive_alone(tmp_path):
+    """A fresh clone: no runs dir, only the study's runs archive; unfinished runs listed as missing."""
     pytest.importorskip("matplotlib")
     b = bench_file(tmp_path, seeds=[1, 2])
-    rd, exp = tmp_path / "runs", tmp_path / "export"
+    rd, exp = tmp_path / "runs", tmp_path / "testbed_demo_runs.json.gz"
     for s, k, curve in (("random", 1, [0.3, 0.4, 0.5]), ("random", 2, [0.3, 0.5, 0.6]), ("prepo", 1, [0.5, 0.6, 0.6])):
         d = write_run(rd, s, k, curve, initial=0.2, picked=lambda step: {"rho": step / 6, "pass_rate": [0.5]})
         cfg = config.run_config(b, s, k, rd)
@@ -613,33 +613,42 @@ def test_export_then_aggregate_from_the_export_alone(tmp_path):
     plan = runner.plan_runs(b, rd, False, exp)
     for item in plan:
         runner.export(item, exp)
-    assert sorted(p.name for p in (exp / "random" / "seed1").iterdir()) == sorted(runs.EXPORT_FILES)
-    assert not (exp / "prepo" / "seed2").exists()   # never ran: nothing to export
-    # the exported copy makes a run done even where the runs dir lacks it
+    archived = runs.read_archive(exp)["runs"]
+    assert sorted(archived["random/seed1"]) == sorted(runs.RUN_FILES)   # no checkpoint
+    assert archived["random/seed1"] == runs.run_files(rd / "random" / "seed1")
+    assert "prepo/seed2" not in archived   # never ran: nothing to archive
+    # the archived copy makes a run done even where the runs dir lacks it
     shutil.rmtree(rd)
     plan = runner.plan_runs(b, rd, False, exp)   # seed by seed: a study cut short holds whole pairs
     assert [(p[0], p[1], p[3]) for p in plan] == [("random", 1, "done"), ("prepo", 1, "done"),
                                                    ("random", 2, "done"), ("prepo", 2, "new")]
     res = tmp_path / "results"
     assert rollout_efficiency.main(["--config", str(tmp_path / "testbed_demo.yaml"), "--aggregate-only",
-                                    "--runs-dir", str(rd), "--export-dir", str(exp), "--results-dir", str(res)]) == 0
+                                    "--runs-dir", str(rd), "--runs-archive", str(exp), "--results-dir", str(res)]) == 0
     md = (res / "testbed_demo.md").read_text()
     assert "**Incomplete: 1 run(s) missing" in md and "- prepo/seed2: not finished" in md
     assert "| prepo | 20.0 | 60.0 / 20 | missing |" in md   # per seed: seed 2 missing
 
 
-def test_export_writes_paths_relative_to_the_repository(tmp_path):
-    """The committed copy names no machine: paths under the root lose it, others are kept."""
+def test_archive_writes_paths_relative_to_the_repository(tmp_path):
+    """The committed copy names no machine: paths under the root lose it, others are kept; the
+    archive's bytes depend on its content alone, and a run archived again replaces its copy."""
     run_dir = tmp_path / "runs" / "random" / "seed1"
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(f"output_dir: {run_dir}\nmodel: /elsewhere/model\n")
     (run_dir / "summary.json").write_text(json.dumps({"metrics": str(run_dir / "metrics.jsonl"), "steps": 3}))
-    runs.export_run(run_dir, tmp_path / "export", root=tmp_path)
-    assert yaml.safe_load((tmp_path / "export" / "config.yaml").read_text()) == {
-        "output_dir": "runs/random/seed1", "model": "/elsewhere/model"}
-    assert json.loads((tmp_path / "export" / "summary.json").read_text()) == {
-        "metrics": "runs/random/seed1/metrics.jsonl", "steps": 3}
-    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["config.yaml", "summary.json"]
+    archive = tmp_path / "study_runs.json.gz"
+    runs.archive_run(run_dir, archive, "random", 1, root=tmp_path)
+    first = archive.read_bytes()
+    files = runs.read_archive(archive)["runs"]["random/seed1"]
+    assert yaml.safe_load(files["config.yaml"]) == {"output_dir": "runs/random/seed1", "model": "/elsewhere/model"}
+    assert json.loads(files["summary.json"]) == {"metrics": "runs/random/seed1/metrics.jsonl", "steps": 3}
+    assert sorted(files) == ["config.yaml", "summary.json"]
+    runs.archive_run(run_dir, archive, "random", 1, root=tmp_path)
+    assert archive.read_bytes() == first
+    (run_dir / "summary.json").write_text(json.dumps({"steps": 4}))
+    runs.archive_run(run_dir, archive, "random", 1, root=tmp_path)
+    assert json.loads(runs.read_archive(archive)["runs"]["random/seed1"]["summary.json"]) == {"steps": 4}
 
 
 def test_unpaired_runs_wait_for_their_baseline(tmp_path):
@@ -687,7 +696,6 @@ def test_smollm2_testbed_config_is_preregistered_and_valid():
     assert (ROOT / "benchmarks" / "preregistration" / "testbed_smollm2.md").exists()
     assert bench.strategies == ["random", "prepo", "ppl_only", "entropy_only"] and bench.seeds == [11, 12, 13]
     assert bench.primary == "half_budget_threshold" and bench.jobs == 1
-    assert bench.export_dir == "benchmarks/results/testbed_smollm2_runs"
     assert not set(bench.seeds) & set(bench.tuning_seeds)
     # resolved without asking this machine for vLLM (the report is written where it may be missing)
     resolved = config.full_config(config.run_config(bench, "prepo", 11, Path("/tmp/x")), check_environment=False)
@@ -705,9 +713,10 @@ def test_smollm2_testbed_config_is_preregistered_and_valid():
 
 
 @pytest.mark.slow
-def test_harness_end_to_end_exports_and_reaggregates_from_the_export(tmp_path, tiny_cache_dir):
-    """Real tiny runs through the harness: each finished run exported (no checkpoints), the report
-    written again from the export alone, with the curriculum's selection table."""
+def test_harness_end_to_end_archives_and_reaggregates_from_the_archive(tmp_path, tiny_cache_dir):
+    """Real tiny runs through the harness: each finished run archived (no checkpoints), the report
+    written again from the archive alone, with the curriculum's selection table and the harness's
+    command and timing."""
     pytest.importorskip("matplotlib")
     from trainer_harness import TINY
 
@@ -716,17 +725,22 @@ def test_harness_end_to_end_exports_and_reaggregates_from_the_export(tmp_path, t
     cfg = tmp_path / "testbed_e2e.yaml"
     cfg.write_text(yaml.safe_dump({"strategies": ["random", "prepo"], "seeds": [1], "metric": "eval_avg@2",
                                    "primary": "half_budget_threshold", "train": train}))
-    rd, exp, res = tmp_path / "runs", tmp_path / "export", tmp_path / "results"
-    common = ["--config", str(cfg), "--runs-dir", str(rd), "--export-dir", str(exp), "--results-dir", str(res)]
+    rd, res = tmp_path / "runs", tmp_path / "results"
+    common = ["--config", str(cfg), "--runs-dir", str(rd), "--results-dir", str(res)]
     assert rollout_efficiency.main(common) == 0
     assert (rd / "prepo" / "seed1" / "checkpoints").is_dir()
-    assert sorted(p.name for p in (exp / "prepo" / "seed1").iterdir()) == sorted(runs.EXPORT_FILES)
+    archive = runs.read_archive(res / "testbed_e2e_runs.json.gz")   # beside the report by default
+    assert sorted(archive["runs"]) == ["prepo/seed1", "random/seed1"]
+    assert sorted(archive["runs"]["prepo/seed1"]) == sorted(runs.RUN_FILES)
+    assert archive["harness"] == json.loads((rd / "harness.json").read_text())
     first = (res / "testbed_e2e.md").read_text()
     shutil.rmtree(rd)
     assert rollout_efficiency.main(common + ["--aggregate-only"]) == 0
     again = (res / "testbed_e2e.md").read_text()
     table = lambda md: md.split("## Diagnostics")[0].split("\n| strategy |")[1]  # noqa: E731
     assert table(again) == table(first) and "Incomplete" not in again
+    ran = lambda md: [line for line in md.splitlines() if line.startswith(("Command:", "Wall time"))]  # noqa: E731
+    assert ran(first)[1:] == ran(again)[1:] and "(aggregated with:" in ran(again)[0]
     assert "## What the curriculum rolled out" in again and "half-budget accuracy" in again
     sel = again.split("## What the curriculum rolled out")[1].split("\n\n")[1]
     assert "| prepo | " in sel and "| random | - / - / - |" in sel   # random does not score prompts

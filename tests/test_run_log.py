@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from prepo.config import TrainConfig
+from prepo.errors import RunDirError
 from prepo.metrics import StepMetrics
 from prepo.report import RunLog, read_jsonl, selection_row
 
@@ -54,5 +55,5 @@ def test_resume_of_a_run_without_selection_log(tmp_path):
     log.truncate(2, 0)
     assert not log.selection_path.exists()
     log.selection_path.write_text('{"step": 1}\n')
-    with pytest.raises(RuntimeError, match="expects 2"):   # a shorter file than the checkpoint saw: corrupt
+    with pytest.raises(RunDirError, match="expects 2"):   # a shorter file than the checkpoint saw: corrupt
         log.truncate(2, 0)

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from prepo.config import ConfigError
+from prepo.errors import RunDirError
 from prepo.runlock import run_lock
 from trainer_harness import REPO, TINY, cmd, env
 
@@ -31,7 +31,7 @@ def test_a_second_trainer_on_a_directory_in_use_stops_and_names_the_holder(tmp_p
 
 def test_the_lock_is_released_after_the_block_and_held_within_it(tmp_path):
     with run_lock(tmp_path):
-        with pytest.raises(ConfigError, match="in use by another prepo.train"):
+        with pytest.raises(RunDirError, match="in use by another prepo.train"):
             with run_lock(tmp_path):
                 pass
     with run_lock(tmp_path):

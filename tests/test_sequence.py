@@ -31,11 +31,18 @@ def test_empty_sequence_is_documented_not_nan():
 
 
 def test_perplexity_value_and_gradient():
-    logprob = torch.log(torch.tensor([[0.5, 0.25, 0.9]], requires_grad=True))
-    mask = torch.tensor([[1, 1, 0]])
+    """ppl = exp(-mean of the masked log-probs): d ppl / d logprob_t = -ppl / n on the n masked-in
+    tokens, 0 on the others (padding gets no gradient)."""
+    logprob = torch.log(torch.tensor([[0.5, 0.25, 0.9], [0.2, 0.7, 0.4]], dtype=torch.float64)).requires_grad_()
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
     ppl = sequence_perplexity(logprob, mask)
-    torch.testing.assert_close(ppl, torch.tensor([(0.5 * 0.25) ** -0.5]))
-    ppl.sum().backward()
+    want = torch.tensor([(0.5 * 0.25) ** -0.5, (0.2 * 0.7 * 0.4) ** (-1 / 3)], dtype=torch.float64)
+    torch.testing.assert_close(ppl, want)
+    weights = torch.tensor([1.0, -2.0], dtype=torch.float64)   # distinct upstream gradients per row
+    (ppl * weights).sum().backward()
+    n = mask.sum(1, keepdim=True)
+    torch.testing.assert_close(logprob.grad, (-weights * want)[:, None] / n * mask)
+    torch.autograd.gradcheck(lambda lp: sequence_perplexity(lp, mask), (logprob.detach().requires_grad_(),))
 
 
 def test_packed_mask():

@@ -7,7 +7,8 @@ from collections import Counter
 
 import pytest
 
-from prepo.config import ConfigError, from_dict
+from prepo.config import from_dict
+from prepo.errors import ConfigError
 from prepo.rewards import load_reward_fn
 from prepo.sources import load_data
 from prepo.tasks import TASKS, get_task, is_heldout

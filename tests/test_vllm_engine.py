@@ -4,6 +4,7 @@ device options, the sampling-option and weight-name mappings, the rollout layout
 bookkeeping against a stand-in ``vllm`` module that accepts only the names vLLM 0.32.0 defines."""
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import types
@@ -11,10 +12,12 @@ import types
 import pytest
 import torch
 
-from prepo.config import ConfigError, TrainConfig
+from prepo.config import TrainConfig
+from prepo.errors import ConfigError
 from prepo.prompts import PromptEncoder
 from prepo.rollout import Rollouts, Sampling, completion_mask_from_ids
-from prepo.vllm_engine import (GiB, VLLMEngine, device_options, require_vllm, rollouts_from_tokens,
+from prepo.vllm_engine import (_NOT_LOADED_MSG, _RELOAD_LOGGER, CHECK_TOL, GiB, VLLMEngine, _modules_not_loaded,
+                               _unexpected, device_options, require_vllm, rollouts_from_tokens,
                                sampling_params_kwargs, weight_names)
 
 
@@ -44,9 +47,25 @@ def test_device_options():
 
 def test_vllm_config_options_are_validated():
     for bad, msg in [(dict(vllm_cpu_kv_cache_gib=0), "vllm_cpu_kv_cache_gib"), (dict(vllm_execution="x"), "vllm_execution"),
-                     (dict(vllm_gpu_memory_utilization=0), "vllm_gpu_memory_utilization")]:
+                     (dict(vllm_gpu_memory_utilization=0), "vllm_gpu_memory_utilization"),
+                     (dict(vllm_check_every=-1), "vllm_check_every"), (dict(vllm_check_tol=-0.1), "vllm_check_tol")]:
         with pytest.raises(ConfigError, match=msg):
             TrainConfig(**bad).validate()
+
+
+def test_modules_vllm_left_unloaded_are_named():
+    """vLLM's reload only logs the modules that got no weights: the engine collects those records and
+    finds the ones that matter (rotary embeddings have no weights; a tied head is re-tied)."""
+    reload_log = logging.getLogger(_RELOAD_LOGGER)
+    with _modules_not_loaded() as names:
+        for module in ("RotaryEmbedding", "Llama3RotaryEmbedding", "ParallelLMHead", "RowParallelLinear"):
+            reload_log.warning(_NOT_LOADED_MSG, module)
+        reload_log.warning("%s: Processed", "QKVParallelLinear")
+    reload_log.warning(_NOT_LOADED_MSG, "MergedColumnParallelLinear")   # after the reload: not collected
+    assert names == ["RotaryEmbedding", "Llama3RotaryEmbedding", "ParallelLMHead", "RowParallelLinear"]
+    assert _unexpected(names, tied=True) == ["RowParallelLinear"]
+    assert _unexpected(names, tied=False) == ["ParallelLMHead", "RowParallelLinear"]
+    assert _unexpected(["RotaryEmbedding"], tied=False) == []
 
 
 def test_sampling_params_mapping():
@@ -146,7 +165,11 @@ def fake_vllm(eos: int):
             calls.append(("wake_up", tags))
 
         def collective_rpc(self, method, kwargs=None):
+            if callable(method):   # the engine's re-tie of a tied head: an untied model here
+                calls.append(("rpc", method.__name__))
+                return [False]
             calls.append((method, [n for n, _ in kwargs["weights_iterator"]], kwargs["is_checkpoint_format"]))
+            return [None]
 
         def reset_prefix_cache(self):
             calls.append(("reset_prefix_cache",))
@@ -167,7 +190,7 @@ def test_engine_bookkeeping_with_a_stand_in_vllm(monkeypatch, qwen_tokenizer, ti
     enc = PromptEncoder(tok)
     rng = torch.random.get_rng_state()
     engine = VLLMEngine(tiny_qwen2_dir, tok, enc, Sampling(3, temperature=0.9, top_p=0.8, top_k=5), dtype=torch.bfloat16,
-                        seed=3, device="cuda", gpu_memory_utilization=0.3, chunk_prompts=2)
+                        seed=3, device="cuda", gpu_memory_utilization=0.3, chunk_prompts=2, check_every=0)
     assert torch.equal(torch.random.get_rng_state(), rng)  # vLLM's reseeding undone
     assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # in-process: weights pushed without copies
     assert calls[0] == ("init", dict(model=str(tiny_qwen2_dir), dtype="bfloat16", seed=3, max_model_len=None,
@@ -190,21 +213,39 @@ def test_engine_bookkeeping_with_a_stand_in_vllm(monkeypatch, qwen_tokenizer, ti
     engine.sleep()  # already asleep: nothing
     with pytest.raises(RuntimeError, match="asleep"):
         next(engine.generate(prompts, 1))
-    engine.sync_weights(torch.compile(model))
+    assert engine.sync_weights(torch.compile(model)) is None   # check_every=0: not checked
     names = [n for n, _ in model.named_parameters()]
     assert calls == [("sleep", 2), ("wake_up", ["weights"]), ("reload_weights", names, True),
-                     ("wake_up", ["kv_cache"]), ("reset_prefix_cache",)]
+                     ("rpc", "_retie_lm_head"), ("wake_up", ["kv_cache"]), ("reset_prefix_cache",)]
     assert len(list(engine.generate(prompts, 1))) == 2
 
-    cpu = VLLMEngine(tiny_qwen2_dir, tok, enc, Sampling(3), dtype="float32", device="cpu", cpu_kv_cache_gib=0.25)
+    cpu = VLLMEngine(tiny_qwen2_dir, tok, enc, Sampling(3), dtype="float32", device="cpu", cpu_kv_cache_gib=0.25,
+                     check_every=0)
+    assert (engine.check_tol, cpu.check_tol) == (CHECK_TOL["bfloat16"], CHECK_TOL["float32"])
     assert calls[-1][1]["kv_cache_memory_bytes"] == GiB // 4 and calls[-1][1]["enable_sleep_mode"] is False
     del calls[:]
     cpu.sleep()  # no sleep mode on the CPU: the weights stay, nothing to wake
     cpu.sync_weights(model)
-    assert calls == [("reload_weights", names, True), ("reset_prefix_cache",)]
+    assert calls == [("reload_weights", names, True), ("rpc", "_retie_lm_head"), ("reset_prefix_cache",)]
     for bad, msg in [(dict(device="cuda", gpu_memory_utilization=1.5), "gpu_memory_utilization"),
-                     (dict(device="cpu", cpu_kv_cache_gib=-1), "cpu_kv_cache_gib"), (dict(chunk_prompts=0), "chunk_prompts")]:
+                     (dict(device="cpu", cpu_kv_cache_gib=-1), "cpu_kv_cache_gib"), (dict(chunk_prompts=0), "chunk_prompts"),
+                     (dict(dtype="int8"), "dtype"), (dict(check_every=-1), "check_every"),
+                     (dict(check_tol=0.0), "check_tol")]:
         with pytest.raises(ValueError, match=msg):
             VLLMEngine(tiny_qwen2_dir, tok, enc, Sampling(3), **bad)
     with pytest.raises(ValueError, match="temperature"):
         VLLMEngine(tiny_qwen2_dir, tok, enc, Sampling(3, temperature=0.0))
+
+
+def test_trainer_config_reaches_the_engine(monkeypatch, qwen_tokenizer, tiny_qwen2_dir):
+    """--vllm-check-every / --vllm-check-tol (0: by dtype) are the engine's check_every / check_tol."""
+    from prepo.policy import Precision
+    from prepo.builder import make_engine
+
+    monkeypatch.setitem(sys.modules, "vllm", fake_vllm(qwen_tokenizer.eos_token_id)[0])
+    enc = PromptEncoder(qwen_tokenizer)
+    for opts, expect in [(dict(), (1, CHECK_TOL["float32"])), (dict(vllm_check_every=3, vllm_check_tol=0.2), (3, 0.2)),
+                         (dict(vllm_check_every=0, dtype="bf16"), (0, CHECK_TOL["bfloat16"]))]:
+        cfg = TrainConfig(rollout_engine="vllm", **opts)
+        engine = make_engine(cfg, tiny_qwen2_dir, None, qwen_tokenizer, enc, Precision(cfg.dtype, torch.device("cpu")))
+        assert (engine.check_every, engine.check_tol) == expect

@@ -30,9 +30,11 @@ def qwen_tokenizer(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory, qwen_tokenizer):
-    """{"qwen2", "llama", "peaked"}: saved model directories (peaked: a Qwen2 whose completions
-    vary in content and length, see models.save_vllm_tiny)."""
+    """{"qwen2", "qwen2_tied", "llama", "peaked"}: saved model directories (qwen2_tied: its LM head
+    is its input embedding; peaked: a Qwen2 whose completions vary in content and length, see
+    models.save_vllm_tiny)."""
     mk = tmp_path_factory.mktemp
     return {"qwen2": save_vllm_tiny(mk("qwen2"), qwen_tokenizer, "qwen2"),
+            "qwen2_tied": save_vllm_tiny(mk("qwen2_tied"), qwen_tokenizer, "qwen2", tied=True),
             "llama": save_vllm_tiny(mk("llama"), qwen_tokenizer, "llama"),
             "peaked": save_vllm_tiny(mk("peaked"), qwen_tokenizer, "qwen2", peaked=True)}

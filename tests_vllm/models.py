@@ -27,15 +27,17 @@ def tests_conftest():
     return module
 
 
-def save_vllm_tiny(path, tokenizer, arch: str = "qwen2", *, peaked: bool = False, seed: int = 0) -> Path:
-    """A tiny random ``arch`` model with ``tokenizer`` saved to ``path``. ``peaked``: its LM head
+def save_vllm_tiny(path, tokenizer, arch: str = "qwen2", *, peaked: bool = False, tied: bool = False,
+                   seed: int = 0) -> Path:
+    """A tiny random ``arch`` model with ``tokenizer`` saved to ``path``; ``tied``: its LM head is its
+    input embedding (``tie_word_embeddings``, as SmolLM2 and the small Qwen2.5 models). ``peaked``: its LM head
     is zero except on the digits, space and EOS, whose rows are large, so that (unlike the
     near-uniform random head over 151,646 tokens) completions have context-dependent token
     choices and EOS ends them at varying lengths: rewards and lengths that vary, as a trained
     model's do."""
     from transformers import AutoModelForCausalLM
 
-    tests_conftest().save_tiny_causal_lm(path, tokenizer, arch, seed, **VLLM_TINY)
+    tests_conftest().save_tiny_causal_lm(path, tokenizer, arch, seed, tie_word_embeddings=tied, **VLLM_TINY)
     if peaked:
         model = AutoModelForCausalLM.from_pretrained(path)
         ids = [tokenizer.convert_tokens_to_ids(tokenizer.tokenize(t))[0] for t in PEAKED_TEXT]

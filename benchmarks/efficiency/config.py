@@ -40,7 +40,6 @@ class BenchConfig:
     jobs: int = 1                # runs in parallel
     primary: str = PRIMARIES[0]  # the PRIMARY ratio's target, one of PRIMARIES
     runs_dir: str = ""           # relative to the repository root; "" -> runs/<stem>
-    export_dir: str = ""         # finished runs' small files are copied here (relative to the root); "" -> none
     title: str = DEFAULT_TITLE   # the report's title
     description: str = ""        # a paragraph under the title
     train: dict = field(default_factory=dict)   # TrainConfig overrides shared by every run
@@ -76,7 +75,6 @@ def load_bench_config(path: Path, quick: bool = False) -> BenchConfig:
         jobs=int(data.get("jobs", 1)),
         primary=str(data.get("primary", PRIMARIES[0])),
         runs_dir=str(data.get("runs_dir") or f"runs/{path.stem}"),
-        export_dir=str(data.get("export_dir") or ""),
         title=str(data.get("title") or DEFAULT_TITLE),
         description=str(data.get("description") or "").strip(),
         train=dict(data.get("train") or {}),
@@ -120,7 +118,7 @@ def run_config(bench: BenchConfig, strategy: str, seed: int, runs_dir: Path) -> 
 def full_config(overrides: dict, check_environment: bool = True) -> dict:
     """The trainer's full config for these overrides (defaults filled in, validated). Without
     ``check_environment`` the rollout engine is not asked of this machine: a report of runs made
-    with vLLM is written where vLLM is not installed (a fresh clone, from the exported runs)."""
+    with vLLM is written where vLLM is not installed (a fresh clone, from the runs archive)."""
     if check_environment:
         return from_dict(overrides).to_dict()
     engine = overrides.get("rollout_engine", "hf")

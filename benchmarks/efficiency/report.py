@@ -383,7 +383,7 @@ def update_readme(readme: Path, stem: str, content: str, heading: str) -> None:
 
 def load_finished(bench: BenchConfig, places: Sequence[Path]) -> tuple[dict, list[str]]:
     """(runs, missing): the finished runs of ``bench`` found in ``places`` (the runs directory, the
-    exported copy) and why each other run is missing; a strategy run whose baseline seed is missing
+    runs archive) and why each other run is missing; a strategy run whose baseline seed is missing
     cannot be paired and counts as missing. Exits when the baseline has no finished run."""
     steps = report_config(bench)["total_steps"]
     runs, missing = load_runs(places, bench.strategies, bench.seeds, bench.metric, steps)
@@ -399,11 +399,11 @@ def load_finished(bench: BenchConfig, places: Sequence[Path]) -> tuple[dict, lis
 
 def write_report(bench: BenchConfig, runs_dir: Path, results_dir: Path, command: str, config_path: str,
                  timing: Optional[dict] = None, readme: Optional[Path] = None,
-                 export_dir: Optional[Path] = None) -> dict:
-    """Aggregate the finished runs under ``runs_dir`` (or, for those not there, their exported copy in
-    ``export_dir``) and write ``results_dir/<stem>.{md,csv,json,png}`` and ``<stem>_diagnostics.png``
+                 archive: Optional[Path] = None) -> dict:
+    """Aggregate the finished runs under ``runs_dir`` (or, for those not there, their copy in the
+    runs ``archive``) and write ``results_dir/<stem>.{md,csv,json,png}`` and ``<stem>_diagnostics.png``
     (and the README block). Returns {aggregate, markdown, files}."""
-    runs, missing = load_finished(bench, [runs_dir] + ([export_dir] if export_dir else []))
+    runs, missing = load_finished(bench, [runs_dir] + ([archive] if archive else []))
     agg = aggregate(runs, bench.baseline, bench.final_evals, bench.primary, missing)
     results_dir.mkdir(parents=True, exist_ok=True)
     out = {ext: results_dir / f"{bench.stem}.{ext}" for ext in ("md", "csv", "json", "png")}

@@ -1,10 +1,10 @@
 """Runs every (strategy, seed) of a benchmark, each as its own ``python -m prepo.train`` process
 writing into ``<runs_dir>/<strategy>/seed<k>/``. A run whose ``summary.json`` covers all its steps
 (with the same config) is skipped, one with a checkpoint but no summary is resumed, so an
-interrupted harness picks up where it stopped. With an export directory each finished run's small
-files are copied there as it finishes (the raw data to commit), and a run finished there counts as
-done. ``<runs_dir>/harness.json`` records how the runs were made (command, wall time over all
-invocations, machine)."""
+interrupted harness picks up where it stopped. With a runs archive each finished run's small
+files go into it as it finishes (the raw data to commit, :mod:`.runs`), and a run finished there
+counts as done. ``<runs_dir>/harness.json`` records how the runs were made (command, wall time over
+all invocations, machine); the archive keeps a copy."""
 from __future__ import annotations
 
 import json
@@ -14,6 +14,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,8 +24,8 @@ import yaml
 
 from prepo.config import from_dict
 
-from .config import NON_RESULT_KEYS, ROOT, BenchConfig, full_config, run_config, run_dir_of
-from .runs import export_run
+from .config import NON_RESULT_KEYS, ROOT, BenchConfig, full_config, run_config
+from .runs import archive_harness, archive_run, read_archive, run_files, run_key
 
 
 def config_diff(want: dict, have: dict) -> list[str]:
@@ -33,23 +34,28 @@ def config_diff(want: dict, have: dict) -> list[str]:
     return sorted(k for k in keys if want.get(k) != have.get(k))
 
 
-def run_status(run_dir: Path, cfg: dict) -> tuple[str, list[str]]:
-    """('done' | 'resume' | 'new' | 'mismatch', differing keys) of the run of trainer overrides
-    ``cfg`` in ``run_dir``."""
-    existing = run_dir / "config.yaml"
-    if not existing.exists():
+def files_status(files: dict, cfg: dict) -> tuple[str, list[str]]:
+    """('done' | 'started' | 'new' | 'mismatch', differing keys) of the run of trainer overrides
+    ``cfg`` whose small files (:func:`.runs.run_files`) are ``files``."""
+    if "config.yaml" not in files:
         return "new", []
     want = full_config(cfg)
-    diff = config_diff(want, yaml.safe_load(existing.read_text()) or {})
+    diff = config_diff(want, yaml.safe_load(files["config.yaml"]) or {})
     if diff:
         return "mismatch", diff
-    summary = run_dir / "summary.json"
-    if summary.exists() and json.loads(summary.read_text()).get("steps") == want["total_steps"]:
+    if "summary.json" in files and json.loads(files["summary.json"]).get("steps") == want["total_steps"]:
         return "done", []
+    return "started", []
+
+
+def run_status(run_dir: Path, cfg: dict) -> tuple[str, list[str]]:
+    """('done' | 'resume' | 'new' | 'mismatch', differing keys) of the run of trainer overrides
+    ``cfg`` in ``run_dir``: a started run resumes from its checkpoint, or starts anew without one."""
+    status, diff = files_status(run_files(run_dir), cfg)
+    if status != "started":
+        return status, diff
     ckpts = run_dir / "checkpoints"
-    if ckpts.exists() and any(ckpts.iterdir()):
-        return "resume", []
-    return "new", []
+    return ("resume" if ckpts.exists() and any(ckpts.iterdir()) else "new"), []
 
 
 def prebuild_base_model(cfg: dict) -> None:
@@ -89,18 +95,18 @@ def launch(cfg: dict, resume: bool) -> tuple[int, float]:
 
 
 def plan_runs(bench: BenchConfig, runs_dir: Path, rerun_mismatched: bool,
-              export_dir: Optional[Path] = None) -> list[tuple]:
+              archive: Optional[Path] = None) -> list[tuple]:
     """[(strategy, seed, trainer overrides, status)] of every run, seed by seed (so a study cut
     short holds whole paired seeds); a run made with another config is an error, or deleted and
-    planned anew with ``rerun_mismatched``. A new run whose exported copy in ``export_dir`` is
+    planned anew with ``rerun_mismatched``. A new run whose copy in the runs ``archive`` is
     finished (same config) is done."""
+    archived = read_archive(archive)["runs"] if archive is not None else {}
     plan = []
     for seed in bench.seeds:
         for strategy in bench.strategies:
             cfg = run_config(bench, strategy, seed, runs_dir)
             status, diff = run_status(Path(cfg["output_dir"]), cfg)
-            exported = run_dir_of(export_dir, strategy, seed) if export_dir is not None else None
-            if status == "new" and exported is not None and run_status(exported, cfg)[0] == "done":
+            if status == "new" and files_status(archived.get(run_key(strategy, seed), {}), cfg)[0] == "done":
                 status = "done"
             if status == "mismatch":
                 if not rerun_mismatched:
@@ -112,22 +118,26 @@ def plan_runs(bench: BenchConfig, runs_dir: Path, rerun_mismatched: bool,
     return plan
 
 
-def export(item: tuple, export_dir: Optional[Path]) -> None:
-    """Copy a planned run's small files into ``export_dir`` when it is finished in the runs directory."""
+_ARCHIVE_LOCK = threading.Lock()   # parallel jobs finish at once: one archive update at a time
+
+
+def export(item: tuple, archive: Optional[Path]) -> None:
+    """Put a planned run's small files into the runs ``archive`` when it is finished in the runs directory."""
     strategy, seed, cfg, _ = item
-    if export_dir is not None and run_status(Path(cfg["output_dir"]), cfg)[0] == "done":
-        export_run(Path(cfg["output_dir"]), run_dir_of(export_dir, strategy, seed))
+    if archive is not None and run_status(Path(cfg["output_dir"]), cfg)[0] == "done":
+        with _ARCHIVE_LOCK:
+            archive_run(Path(cfg["output_dir"]), archive, strategy, seed)
 
 
 def run_all(bench: BenchConfig, runs_dir: Path, rerun_mismatched: bool = False,
-            export_dir: Optional[Path] = None) -> dict:
-    """Run what is not done yet, ``bench.jobs`` at a time, copying each finished run's small files
-    into ``export_dir`` (when given) as it finishes. Returns the timing:
+            archive: Optional[Path] = None) -> dict:
+    """Run what is not done yet, ``bench.jobs`` at a time, putting each finished run's small files
+    into the runs ``archive`` (when given) as it finishes. Returns the timing:
     {wall_seconds, total_seconds_incl_setup, run_seconds: {"<strategy>/seed<k>": seconds}}."""
     t_setup = time.perf_counter()
-    plan = plan_runs(bench, runs_dir, rerun_mismatched, export_dir)
-    for item in plan:   # finished before the export was asked for (idempotent: small files)
-        export(item, export_dir)
+    plan = plan_runs(bench, runs_dir, rerun_mismatched, archive)
+    for item in plan:   # finished before the archive was asked for (idempotent)
+        export(item, archive)
     # longest first (dynamic sampling generates several times the rollouts per step), so the
     # parallel slots finish together
     todo = sorted((p for p in plan if p[3] != "done"), key=lambda p: p[0] != "dapo_dynamic")
@@ -144,7 +154,7 @@ def run_all(bench: BenchConfig, runs_dir: Path, rerun_mismatched: bool = False,
         rc, sec = launch(cfg, resume=status == "resume")
         times[f"{strategy}/seed{seed}"] = sec
         if rc == 0:
-            export(item, export_dir)
+            export(item, archive)
         state = "ok" if rc == 0 else f"FAILED rc={rc} (see {cfg['output_dir']}/train.log)"
         print(f"[{len(times)}/{len(todo)}] {strategy} seed {seed}: {sec:.0f}s {state} "
               f"(elapsed {time.perf_counter() - t_start:.0f}s)", flush=True)
@@ -159,9 +169,10 @@ def run_all(bench: BenchConfig, runs_dir: Path, rerun_mismatched: bool = False,
     return {"wall_seconds": end - t_start, "total_seconds_incl_setup": end - t_setup, "run_seconds": times}
 
 
-def save_harness_meta(runs_dir: Path, command: str, timing: dict, jobs: int) -> dict:
-    """Write ``runs_dir/harness.json`` after runs ran; a resumed harness adds to what the earlier
-    invocations spent. Returns the timing over all invocations."""
+def save_harness_meta(runs_dir: Path, command: str, timing: dict, jobs: int, archive: Optional[Path] = None) -> dict:
+    """Write ``runs_dir/harness.json`` (and its copy in the runs ``archive``) after runs ran; a
+    resumed harness adds to what the earlier invocations spent. Returns the timing over all
+    invocations."""
     meta = Path(runs_dir) / "harness.json"
     if meta.exists():
         prev = json.loads(meta.read_text()).get("timing", {})
@@ -169,19 +180,23 @@ def save_harness_meta(runs_dir: Path, command: str, timing: dict, jobs: int) -> 
                   "wall_seconds": timing["wall_seconds"] + prev.get("wall_seconds", 0.0),
                   "total_seconds_incl_setup": timing["total_seconds_incl_setup"] + prev.get("total_seconds_incl_setup", 0.0),
                   "invocations": prev.get("invocations", 1) + 1}
+    data = {"command": command, "timing": timing, "jobs": jobs, "machine": machine_info(),
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     meta.parent.mkdir(parents=True, exist_ok=True)
-    meta.write_text(json.dumps({"command": command, "timing": timing, "jobs": jobs, "machine": machine_info(),
-                                "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z")}, indent=1))
+    meta.write_text(json.dumps(data, indent=1))
+    if archive is not None:
+        archive_harness(archive, data)
     return timing
 
 
-def load_harness_meta(runs_dir: Path, command: str) -> tuple[dict, str]:
-    """(timing, command) of the invocations that made the runs, when nothing ran now: the
-    command names the one that ran them and the one aggregating now."""
+def load_harness_meta(runs_dir: Path, command: str, archive: Optional[Path] = None) -> tuple[dict, str]:
+    """(timing, command) of the invocations that made the runs (``runs_dir``'s harness.json, else
+    the runs archive's copy), when nothing ran now: the command names the one that ran them and the
+    one aggregating now."""
     meta = Path(runs_dir) / "harness.json"
-    if not meta.exists():
+    data = json.loads(meta.read_text()) if meta.exists() else (read_archive(archive)["harness"] if archive else None)
+    if not data:
         return {}, command
-    data = json.loads(meta.read_text())
     if data.get("command") and data["command"] != command:
         command = f"{data['command']}  (aggregated with: {command})"
     return data.get("timing", {}), command

@@ -14,7 +14,7 @@ The shared parts (problems, held-out split, the task interface) are in :mod:`pre
 from __future__ import annotations
 
 from . import arithmetic, countdown, phrasing, wordmath
-from .base import BuiltinTask, DataError, Problem, Prompt, is_heldout, prompt_key
+from .base import BuiltinTask, Problem, Prompt, is_heldout, prompt_key
 
 TASKS: dict[str, BuiltinTask] = {t.name: t for t in (arithmetic.TASK, phrasing.TASK, countdown.TASK, wordmath.TASK)}
 
@@ -25,4 +25,4 @@ def get_task(name: str) -> BuiltinTask:
     return TASKS[name]
 
 
-__all__ = ["BuiltinTask", "DataError", "Problem", "Prompt", "TASKS", "get_task", "is_heldout", "prompt_key"]
+__all__ = ["BuiltinTask", "Problem", "Prompt", "TASKS", "get_task", "is_heldout", "prompt_key"]

@@ -18,9 +18,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
-
-class DataError(ValueError):
-    """Problem data that cannot be used (bad file, missing field, wrong answer type...)."""
+from ..errors import DataError
 
 
 # A prompt is plain text or a chat: a list of {"role": ..., "content": ...} messages.
