@@ -189,19 +189,27 @@ def _one_pass(chunks, hidden, weight, bias, targets, temperature, ignore_index, 
         return g, (e_live[sl] if p.entropy_coef != 0 else None)
 
     need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    h2 = hidden.reshape(-1, hidden.shape[-1])
-    lp_r, ent_r, grads = one_pass_fwdbwd(chunks, h2.index_select(0, rows), weight, bias, y.index_select(0, rows),
-                                         inv_temp.index_select(0, rows), token_grads, need_grad, need_entropy)
-    n = mask.numel()
-    lp = hidden.new_zeros(n, dtype=acc).index_copy_(0, rows, lp_r).view(mask.shape)
-    ent = None if not need_entropy else hidden.new_zeros(n, dtype=acc).index_copy_(0, rows, ent_r).view(mask.shape)
+    h2, n = hidden.reshape(-1, hidden.shape[-1]), mask.numel()
+    every_row = rows.numel() == n  # then no [N, D] copies of the hidden states or their gradient
+    pick = (lambda t: t) if every_row else (lambda t: t.index_select(0, rows))  # noqa: E731
+    lp_r, ent_r, grads = one_pass_fwdbwd(chunks, pick(h2), weight, bias, pick(y), pick(inv_temp), token_grads,
+                                         need_grad, need_entropy)
+    lp = _scatter(lp_r, rows, n, every_row).view(mask.shape)
+    ent = _scatter(ent_r, rows, n, every_row).view(mask.shape) if need_entropy else None
     with torch.no_grad():
         terms = grpo_objective(_filled(lp, live, c), ent, mask, c, p, **kwargs)
     loss = terms.loss
     if need_grad:
-        grad_h = hidden.new_zeros(h2.shape).index_copy_(0, rows, grads[0].to(hidden.dtype)).view(hidden.shape)
+        grad_h = _scatter(grads[0].to(hidden.dtype), rows, n, every_row).view(hidden.shape)
         loss = _GradsInForward.apply(loss, hidden, weight, bias, (grad_h, grads[1], grads[2]))
     return loss, lp, ent, live, terms
+
+
+def _scatter(values: Tensor, rows: Tensor, n: int, every_row: bool) -> Tensor:
+    """[len(rows), ...] values at ``rows`` of n rows, 0 elsewhere (the values themselves for every row)."""
+    if every_row:
+        return values
+    return values.new_zeros((n,) + tuple(values.shape[1:])).index_copy_(0, rows, values)
 
 
 def _token_weights(mask: Tensor, p: GRPOLossParams, acc: torch.dtype, num_tokens, accumulation_steps):

@@ -74,6 +74,7 @@ def one_pass_fwdbwd(chunks, hidden: Tensor, weight: Tensor, bias: Optional[Tenso
         if need_grad:
             g, e = token_grads(lp, rows)
             chunks.backward(state, g, e, grads[0][rows], grads[1], grads[2])
+        del state  # the chunk's logits go before the next chunk's are allocated
     return logprob, entropy, grads
 
 
