@@ -100,7 +100,8 @@ def linear_grpo_loss(
     Args:
         hidden: [..., T, D] float32 / bfloat16 / float16 (float64 for checks); the leading dims are
             the sequences (B = their product; [T, D] is one sequence).
-        weight: [V, D], same dtype (the LM head); bias: optional [V].
+        weight: [V, D], same dtype (the LM head); bias: optional [V]; temperature: a float > 0 or a
+            tensor broadcastable to ``targets`` (constant).
         targets: [..., T] int64 token ids in [0, V), or ``ignore_index`` (the completion mask).
         old_logprob: float [..., T], the behaviour policy's log-probs, or None (on-policy: the ratio is
             exactly 1, as TRL takes it when it makes no old-log-prob pass).
@@ -111,36 +112,27 @@ def linear_grpo_loss(
         rollout_weights: [...] per sequence (PREPO's w_i), multiplied into the advantages; a sequence
             with weight 0 (and no KL or entropy bonus) costs nothing.
         params: :class:`GRPOLossParams` (default: DAPO, eps 0.2 / 0.28, no KL).
-        temperature: a float > 0 or a tensor broadcastable to ``targets`` (constant).
         num_tokens: dapo / cispo / vespo's denominator (TRL's normalizer) when these rows are one
             micro-batch of a larger batch; default: this call's valid targets.
         accumulation_steps: what grpo / bnpo / dr_grpo / sapo / luspo losses and the entropy bonus are
             divided by (TRL's current_gradient_accumulation_steps in training, 1 in eval).
         gather_entropies: for top_entropy_quantile < 1 across ranks, a function concatenating the
             ranks' 1-D entropies (TRL pads and gathers); default: this call's tokens only.
-        compute_entropy: also return the entropies in ``stats``.
-        impl: "auto", "reference", "torch", "cpu", "triton" or "cuda" (the registry's names).
+        compute_entropy: also return the entropies in ``stats``; impl: the registry's names.
         process_group: a vocab-parallel LM head (``weight`` is this rank's shard), as for
             :func:`prepo_kernels.linear_logprob_entropy`; always the two-pass path.
 
-    Returns:
-        (loss, stats): loss 0-d fp32 (fp64 for fp64 inputs), differentiable w.r.t. hidden, weight
-        and bias; :class:`GRPOLossStats`.
-
-    Raises ValueError / TypeError naming the bad argument, and BackendUnavailableError for an
-    ``impl`` that cannot run here.
+    Returns (loss, stats): loss 0-d fp32 (fp64 for fp64 inputs), differentiable w.r.t. hidden, weight
+    and bias; :class:`GRPOLossStats`. Raises ValueError / TypeError naming the bad argument, and
+    BackendUnavailableError for an ``impl`` that cannot run here.
     """
     params = DEFAULT_PARAMS if params is None else params
-    if not isinstance(params, GRPOLossParams):
-        raise TypeError(f"params must be a GRPOLossParams, got {type(params).__name__}")
+    _check_scalars(params, num_tokens, accumulation_steps, compute_entropy)
     validation.check_linear_inputs(hidden, weight, targets, bias, ignore_index)
-    if targets.dim() == 0:
-        raise ValueError("targets must have at least one dim ([..., T])")
     acc = accumulation_dtype(hidden.dtype)
-    mask = (targets != ignore_index).reshape(-1, targets.shape[-1])
     tokens = _checked_tokens(targets, acc, old_logprob, advantages, ref_logprob, importance_sampling_ratio,
                              sampling_logprob, rollout_weights, params)
-    _check_scalars(num_tokens, accumulation_steps, compute_entropy)
+    mask = (targets != ignore_index).reshape(-1, targets.shape[-1])
     name = registry.resolve(impl, hidden.device)
     chunks = None
     if params.one_pass and process_group is None and name != "reference":
@@ -148,22 +140,26 @@ def linear_grpo_loss(
     kwargs = dict(num_tokens=num_tokens, accumulation_steps=accumulation_steps, gather_entropies=gather_entropies)
     need_entropy = compute_entropy or params.entropy_coef != 0 or params.top_entropy_quantile < 1
     if chunks is None:
-        lp, ent = linear_logprob_entropy(hidden, weight, targets, bias=bias, temperature=temperature,
-                                         ignore_index=ignore_index, compute_entropy=need_entropy, impl=name,
-                                         process_group=process_group)
-        lp, ent = lp.reshape(mask.shape), None if ent is None else ent.reshape(mask.shape)
-        terms = grpo_objective(_filled(lp, mask, tokens), ent, mask, tokens, params, **kwargs)
-        loss, computed = terms.loss, mask
-        lp, ent = lp.detach(), None if ent is None else ent.detach()
+        lle = dict(bias=bias, temperature=temperature, ignore_index=ignore_index, compute_entropy=need_entropy,
+                   impl=name, process_group=process_group)
+        loss, lp, ent, computed, terms = _two_pass(hidden, weight, targets, lle, mask, tokens, params, kwargs)
     else:
         loss, lp, ent, computed, terms = _one_pass(chunks, hidden, weight, bias, targets, temperature, ignore_index,
                                                    mask, tokens, params, need_entropy, kwargs)
     denominator = mask.sum().clamp(min=1) if num_tokens is None else max(float(num_tokens), 1.0)
-    stats = GRPOLossStats(
-        logprob=lp.view(targets.shape), entropy=None if ent is None else ent.view(targets.shape),
-        computed=computed.view(targets.shape),
-        clip_frac=(_region_clipped(terms.coef_1, tokens, params) & mask).sum().to(acc) / denominator, terms=terms)
-    return loss, stats
+    clipped = (_region_clipped(terms.coef_1, tokens, params) & mask).sum().to(acc)
+    shape = targets.shape
+    return loss, GRPOLossStats(logprob=lp.view(shape), entropy=None if ent is None else ent.view(shape),
+                               computed=computed.view(shape), clip_frac=clipped / denominator, terms=terms)
+
+
+def _two_pass(hidden, weight, targets, lle: dict, mask, c: GRPOTokens, p: GRPOLossParams, kwargs):
+    """The two-pass path: linear_logprob_entropy (``lle``: its options), then the objective on its
+    differentiable outputs; (loss, logprob [B, T], entropy or None, computed, terms), detached stats."""
+    lp, ent = linear_logprob_entropy(hidden, weight, targets, **lle)
+    lp, ent = lp.reshape(mask.shape), None if ent is None else ent.reshape(mask.shape)
+    terms = grpo_objective(_filled(lp, mask, c), ent, mask, c, p, **kwargs)
+    return terms.loss, lp.detach(), None if ent is None else ent.detach(), mask, terms
 
 
 def _one_pass(chunks, hidden, weight, bias, targets, temperature, ignore_index, mask, c: GRPOTokens,
@@ -249,6 +245,8 @@ def _checked_tokens(targets, acc, old_logprob, advantages, ref_logprob, importan
                     rollout_weights, p: GRPOLossParams) -> GRPOTokens:
     """The per-token constants, checked, detached, in the accumulation dtype, with the targets'
     leading dims flattened: [B, T] or [B, 1]."""
+    if targets.dim() == 0:
+        raise ValueError("targets must have at least one dim ([..., T])")
     shape, lead = tuple(targets.shape), tuple(targets.shape[:-1])
     B, T = math.prod(lead), targets.shape[-1]
 
@@ -289,7 +287,9 @@ def _checked_tokens(targets, acc, old_logprob, advantages, ref_logprob, importan
         sampling_logprob=per_token("sampling_logprob", sampling_logprob))
 
 
-def _check_scalars(num_tokens, accumulation_steps, compute_entropy) -> None:
+def _check_scalars(params, num_tokens, accumulation_steps, compute_entropy) -> None:
+    if not isinstance(params, GRPOLossParams):
+        raise TypeError(f"params must be a GRPOLossParams, got {type(params).__name__}")
     for name, v, optional in (("num_tokens", num_tokens, True), ("accumulation_steps", accumulation_steps, False)):
         if v is None and optional:
             continue
