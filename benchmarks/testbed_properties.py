@@ -5,7 +5,9 @@
 Builds the testbed's base model (the warm-up, cached) and, with the base policy only (no update):
 
 * Spearman(prompt perplexity, pass rate) over 160 training prompts x 16 samples (the trainer's
-  own initial diagnostic), and the pass-rate histogram;
+  own initial diagnostic), the pass-rate histogram and the pass rate per level; and per
+  ``ppl_scope`` (what the perplexity averages: the problem, the user message, the whole prompt)
+  the Spearman and the partial Spearman with log prompt length (words of the problem) held fixed;
 * the relative-entropy weights w_i = H_i / H_bar over ``--batches`` sampled batches of K randomly
   chosen prompts x G rollouts (the trainer's rollout, scoring and weighting code), pooled and per batch,
   and whether a rollout's w_i relates to its correctness (mean w_i of correct vs wrong rollouts, and
@@ -116,6 +118,7 @@ def render(name: str, props: dict, command: str) -> str:
         "| property | value | paper / target | in range |", "|---|---|---|---|",
         f"| Spearman(prompt ppl, pass rate) | {props['spearman_ppl_passrate']:.3f} (p = {props['spearman_pvalue']:.2g}, "
         f"{props['n_prompts']} prompts x {props['samples']} samples) | -0.35 .. -0.10 (paper -0.17 .. -0.23) | {yes(reg['spearman'])} |",
+        *scope_rows(props),
         f"| pass-rate histogram (5 bins 0..1) | {props['pass_rate_hist']} (mean {props['pass_rate_mean']:.3f}) | "
         f"<= half at 0 and <= half at 1 | {yes(reg['pass_rate_spread'])} |",
         f"| w_i per batch, mean p10 / p90 | {props['w_batch_p10_mean']:.2f} / {props['w_batch_p90_mean']:.2f} "
@@ -129,6 +132,20 @@ def render(name: str, props: dict, command: str) -> str:
         f"{next((v for k, v in ev.items() if k.startswith('avg@')), float('nan')):.3f} | | |",
         "",
     ])
+
+
+def scope_rows(props: dict) -> list[str]:
+    """One table row per ppl_scope measured: Spearman and the partial Spearman given log length;
+    then the pass rate per level."""
+    rows = []
+    for scope, st in props.get("by_scope", {}).items():
+        rows.append(f"| ppl_scope {scope}: Spearman / partial given log words | {st['spearman']:.3f} (p = {st['pvalue']:.2g}) "
+                    f"/ {st['partial_spearman_loglen']:.3f} (p = {st['partial_pvalue']:.2g}) | | |")
+    levels = props.get("pass_rate_by_level")
+    if levels:
+        rows.append("| pass rate per level (prompts) | " + ", ".join(f"{k}: {v[0]:.2f} ({v[1]})" for k, v in levels.items())
+                    + " | | |")
+    return rows
 
 
 def main(argv=None) -> int:

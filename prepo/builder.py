@@ -115,7 +115,8 @@ def build_run(cfg: TrainConfig, reward_fn: Optional[Callable] = None) -> RunPart
     if cfg.kl_beta > 0:
         ref_model, _ = load_policy(base_dir, device)
         ref_model.requires_grad_(False)
-    encoder = PromptEncoder(tokenizer, PromptFormat(cfg.chat_template, cfg.system_prompt, cfg.instruction_suffix))
+    encoder = PromptEncoder(tokenizer, PromptFormat(cfg.chat_template, cfg.system_prompt, cfg.instruction_suffix,
+                                                    cfg.ppl_scope))
     engine = make_engine(cfg, base_dir, model, tokenizer, encoder, precision)
     return RunParts(
         cfg=cfg, dist=dist, precision=precision, data=data, reward_fn=reward_fn, base_dir=base_dir,

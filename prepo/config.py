@@ -33,6 +33,8 @@ STRATEGIES = tuple(_STRATEGY_REGISTRY)
 # --dtype: the forward passes' autocast dtype (fp32: none) and the vLLM engine's weight dtype
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ENGINES = ("hf", "vllm")
+PPL_SCOPES = ("problem", "user", "prompt")   # what the prompt perplexity averages (prepo.prompts)
+CURRICULUM_DIRECTIONS = ("low_to_high", "high_to_low", "auto")   # prepo.signals.premise
 VLLM_EXECUTION = ("auto", "eager", "compiled")   # how the vLLM engine runs (prepo.vllm_engine.device_options)
 WARMUP_VERSION = 2  # bump when the warm-up code changes in a way that changes its result
 
@@ -100,6 +102,7 @@ class TrainConfig:
     chat_template: bool = False      # apply the tokenizer's chat template to plain-string prompts too
     system_prompt: str = ""          # with a chat template: a system message (when the prompt has none)
     instruction_suffix: str = ""     # appended to the (last user message of the) prompt
+    ppl_scope: str = "problem"       # the perplexity scores: problem (its text) | user (+ suffix) | prompt (all after the first)
     # --- reward ---
     reward: str = ""                 # module:function ("" = built-in checker / math_reward for user data)
     # --- base model ---
@@ -110,6 +113,9 @@ class TrainConfig:
     candidate_batch_size: int = 64   # |B|
     select_ratio: float = 0.2        # K / |B|
     pacing: str = "linear"           # one of PACINGS
+    curriculum_direction: str = "low_to_high"   # the window's walk: low_to_high (the paper's) | high_to_low | auto
+    premise_probes: int = 0          # of the K rollout slots, drawn uniformly outside the window (premise estimate)
+    premise_window_steps: int = 5    # steps the running premise estimate pools
     dynamic_max_rounds: int = 4      # dapo_dynamic: candidate batches tried per step at most
     # --- rollouts ---
     rollout_engine: str = "hf"       # hf (model.generate on the policy) | vllm
@@ -123,7 +129,7 @@ class TrainConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     # --- update ---
-    lr: float = 5e-5                 # 1e-4 raised sampled accuracy more but lowered greedy accuracy (docs/trainer.md)
+    lr: float = 1e-4
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     eps_low: float = 0.2
@@ -179,8 +185,10 @@ class TrainConfig:
         need(self.num_threads >= 1, "num_threads must be >= 1")
         need(self.train_size >= 1 and self.eval_per_level >= 1, "train_size and eval_per_level must be >= 1")
         need(self.dynamic_max_rounds >= 1, "dynamic_max_rounds must be >= 1")
+        self._check_premise()
         need(0 < self.heldout_frac < 1, "heldout_frac must be in (0, 1)")
         self._check_warmup()
+        need(self.ppl_scope in PPL_SCOPES, f"ppl_scope must be one of {', '.join(PPL_SCOPES)}; got {self.ppl_scope!r}")
         need(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
         need(self.rollout_engine in ENGINES, f"rollout_engine must be one of {', '.join(ENGINES)}; got {self.rollout_engine!r}")
         need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
@@ -196,6 +204,20 @@ class TrainConfig:
         need(bool(self.prompt_column) and bool(self.answer_column), "prompt_column and answer_column must be set")
         need(not self.eval_data or bool(self.train_data), "eval_data needs train_data (the built-in task has its own held-out split)")
         need(not self.reward or ":" in self.reward, f"reward must be module:function; got {self.reward!r}")
+
+    def _check_premise(self) -> None:
+        need(self.curriculum_direction in CURRICULUM_DIRECTIONS, "curriculum_direction must be one of "
+             f"{', '.join(CURRICULUM_DIRECTIONS)}; got {self.curriculum_direction!r}")
+        need(0 <= self.premise_probes < self.num_selected,
+             f"premise_probes must be >= 0 and below the {self.num_selected} selected prompts; got {self.premise_probes}")
+        need(self.premise_window_steps >= 1, "premise_window_steps must be >= 1")
+        moving = _STRATEGY_REGISTRY[self.strategy]().moving_window
+        need(moving or (self.curriculum_direction == "low_to_high" and self.premise_probes == 0),
+             f"curriculum_direction and premise_probes steer a moving perplexity window (prepo, ppl_only); "
+             f"strategy {self.strategy!r} has none")
+        need(self.curriculum_direction != "auto" or self.premise_probes >= 1,
+             "curriculum_direction auto needs premise_probes >= 1: the window alone sees one band of perplexity, "
+             "which moves with training")
 
     def _check_warmup(self) -> None:
         w = self.warmup

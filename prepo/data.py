@@ -60,22 +60,16 @@ def load_examples(path: str | Path, *, prompt_column: str = "prompt", answer_col
     for a saved ``DatasetDict``, split ``split_name``, or its only split)."""
     path = Path(path)
     rows = read_rows(path, split_name)
-    columns = sorted({k for row in rows for k in row})
-    if prompt_column not in columns:
-        raise DataError(f"{path}: no prompt column {prompt_column!r}; columns found: {columns}")
-    answer_column = _answer_column(answer_column, rows)
-    if answer_column.split(".")[0] not in columns:
-        raise DataError(f"{path}: no answer column {answer_column!r}; columns found: {columns}")
+    answer_column = check_columns(path, rows, prompt_column, answer_column)
     examples, reasons = [], Counter()
     for row in rows:
-        prompt, why_not = _prompt(row.get(prompt_column, _MISSING))
-        if why_not is None:
-            answer, why_not = _answer(_lookup(row, answer_column))
+        prompt, answer, why_not = usable_row(row, prompt_column, answer_column)
         if why_not is not None:
             reasons[why_not] += 1
             continue
         others = {k: v for k, v in row.items() if k not in (prompt_column, answer_column)}
         examples.append(Problem(prompt=prompt, answer=answer, difficulty=_difficulty(row), columns=others))
+    columns = sorted({k for row in rows for k in row})
     skipped = sum(reasons.values())
     if not examples:
         raise DataError(f"{path}: no usable row among {len(rows)} (prompt column {prompt_column!r}, answer "
@@ -88,6 +82,27 @@ def load_examples(path: str | Path, *, prompt_column: str = "prompt", answer_col
     log.info("%s: %d examples (prompt %r, answer %r)", path, len(examples), prompt_column, answer_column)
     return LoadedData(examples=examples, skipped=skipped, skipped_reasons=dict(reasons), source=str(path),
                       duplicate_prompts=duplicates)
+
+
+def check_columns(path: Path, rows: Sequence[dict], prompt_column: str, answer_column: str) -> str:
+    """The answer column to read (verl's ``reward_model.ground_truth`` when the default finds
+    none); :class:`DataError` naming the file when the prompt or answer column is absent."""
+    columns = sorted({k for row in rows for k in row})
+    if prompt_column not in columns:
+        raise DataError(f"{path}: no prompt column {prompt_column!r}; columns found: {columns}")
+    answer_column = _answer_column(answer_column, rows)
+    if answer_column.split(".")[0] not in columns:
+        raise DataError(f"{path}: no answer column {answer_column!r}; columns found: {columns}")
+    return answer_column
+
+
+def usable_row(row: dict, prompt_column: str, answer_column: str) -> tuple[Optional[Prompt], Optional[str], Optional[str]]:
+    """(prompt, answer, None) of a usable row, else (None, None, the reason it is skipped)."""
+    prompt, why_not = _prompt(row.get(prompt_column, _MISSING))
+    if why_not is not None:
+        return None, None, why_not
+    answer, why_not = _answer(_lookup(row, answer_column))
+    return (prompt, answer, None) if why_not is None else (None, None, why_not)
 
 
 def read_rows(path: Path, split_name: str = "train") -> list[dict]:

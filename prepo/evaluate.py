@@ -7,6 +7,7 @@ the training RNG stream (a resumed run and an uninterrupted one stay identical).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import defaultdict
@@ -15,7 +16,10 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
+from .config import PPL_SCOPES
+from .prompts import PromptEncoder, problem_text
 from .rollout import RolloutEngine, roll_out
+from .signals.premise import premise_stats, spearman
 from .signals.scoring import prompt_perplexity
 
 if TYPE_CHECKING:
@@ -82,20 +86,34 @@ def initial_diagnostic(parts: "RunParts") -> dict:
 @torch.no_grad()
 def ppl_pass_rate_spearman(model, engine, reward_fn, problems: Sequence, samples: int, *, seed: int = 0,
                            **score_opts) -> dict:
-    """Spearman(prompt perplexity, pass rate over ``samples`` sampled completions) on ``problems``;
+    """Spearman(prompt perplexity, pass rate over ``samples`` sampled completions) on ``problems``
+    with the engine's prompt format, and per ``ppl_scope`` (``by_scope``: each scope the tokenizer
+    can score, with the partial Spearman given log words of the problem); the pass rate per level.
     ``score_opts`` go to :func:`prompt_perplexity` (impl, max_tokens, autocast)."""
-    from scipy.stats import spearmanr
-
     with torch.random.fork_rng():
         torch.manual_seed(seed + 54321)
         rate = _accuracy(engine, reward_fn, problems, samples, greedy=False)
-    ppl = prompt_perplexity(model, engine.encoder, [p.prompt for p in problems], **score_opts).numpy()
-    rho, pval = spearmanr(ppl, rate)
+    prompts = [p.prompt for p in problems]
+    ppl = prompt_perplexity(model, engine.encoder, prompts, **score_opts).numpy()
+    rho, pval = spearman(ppl, rate)
+    words = [len(problem_text(p).split()) or 1 for p in prompts]
+    fmt, tok = engine.encoder.fmt, engine.encoder.tokenizer
+    by_scope = {}
+    for scope in PPL_SCOPES if getattr(tok, "is_fast", False) else (fmt.ppl_scope,):
+        enc = PromptEncoder(tok, dataclasses.replace(fmt, ppl_scope=scope))
+        by_scope[scope] = premise_stats(prompt_perplexity(model, enc, prompts, **score_opts).numpy(), rate, words)
+    levels = defaultdict(list)
+    for p, r in zip(problems, rate):
+        if p.difficulty is not None:
+            levels[p.difficulty].append(float(r))
     return {
-        "spearman_ppl_passrate": float(rho),
-        "spearman_pvalue": float(pval),
+        "spearman_ppl_passrate": rho,
+        "spearman_pvalue": pval,
+        "ppl_scope": fmt.ppl_scope,
+        "by_scope": by_scope,
         "n_prompts": len(problems),
         "samples": samples,
         "pass_rate_mean": float(rate.mean()),
         "pass_rate_hist": np.histogram(rate, bins=5, range=(0, 1))[0].tolist(),
+        "pass_rate_by_level": {str(k): [round(float(np.mean(v)), 4), len(v)] for k, v in sorted(levels.items())},
     }

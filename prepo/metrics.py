@@ -94,6 +94,7 @@ class StepMetrics:
     selected_difficulty: Optional[float] = None
     dynamic: Optional[dict] = None     # dapo_dynamic: dynamic_rounds, dynamic_groups_generated/_kept
     selection: Optional[dict] = None   # greso: greso_skipped, greso_backfilled, greso_p_easy, greso_p_hard
+    premise: Optional[dict] = None     # scoring strategies: premise_spearman, _pvalue, _prompts, _direction
     times: dict = field(default_factory=dict)   # TIME_KEYS + time_step, seconds
     eval: Optional[dict] = None        # on evaluation steps: eval_accuracy, time_eval[, eval_avg@k]
     picked: Optional[dict] = None      # the prompts the step rolled out: its selection.jsonl row, not in metrics.jsonl
@@ -115,6 +116,7 @@ class StepMetrics:
                  reward_failures=self.reward_failures)
         d.update(self.dynamic or {})
         d.update(self.selection or {})
+        d.update(self.premise or {})
         d.update(self.times)
         d.update(self.eval or {})
         d.update(self.engine or {})
@@ -129,13 +131,14 @@ class StepMetrics:
     def from_dict(cls, d: dict) -> "StepMetrics":
         """A metrics.jsonl row back as a record."""
         names = lambda c: {f.name for f in dataclasses.fields(c)}  # noqa: E731
-        top = names(cls) - {"batch", "update", "dynamic", "selection", "times", "eval", "picked", "engine"}
+        top = names(cls) - {"batch", "update", "dynamic", "selection", "premise", "times", "eval", "picked", "engine"}
         return cls(
             **{k: d.get(k) for k in top},
             batch=BatchStats(**{k: d[k] for k in names(BatchStats) if k in d}),
             update=UpdateStats(**{k: d[k] for k in names(UpdateStats) if k in d}),
             dynamic={k: v for k, v in d.items() if k.startswith("dynamic_")} or None,
             selection={k: v for k, v in d.items() if k.startswith("greso_")} or None,
+            premise={k: v for k, v in d.items() if k.startswith("premise_")} or None,
             times={k: v for k, v in d.items() if k.startswith("time_") and k != "time_eval"},
             eval={k: v for k, v in d.items() if k.startswith("eval_") or k == "time_eval"} or None,
             engine={k: v for k, v in d.items() if k.startswith("vllm_")} or None,

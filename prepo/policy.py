@@ -53,6 +53,8 @@ def load_policy(source: str | Path, device: torch.device, *, gradient_checkpoint
         where = "is not a local directory and could not be loaded from the Hugging Face hub or its local cache"
         raise ModelError(f"model {source!r} {where} (offline? download it first with "
                           f"`huggingface-cli download {source}` or pass a local directory): {exc}") from None
+    except ValueError as exc:   # e.g. a config.json naming an architecture transformers does not know
+        raise ModelError(f"model {source!r} could not be loaded: {exc}") from None
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:  # e.g. Llama: pad with EOS (padding is masked everywhere)
         tokenizer.pad_token = tokenizer.eos_token

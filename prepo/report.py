@@ -128,8 +128,10 @@ class RunLog:
                 self.tb.add_scalar(k, v, m.step)
         if self.bar is not None:
             self.bar.update(1)
+            premise = (m.premise or {}).get("premise_spearman")
             self.bar.set_postfix(rollouts=m.rollouts, reward=f"{m.reward_mean:.2f}",
-                                 acc="-" if self.last_eval is None else f"{self.last_eval:.3f}")
+                                 acc="-" if self.last_eval is None else f"{self.last_eval:.3f}",
+                                 **({} if premise is None else {"premise": f"{premise:+.2f}"}))
 
     def close(self) -> None:
         if self.bar is not None:

@@ -51,6 +51,7 @@ from .report import count_lines, selection_row, write_summary
 from .rollout import roll_out
 from .runlock import run_lock
 from .signals.pacing import pacing_rho
+from .signals.premise import Premise, PremiseParams
 from .signals.scoring import prompt_perplexity
 from .signals.weighting import relative_entropy_weights
 
@@ -69,6 +70,7 @@ class Trainer:
             p.model, p.strategy, p.sampler, p.select_rng, p.runlog)
         self.K = cfg.num_selected
         self.counters = RunCounters()
+        self.premise = Premise(PremiseParams(cfg.curriculum_direction, cfg.premise_probes, cfg.premise_window_steps))
         self.ckpt_dir = self.runlog.out / "checkpoints"
         self.initial: dict = {}
 
@@ -81,8 +83,8 @@ class Trainer:
         cand = self.sampler.next_batch(cfg.candidate_batch_size)
         ppl = self.perplexity(cand, timer) if self.strategy.needs_ppl else None
         rho = pacing_rho(self.counters.steps, cfg.total_steps, cfg.pacing)
-        with timer("time_select"):
-            order = self.strategy.select(ppl, cand, self.K, rho, self.select_rng)
+        with timer("time_select"):   # a scoring strategy's window is turned and probed by the premise estimate
+            order = self.premise.select(self.strategy, ppl, cand, self.K, rho, self.select_rng)
         # 2-3. roll out G completions per selected prompt (this rank's share) and reward them
         got = self.collect(cand, order, rho, timer)
         batch, upd, gap = BatchStats(), UpdateStats(), None   # stay so when nothing was kept (dynamic sampling)
@@ -156,18 +158,21 @@ class Trainer:
         sel_ppl = ppl[order[: self.K]] if ppl is not None else None
         levels = self.dist.gather([p.difficulty for p in got.problems])
         known = [v for v in levels if v is not None]
-        pass_rates = [] if got.rewards is None else got.rewards.view(-1, self.cfg.group_size).mean(1).tolist()
+        pass_rates = self.dist.gather([] if got.rewards is None else
+                                      got.rewards.view(-1, self.cfg.group_size).mean(1).tolist())
         picked = selection_row(rho, None if self.strategy.refills else [cand[i] for i in order], levels,
-                               self.dist.gather(pass_rates), sel_ppl, ppl)
+                               pass_rates, sel_ppl, ppl)
+        window_ppl = ppl[order[: self.premise.window_size]] if ppl is not None else None
+        self.premise.observe(ppl, order, pass_rates, step=self.counters.steps)   # the rolled-out prompts' ranks, pass rates
         c = self.counters
         return StepMetrics(
             step=c.steps, rollouts=c.rollouts, step_rollouts=step_rollouts, rho=rho,
             weight_applied=self.strategy.weighting, reward_failures=c.reward_failures, batch=batch, update=upd,
-            ppl_window_lo=float(sel_ppl.min()) if sel_ppl is not None else None,
-            ppl_window_hi=float(sel_ppl.max()) if sel_ppl is not None else None,
+            ppl_window_lo=float(window_ppl.min()) if window_ppl is not None else None,
+            ppl_window_hi=float(window_ppl.max()) if window_ppl is not None else None,
             ppl_batch_mean=float(ppl.mean()) if ppl is not None else None,
             selected_difficulty=float(np.mean(known)) if known else None, dynamic=got.dynamic,
-            selection=self.strategy.stats(), times=times, picked=picked,
+            selection=self.strategy.stats(), premise=self.premise.stats(), times=times, picked=picked,
             engine=None if sync_gap is None else {"vllm_logprob_gap": sync_gap})
 
     # ------------------------------------------------------------------ checkpoint state
@@ -178,6 +183,7 @@ class Trainer:
             "sampler": self.sampler.state_dict(),
             "select_rng": self.select_rng.bit_generator.state,
             "strategy": self.strategy.state_dict(),   # the strategy's own state (GRESO's), else None
+            "premise": self.premise.state_dict(),
             "rng": self.dist.gather([ckpt.rng_state()]),   # one per rank
             "metrics_lines": count_lines(self.runlog.metrics_path),
             "eval_lines": count_lines(self.runlog.eval_path),
@@ -194,6 +200,7 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         self.select_rng.bit_generator.state = state["select_rng"]
         self.strategy.load_state_dict(state.get("strategy"))
+        self.premise.load_state_dict(state.get("premise"))
         ckpt.set_rng_state(state["rng"][self.dist.rank])
         self.runlog.truncate(state["metrics_lines"], state["eval_lines"])
 

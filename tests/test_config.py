@@ -34,7 +34,8 @@ INVALID = {
     "max_new_tokens": 0, "temperature": 0.0, "top_p": 0.0, "lr": 0.0, "weight_decay": -0.1, "max_grad_norm": 0.0,
     "eps_low": 1.0, "eps_high": -0.1, "adv_eps": 0.0, "kl_beta": -1.0, "mini_batches": 0, "ppo_epochs": 0,
     "max_tokens_per_microbatch": 0, "kernel_impl": "fast", "eval_every": -1, "eval_avg_k": -1,
-    "spearman_prompts": -1, "spearman_samples": 0, "save_every": -1,
+    "spearman_prompts": -1, "spearman_samples": 0, "save_every": -1, "ppl_scope": "system",
+    "curriculum_direction": "up", "premise_probes": -1, "premise_window_steps": 0,
 }
 # options whose every value of the right type is valid (paths and texts checked when used, seeds, switches)
 FREE = {"seed", "output_dir", "resume", "gradient_checkpointing", "progress", "tensorboard", "train_data",

@@ -99,21 +99,34 @@ def test_task_config_and_reward(tmp_path):
     assert load_reward_fn(from_dict({"task": "countdown", "train_data": str(data)})) is not countdown.countdown_reward
 
 
+def _wordmath_value(prompt: str) -> int:
+    """The answer a wordmath prompt asks for, read back from its words."""
+    nums = [int(x) for x in re.findall(r"\d+", prompt)]
+    if "bags" in prompt:
+        return nums[0] * nums[1] - (nums[2] if "loses" in prompt else 0)
+    if "more" in prompt or "left" in prompt:
+        return nums[0] + nums[1] if "more" in prompt else nums[0] - nums[1]
+    ops = re.findall(r" (\+|-|\*|plus|minus|times) ", prompt)
+    value = nums[0]
+    for op, n in zip(ops, nums[1:]):
+        value = value + n if op in ("+", "plus") else value - n if op in ("-", "minus") else value * n
+    return value
+
+
 def test_wordmath_problems_answers_and_split():
+    from prepo.tasks.wordmath import FORMS
+
     task = get_task("wordmath")
     probs = task.balanced(30, 0, "train")
     assert {p.difficulty for p in probs} == set(range(5))
     for p in probs:   # the answer is what the prompt's arithmetic gives
-        nums = [int(x) for x in re.findall(r"\d+", p.prompt)]
-        if p.difficulty == 4 and "bags" in p.prompt:
-            assert int(p.answer) == nums[0] * nums[1] - nums[2] >= 1
-        elif "times" in p.prompt:
-            assert int(p.answer) == nums[0] * nums[1]
-        elif re.search(r" - | minus |left", p.prompt):
-            assert int(p.answer) == nums[0] - nums[1] >= 1
-        else:
-            assert re.search(r" \+ | plus |more", p.prompt), p.prompt
-            assert int(p.answer) == nums[0] + nums[1]
+        assert int(p.answer) == _wordmath_value(p.prompt) >= 1, p.prompt
+    # the wording is drawn independently of the level: every form at every level, similar lengths
+    pool = task.generate(400, seed=0)
+    for level in range(5):
+        mine = [p for p in pool if p.difficulty == level]
+        assert {p.columns["form"] for p in mine} == set(FORMS), level
+        assert 6 <= sum(len(p.prompt.split()) for p in mine) / len(mine) <= 8.5, level
     # a story told about other people is the same problem: one side of the split
     a = "Anna has 12 apples. She gives 5 apples to Ben. How many apples does Anna have left?"
     b = "Tom has 12 books. He gives 5 books to Sara. How many books does Tom have left?"

@@ -23,8 +23,13 @@ def test_measure_and_render_a_tiny_testbed(tmp_path):
     assert props["w_pooled_p10"] <= props["w_pooled_p50"] <= props["w_pooled_p90"]
     assert props["n_correct"] + props["n_wrong"] == 2 * 2 * 2
     assert set(props["in_regime"]) == {"spearman", "pass_rate_spread", "weights"}
+    assert set(props["by_scope"]) == {"problem", "user", "prompt"}   # no template: the scopes agree
+    np.testing.assert_equal(props["by_scope"]["problem"], props["by_scope"]["prompt"])   # nan == nan here
+    np.testing.assert_equal(props["by_scope"]["problem"]["spearman"], props["spearman_ppl_passrate"])
+    assert sum(n for _, n in props["pass_rate_by_level"].values()) == 8
     md = tp.render("tiny", props, "cmd")
     assert "Spearman(prompt ppl, pass rate)" in md and "w_i per batch" in md
+    assert "ppl_scope problem: Spearman / partial given log words" in md and "pass rate per level" in md
 
 
 def test_in_regime_reads_the_issue_targets():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import prepo_kernels
-from prepo.integrations.verl_ops import (chat_prompt_ids, perplexity_from_response_log_probs,
+from prepo.integrations.verl_ops import (chat_prompt_spans, perplexity_from_response_log_probs,
                                          prompt_scoring_fields, select_window, weight_advantages)
 from verl.protocol import DataProto
 from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
@@ -89,39 +89,48 @@ def full_sequence_log_probs(model, seqs):
 
 
 @torch.no_grad()
-def test_prompt_perplexity_through_verl_layout(tokenizer, tiny_qwen2):
-    conversations = [[{"role": "user", "content": c}] for c in
-                     ["what is 1 + 2 ?", "solve the sum of 12 and 345 .", "?", "what is the sum of 9 and 9 and 9 ?"]]
-    ids = chat_prompt_ids(tokenizer, conversations)
+@pytest.mark.parametrize("scope", ["problem", "prompt"])
+def test_prompt_perplexity_through_verl_layout(tokenizer, tiny_qwen2, scope):
+    """The scoring samples score the ``ppl_scope`` span: the question's own tokens (problem), or
+    every token after the first (prompt), each conditioned on the tokens before it."""
+    questions = ["what is 1 + 2 ?", "solve the sum of 12 and 345 .", "?", "what is the sum of 9 and 9 and 9 ?"]
+    conversations = [[{"role": "system", "content": "solve"}, {"role": "user", "content": q}] for q in questions]
+    spans = chat_prompt_spans(tokenizer, conversations, ppl_scope=scope)
+    ids = [s for s, _, _ in spans]
     assert tokenizer.convert_ids_to_tokens(ids[0])[-2:] == ["<|im_start|>", "assistant"]  # generation prompt
-    fields = prompt_scoring_fields(ids)
-    for i, s in enumerate(ids):
-        assert fields["prompts"][i].tolist() == s[:1] and fields["responses"][i].tolist() == s[1:]
-        assert fields["input_ids"][i].tolist() == s
-        assert fields["position_ids"][i].tolist() == list(range(len(s)))
-        assert fields["response_mask"][i].tolist() == [1] * (len(s) - 1)
-    seqs = [torch.tensor(s) for s in ids]
+    fields = prompt_scoring_fields(spans)
+    for i, (s, lo, hi) in enumerate(spans):
+        if scope == "prompt":
+            assert (lo, hi) == (1, len(s))
+        else:
+            assert s[lo:hi] == tokenizer(questions[i], add_special_tokens=False)["input_ids"]
+        assert fields["prompts"][i].tolist() == s[:lo] and fields["responses"][i].tolist() == s[lo:hi]
+        assert fields["input_ids"][i].tolist() == s[:hi]
+        assert fields["position_ids"][i].tolist() == list(range(hi))
+        assert fields["response_mask"][i].tolist() == [1] * (hi - lo)
+    seqs = [torch.tensor(s[:hi]) for s, _, hi in spans]
     log_probs = response_from_nested(full_sequence_log_probs(tiny_qwen2, seqs), fields["response_mask"])
     ppl = perplexity_from_response_log_probs(log_probs)
 
-    # float64 reference: exp(-mean log p) of every prompt token after the first
+    # float64 reference: exp(-mean log p) of the span's tokens, each given the whole prefix
     model64 = tiny_qwen2.double()
     try:
-        ref = torch.stack([torch.exp(-torch.log_softmax(model64(s.unsqueeze(0)).logits[0, :-1], -1)
-                                     .gather(-1, s[1:, None]).mean()) for s in seqs])
+        ref = torch.stack([torch.exp(-torch.log_softmax(model64(torch.tensor([s])).logits[0, :-1], -1)
+                                     .gather(-1, torch.tensor(s[1:])[:, None])[lo - 1 : hi - 1].mean())
+                           for s, lo, hi in spans])
     finally:
         tiny_qwen2.float()
     torch.testing.assert_close(ppl.double(), ref, rtol=1e-5, atol=1e-6)
-    # and the project's own fused scorer on the same ids agrees
-    lp, _ = prepo_kernels.causal_lm_logprob_entropy(tiny_qwen2, seqs[1].unsqueeze(0), compute_entropy=False)
-    torch.testing.assert_close(ppl[1], prepo_kernels.sequence_perplexity(lp, None)[0], rtol=1e-5, atol=1e-6)
+    if scope == "prompt":   # and the project's own fused scorer on the same ids agrees
+        lp, _ = prepo_kernels.causal_lm_logprob_entropy(tiny_qwen2, seqs[1].unsqueeze(0), compute_entropy=False)
+        torch.testing.assert_close(ppl[1], prepo_kernels.sequence_perplexity(lp, None)[0], rtol=1e-5, atol=1e-6)
 
 
 def test_prompt_scoring_fields_bad_input():
     with pytest.raises(ValueError, match="no prompts"):
         prompt_scoring_fields([])
-    with pytest.raises(ValueError, match=r"prompts \[1\] have fewer than 2 tokens"):
-        prompt_scoring_fields([[1, 2, 3], [4]])
+    with pytest.raises(ValueError, match=r"prompts \[1, 2\] have no token to score after their first"):
+        prompt_scoring_fields([([1, 2, 3], 1, 3), ([4], 1, 1), ([4, 5], 0, 2)])
     with pytest.raises(ValueError, match="nested"):
         perplexity_from_response_log_probs(torch.zeros(2, 3))
 

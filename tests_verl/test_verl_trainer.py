@@ -43,12 +43,14 @@ def test_registry_and_params_from_documented_overrides():
     assert VerlPrepoParams.from_config(cfg) == VerlPrepoParams(candidate_multiple=3, pacing="quadratic",
                                                                curriculum=True, weighting=False)
     assert VerlPrepoParams.from_config(verl_config()) == VerlPrepoParams()
+    assert VerlPrepoParams.from_config(verl_config("+trainer.prepo.ppl_scope=prompt")).ppl_scope == "prompt"
     check_trainer_config(cfg, VerlPrepoParams.from_config(cfg))
 
 
 @pytest.mark.parametrize("overrides,match", [
     (["+trainer.prepo.candidate_multiple=0"], "candidate_multiple"),
     (["+trainer.prepo.pacing=cubic"], "pacing"),
+    (["+trainer.prepo.ppl_scope=system"], "ppl_scope"),
     (["+trainer.prepo.multiple=5"], "unknown trainer.prepo options"),
 ])
 def test_bad_params(overrides, match):
@@ -229,13 +231,15 @@ def test_next_train_batch_scores_candidates_through_actor_worker_group(ray_tq, t
     trainer.actor_rollout_wg = RayWorkerGroup(pool, RayClassWithInitArgs(cls=TinyActorWorker, vocab_size=len(tokenizer)))
 
     policy = tiny_policy(len(tokenizer)).double()
-    ref_ppl = {}
+    ref_ppl = {}   # over the question's own tokens (ppl_scope problem, the default), given the template before it
     with torch.no_grad():
         for q in questions:
             s = tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                               tokenize=True, return_dict=True)["input_ids"]
+            toks = tokenizer(q, add_special_tokens=False)["input_ids"]
+            lo = next(i for i in range(len(s)) if s[i : i + len(toks)] == toks)
             lp = torch.log_softmax(policy(torch.tensor([s])).logits[0, :-1], -1).gather(-1, torch.tensor(s[1:])[:, None])
-            ref_ppl[q] = torch.exp(-lp.mean()).item()
+            ref_ppl[q] = torch.exp(-lp[lo - 1 : lo - 1 + len(toks)].mean()).item()
     by_ppl = sorted(questions, key=ref_ppl.get)
 
     for step in (1, 2, 4):

@@ -13,7 +13,13 @@ registered by name and override its steps; this module registers :class:`PREPOTr
   ``w_i = H_i / H_bar`` from the per-token entropies the old-log-prob pass already stored.
 
 Options (``trainer.prepo.*``, read by :meth:`VerlPrepoParams.from_config`): ``candidate_multiple``
-(5), ``pacing`` (linear | quadratic | exponential), ``curriculum`` (true), ``weighting`` (true).
+(5), ``pacing`` (linear | quadratic | exponential), ``curriculum`` (true), ``weighting`` (true),
+``ppl_scope`` (problem | user | prompt: what the perplexity averages, :mod:`prepo.prompts`; the
+last user message's text by default).
+
+For trainers that keep verl's own trainer mode, :class:`~prepo.integrations.verl_sampler.PREPOSampler`
+(``trainer.v1.sampler.custom_sampler.path=pkg://prepo.integrations.verl``, ``.name=PREPOSampler``)
+walks the window over a ``ppl`` column written by ``python -m prepo.score``.
 
 verl builds the trainer inside a Ray actor, so the registry there must hold this class: pass
 ``+ray_kwargs.ray_init.runtime_env.worker_process_setup_hook=prepo.integrations.verl.register``
@@ -38,6 +44,7 @@ except ImportError as exc:  # not in this environment: say which extra brings th
                       "missing): pip install 'prepo[verl]', in an environment of its own (verl pins "
                       "transformers < 5.11; see .ci/run_verl)") from exc
 
+from prepo.config import PPL_SCOPES
 from prepo.signals.pacing import PACINGS, pacing_rho
 
 SUPPORTED_VERL = (Version("0.9"), Version("0.10"))
@@ -58,7 +65,8 @@ from verl.protocol import DataProto  # noqa: E402
 from verl.trainer.ppo.v1 import PPOTrainerSync, register_trainer  # noqa: E402
 from verl.workers.utils.padding import response_from_nested, response_to_nested  # noqa: E402
 
-from .verl_ops import (chat_prompt_ids, perplexity_from_response_log_probs, prompt_scoring_fields,  # noqa: E402
+from .verl_sampler import PREPOSampler, SamplerParams  # noqa: E402,F401  (custom_sampler: pkg://prepo.integrations.verl)
+from .verl_ops import (chat_prompt_spans, perplexity_from_response_log_probs, prompt_scoring_fields,  # noqa: E402
                        select_window, weight_advantages)
 
 
@@ -68,12 +76,15 @@ class VerlPrepoParams:
     pacing: str = "linear"
     curriculum: bool = True
     weighting: bool = True
+    ppl_scope: str = "problem"
 
     def __post_init__(self):
         if not (isinstance(self.candidate_multiple, int) and self.candidate_multiple >= 1):
             raise ValueError(f"trainer.prepo.candidate_multiple must be an int >= 1, got {self.candidate_multiple!r}")
         if self.pacing not in PACINGS:
             raise ValueError(f"trainer.prepo.pacing must be one of {PACINGS}, got {self.pacing!r}")
+        if self.ppl_scope not in PPL_SCOPES:
+            raise ValueError(f"trainer.prepo.ppl_scope must be one of {PPL_SCOPES}, got {self.ppl_scope!r}")
 
     @classmethod
     def from_config(cls, config) -> "VerlPrepoParams":
@@ -135,13 +146,14 @@ class PREPOTrainer(PPOTrainerSync):
         return max(wg._dispatch_info["actor"]) + 1
 
     def _prompt_perplexity(self, candidates: TensorDict) -> torch.Tensor:
-        """[len(candidates)] perplexities under the current actor: one ``compute_log_prob`` pass."""
-        ids = chat_prompt_ids(self.tokenizer, list(candidates["raw_prompt"]),
-                              self.config.data.get("apply_chat_template_kwargs"))
-        n = len(ids)
-        ids += [ids[-1]] * (-n % self._actor_dp_size())  # the dispatcher splits the batch evenly over dp ranks
-        keys = [f"prepo_score_{self.global_steps}_{i}" for i in range(len(ids))]
-        meta = tq.kv_batch_put(keys=keys, partition_id=SCORE_PARTITION, fields=prompt_scoring_fields(ids),
+        """[len(candidates)] perplexities under the current actor (of the ``ppl_scope`` span): one
+        ``compute_log_prob`` pass."""
+        spans = chat_prompt_spans(self.tokenizer, list(candidates["raw_prompt"]),
+                                  self.config.data.get("apply_chat_template_kwargs"), self.prepo.ppl_scope)
+        n = len(spans)
+        spans += [spans[-1]] * (-n % self._actor_dp_size())  # the dispatcher splits the batch evenly over dp ranks
+        keys = [f"prepo_score_{self.global_steps}_{i}" for i in range(len(spans))]
+        meta = tq.kv_batch_put(keys=keys, partition_id=SCORE_PARTITION, fields=prompt_scoring_fields(spans),
                                tags=[{"status": "success"} for _ in keys])
         meta.extra_info.update({"calculate_entropy": False, "compute_loss": False, "temperature": 1.0})
         try:

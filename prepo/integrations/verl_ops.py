@@ -3,10 +3,12 @@
 * Curriculum window over a candidate batch (a verl ``DataProto`` or the v1 trainer's ``TensorDict``):
   sort ascending by prompt perplexity, keep the ``K`` consecutive prompts that start at
   ``l = floor(rho * (|B| - K))`` (:func:`prepo.signals.pacing.window_select`).
-* The extra log-prob pass that scores prompts: each prompt ``p`` becomes one sample in the layout
-  verl's agent loop writes (jagged ``prompts = p[:1]``, ``responses = p[1:]``), so the actor's
-  ``compute_log_prob`` returns ``log p(p[1:])`` and the perplexity is ``exp(-mean)`` over them
-  (the tokens after the first, as :func:`prepo.signals.scoring.prompt_perplexity` scores them).
+* The extra log-prob pass that scores prompts: each templated prompt ``p`` with its scored span
+  ``[lo, hi)`` (``ppl_scope``, :mod:`prepo.prompts`: by default the last user message's text)
+  becomes one sample in the layout verl's agent loop writes (jagged ``prompts = p[:lo]``,
+  ``responses = p[lo:hi]``; what follows the span cannot move its log-probs and is left out), so
+  the actor's ``compute_log_prob`` returns the span's log-probs and the perplexity is
+  ``exp(-mean)`` over them, as :func:`prepo.signals.scoring.prompt_perplexity` scores them.
 * Relative-entropy weights from the old-log-prob pass: ``w_i = H_i / H_bar`` (token-weighted,
   detached, :func:`prepo.signals.weighting.relative_entropy_weights`), multiplied into ``advantages``.
 """
@@ -18,6 +20,7 @@ import torch
 from tensordict import TensorDict
 
 import prepo_kernels
+from prepo.prompts import PromptEncoder, PromptFormat
 from prepo.signals.pacing import window_select
 from prepo.signals.weighting import relative_entropy_weights
 from verl.protocol import DataProto
@@ -44,34 +47,38 @@ def select_window(candidates: DataProto | TensorDict, prompt_ppl: torch.Tensor, 
     raise TypeError(f"candidates must be a verl DataProto or a TensorDict, got {type(candidates).__name__}")
 
 
-def chat_prompt_ids(tokenizer, conversations: Sequence[Sequence[dict]], chat_template_kwargs=None) -> list[list[int]]:
+def chat_prompt_spans(tokenizer, conversations: Sequence[Sequence[dict]], chat_template_kwargs=None,
+                      ppl_scope: str = "problem") -> list[tuple[list[int], int, int]]:
     """Each conversation (a list of chat messages, verl's ``raw_prompt``) tokenized with the chat
-    template and the generation prompt, as the rollout sees it."""
-    kwargs = dict(chat_template_kwargs or {})
-    return [list(tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True,
-                                               return_dict=True, **kwargs)["input_ids"])
-            for messages in conversations]
+    template and the generation prompt, as the rollout sees it, with the token span ``[lo, hi)``
+    that ``ppl_scope`` scores: (ids, lo, hi) per conversation."""
+    fmt = PromptFormat(ppl_scope=ppl_scope, template_kwargs=dict(chat_template_kwargs or {}))
+    encoder = PromptEncoder(tokenizer, fmt)
+    out = []
+    for messages in conversations:
+        ids, (lo, hi) = encoder.encode([dict(m) for m in messages])
+        out.append((list(ids), lo, hi))
+    return out
 
 
-def prompt_scoring_fields(prompt_ids: Sequence[Sequence[int]]) -> TensorDict:
-    """One sample per prompt in the jagged layout of verl's agent loop (``prompts``, ``responses``,
-    ``input_ids``, ``position_ids``, ``response_mask``, ``loss_mask``; int64, nested along the
-    token dimension), with the first token as "prompt" and the rest as "response"."""
-    if len(prompt_ids) == 0:
+def prompt_scoring_fields(spans: Sequence[tuple[Sequence[int], int, int]]) -> TensorDict:
+    """One sample per (ids, lo, hi) in the jagged layout of verl's agent loop (``prompts``,
+    ``responses``, ``input_ids``, ``position_ids``, ``response_mask``, ``loss_mask``; int64, nested
+    along the token dimension): ``ids[:lo]`` as "prompt", the scored ``ids[lo:hi]`` as "response"."""
+    if len(spans) == 0:
         raise ValueError("no prompts to score")
-    short = [i for i, p in enumerate(prompt_ids) if len(p) < 2]
-    if short:
-        raise ValueError(f"prompts {short[:5]} have fewer than 2 tokens: a perplexity needs at least one "
-                         "token after the first")
-    seqs = [torch.as_tensor(list(p), dtype=torch.int64) for p in prompt_ids]
+    empty = [i for i, (ids, lo, hi) in enumerate(spans) if not 1 <= lo < hi <= len(ids)]
+    if empty:
+        raise ValueError(f"prompts {empty[:5]} have no token to score after their first")
+    seqs = [torch.as_tensor(list(ids[:hi]), dtype=torch.int64) for ids, _, hi in spans]
 
     def jagged(parts):
         return torch.nested.as_nested_tensor(parts, layout=torch.jagged)
 
-    response_mask = jagged([torch.ones(len(s) - 1, dtype=torch.int64) for s in seqs])
+    response_mask = jagged([torch.ones(hi - lo, dtype=torch.int64) for _, lo, hi in spans])
     return TensorDict({
-        "prompts": jagged([s[:1] for s in seqs]),
-        "responses": jagged([s[1:] for s in seqs]),
+        "prompts": jagged([s[:lo] for s, (_, lo, _) in zip(seqs, spans)]),
+        "responses": jagged([s[lo:] for s, (_, lo, _) in zip(seqs, spans)]),
         "input_ids": jagged(seqs),
         "position_ids": jagged([torch.arange(len(s), dtype=torch.int64) for s in seqs]),
         "response_mask": response_mask,

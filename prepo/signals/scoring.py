@@ -1,5 +1,6 @@
 """Prompt perplexity under the current policy (PREPO step 1): one no-grad forward through the
-project's fused kernel (no [tokens, vocab] logits held), exp(-mean log-prob of the prompt tokens).
+project's fused kernel (no [tokens, vocab] logits held), exp(-mean log-prob) of the tokens the
+prompt format's ``ppl_scope`` names (by default the problem's own text, not the chat template's).
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import torch
 
 import prepo_kernels
 
+from ..errors import DataError
+
 from ..microbatch import token_chunks
 
 if TYPE_CHECKING:  # the encoder is the caller's; signals import nothing from the trainer's other parts
@@ -19,18 +22,24 @@ if TYPE_CHECKING:  # the encoder is the caller's; signals import nothing from th
 @torch.inference_mode()
 def prompt_perplexity(model, encoder: "PromptEncoder", prompts: Sequence["Prompt"], *, impl: str = "auto",
                       max_tokens: int = 8192, autocast=contextlib.nullcontext) -> torch.Tensor:
-    """[len(prompts)] float32 perplexities on the CPU. A prompt's scored tokens are all its tokens
-    after the first (the built-in task's <bos>, a chat template's first marker). Runs under
-    inference_mode (cheaper than no_grad; the result is only sorted, never differentiated), in
-    micro-batches of at most ``max_tokens`` padded tokens."""
+    """[len(prompts)] float32 perplexities on the CPU: exp(-mean log-prob) over the tokens the
+    encoder's ``ppl_scope`` scores (:meth:`~prepo.prompts.PromptEncoder.scored`: the problem's text,
+    the last user message, or every token after the first), each conditioned on all the tokens
+    before it. Runs under inference_mode (cheaper than no_grad; the result is only sorted, never
+    differentiated), in micro-batches of at most ``max_tokens`` padded tokens. A prompt whose
+    scope holds no token after the first is a :class:`~prepo.errors.DataError`."""
     device = next(model.parameters()).device
-    ids, mask = encoder(prompts)
+    ids, mask, scored = encoder.scored(prompts)
+    empty = (~scored.any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise DataError(f"prompt {prompts[empty[0]]!r} has no token to score after its first "
+                         f"(ppl_scope {encoder.fmt.ppl_scope!r}); {len(empty)} such prompt(s)")
     out = []
     for rows in token_chunks(torch.arange(len(prompts)), ids.shape[1], max_tokens):
         width = int(mask[rows].sum(dim=1).max())  # left-padded: the last `width` columns hold every token
         i, m = ids[rows, -width:].to(device), mask[rows, -width:].to(device)
         with autocast():
             logprob, _ = prepo_kernels.causal_lm_logprob_entropy(model, i, m, compute_entropy=False, impl=impl)
-        valid = (m[:, 1:] * m[:, :-1]).bool()
-        out.append(prepo_kernels.sequence_perplexity(logprob, valid).float().cpu())
+        # logprob[:, t] is the log-prob of token t + 1
+        out.append(prepo_kernels.sequence_perplexity(logprob, scored[rows, -width + 1:].to(device)).float().cpu())
     return torch.cat(out)

@@ -10,6 +10,8 @@ A strategy says what it needs and the trainer asks, never names it:
   groups whose rewards are all equal, refill from new candidate batches until K groups are kept);
   :meth:`Strategy.select` then returns every candidate in priority order, not just K;
 * ``single_process``: its state is not shared across data-parallel ranks;
+* ``moving_window``: a perplexity window that walks with the curriculum position (the premise
+  estimate's probes and the curriculum direction steer it);
 * :meth:`Strategy.observe` sees the rolled-out prompts' rewards (GRESO's reward history) and
   :meth:`Strategy.state_dict` / :meth:`Strategy.load_state_dict` carry that state in checkpoints;
   :meth:`Strategy.stats` adds the strategy's own fields to the step record.
@@ -34,6 +36,7 @@ class Strategy:
     weighting = False
     refills = False
     single_process = False
+    moving_window = False
 
     def __init__(self, name: str, *, weighting: bool = False):
         self.name = name
@@ -70,6 +73,7 @@ class Window(Strategy):
     def __init__(self, name: str, *, weighting: bool = False, fixed_rho: Optional[float] = None):
         super().__init__(name, weighting=weighting)
         self.fixed_rho = fixed_rho
+        self.moving_window = fixed_rho is None
 
     def select(self, ppl, cand, k, rho, rng):
         return window_select(ppl, k, rho if self.fixed_rho is None else self.fixed_rho).tolist()
