@@ -1,21 +1,27 @@
-"""Benchmark the fused linear GRPO loss (forward + backward) against the bare matmuls and the
-present path, linear_logprob_entropy forward + backward followed by prepo.loss.grpo_loss (CPU).
+"""Benchmark the fused linear GRPO loss (forward + backward), variant by variant, against the bare
+matmuls, the two-pass path through linear_logprob_entropy, TRL 1.16's chunked log-prob head with the
+same loss, and Liger's LigerFusedLinearGRPOLoss (CPU; liger-kernel's chunked losses run through torch).
 
     flock /tmp/prepo-bench.lock python benchmarks/bench_grpo_loss.py    # full run, writes benchmarks/results/
     python benchmarks/bench_grpo_loss.py --quick                        # tiny shapes, a smoke test
 
-Providers (each computes loss.backward() of the DAPO token-mean loss w.r.t. hidden and weight):
+Providers (each computes loss.backward() of the variant's loss w.r.t. hidden and weight):
     matmul_3 / matmul_4   the three / four bare [N, D] x [D, V] matmuls in the inputs' dtype (the floors)
     matmul_4_fp32         matmul_4 on fp32 copies of bf16 inputs: on CPUs without native bf16 GEMMs
                           (AVX2) ATen's bf16 matmul is several times slower than fp32, so this is
                           the floor a bf16 design can actually reach there
-    naive                 materialized logits, log_softmax, grpo_loss, torch autograd
-    lle_cpu / lle_torch   linear_logprob_entropy(impl=..., compute_entropy=False) + grpo_loss
+    lle_cpu               linear_logprob_entropy(impl="cpu") + grpo_objective (two passes, four matmuls)
     grpo_cpu / grpo_torch linear_grpo_loss(impl=...)
-Scenarios: "all_rows" (every advantage non-zero) and "half_zero_adv" (blocks of 64 rows, about
-half, with advantage 0, like zero-variance groups; only the row-skipping providers are rerun).
-Each (shape, dtype, scenario, provider) runs in its own subprocess (memory: Linux VmHWM above the
-inputs and the two unavoidable gradients, as bench_logprob_entropy.py; time: median of --reps).
+    trl_chunked           TRL's ChunkedLogProbFunction (its fused LM head: log-probs and entropies) +
+                          grpo_objective, the loss TRL's GRPOTrainer computes
+    liger                 liger_kernel.chunked_loss.LigerFusedLinearGRPOLoss (compiled=False), where it
+                          has the variant ("n/a" otherwise: no entropy bonus, quantile or off-policy mask)
+Variants (GRPOLossParams): dapo, grpo_kl (beta 0.04, bias-corrected KL), sapo_entropy (entropy bonus)
+take one pass; grpo_sequence (sequence-level ratios) and vespo take two. Rows are 512-token sequences.
+Scenarios: "all_rows" and "half_zero_adv" (half the sequences with advantage 0, like zero-variance
+groups; only grpo_cpu is rerun). Each (shape, dtype, variant, scenario, provider) runs in its own
+subprocess (memory: Linux VmHWM above the inputs and the two unavoidable gradients, as
+bench_logprob_entropy.py; time: median of --reps).
 """
 from __future__ import annotations
 
@@ -33,39 +39,75 @@ from bench_logprob_entropy import measure as measure_in_worker  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SCENARIOS = {"all_rows": 0.0, "half_zero_adv": 0.5}
-PROVIDERS = ("matmul_3", "matmul_4", "matmul_4_fp32", "naive", "lle_torch", "lle_cpu", "grpo_torch", "grpo_cpu")
-SKIPPING = ("lle_cpu", "grpo_cpu")  # rerun in half_zero_adv; the floors are copied, the rest skipped
-EPS_LOW, EPS_HIGH = 0.2, 0.28
+PROVIDERS = ("matmul_3", "matmul_4", "matmul_4_fp32", "lle_cpu", "grpo_torch", "grpo_cpu", "trl_chunked", "liger")
+SKIPPING = ("grpo_cpu",)  # rerun in half_zero_adv; the floors are copied, the rest skipped
+SEQ = 512  # tokens per sequence
+VARIANTS = {
+    "dapo": dict(),
+    "grpo_kl": dict(loss_type="grpo", beta=0.04, use_bias_correction_kl=True),
+    "sapo_entropy": dict(loss_type="sapo", entropy_coef=0.01),
+    "grpo_sequence": dict(loss_type="grpo", importance_sampling_level="sequence"),
+    "vespo": dict(loss_type="vespo"),
+}
+LIGER_HAS = ("dapo", "grpo_kl", "grpo_sequence", "vespo")
 
 
 def make_inputs(n, d, vocab, dtype, zero_frac):
-    """providers.make_case's hidden / weight / targets (mean entropy about 1.5 nats) and
-    providers.grpo_inputs' old log-probs and advantages (0 on the rows make_case gives no gradient)."""
-    case = providers.make_case(n, d, vocab, dtype, zero_frac)
-    old, adv = providers.grpo_inputs(case)
-    return case.hidden, case.weight, case.targets, old, adv, case
+    """providers.make_case's hidden / weight / targets (mean entropy about 1.5 nats) as [n / SEQ, SEQ]
+    sequences, providers.grpo_inputs' old log-probs (and reference ones, another draw) a little off the
+    current ones, and per-sequence advantages, 0 on a ``zero_frac`` share of them."""
+    case = providers.make_case(n, d, vocab, dtype, 0.0)
+    b, t = max(1, n // SEQ), min(n, SEQ)
+    old, _ = providers.grpo_inputs(case)
+    ref, _ = providers.grpo_inputs(case, seed=2, spread=0.1)
+    gen = torch.Generator().manual_seed(1)
+    adv = torch.randn(b, 1, generator=gen)
+    adv[torch.rand(b, 1, generator=gen) < zero_frac] = 0
+    return case.hidden.view(b, t, d), case.weight, case.targets.view(b, t), old.view(b, t), ref.view(b, t), adv, case
 
 
-def build(name, hidden, weight, targets, old, adv):
-    from prepo.loss import grpo_loss
-    from prepo_kernels import linear_grpo_loss, linear_logprob_entropy
+def build(name, variant, hidden, weight, targets, old, ref, adv):
+    from prepo_kernels import GRPOLossParams, grpo_objective, linear_grpo_loss, linear_logprob_entropy
+    from prepo_kernels.grpo_objective import GRPOTokens
 
-    mask = torch.ones(targets.shape[0], 1, dtype=torch.bool)
+    params = GRPOLossParams(**VARIANTS[variant])
+    tokens = GRPOTokens(advantages=adv, old_logprob=old, ref_logprob=ref)
+    mask = torch.ones(targets.shape, dtype=torch.bool)
+    need_entropy = params.entropy_coef != 0
 
-    def present(impl):
+    def two_pass(logprobs):
         def loss_fn(h, w):
-            if impl == "naive":
-                lp = torch.log_softmax((h @ w.T).float(), -1).gather(1, targets[:, None])
-            else:
-                lp = linear_logprob_entropy(h, w, targets, compute_entropy=False, impl=impl)[0][:, None]
-            return grpo_loss(lp, old[:, None], adv, mask, eps_low=EPS_LOW, eps_high=EPS_HIGH).loss
+            lp, ent = logprobs(h, w)
+            return grpo_objective(lp, ent, mask, tokens, params).loss
         return loss_fn
 
-    fns = {"naive": present("naive"), "lle_torch": present("torch"), "lle_cpu": present("cpu")}
+    def lle(h, w):
+        return linear_logprob_entropy(h, w, targets, compute_entropy=need_entropy, impl="cpu")
+
+    def trl_chunked(h, w):
+        from trl.kernels import ChunkedLogProbFunction
+
+        lp, ent, *_ = ChunkedLogProbFunction.apply(h.reshape(-1, h.shape[-1]), w, None, targets.reshape(-1), 1.0,
+                                                   32768, None, 1.0, ("entropy",) if need_entropy else ())
+        return lp.view(targets.shape), None if ent is None else ent.view(targets.shape)
+
+    def liger():
+        if variant not in LIGER_HAS:
+            raise providers.Unavailable(f"n/a: Liger's GRPO loss has no {variant}")
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+        module = LigerFusedLinearGRPOLoss(beta=params.beta, compiled=False, use_ref_model=False,
+                                          epsilon_low=params.eps_low, epsilon_high=params.eps_high,
+                                          loss_type=params.loss_type, importance_sampling_level=params.importance_sampling_level,
+                                          use_bias_correction_kl=params.use_bias_correction_kl)
+        return lambda h, w: module(h, w, targets, mask.long(), adv.view(-1), ref_per_token_logps=ref,
+                                   old_per_token_logps=old)[0]
+
+    fns = {"lle_cpu": lambda: two_pass(lle), "trl_chunked": lambda: two_pass(trl_chunked), "liger": liger}
     for impl in ("torch", "cpu"):
-        fns[f"grpo_{impl}"] = (lambda impl: lambda h, w: linear_grpo_loss(
-            h, w, targets, old, adv, eps_low=EPS_LOW, eps_high=EPS_HIGH, impl=impl)[0])(impl)
-    loss_fn = fns[name]
+        fns[f"grpo_{impl}"] = (lambda impl: lambda: lambda h, w: linear_grpo_loss(
+            h, w, targets, old, adv, ref_logprob=ref, params=params, impl=impl)[0])(impl)
+    loss_fn = fns[name]()
 
     def run():
         h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
@@ -77,16 +119,13 @@ def build(name, hidden, weight, targets, old, adv):
 def worker(spec: dict) -> dict:
     n, d, vocab = spec["shape"]
     dtype, name = DTYPES[spec["dtype"]], spec["provider"]
-    hidden, weight, targets, old, adv, case = make_inputs(n, d, vocab, dtype, SCENARIOS[spec["scenario"]])
-    if name == "matmul_4_fp32":
-        case.hidden, case.weight = case.hidden.float(), case.weight.float()
-        run = providers.build("matmul_4", "fwdbwd", case)
-    elif name.startswith("matmul_"):
+    hidden, weight, targets, old, ref, adv, case = make_inputs(n, d, vocab, dtype, SCENARIOS[spec["scenario"]])
+    if name.startswith("matmul_"):
         run = providers.build(name, "fwdbwd", case)
     else:
-        tiny = make_inputs(16, d, 128, dtype, 0.0)[:5]
-        build(name, *tiny)()  # library start-up (threads, allocator) is not the design's memory
-        run = build(name, hidden, weight, targets, old, adv)
+        tiny = make_inputs(16, d, 128, dtype, 0.0)[:6]
+        build(name, spec["variant"], *tiny)()  # library start-up (threads, allocator) is not the design's memory
+        run = build(name, spec["variant"], hidden, weight, targets, old, ref, adv)
     return time_and_peak(run, spec["reps"], (n * d + vocab * d) * hidden.element_size())
 
 
@@ -95,14 +134,14 @@ def measure(spec: dict) -> dict:
 
 
 # x_matmul_4: over matmul_4, or over matmul_4_fp32 where matmul_4 was not run
-COLUMNS = ["shape", "dtype", "scenario", "provider", "median_ms", "x_matmul_4", "x_lle_cpu", "extra_mb",
+COLUMNS = ["shape", "dtype", "variant", "scenario", "provider", "median_ms", "x_matmul_4", "x_lle_cpu", "extra_mb",
            "mem_vs_lle_cpu", "error"]
 
 
 def add_ratios(rows):
     groups = {}
     for row in rows:
-        groups.setdefault((row["shape"], row["dtype"], row["scenario"]), {})[row["provider"]] = row
+        groups.setdefault((row["shape"], row["dtype"], row["variant"], row["scenario"]), {})[row["provider"]] = row
     for group in groups.values():
         for row in group.values():
             for bases, col in ((("matmul_4", "matmul_4_fp32"), "x_matmul_4"), (("lle_cpu",), "x_lle_cpu")):
@@ -124,6 +163,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="4096x1024x32768", help="NxDxV")
     parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
     parser.add_argument("--providers", default=",".join(PROVIDERS))
     parser.add_argument("--skip-bf16-floors", action="store_true",
@@ -132,44 +172,51 @@ def main() -> None:
     if args is None:
         return
     if args.quick:
-        args.shape, args.reps, args.name = "256x64x2000", 1, "grpo_loss_quick"
+        args.shape, args.reps, args.name = "1024x64x2000", 1, "grpo_loss_quick"
+        args.dtypes, args.variants = "fp32", "dapo,grpo_sequence"  # one of each path: a smoke test
     command = "python benchmarks/bench_grpo_loss.py " + " ".join(sys.argv[1:])
     header = (f"Machine: {machine()}. Command: `{command.strip()}`. Median of {args.reps} calls, ms; "
-              "extra_mb: peak RSS above the inputs and the hidden / weight gradients.")
+              "extra_mb: peak RSS above the inputs and the hidden / weight gradients. The floors do not depend "
+              "on the variant or the scenario: measured once per dtype, copied to the other groups.")
     print(header, flush=True)
     dims = [int(x) for x in args.shape.split("x")]
-    rows = []
+    rows, floors = [], {}
     for dtype in args.dtypes.split(","):
-        for scenario in args.scenarios.split(","):
-            for name in args.providers.split(","):
-                row = {"shape": args.shape, "dtype": dtype, "scenario": scenario, "provider": name}
-                if name == "matmul_4_fp32" and dtype == "fp32":
-                    continue
-                fp32_floor = next((r for r in rows if (r["dtype"], r["scenario"], r["provider"]) ==
-                                   ("fp32", scenario, "matmul_4") and "median_ms" in r), None)
-                if name == "matmul_4_fp32" and fp32_floor is not None:  # the very same fp32 GEMMs
-                    row.update(median_ms=fp32_floor["median_ms"], extra_mb=fp32_floor["extra_mb"],
-                               error="copied from the fp32 matmul_4 row (the same fp32 GEMMs)")
+        for variant in args.variants.split(","):
+            for scenario in args.scenarios.split(","):
+                for name in args.providers.split(","):
+                    row = measured_row(args, dims, dtype, variant, scenario, name, floors)
+                    if row is None:
+                        continue
                     rows.append(row)
-                    continue
-                if args.skip_bf16_floors and dtype == "bf16" and name in ("matmul_3", "matmul_4"):
-                    row["error"] = "skipped (--skip-bf16-floors): ATen's bf16 matmul is the slow path here"
-                elif scenario != "all_rows" and name not in SKIPPING:
-                    if not name.startswith("matmul_"):
-                        continue
-                    copied = next((r for r in rows if (r["dtype"], r["scenario"], r["provider"]) ==
-                                   (dtype, "all_rows", name)), None)
-                    if copied is None:
-                        continue
-                    row.update({k: copied[k] for k in ("median_ms", "extra_mb") if k in copied})
-                else:
-                    row.update(measure({"shape": dims, "dtype": dtype, "scenario": scenario, "provider": name,
-                                        "reps": args.reps}))
-                rows.append(row)
-                print(" ".join(f"{k}={fmt(v)}" for k, v in row.items() if k != "times_ms"), flush=True)
-                add_ratios(rows)
-                write(rows, args.out, header, args.name)
+                    print(" ".join(f"{k}={fmt(v)}" for k, v in row.items() if k != "times_ms"), flush=True)
+                    add_ratios(rows)
+                    write(rows, args.out, header, args.name)
     print(f"wrote {args.out}/{args.name}.md")
+
+
+def measured_row(args, dims, dtype, variant, scenario, name, floors):
+    """One result row, or None where the group does not run ``name`` (only the row-skipping
+    provider is rerun in half_zero_adv; matmul_4_fp32 is for bf16)."""
+    row = {"shape": args.shape, "dtype": dtype, "variant": variant, "scenario": scenario, "provider": name}
+    floor_key = ("fp32" if name == "matmul_4_fp32" else dtype, "matmul_4" if name == "matmul_4_fp32" else name)
+    if name == "matmul_4_fp32" and dtype == "fp32":
+        return None
+    if name.startswith("matmul_"):
+        if args.skip_bf16_floors and dtype == "bf16" and name in ("matmul_3", "matmul_4"):
+            row["error"] = "skipped (--skip-bf16-floors): ATen's bf16 matmul is the slow path here"
+            return row
+        if floor_key not in floors:
+            spec = {"shape": dims, "dtype": floor_key[0], "scenario": "all_rows", "variant": variant,
+                    "provider": floor_key[1], "reps": args.reps}
+            floors[floor_key] = measure(spec)
+        row.update({k: v for k, v in floors[floor_key].items() if k in ("median_ms", "extra_mb", "error")})
+        return row
+    if scenario != "all_rows" and name not in SKIPPING:
+        return None
+    row.update(measure({"shape": dims, "dtype": dtype, "variant": variant, "scenario": scenario, "provider": name,
+                        "reps": args.reps}))
+    return row
 
 
 if __name__ == "__main__":

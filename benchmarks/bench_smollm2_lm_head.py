@@ -80,9 +80,10 @@ def surrogate_backward(path: str, h: torch.Tensor, w: torch.Tensor, y: torch.Ten
                        adv: torch.Tensor) -> None:
     """Backward of the DAPO clipped surrogate (token-mean over the rows) with ``path``'s method."""
     if path == "fused":
-        from prepo_kernels import linear_grpo_loss
+        from prepo_kernels import GRPOLossParams, linear_grpo_loss
 
-        loss, _ = linear_grpo_loss(h, w, y, old, adv, temperature=TEMPERATURE, eps_low=EPS[0], eps_high=EPS[1])
+        loss, _ = linear_grpo_loss(h, w, y, old, adv, temperature=TEMPERATURE,
+                                   params=GRPOLossParams(eps_low=EPS[0], eps_high=EPS[1]))
     else:
         ratio = torch.exp(head(path, h, w, y, entropy=False)[0] - old)
         loss = -torch.minimum(ratio * adv, ratio.clamp(1 - EPS[0], 1 + EPS[1]) * adv).mean()

@@ -1,7 +1,7 @@
 """The learner: steps 4 and 5 of a PREPO iteration on one batch of rollouts. A no-grad pass gives
 the old log-probs and full-vocabulary entropies (and the reference log-probs under a KL term);
-the update is DAPO-style GRPO on them, micro-batched by a token budget, its gradients summed over
-the data-parallel ranks. The learner owns the policy's optimizer and (fp16) loss scaler.
+the update is DAPO-style GRPO on them (prepo_kernels.linear_grpo_loss on the decoder's hidden
+states), micro-batched by a token budget, its gradients summed over the data-parallel ranks. The learner owns the policy's optimizer and (fp16) loss scaler.
 """
 from __future__ import annotations
 
@@ -11,12 +11,11 @@ import numpy as np
 import torch
 
 import prepo_kernels
-from prepo_kernels.grpo_loss import grpo_runs_natively
+from prepo_kernels import GRPOLossParams
 from prepo_kernels.hf import decoder_hidden, next_token_grpo_loss
 
 from .config import TrainConfig
 from .distributed import Dist
-from .loss import grpo_loss
 from .metrics import UpdateStats
 from .microbatch import token_chunks
 from .policy import Precision
@@ -93,17 +92,15 @@ class Learner:
         Only :meth:`rows_with_gradient` run forward and backward; the token-mean's denominator still
         counts the skipped rows' tokens, so the update is the same update up to float summation order.
 
-        The loss is :func:`prepo_kernels.linear_grpo_loss` on the decoder's hidden states (gradients
-        in the forward pass, three LM-head matmuls instead of four) where :meth:`fused_loss_applies`,
-        else the fused log-probs through :func:`prepo.loss.grpo_loss`; the two give the same update
-        and statistics up to float rounding."""
+        The loss is :meth:`_chunk_loss`: :func:`prepo_kernels.linear_grpo_loss` on the decoder's
+        hidden states (without a KL term, gradients in the forward pass: three LM-head matmuls
+        instead of four)."""
         cfg = self.cfg
         ids, amask, sl = ro.full_sequences()
         cmask = ro.completion_mask
         n = ids.shape[0]
         n_all = int(self.dist.sum(torch.tensor(n)))
         live = self.rows_with_gradient(adv)
-        chunk_loss = self._fused_chunk_loss if self.fused_loss_applies(weights, live) else self._chunk_loss
         stats: list[list[float]] = []
         for _ in range(cfg.ppo_epochs):
             perm = torch.randperm(n)
@@ -113,7 +110,7 @@ class Learner:
                 self.optimizer.zero_grad(set_to_none=True)
                 n_tok = float(self.dist.sum(cmask[mb].sum()))
                 rows = mb[live[mb]]
-                acc = self._accumulate(chunk_loss, (ids, amask, cmask, sl), rows, adv, weights, old, n_tok)
+                acc = self._accumulate((ids, amask, cmask, sl), rows, adv, weights, old, n_tok)
                 self.dist.sum_grads(self.model.parameters())   # zeros where no row ran: the step is as if they had
                 upd_frac = float(self.dist.sum(cmask[rows].sum())) / max(n_tok, 1.0)
                 stats.append(acc + [self.optimizer_step(), upd_frac])
@@ -127,60 +124,39 @@ class Learner:
         return UpdateStats(loss=loss, clip_frac=clip, kl=kl, ratio_mean=ratio, grad_norm=gnorm,
                            skipped_rollouts=skipped)
 
-    def _accumulate(self, chunk_loss, seqs, rows, adv, weights, old: PolicyPass, n_tok: float) -> list[float]:
-        """Forward and backward of ``chunk_loss`` on ``rows`` of ``seqs`` (input ids, attention mask,
+    def _accumulate(self, seqs, rows, adv, weights, old: PolicyPass, n_tok: float) -> list[float]:
+        """Forward and backward of :meth:`_chunk_loss` on ``rows`` of ``seqs`` (input ids, attention mask,
         completion mask, completion slice) in micro-batches, gradients summed; [loss, clip_frac, kl,
         ratio sum], each over the mini-batch's ``n_tok`` tokens."""
         acc = [0.0, 0.0, 0.0, 0.0]
         for chunk in token_chunks(rows, seqs[0].shape[1], self.cfg.max_tokens_per_microbatch):
-            loss, *logged = chunk_loss(seqs, chunk, adv, weights, old, n_tok)
+            loss, *logged = self._chunk_loss(seqs, chunk, adv, weights, old, n_tok)
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             for i, v in enumerate([loss.item()] + logged):
                 acc[i] += v
         return acc
 
     def _chunk_loss(self, seqs, chunk, adv, weights, old: PolicyPass, n_tok: float) -> list:
-        """[loss, clip_frac, kl, ratio sum] of the micro-batch ``chunk``: the fused log-probs through
-        :func:`prepo.loss.grpo_loss`."""
-        cfg, dev = self.cfg, self.device
-        ids, amask, cmask, sl = seqs
-        lp, _ = self._logprob(self.model, ids, amask, chunk, entropy=False)
-        out = grpo_loss(
-            lp[:, sl], old.logprob[chunk].to(dev), adv[chunk].to(dev), cmask[chunk].to(dev),
-            None if weights is None else weights[chunk].to(dev), eps_low=cfg.eps_low,
-            eps_high=cfg.eps_high, ref_logprob=None if old.ref_logprob is None else old.ref_logprob[chunk].to(dev),
-            kl_beta=cfg.kl_beta, num_tokens=n_tok)
-        return [out.loss, out.clip_frac, out.kl, out.ratio_mean]
-
-    def fused_loss_applies(self, weights: Optional[torch.Tensor], live: torch.Tensor) -> bool:
-        """Whether the update can use linear_grpo_loss, which is the surrogate alone: not with a KL
-        term (its gradient needs the reference log-prob of every token, and the op skips the
-        zero-advantage rows that a KL term still moves), not where ``kernel_impl`` runs a log-prob
-        backend the op lacks ("cuda": its log-prob kernel beats the op's PyTorch row chunks; on
-        GPUs "auto" is "triton", which the op has), and not when an updated rollout's weight is 0
-        (the op takes A w as one advantage and skips such a row, whose ratio and clip statistics
-        grpo_loss counts)."""
-        if self.cfg.kl_beta != 0 or not grpo_runs_natively(self.cfg.kernel_impl, self.device):
-            return False
-        return weights is None or bool((weights[live] != 0).all())
-
-    def _fused_chunk_loss(self, seqs, chunk, adv, weights, old: PolicyPass, n_tok: float) -> list:
-        """:meth:`_chunk_loss` by linear_grpo_loss on the decoder's hidden states (no KL term: no
-        reference log-probs). PREPO's weight is multiplied into the advantage (w > 0, so
-        min(r A, clip(r) A) w = min(r A w, clip(r) A w), and the clipped tokens are the same); the
-        ratio sum is over the computed tokens, which are the completion tokens of the rows (all of
-        non-zero advantage)."""
+        """[loss, clip_frac, kl, ratio sum] of the micro-batch ``chunk``, each over the mini-batch's
+        ``n_tok`` tokens: linear_grpo_loss (DAPO's clipped surrogate, PREPO's w_i on the advantage,
+        the k3 KL term to the reference without bias correction) on the decoder's hidden states. A
+        token without a gradient (w_i = 0 and no KL term) counts with a ratio of 1."""
         cfg, dev = self.cfg, self.device
         ids, amask = (t[chunk].to(dev) for t in seqs[:2])
-        a = adv[chunk] if weights is None else adv[chunk] * weights[chunk]
+        mask = seqs[2][chunk].to(dev)
         old_lp = old.logprob[chunk].to(dev)
+        ref_lp = None if old.ref_logprob is None else old.ref_logprob[chunk].to(dev)
+        params = GRPOLossParams(eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.kl_beta)
         with self.precision.autocast():
             hidden, head = decoder_hidden(self.model, ids, amask)
             loss, stats = next_token_grpo_loss(
-                hidden, head, ids, amask, old_lp.shape[1], old_lp, a[:, None].to(dev), temperature=cfg.temperature,
-                eps_low=cfg.eps_low, eps_high=cfg.eps_high, num_tokens=max(n_tok, 1.0), impl=cfg.kernel_impl)
-        ratio = torch.where(stats.computed, torch.exp(stats.logprob - old_lp), 0).sum() / max(n_tok, 1.0)
-        return [loss, stats.clip_frac.item(), 0.0, ratio.item()]
+                hidden, head, ids, amask, old_lp.shape[1], old_lp, adv[chunk, None].to(dev), params=params,
+                ref_logprob=ref_lp, rollout_weights=None if weights is None else weights[chunk].to(dev),
+                temperature=cfg.temperature, num_tokens=max(n_tok, 1.0), impl=cfg.kernel_impl)
+        terms = stats.terms
+        kl = 0.0 if terms.per_token_kl is None else ((terms.per_token_kl * mask).sum() / max(n_tok, 1.0)).item()
+        ratio = (terms.coef_1 * mask).sum() / max(n_tok, 1.0)
+        return [loss, stats.clip_frac.item(), kl, ratio.item()]
 
     def optimizer_step(self) -> float:
         """Clip the gradient norm, step (through the fp16 loss scaler when there is one); the norm."""

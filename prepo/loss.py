@@ -1,4 +1,5 @@
-"""DAPO-style GRPO loss with PREPO's per-rollout weights.
+"""DAPO-style GRPO loss with PREPO's per-rollout weights, on materialized log-probs (the objective
+is prepo_kernels.grpo_objective's, the one every fused path runs).
 
     A_i        = (r_i - mean_g r) / (std_g r + eps)          over the G rollouts of a prompt
     ratio_it   = exp(logp_it - logp_old_it)
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from prepo_kernels.grpo_objective import GRPOLossParams, GRPOTokens, grpo_objective
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
@@ -49,26 +52,23 @@ def grpo_loss(
     ``num_tokens``: the token-mean's denominator when these rows are one micro-batch (or one
     rank's share) of a larger mini-batch: the mini-batch's total completion tokens, so that the
     parts' losses (and clip_frac, ratio_mean, kl) sum to the whole mini-batch's. Default: this
-    mask's tokens."""
-    maskf = mask.to(logprob.dtype)
-    n_tok = maskf.sum().clamp(min=1) if num_tokens is None else max(float(num_tokens), 1.0)
-    adv = advantages.detach().to(logprob.dtype)[:, None]
-    ratio = torch.exp(logprob - old_logprob.detach())
-    surr1 = ratio * adv
-    surr2 = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv
-    surr = torch.minimum(surr1, surr2)
+    mask's tokens. The objective is prepo_kernels' (TRL's DAPO loss with its k3 KL term, no bias
+    correction), on materialized log-probs."""
+    dtype = logprob.dtype
+    adv = advantages.detach().to(dtype)[:, None]
     if weights is not None:
-        surr = surr * weights.detach().to(logprob.dtype)[:, None]
-    loss = -(surr * maskf).sum() / n_tok
-    kl_val = 0.0
-    if kl_beta > 0 and ref_logprob is not None:
-        d = ref_logprob.detach() - logprob
-        kl = torch.exp(d) - d - 1
-        kl_mean = (kl * maskf).sum() / n_tok
-        loss = loss + kl_beta * kl_mean
-        kl_val = kl_mean.item()
+        adv = adv * weights.detach().to(dtype)[:, None]
+    use_kl = kl_beta > 0 and ref_logprob is not None
+    params = GRPOLossParams(eps_low=eps_low, eps_high=eps_high, beta=kl_beta if use_kl else 0.0)
+    tokens = GRPOTokens(advantages=adv, old_logprob=old_logprob.detach().to(dtype),
+                        ref_logprob=ref_logprob.detach().to(dtype) if use_kl else None)
+    n_tok = None if num_tokens is None else max(float(num_tokens), 1.0)
+    terms = grpo_objective(logprob, None, mask, tokens, params, num_tokens=n_tok)
     with torch.no_grad():
-        clipped = (surr2 < surr1) & mask.bool()   # the clipped branch is the active minimum
-        clip_frac = (clipped.float().sum() / n_tok).item()
-        ratio_mean = ((ratio * maskf).sum() / n_tok).item()
-    return LossOutput(loss=loss, clip_frac=clip_frac, kl=kl_val, ratio_mean=ratio_mean)
+        maskf = mask.to(dtype)
+        denominator = maskf.sum().clamp(min=1) if n_tok is None else n_tok
+        clipped = (((terms.coef_1 < 1 - eps_low) & (adv < 0)) | ((terms.coef_1 > 1 + eps_high) & (adv > 0))) & mask.bool()
+        clip_frac = (clipped.to(dtype).sum() / denominator).item()
+        ratio_mean = ((terms.coef_1 * maskf).sum() / denominator).item()
+        kl_val = ((terms.per_token_kl * maskf).sum() / denominator).item() if use_kl else 0.0
+    return LossOutput(loss=terms.loss, clip_frac=clip_frac, kl=kl_val, ratio_mean=ratio_mean)

@@ -9,17 +9,20 @@ from .backends.registry import BackendUnavailableError, available_impls
 from .from_logits import logprob_entropy_from_logits
 from .functional import linear_logprob_entropy
 from .grpo_loss import GRPOLossStats, linear_grpo_loss
+from .grpo_objective import GRPOLossParams, grpo_objective
 from .hf import causal_lm_logprob_entropy
 from .sequence import sequence_mean, sequence_perplexity
 from .vocab_parallel import copy_to_vocab_parallel
 
 __all__ = [
     "BackendUnavailableError",
+    "GRPOLossParams",
     "GRPOLossStats",
     "KernelParams",
     "available_impls",
     "causal_lm_logprob_entropy",
     "copy_to_vocab_parallel",
+    "grpo_objective",
     "linear_grpo_loss",
     "linear_logprob_entropy",
     "logprob_entropy_from_logits",

@@ -127,9 +127,9 @@ def next_token_logprob_entropy(
     padding. The one HF -> fused adapter: ``causal_lm_logprob_entropy`` and the trainer's
     ``prepo.integrations.hf_fused`` both end here."""
     return linear_logprob_entropy(
-        _tail_hidden(hidden, head, n_keep),
+        tail_of(hidden, head, n_keep),
         head.weight,
-        _next_token_targets(input_ids, attention_mask, n_keep),
+        next_token_targets(input_ids, attention_mask, n_keep),
         bias=head.bias,
         temperature=temperature,
         ignore_index=IGNORE,
@@ -146,35 +146,29 @@ def next_token_grpo_loss(
     n_keep: int,
     old_logprob: Optional[torch.Tensor],
     advantages: torch.Tensor,
-    *,
-    temperature: Temperature = 1.0,
-    eps_low: float = 0.2,
-    eps_high: float = 0.28,
-    num_tokens: Optional[float] = None,
-    compute_entropy: bool = False,
-    impl: str = "auto",
+    **loss_kwargs,
 ) -> tuple[torch.Tensor, GRPOLossStats]:
     """:func:`linear_grpo_loss` over the last ``n_keep`` tokens of ``input_ids`` (1 <= n_keep < T),
     from the decoder's last hidden states, with the targets (and the padding they skip) of
     :func:`next_token_logprob_entropy`.
 
     hidden [B, T, D], input_ids / attention_mask [B, T]; old_logprob [B, n_keep] float or None
-    (on-policy); advantages [B, 1] or [B, n_keep] (PREPO's w_i multiplied in); the rest as in
-    :func:`linear_grpo_loss`, whose (loss 0-d, stats with [B, n_keep] tensors) this returns."""
+    (on-policy); advantages [B, 1] or [B, n_keep]; ``loss_kwargs`` (params, ref_logprob, temperature,
+    num_tokens, ...) as in :func:`linear_grpo_loss`, whose (loss 0-d, stats with [B, n_keep] tensors)
+    this returns."""
     return linear_grpo_loss(
-        _tail_hidden(hidden, head, n_keep), head.weight, _next_token_targets(input_ids, attention_mask, n_keep),
-        old_logprob, advantages, bias=head.bias, temperature=temperature, ignore_index=IGNORE, eps_low=eps_low,
-        eps_high=eps_high, num_tokens=num_tokens, compute_entropy=compute_entropy, impl=impl,
+        tail_of(hidden, head, n_keep), head.weight, next_token_targets(input_ids, attention_mask, n_keep),
+        old_logprob, advantages, bias=head.bias, ignore_index=IGNORE, **loss_kwargs,
     )
 
 
-def _tail_hidden(hidden: torch.Tensor, head: nn.Linear, n_keep: int) -> torch.Tensor:
+def tail_of(hidden: torch.Tensor, head: nn.Linear, n_keep: int) -> torch.Tensor:
     """The hidden states that predict the last ``n_keep`` tokens, in the head's dtype (autocast may
     hand back another)."""
     return hidden[:, -n_keep - 1 : -1].to(head.weight.dtype)
 
 
-def _next_token_targets(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], n_keep: int) -> torch.Tensor:
+def next_token_targets(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], n_keep: int) -> torch.Tensor:
     """[B, n_keep] the last ``n_keep`` tokens, IGNORE where the token or its context position is padding."""
     targets = input_ids[:, -n_keep:]
     if attention_mask is None:

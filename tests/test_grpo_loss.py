@@ -3,14 +3,15 @@
 held to the suite's criterion (kernel_harness): |truth - impl| <= |truth - same-dtype reference| +
 tol (1 + |truth|). Inputs put tokens on both sides of the clip range on purpose."""
 import dataclasses
+import re
 
 import pytest
 import torch
 
 from kernel_harness import F64, interpreter_warnings, make_inputs, skip_reason
 from prepo.loss import grpo_loss
-from prepo_kernels import BackendUnavailableError, GRPOLossStats, linear_grpo_loss, linear_logprob_entropy
-from prepo_kernels import grpo_backends
+from prepo_kernels import BackendUnavailableError, GRPOLossParams, GRPOLossStats, linear_grpo_loss, linear_logprob_entropy
+from prepo_kernels.backends import grpo_chunks
 
 # "triton" runs on CPU under Triton's interpreter (conftest.py sets TRITON_INTERPRET=1): slow, so
 # the shapes here stay small
@@ -62,11 +63,11 @@ def run(impl, dtype, case, num_tokens=None, eps=(0.2, 0.28), compute_entropy=Tru
     leaves = [None if t is None else t.detach().to(dtype).requires_grad_() for t in
               (on["hidden"], on["weight"], on["bias"])]
     loss, stats = linear_grpo_loss(leaves[0], leaves[1], on["targets"], on["old"], on["adv"], bias=leaves[2],
-                                   temperature=on["temperature"], eps_low=eps[0], eps_high=eps[1],
+                                   temperature=on["temperature"], params=GRPOLossParams(eps_low=eps[0], eps_high=eps[1]),
                                    num_tokens=num_tokens, compute_entropy=compute_entropy, impl=impl)
     loss.backward()
-    stats = GRPOLossStats(**{f.name: None if getattr(stats, f.name) is None else getattr(stats, f.name).cpu()
-                             for f in dataclasses.fields(stats)})
+    stats = dataclasses.replace(stats, **{f.name: getattr(stats, f.name).cpu() for f in dataclasses.fields(stats)
+                                          if isinstance(getattr(stats, f.name), torch.Tensor)})
     return loss.detach().cpu().to(F64), [t.grad.cpu().to(F64) for t in leaves if t is not None], stats
 
 
@@ -87,8 +88,10 @@ def assert_close_to_truth(impl, dtype, case, tol, device="cpu", **kwargs):
     for name, t, r, x in zip(names, [t_loss] + t_grads, [r_loss] + r_grads, [loss] + grads):
         bound = (t - r).abs() + tol * (1 + t.abs())
         assert torch.all((t - x).abs() <= bound), f"{impl} {dtype} {name}: max excess {((t - x).abs() - bound).max():.3g}"
-    computed = stats.computed
-    assert torch.equal(computed, (case["targets"] != -100) & (torch.broadcast_to(case["adv"], computed.shape) != 0))
+    computed, valid = stats.computed, case["targets"] != -100
+    # the one-pass path computes the rows with a gradient; the reference (two passes) every valid one
+    nonzero = torch.broadcast_to(case["adv"], computed.shape) != 0
+    assert torch.equal(computed, valid if impl == "reference" else valid & nonzero)
     lp_tol = 1e-9 if dtype == F64 else 3e-2
     assert torch.allclose(stats.logprob.to(F64)[computed], t_lp[computed], atol=lp_tol, rtol=lp_tol)
     assert torch.allclose(stats.entropy.to(F64)[computed], t_ent[computed], atol=lp_tol, rtol=lp_tol)
@@ -171,15 +174,15 @@ def test_triton_on_cuda(dtype):
 @pytest.mark.parametrize("impl", FUSED)
 def test_several_chunks(impl, monkeypatch):
     """Rows in several chunks (the last one short): dW accumulates across them."""
-    monkeypatch.setattr(grpo_backends, "CHUNK_BYTES", 3 * 4 * 300)  # 3 rows
+    monkeypatch.setattr(grpo_chunks, "CHUNK_BYTES", 3 * 4 * 300)  # 3 rows
     assert_close_to_truth(impl, F64, make_case(20, 13, 300), 1e-9)
 
 
 @pytest.mark.parametrize("impl", FUSED)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_low_precision_within_reference_error(impl, dtype, monkeypatch):
-    monkeypatch.setattr(grpo_backends, "TILE_BYTES", 4 * 64 * 1000)  # the C++ backend's W / dW tiles: 1000 rows
-    assert grpo_backends.tile_rows(64) == 1000
+    monkeypatch.setattr(grpo_chunks, "TILE_BYTES", 4 * 64 * 1000)  # the C++ backend's W / dW tiles: 1000 rows
+    assert grpo_chunks.tile_rows(64) == 1000
     case = make_case(48, 64, 2500)  # V above the tile, not a multiple
     assert_close_to_truth(impl, dtype, case, LOW[dtype])
 
@@ -189,9 +192,9 @@ def test_low_precision_within_reference_error(impl, dtype, monkeypatch):
 def test_low_precision_dw_accumulates_across_chunks(impl, dtype, monkeypatch):
     """bf16 / fp16: dW accumulates in the weight's dtype across row chunks (no [V, D] fp32
     buffer), here 3 chunks of 16 rows and 3 vocab tiles, and stays within the reference's error."""
-    monkeypatch.setattr(grpo_backends, "CHUNK_BYTES", 1)  # the 16-row minimum
-    monkeypatch.setattr(grpo_backends, "TILE_BYTES", 4 * 64 * 1000)
-    assert grpo_backends.chunk_rows(2500) == 16 and grpo_backends.tile_rows(64) == 1000
+    monkeypatch.setattr(grpo_chunks, "CHUNK_BYTES", 1)  # the 16-row minimum
+    monkeypatch.setattr(grpo_chunks, "TILE_BYTES", 4 * 64 * 1000)
+    assert grpo_chunks.chunk_rows(2500) == 16 and grpo_chunks.tile_rows(64) == 1000
     assert_close_to_truth(impl, dtype, make_case(48, 64, 2500), LOW[dtype])
 
 
@@ -227,21 +230,30 @@ def test_per_rollout_advantages_broadcast(impl):
     assert_close_to_truth(impl, F64, case, 1e-9, eps=(0.1, 0.35))
 
 
+def spy_one_pass(monkeypatch):
+    """Records (rows, need_grad, grad_weight's data pointer) of each one-pass call."""
+    import prepo_kernels.grpo_loss as module
+
+    calls = []
+
+    def spy(chunks, hidden, weight, bias, targets, inv_temp, token_grads, need_grad, compute_entropy):
+        out = grpo_chunks.one_pass_fwdbwd(chunks, hidden, weight, bias, targets, inv_temp, token_grads, need_grad,
+                                          compute_entropy)
+        calls.append((hidden.shape[0], need_grad, out[2][1].data_ptr() if need_grad else None))
+        return out
+
+    monkeypatch.setattr(module, "one_pass_fwdbwd", spy)
+    return calls
+
+
 @pytest.mark.parametrize("impl", FUSED)
 def test_skipped_rows_never_reach_the_backend(impl, monkeypatch):
     """Ignored and zero-advantage rows cost nothing: the backend sees only the others, and their
     hidden gradient is exactly 0."""
-    seen = []
-    backend = grpo_backends.BACKENDS[impl]
-
-    def spy(hidden, *args):
-        seen.append(hidden.shape[0])
-        return backend(hidden, *args)
-
-    monkeypatch.setitem(grpo_backends.BACKENDS, impl, spy)
+    calls = spy_one_pass(monkeypatch)
     case = make_case(30, 8, 60)
     _, grads, stats = run(impl, F64, case)
-    assert seen == [int(stats.computed.sum())] and seen[0] < 30
+    assert [c[0] for c in calls] == [int(stats.computed.sum())] and calls[0][0] < 30
     assert (grads[0][~stats.computed] == 0).all()
 
 
@@ -250,19 +262,18 @@ def test_nothing_to_compute(impl):
     case = make_case(6, 8, 40)
     case["adv"] = torch.zeros_like(case["adv"])
     loss, grads, stats = run(impl, F64, case)
-    assert loss.item() == 0 and all((g == 0).all() for g in grads) and not stats.computed.any()
+    assert loss.item() == 0 and all((g == 0).all() for g in grads)
+    assert not stats.computed.any() or impl == "reference"  # the reference computes every valid row
 
 
 @pytest.mark.parametrize("impl", FUSED)
 def test_no_grad_skips_the_gradient_matmuls(impl, monkeypatch):
-    flags = []
-    backend = grpo_backends.BACKENDS[impl]
-    monkeypatch.setitem(grpo_backends.BACKENDS, impl, lambda *a: flags.append(a[-1]) or backend(*a))
+    calls = spy_one_pass(monkeypatch)
     case = make_case(12, 8, 40)
     with torch.no_grad():
         loss, _ = linear_grpo_loss(case["hidden"], case["weight"], case["targets"], case["old"], case["adv"],
                                    bias=case["bias"], temperature=0.7, impl=impl)
-    assert flags == [False]
+    assert [c[1] for c in calls] == [False]
     assert loss.item() == pytest.approx(truth(case)[0].item(), abs=1e-12)
 
 
@@ -289,9 +300,9 @@ BAD = [
     ("old_logprob ints", dict(old=torch.zeros(4, dtype=torch.long)), TypeError, "old_logprob must be float"),
     ("advantages shape", dict(adv=torch.zeros(3)), ValueError, "advantages of shape"),
     ("advantages list", dict(adv=[0.0] * 4), TypeError, "advantages must be a torch.Tensor"),
-    ("eps_low", dict(eps_low=1.0), ValueError, "eps_low must be in"),
-    ("eps_high", dict(eps_high=-0.1), ValueError, "eps_high must be"),
-    ("eps_high type", dict(eps_high="0.2"), TypeError, "eps_high must be a float"),
+    ("params type", dict(params=dict(eps_low=0.1)), TypeError, "params must be a GRPOLossParams"),
+    ("accumulation_steps", dict(accumulation_steps=0), ValueError, "accumulation_steps must be"),
+    ("rollout_weights shape", dict(rollout_weights=torch.ones(4)), ValueError, "rollout_weights shape"),
     ("num_tokens zero", dict(num_tokens=0), ValueError, "num_tokens must be"),
     ("num_tokens type", dict(num_tokens=torch.tensor(3)), TypeError, "num_tokens must be a number"),
     ("weight dtype", dict(weight=torch.randn(10, 8, dtype=F64)), TypeError, "weight dtype"),
@@ -313,99 +324,62 @@ def test_bad_input(name, overrides, exc, match):
         linear_grpo_loss(*args, **kwargs)
 
 
+@pytest.mark.parametrize("bad, match", [(dict(eps_low=1.0), "clip range"), (dict(eps_high=-0.1), "clip range"),
+                                        (dict(eps_high="0.2"), "eps_high must be a finite number")])
+def test_bad_clip_range(bad, match):
+    with pytest.raises(ValueError, match=match):
+        GRPOLossParams(**bad)
+
+
 def test_chunk_rows_bounds_the_logits():
-    assert grpo_backends.chunk_rows(32768) * 32768 * 4 <= grpo_backends.CHUNK_BYTES
-    assert grpo_backends.tile_rows(1024) * 1024 * 4 <= grpo_backends.TILE_BYTES
-    assert grpo_backends.chunk_rows(10) == 1024 and grpo_backends.chunk_rows(10**7) == 16
+    assert grpo_chunks.chunk_rows(32768) * 32768 * 4 <= grpo_chunks.CHUNK_BYTES
+    assert grpo_chunks.tile_rows(1024) * 1024 * 4 <= grpo_chunks.TILE_BYTES
+    assert grpo_chunks.chunk_rows(10) == 1024 and grpo_chunks.chunk_rows(10**7) == 16
 
 
-@pytest.mark.parametrize("eps", [(0.2, 10.0), (0.99, 0.28)], ids=["no-upper-clip", "no-lower-clip"])
-def test_a_backend_that_ignores_a_clip_side_fails_this_suite(eps, monkeypatch):
-    """The criterion can fail: a backend whose gradient ignores one side of the clip range."""
-    wrong = lambda *a: grpo_backends.torch_fwdbwd(*a[:8], *eps, *a[10:])  # noqa: E731
-    monkeypatch.setitem(grpo_backends.BACKENDS, "torch", wrong)
-    with pytest.raises(AssertionError, match="d_hidden"):
-        assert_close_to_truth("torch", F64, make_case(40, 48, 129), 1e-9)
-
-
-def test_runs_natively_only_where_the_log_prob_op_runs_the_same_backend(monkeypatch):
-    """The trainer and PrepoGRPOTrainer take the fused loss where it runs the backend the fused
-    log-probs would: on CPU, and on a GPU whose auto choice is triton (this op's triton backend);
-    not where that choice is "cuda" (this op's torch fallback). The registry calls a CUDA device
-    triton's without asking for one, so the GPU decision is checked here on a CPU-only machine."""
+def test_one_backend_system(monkeypatch):
+    """The loss resolves ``impl`` with the log-prob op's registry: "auto" is the same backend for
+    both (PREPO_KERNELS_IMPL included), an impl that cannot run raises the same error for both, and
+    "cuda" (no one-pass chunks) runs every variant in two passes through linear_logprob_entropy."""
     from prepo_kernels.backends import registry
-    from prepo_kernels.grpo_loss import grpo_runs_natively
 
-    assert all(grpo_runs_natively(impl, "cpu") for impl in ("auto", "torch", "reference"))
-    assert grpo_runs_natively("triton", "cpu") == (skip_reason("triton", "cpu") is None)  # the interpreter
-    assert registry.resolve("auto", torch.device("cuda")) == "triton" and grpo_runs_natively("auto", "cuda")
-    assert not grpo_runs_natively("cuda", "cuda")
-    monkeypatch.setattr(registry, "resolve", lambda impl, device: "cuda")
-    assert not grpo_runs_natively("auto", "cuda")
+    case = make_case(6, 8, 40)
+    used = []
+    real = registry.get
+    monkeypatch.setattr(registry, "get", lambda name: used.append(name) or real(name))
+    run("auto", F64, case)
+    assert used == [registry.resolve("auto", torch.device("cpu"))]
+    monkeypatch.setenv("PREPO_KERNELS_IMPL", "torch")
+    run("auto", F64, case)
+    assert used[-1] == "torch"
+    for impl in ("cuda", "fastest"):
+        with pytest.raises(Exception) as lle_error:
+            linear_logprob_entropy(case["hidden"], case["weight"], case["targets"], impl=impl)
+        with pytest.raises(type(lle_error.value), match=re.escape(str(lle_error.value).split(":")[0])):
+            run(impl, F64, case)
+    assert registry.get("cuda").grpo_chunks is None and registry.get("torch").grpo_chunks is not None
 
 
 def test_triton_needs_cuda_or_the_interpreter(monkeypatch):
-    """Without a CUDA device and with TRITON_INTERPRET unset the triton backend says why it cannot
-    run, an explicit impl="triton" raises that reason, and the fused loss does not apply there."""
-    from prepo_kernels.grpo_loss import grpo_runs_natively
-
+    """Without a CUDA device and with TRITON_INTERPRET unset, impl="triton" raises the registry's reason."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    why = grpo_backends.grpo_unavailable_reason("triton", torch.device("cpu"))
-    assert why is not None and "TRITON_INTERPRET=1" in why
-    assert grpo_backends.grpo_unavailable_reason("triton", torch.device("cuda")) is None
-    assert not grpo_runs_natively("triton", "cpu")
     with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET=1"):
         run("triton", F64, make_case(4, 8, 30))
 
 
 @pytest.mark.parametrize("impl", FUSED)
 def test_zero_dim_advantage(impl):
-    """One advantage for every token (a 0-d tensor): the backends get a stride-0 broadcast row."""
-    case = make_case(9, 8, 40, zero_adv_frac=0.0, ignore_frac=0.0)  # no row dropped: no copy
+    """One advantage for every token (a 0-d tensor)."""
+    case = make_case(9, 8, 40, zero_adv_frac=0.0, ignore_frac=0.0)
     case["adv"] = torch.tensor(-0.7, dtype=F64)
     assert_close_to_truth(impl, F64, case, 1e-9)
 
 
-def test_auto_falls_back_to_torch_without_the_native_op(monkeypatch):
-    """An extension built before csrc/cpu/grpo_loss_cpu.cpp existed: "auto" runs the torch backend,
-    an explicit "cpu" says why it cannot."""
-    import prepo_kernels.grpo_loss as module
-
-    monkeypatch.setattr(module, "grpo_unavailable_reason", lambda name, device: "not built" if name == "cpu" else None)
-    used = []
-    monkeypatch.setitem(grpo_backends.BACKENDS, "torch", lambda *a: used.append(1) or grpo_backends.torch_fwdbwd(*a))
-    case = make_case(5, 8, 30)
-    run("auto", F64, case)
-    assert used == [1]
-    with pytest.raises(BackendUnavailableError, match="not built"):
-        run("cpu", F64, case)
-    assert grpo_backends.grpo_unavailable_reason("cpu", torch.device("cpu")) is None or skip_reason("cpu", "cpu")
-    assert "no 'cuda' backend" in grpo_backends.grpo_unavailable_reason("cuda", torch.device("cuda"))
-
-
 @pytest.mark.parametrize("impl", FUSED)
 def test_backward_moves_the_gradients_without_copies(impl, monkeypatch):
-    """backward gets no zero-filled gradients for the op's non-differentiable outputs (dW-sized),
-    and the weight's .grad is the backend's own tensor (moved, not copied)."""
-    import prepo_kernels.grpo_loss as module
-
-    pointers, extra = [], []
-    backend = grpo_backends.BACKENDS[impl]
-
-    def spy(*args):  # keeps no reference to the gradients (that alone would force autograd to copy)
-        out = backend(*args)
-        pointers.append(out[3].data_ptr())
-        return out
-
-    monkeypatch.setitem(grpo_backends.BACKENDS, impl, spy)
-    original = module._backward
-    module.fused_grpo_loss.register_autograd(lambda ctx, g, *rest: extra.append(rest) or original(ctx, g, *rest),
-                                             setup_context=module._setup_context)
-    try:
-        case = make_case(6, 8, 40, bias=False, ignore_frac=0.0, zero_adv_frac=0.0)
-        w = case["weight"].clone().requires_grad_()
-        linear_grpo_loss(case["hidden"], w, case["targets"], case["old"], case["adv"], impl=impl)[0].backward()
-    finally:
-        module.fused_grpo_loss.register_autograd(original, setup_context=module._setup_context)
-    assert all(g is None for g in extra[0])
-    assert w.grad.data_ptr() == pointers[0]
+    """The weight's .grad is the one-pass path's own tensor (moved, not copied)."""
+    calls = spy_one_pass(monkeypatch)
+    case = make_case(6, 8, 40, bias=False, ignore_frac=0.0, zero_adv_frac=0.0)
+    w = case["weight"].clone().requires_grad_()
+    linear_grpo_loss(case["hidden"], w, case["targets"], case["old"], case["adv"], impl=impl)[0].backward()
+    assert w.grad.data_ptr() == calls[0][2]

@@ -350,17 +350,28 @@ def test_fused_loss_matches_trls_loss(tiny_qwen2_dir, tmp_path, old_logprobs):
     the parameters and the logged metrics of TRL's own loss on the fused log-probs, within float
     rounding."""
 
+    import prepo.integrations.trl as prepo_trl
+    from trl import GRPOTrainer
+
     class Counting(PrepoGRPOTrainer):
         fused_calls = 0
 
-        def fused_loss_applies(self, inputs):
-            applies = super().fused_loss_applies(inputs)
-            self.fused_calls += applies
-            return applies
+        def _compute_loss(self, model, inputs):
+            real = prepo_trl.linear_grpo_loss
 
-    class TrlLoss(PrepoGRPOTrainer):
-        def fused_loss_applies(self, inputs):
-            return False
+            def counted(*a, **k):
+                self.fused_calls += 1
+                return real(*a, **k)
+
+            prepo_trl.linear_grpo_loss = counted
+            try:
+                return super()._compute_loss(model, inputs)
+            finally:
+                prepo_trl.linear_grpo_loss = real
+
+    class TrlLoss(PrepoGRPOTrainer):   # TRL's own loss on the fused log-probs
+        def _compute_loss(self, model, inputs):
+            return GRPOTrainer._compute_loss(self, model, inputs)
 
     # SGD, not AdamW: AdamW's first steps move every weight by about lr whatever the gradient's size,
     # so rounding-level gradients of opposite signs would part the two runs by lr per weight

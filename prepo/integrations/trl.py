@@ -19,11 +19,12 @@ Three parts, each switched by one config flag (all off is plain TRL GRPO):
   extra no-grad fused pass.
 * ``prepo_fused_logprobs``: log-probs and entropies (loss, old and reference log-probs) come from
   prepo_kernels' fused LM head instead of TRL's (text-only models with a linear LM head; DDP yes,
-  FSDP / ZeRO-3 sharded heads no). Where it applies (:meth:`PrepoGRPOTrainer.fused_loss_applies`:
-  DAPO's loss with its clipped token-level ratio and nothing added to it), the loss itself is
-  ``prepo_kernels.linear_grpo_loss``: its gradients are computed in the forward pass, three LM-head
-  matmuls instead of four, zero-advantage rows skipped; TRL's metrics are logged with their own
-  definitions.
+  FSDP / ZeRO-3 sharded heads no), and the loss itself is ``prepo_kernels.linear_grpo_loss`` for
+  every combination of TRL's loss options (loss_type, importance_sampling_level, delta, beta and
+  use_bias_correction_kl, the entropy bonus, fixed or adaptive, top_entropy_quantile, vLLM's
+  importance sampling, off_policy_mask_threshold): gradients in the forward pass (three LM-head
+  matmuls instead of four, rows without a gradient skipped) where each token's gradient is its own,
+  two passes otherwise; TRL's metrics are logged with their own definitions.
 
 Logged in the trainer's log history: ``prepo/ppl_window_lo``, ``prepo/ppl_window_hi``,
 ``prepo/candidates_scored`` (curriculum) and ``prepo/weight_min``, ``prepo/weight_max`` (weighting).
@@ -42,8 +43,8 @@ import prepo_kernels
 import trl
 from trl import GRPOConfig, GRPOTrainer
 
-from prepo_kernels.grpo_loss import grpo_runs_natively
-from prepo_kernels.hf import next_token_grpo_loss, next_token_logprob_entropy
+from prepo_kernels import GRPOLossParams, linear_grpo_loss
+from prepo_kernels.hf import IGNORE, next_token_logprob_entropy, next_token_targets, tail_of
 from trl.trainer.utils import nanmax, nanmin
 
 from ..hub import resolve_model
@@ -110,7 +111,7 @@ class PrepoGRPOTrainer(GRPOTrainer):
     Overrides: ``get_train_dataloader`` / ``_get_train_sampler`` (candidate batches),
     ``_generate_and_score_completions`` (window before generation, weights after the advantages),
     ``_get_per_token_logps_and_entropies`` (fused log-probs and entropies), ``_compute_loss`` (the
-    fused GRPO loss where it applies).
+    fused GRPO loss).
     """
 
     def __init__(self, model, reward_funcs=None, args: PrepoGRPOConfig | None = None, *pargs, **kwargs):
@@ -279,54 +280,72 @@ class PrepoGRPOTrainer(GRPOTrainer):
         return logps, entropy if compute_entropy else None, None
 
     # ---------------------------------------------------------------- fused loss
-    def fused_loss_applies(self, inputs: dict) -> bool:
-        """Whether ``_compute_loss`` can be ``linear_grpo_loss``, which is DAPO's token-level clipped
-        surrogate alone. Not with: fused log-probs off; a KL term (it needs every token's reference
-        log-prob and gradient); another loss type or aggregation, sequence-level ratios, two-sided
-        clipping (delta), off-policy masks, entropy masks or bonus, vLLM importance weights, an MoE
-        aux loss, tool masks or images; nor where the fused log-probs run a backend the op lacks
-        ("cuda"; on GPUs "auto" is "triton", which it has). Without old log-probs in the batch
-        TRL's ratio is exactly 1 (the loss's own log-probs, detached, as the old ones):
-        linear_grpo_loss's old_logprob=None."""
+    def loss_params(self, mode: str) -> GRPOLossParams:
+        """TRL's loss options as linear_grpo_loss's params; the entropy bonus's coefficient is the one
+        TRL applies in this accumulation window (the adaptive controller's, gated by the last entropy)."""
         args = self.args
-        return (args.prepo_fused_logprobs and grpo_runs_natively("auto", self.accelerator.device)
-                and self.beta == 0.0 and self.loss_type == "dapo"
-                and self.importance_sampling_level == "token" and args.delta is None
-                and self.off_policy_mask_threshold is None and self.top_entropy_quantile == 1.0
-                and not self._entropy_bonus_enabled and not self.aux_loss_enabled and not self._is_vlm
-                and not (self.use_vllm and self.vllm_importance_sampling_correction)
-                and "tool_mask" not in inputs)
+        coef = 0.0
+        if self._entropy_bonus_enabled:
+            coef = self.entropy_coef
+            if self.use_adaptive_entropy and self._last_world_entropy > args.entropy_target:
+                coef = 0.0
+        return GRPOLossParams(
+            loss_type=self.loss_type, importance_sampling_level=self.importance_sampling_level,
+            eps_low=self.epsilon_low, eps_high=self.epsilon_high, delta=args.delta, beta=self.beta,
+            use_bias_correction_kl=args.use_bias_correction_kl, entropy_coef=coef,
+            top_entropy_quantile=self.top_entropy_quantile, off_policy_mask_threshold=self.off_policy_mask_threshold,
+            sapo_temperature_pos=args.sapo_temperature_pos, sapo_temperature_neg=args.sapo_temperature_neg,
+            vespo_k_pos=args.vespo_k_pos, vespo_lambda_pos=args.vespo_lambda_pos, vespo_k_neg=args.vespo_k_neg,
+            vespo_lambda_neg=args.vespo_lambda_neg, max_completion_length=self.max_completion_length)
 
     def _compute_loss(self, model, inputs):
-        if not self.fused_loss_applies(inputs):
+        """TRL's loss, every variant, as ``prepo_kernels.linear_grpo_loss`` on the decoder's hidden
+        states (no [B, T, V] logits; one pass where each token's gradient is its own, two otherwise),
+        with TRL's normalizers and TRL's metrics."""
+        if not self.args.prepo_fused_logprobs:
             return super()._compute_loss(model, inputs)
+        if self.aux_loss_enabled or self._is_vlm:
+            raise ValueError("prepo_fused_logprobs supports text-only models without an MoE aux loss: set "
+                             "prepo_fused_logprobs=False")
         mode = "train" if self.model.training else "eval"
-        # TRL's DAPO normalizer: the generation batch's tokens, rescaled to one accumulation window
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        # TRL's dapo / cispo / vespo normalizer: the generation batch's tokens, rescaled to one accumulation window
         normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
         if mode == "train":
             normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+        mask = inputs["completion_mask"] * inputs.get("tool_mask", 1)
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        n_keep = inputs["completion_ids"].shape[1]
         advantages = inputs["advantages"]
         advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
-        old = inputs.get("old_per_token_logps")   # None: on-policy
+        is_ratio = None
+        if (self.use_vllm and self.vllm_importance_sampling_correction) or self.loss_type == "vespo":
+            is_ratio = inputs.get("importance_sampling_ratio")
         with self.accelerator.autocast():
             hidden, head = tail_hidden(model, self.accelerator.unwrap_model(model), input_ids, attention_mask)
-            loss, stats = next_token_grpo_loss(
-                hidden, head, input_ids, attention_mask, inputs["completion_ids"].shape[1], old, advantages,
-                temperature=self.temperature, eps_low=self.epsilon_low, eps_high=self.epsilon_high,
-                num_tokens=float(normalizer), compute_entropy=True)
-        entropy = self._fill_entropy(stats, hidden, head, input_ids, attention_mask, inputs["completion_mask"])
-        # not computed (advantage 0): never clipped, whatever the ratio, so any ratio will do
-        coef_1 = torch.ones_like(stats.logprob) if old is None else \
-            torch.where(stats.computed, torch.exp(stats.logprob - old), 1.0)
-        self._log_loss_metrics(mode, inputs["completion_mask"], advantages, coef_1, entropy)
+            targets = torch.where(mask.bool(), next_token_targets(input_ids, attention_mask, n_keep), IGNORE)
+            loss, stats = linear_grpo_loss(
+                tail_of(hidden, head, n_keep), head.weight, targets, inputs.get("old_per_token_logps"), advantages,
+                bias=head.bias, ignore_index=IGNORE, temperature=self.temperature, params=self.loss_params(mode),
+                ref_logprob=inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
+                importance_sampling_ratio=is_ratio, sampling_logprob=inputs.get("sampling_per_token_logps"),
+                num_tokens=float(normalizer), accumulation_steps=float(accumulation),
+                gather_entropies=self._gather_entropies, compute_entropy=True)
+        entropy = self._fill_entropy(stats, hidden, head, input_ids, attention_mask, mask)
+        self._log_loss_metrics(mode, accumulation, mask, advantages, stats.terms, entropy)
         return loss
+
+    def _gather_entropies(self, local: torch.Tensor) -> torch.Tensor:
+        """Every rank's 1-D entropies, as TRL's get_high_entropy_mask gathers them (a negative pad)."""
+        pad = -1e9
+        gathered = self.accelerator.gather(self.accelerator.pad_across_processes(local, dim=0, pad_index=pad))
+        return gathered[gathered != pad]
 
     def _fill_entropy(self, stats, hidden, head, input_ids, attention_mask, mask) -> torch.Tensor:
         """[B, C] entropies of the completion tokens (``mask``): the fused loss's where it computed them,
-        a no-grad forward of the LM head on the rows holding the rest (zero-advantage rows, which the
-        loss skips)."""
+        a no-grad forward of the LM head on the rows holding the rest (rows without a gradient, which
+        the one-pass loss skips)."""
         entropy = stats.entropy
         rows = (mask.bool() & ~stats.computed).any(1).nonzero().squeeze(1)
         if rows.numel() == 0:
@@ -338,22 +357,60 @@ class PrepoGRPOTrainer(GRPOTrainer):
         entropy[rows] = torch.where(stats.computed[rows], entropy[rows], rest)
         return entropy
 
-    def _log_loss_metrics(self, mode, mask, advantages, coef_1, entropy) -> None:
-        """TRL's DAPO metrics with TRL's definitions: the token-mean entropy and clip ratios over all
-        ranks, the per-sequence low-clip minimum and high-clip maximum."""
-        mask = mask.to(coef_1.dtype)
+    def _log_loss_metrics(self, mode, accumulation, mask, advantages, terms, entropy) -> None:
+        """TRL's _compute_loss metrics with TRL's definitions, and its adaptive entropy controller."""
+        mask = mask.to(entropy.dtype)
+        metrics = self._metrics[mode]
+
+        def masked_seq_mean(x):
+            return x.squeeze(1) if x.shape[1] == 1 else (x * mask).sum(-1) / mask.sum(-1)
 
         def global_masked_mean(x):
-            totals = self.accelerator.reduce(torch.stack([(x * mask).sum(), mask.sum()]), reduction="sum")
+            if x.shape[1] == 1:
+                local_sum, local_count = x.sum(), torch.tensor(float(x.shape[0]), device=x.device)
+            else:
+                local_sum, local_count = (x * mask).sum(), mask.sum().float()
+            totals = self.accelerator.reduce(torch.stack([local_sum, local_count]), reduction="sum")
             return (totals[0] / totals[1].clamp(min=1.0)).item()
 
-        metrics = self._metrics[mode]
+        if self._entropy_bonus_enabled:  # TRL logs these losses before their division by the accumulation steps
+            policy_loss = terms.policy_loss * (accumulation if self.loss_type not in ("dapo", "cispo", "vespo") else 1)
+            metrics["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
+            self._adapt_entropy_coef(mode, entropy, terms.effective_mask)
+        if self.beta != 0.0:
+            metrics["kl"].append(global_masked_mean(terms.per_token_kl))
         metrics["entropy"].append(global_masked_mean(entropy))
-        low = ((coef_1 < 1 - self.epsilon_low) & (advantages < 0)).float()
-        high = ((coef_1 > 1 + self.epsilon_high) & (advantages > 0)).float()
-        metrics["clip_ratio/low_mean"].append(global_masked_mean(low))
-        metrics["clip_ratio/high_mean"].append(global_masked_mean(high))
-        metrics["clip_ratio/region_mean"].append(global_masked_mean(torch.maximum(low, high)))
-        seq_mean = lambda x: (x * mask).sum(-1) / mask.sum(-1)  # noqa: E731
-        metrics["clip_ratio/low_min"].append(nanmin(self.accelerator.gather(seq_mean(low))).item())
-        metrics["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(seq_mean(high))).item())
+        coef_1 = terms.coef_1
+        if self.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
+            low = ((coef_1 < 1 - self.epsilon_low) & (advantages < 0)).float()
+            high = ((coef_1 > 1 + self.epsilon_high) & (advantages > 0)).float()
+            metrics["clip_ratio/low_mean"].append(global_masked_mean(low))
+            metrics["clip_ratio/high_mean"].append(global_masked_mean(high))
+            metrics["clip_ratio/region_mean"].append(global_masked_mean((low.bool() | high.bool()).float()))
+            metrics["clip_ratio/low_min"].append(nanmin(self.accelerator.gather(masked_seq_mean(low))).item())
+            metrics["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(masked_seq_mean(high))).item())
+        elif self.loss_type == "cispo":
+            metrics["cispo_clip_ratio"].append(global_masked_mean(((coef_1 > self.epsilon_high) & (advantages > 0))
+                                                                  .float()))
+        elif self.loss_type == "vespo":
+            metrics["vespo/phi_seq_mean"].append(global_masked_mean(terms.phi))
+
+    def _adapt_entropy_coef(self, mode, entropy, effective_mask) -> None:
+        """TRL's adaptive entropy controller (use_adaptive_entropy): the window's token-mean entropy
+        over all ranks moves entropy_coef by entropy_coef_delta at each optimizer step."""
+        args = self.args
+        if self.use_adaptive_entropy and mode == "train":
+            stats = torch.stack([(entropy * effective_mask).sum(), effective_mask.sum()]).detach()
+            self._entropy_window_stats = stats if self._entropy_window_stats is None else \
+                self._entropy_window_stats + stats
+            if self.accelerator.sync_gradients:
+                window = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+                world_entropy = (window[0] / window[1].clamp(min=1.0)).item()
+                if world_entropy <= args.entropy_target:
+                    self.entropy_coef = min(self.entropy_coef + args.entropy_coef_delta, args.entropy_coef_max)
+                else:
+                    self.entropy_coef = max(self.entropy_coef - args.entropy_coef_delta, args.entropy_coef_min)
+                self._last_world_entropy = world_entropy
+                self._entropy_window_stats = None
+        if mode == "train" and self.accelerator.sync_gradients:
+            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)

@@ -93,6 +93,8 @@ class Backend(Protocol):
     """What the registry (``prepo_kernels.backends.registry``) holds for each impl name."""
 
     name: str
+    # the one-pass row chunks of linear_grpo_loss (backends/grpo_chunks.py), or None: two passes
+    grpo_chunks: object
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
         """None when this backend can run on ``device``, else a sentence saying why not."""

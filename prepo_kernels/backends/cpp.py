@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from .grpo_chunks import CppChunks
 from .base import BackwardInputs, ForwardInputs, Grads, Stats, accumulation_dtype
 
 try:
@@ -82,6 +83,8 @@ class CppBackend:
     def __init__(self, name: str, device_type: str):
         self.name = name
         self.device_type = device_type
+        # the one-pass GRPO loss's row chunks: csrc/cpu/grpo_loss_cpu.cpp on CPU; none on CUDA (two passes)
+        self.grpo_chunks = CppChunks() if device_type == "cpu" else None
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
         if _IMPORT_ERROR is not None:

@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from .grpo_chunks import TORCH_CHUNKS
 from .base import BackwardInputs, ForwardInputs, Grads, Stats, accumulation_dtype
 
 # elements in one logits tile: 4M fp32 = 16 MB, a few tiles of temporaries stay well under 100 MB
@@ -124,6 +125,7 @@ def backward(x: BackwardInputs) -> Grads:
 
 class TorchChunkedBackend:
     name = "torch"
+    grpo_chunks = TORCH_CHUNKS  # the one-pass GRPO loss's row chunks in torch ops
     forward = staticmethod(forward)
     backward = staticmethod(backward)
 

@@ -27,6 +27,15 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 class TritonBackend:
     name = "triton"
 
+    @property
+    def grpo_chunks(self):
+        """The one-pass GRPO chunks: torch matmuls, the row pass in prepo_kernels/triton/grpo_rows.py."""
+        from prepo_kernels.triton.grpo_rows import triton_grad, triton_stats
+
+        from .grpo_chunks import MatmulChunks
+
+        return MatmulChunks(triton_stats, triton_grad)
+
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
         if _IMPORT_ERROR is not None:
             return _IMPORT_ERROR

@@ -8,7 +8,7 @@ One kernel per file:
     backward_dh.py             backward, deterministic mode: dh (grid over rows, loop over vocab)
     backward_dw.py             backward, deterministic mode: dW, db (grid over vocab, loop over rows)
     backward.py                backward launcher choosing between the two modes
-    grpo_rows.py               linear_grpo_loss's row pass: softmax, surrogate gradient, dL/dz in place
+    grpo_rows.py               linear_grpo_loss's one-pass row pass: stats, then dL/dz in place
     config.py                  block sizes, tf32 / ieee choice, gradient-filter bound
     aot_check.py               compile every variant for sm_XX without a GPU, report regs/spills
                                (python -m prepo_kernels.triton.aot_check)

@@ -92,24 +92,27 @@ def _backward_variants(name: str, dt) -> Iterator[_Variant]:
 
 
 def _grpo_rows_variants(name: str, dt) -> Iterator[_Variant]:
-    """The fused GRPO loss's row kernel on the logits of ``dt`` inputs (fp32, fp64 for fp64): with
-    and without entropy and gradient; with the gradient, with and without old log-probs."""
+    """The one-pass GRPO loss's row kernels on the logits of ``dt`` inputs (fp32, fp64 for fp64): the
+    statistics kernel with and without entropy, the gradient kernel with and without dL/dentropy."""
     import torch
 
     from . import config
-    from .grpo_rows import _grpo_rows_kernel
+    from .grpo_rows import _grpo_grad_kernel, _grpo_stats_kernel
 
     acc = "*fp64" if dt == torch.float64 else "*fp32"
     block_v, num_warps = config.grpo_rows_blocks(_V, torch.float64 if dt == torch.float64 else torch.float32)
-    names = ["z_ptr", "y_ptr", "it_ptr", "old_ptr", "adv_ptr", "consts_ptr", "logprob_ptr", "ent_ptr", "V"]
-    types = [acc, "*i64"] + [acc] * 6 + ["i32"]
     blocks = config.Blocks(1, block_v, 0, num_warps=num_warps, num_stages=1)
-    for grad, has_old, ent in ((False, False, False), (False, False, True), (True, False, False),
-                               (True, False, True), (True, True, False), (True, True, True)):
-        consts = dict(HAS_OLD=has_old, COMPUTE_ENTROPY=ent, NEED_GRAD=grad, BLOCK_V=block_v)
-        yield _Variant(_grpo_rows_kernel, names, types, consts, blocks,
-                       f"grpo_rows {acc[1:]} logits ({name} inputs) grad={grad} old={has_old} entropy={ent} "
-                       f"BLOCK_V={block_v} num_warps={num_warps}")
+    tag = f"{acc[1:]} logits ({name} inputs) BLOCK_V={block_v} num_warps={num_warps}"
+    stats_names = ["z_ptr", "y_ptr", "it_ptr", "logprob_ptr", "ent_ptr", "lse_ptr", "V"]
+    stats_types = [acc, "*i64"] + [acc] * 4 + ["i32"]
+    for ent in (False, True):
+        yield _Variant(_grpo_stats_kernel, stats_names, stats_types, dict(COMPUTE_ENTROPY=ent, BLOCK_V=block_v),
+                       blocks, f"grpo_stats {tag} entropy={ent}")
+    grad_names = ["z_ptr", "y_ptr", "it_ptr", "lse_ptr", "ent_ptr", "g_ptr", "e_ptr", "V"]
+    grad_types = [acc, "*i64"] + [acc] * 5 + ["i32"]
+    for has_e in (False, True):
+        yield _Variant(_grpo_grad_kernel, grad_names, grad_types, dict(HAS_E=has_e, BLOCK_V=block_v), blocks,
+                       f"grpo_grad {tag} entropy_grad={has_e}")
 
 
 _FAMILIES = {"forward": _forward_variants, "backward": _backward_variants, "grpo_rows": _grpo_rows_variants}

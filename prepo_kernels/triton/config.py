@@ -85,11 +85,11 @@ def backward_blocks(n: int, V: int, D: int, dtype: torch.dtype, deterministic: b
 
 
 def grpo_rows_blocks(V: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(BLOCK_V, num_warps) of grpo_rows.py's kernel (one program per row, two streaming passes
+    """(BLOCK_V, num_warps) of grpo_rows.py's kernels (one program per row, one streaming pass each
     over its V logits of ``dtype``, fp32 or fp64); a row shorter than the tile takes the power of 2
     at or above V. GPU: 128 bytes of logits per thread and tile (32 fp32, Liger's cross-entropy
-    ratio of 32768 per 32 warps): compiled for sm_90 without spills, at most 74 registers (fp32)
-    and 92 (fp64) (aot_check; 32768 per 32 warps spills). Not timed: no GPU was available."""
+    ratio of 32768 per 32 warps): compiled for sm_90 without spills, at most 108 registers (fp32)
+    and 122 (fp64) (aot_check; 32768 per 32 warps spills). Not timed: no GPU was available."""
     if interpreting():  # few large tiles: the interpreter is vectorised per program
         return _pow2_at_least(V, 16, 8192), 4
     if dtype == torch.float64:
