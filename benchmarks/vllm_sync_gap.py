@@ -105,7 +105,7 @@ def main() -> None:
     ap.add_argument("--no-retie", action="store_true", help="vLLM's plain reload, without the engine's re-tie")
     ap.add_argument("--noise", type=float, default=0.5, help="noise added to the tied embedding, in its std")
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("PREPO_CACHE", "~/.cache/prepo")).expanduser())
-    ap.add_argument("--machine", default="2-core AMD EPYC (AVX2)")
+    ap.add_argument("--machine", default="2-core AMD EPYC (Zen 4: AVX-512, AVX512_BF16)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = ap.parse_args()
     result = measure(args)
