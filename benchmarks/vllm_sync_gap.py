@@ -73,7 +73,7 @@ def measure(args) -> dict:
                                     cpu_kv_cache_gib=0.5, max_model_len=512, check_every=0,
                                     stop_ids=stop_token_ids(model, tok))
     fixed = Rollouts.concat(list(engine.generate([PROMPT], 4)), tok.pad_token_id)
-    gap = lambda m: float((engine.completion_logprobs(fixed) - trainer_logprobs(m, fixed)).abs().max())  # noqa: E731
+    gap = lambda m: engine.logprob_gap(m, fixed)  # noqa: E731
     rows = [{"after": "engine built, no change", "gap": gap(model)}]
     engine.sync_weights(model)
     rows.append({"after": "sync_weights of unchanged weights", "gap": gap(model)})

@@ -65,8 +65,8 @@ _WRAPPER_PREFIXES = re.compile(r"(?:^|(?<=\.))(?:_orig_mod|module|_fsdp_wrapped_
 
 
 # The largest |vLLM log-prob - policy log-prob| over the probe tokens that still counts as rounding,
-# by vLLM's weight dtype (the policy side is fp32). fp32: measured 2.6e-5 on SmolLM2 after a sync,
-# against 5.1 with a stale head. Half precision: rounding of the weights and activations.
+# by vLLM's weight dtype (the policy side is fp32). fp32: measured 2e-5 to 7e-5 on SmolLM2 after a sync,
+# against 11 to 25 with a stale head (benchmarks/vllm_sync_gap.py). Half precision: not measured.
 CHECK_TOL = {"float32": 1e-2, "bfloat16": 0.5, "float16": 0.25}
 PROBE_ROWS = 1   # probe sequences kept from the first rollouts for the freshness check
 # syncs between checks (the first sync is always checked): a check is one forward of the probe on each
