@@ -16,8 +16,13 @@ Providers (each computes loss.backward() of the variant's loss w.r.t. hidden and
                           grpo_objective, the loss TRL's GRPOTrainer computes
     liger                 liger_kernel.chunked_loss.LigerFusedLinearGRPOLoss (compiled=False), where it
                           has the variant ("n/a" otherwise: no entropy bonus, quantile or off-policy mask)
-Variants (GRPOLossParams): dapo, grpo_kl (beta 0.04, bias-corrected KL), sapo_entropy (entropy bonus)
-take one pass; grpo_sequence (sequence-level ratios) and vespo take two. Rows are 512-token sequences.
+Variants (GRPOLossParams), one per loss type TRL computes plus the KL and sequence-level options:
+grpo, bnpo, dr_grpo, dapo, cispo, sapo_entropy (sapo with an entropy bonus), luspo, grpo_kl (beta 0.04,
+bias-corrected KL) take one pass; grpo_sequence (sequence-level ratios) and vespo take two. Rows are
+512-token sequences.
+Inputs: random (--shape; the weight scaled to a mean token entropy of about 1.5 nats), or with
+--model smollm2 SmolLM2-135M-Instruct's real tied head [49152, 576] and its real final hidden states
+over wordmath chats (bench_smollm2_lm_head.real_rows), N rows (--shape's N; D and V are the model's).
 Scenarios: "all_rows" and "half_zero_adv" (half the sequences with advantage 0, like zero-variance
 groups; only grpo_cpu is rerun). Each (shape, dtype, variant, scenario, provider) runs in its own
 subprocess (memory: Linux VmHWM above the inputs and the two unavoidable gradients, as
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -43,20 +49,41 @@ PROVIDERS = ("matmul_3", "matmul_4", "matmul_4_fp32", "lle_cpu", "grpo_torch", "
 SKIPPING = ("grpo_cpu",)  # rerun in half_zero_adv; the floors are copied, the rest skipped
 SEQ = 512  # tokens per sequence
 VARIANTS = {
+    "grpo": dict(loss_type="grpo"),
+    "bnpo": dict(loss_type="bnpo"),
+    "dr_grpo": dict(loss_type="dr_grpo", max_completion_length=SEQ),
     "dapo": dict(),
-    "grpo_kl": dict(loss_type="grpo", beta=0.04, use_bias_correction_kl=True),
+    "cispo": dict(loss_type="cispo"),
     "sapo_entropy": dict(loss_type="sapo", entropy_coef=0.01),
+    "luspo": dict(loss_type="luspo"),
+    "grpo_kl": dict(loss_type="grpo", beta=0.04, use_bias_correction_kl=True),
     "grpo_sequence": dict(loss_type="grpo", importance_sampling_level="sequence"),
     "vespo": dict(loss_type="vespo"),
 }
-LIGER_HAS = ("dapo", "grpo_kl", "grpo_sequence", "vespo")
+LIGER_LACKS = ("sapo_entropy",)  # Liger's GRPO loss has no entropy bonus
+MODELS = ("random", "smollm2")
 
 
-def make_inputs(n, d, vocab, dtype, zero_frac):
-    """providers.make_case's hidden / weight / targets (mean entropy about 1.5 nats) as [n / SEQ, SEQ]
-    sequences, providers.grpo_inputs' old log-probs (and reference ones, another draw) a little off the
-    current ones, and per-sequence advantages, 0 on a ``zero_frac`` share of them."""
-    case = providers.make_case(n, d, vocab, dtype, 0.0)
+def real_case(n: int, dtype) -> providers.Case:
+    """SmolLM2's real final hidden states [n, 576], tied head [49152, 576] and next tokens [n] as a
+    providers.Case, built once per n and cached in the temp directory (each provider runs in its own
+    process)."""
+    cache = Path(tempfile.gettempdir()) / f"prepo-bench-grpo-smollm2-{n}.pt"
+    if not cache.exists():
+        from bench_smollm2_lm_head import real_rows
+
+        torch.save(real_rows(n), cache)
+    hidden, weight, targets = torch.load(cache)
+    ones = torch.ones(n)
+    return providers.Case(hidden.to(dtype), weight.to(dtype), targets, ones, ones)
+
+
+def make_inputs(n, d, vocab, dtype, zero_frac, model="random"):
+    """Hidden / weight / targets (providers.make_case's, mean entropy about 1.5 nats, or SmolLM2's real
+    ones) as [n / SEQ, SEQ] sequences, providers.grpo_inputs' old log-probs (and reference ones, another
+    draw) a little off the current ones, and per-sequence advantages, 0 on a ``zero_frac`` share of them."""
+    case = real_case(n, dtype) if model == "smollm2" else providers.make_case(n, d, vocab, dtype, 0.0)
+    d = case.hidden.shape[1]
     b, t = max(1, n // SEQ), min(n, SEQ)
     old, _ = providers.grpo_inputs(case)
     ref, _ = providers.grpo_inputs(case, seed=2, spread=0.1)
@@ -92,14 +119,15 @@ def build(name, variant, hidden, weight, targets, old, ref, adv):
         return lp.view(targets.shape), None if ent is None else ent.view(targets.shape)
 
     def liger():
-        if variant not in LIGER_HAS:
+        if variant in LIGER_LACKS:
             raise providers.Unavailable(f"n/a: Liger's GRPO loss has no {variant}")
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
         module = LigerFusedLinearGRPOLoss(beta=params.beta, compiled=False, use_ref_model=False,
                                           epsilon_low=params.eps_low, epsilon_high=params.eps_high,
                                           loss_type=params.loss_type, importance_sampling_level=params.importance_sampling_level,
-                                          use_bias_correction_kl=params.use_bias_correction_kl)
+                                          use_bias_correction_kl=params.use_bias_correction_kl,
+                                          max_completion_length=params.max_completion_length)
         return lambda h, w: module(h, w, targets, mask.long(), adv.view(-1), ref_per_token_logps=ref,
                                    old_per_token_logps=old)[0]
 
@@ -119,7 +147,9 @@ def build(name, variant, hidden, weight, targets, old, ref, adv):
 def worker(spec: dict) -> dict:
     n, d, vocab = spec["shape"]
     dtype, name = DTYPES[spec["dtype"]], spec["provider"]
-    hidden, weight, targets, old, ref, adv, case = make_inputs(n, d, vocab, dtype, SCENARIOS[spec["scenario"]])
+    hidden, weight, targets, old, ref, adv, case = make_inputs(n, d, vocab, dtype, SCENARIOS[spec["scenario"]],
+                                                               spec["model"])
+    d, vocab = case.hidden.shape[1], case.weight.shape[0]
     if name.startswith("matmul_"):
         run = providers.build(name, "fwdbwd", case)
     else:
@@ -166,6 +196,8 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
     parser.add_argument("--providers", default=",".join(PROVIDERS))
+    parser.add_argument("--model", choices=MODELS, default="random",
+                        help="random inputs of --shape, or SmolLM2's real head and hidden states (N rows)")
     parser.add_argument("--skip-bf16-floors", action="store_true",
                         help="do not time matmul_3 / matmul_4 in bf16 (minutes each on a CPU without bf16 GEMMs)")
     args = parse_or_serve(parser, worker, "grpo_loss_cpu_4096x1024x32768")
@@ -180,6 +212,9 @@ def main() -> None:
               "on the variant or the scenario: measured once per dtype, copied to the other groups.")
     print(header, flush=True)
     dims = [int(x) for x in args.shape.split("x")]
+    if args.model == "smollm2":
+        dims[1:] = [576, 49152]
+        args.shape = "x".join(map(str, dims)) + " (SmolLM2)"
     rows, floors = [], {}
     for dtype in args.dtypes.split(","):
         for variant in args.variants.split(","):
@@ -208,14 +243,14 @@ def measured_row(args, dims, dtype, variant, scenario, name, floors):
             return row
         if floor_key not in floors:
             spec = {"shape": dims, "dtype": floor_key[0], "scenario": "all_rows", "variant": variant,
-                    "provider": floor_key[1], "reps": args.reps}
+                    "provider": floor_key[1], "reps": args.reps, "model": args.model}
             floors[floor_key] = measure(spec)
         row.update({k: v for k, v in floors[floor_key].items() if k in ("median_ms", "extra_mb", "error")})
         return row
     if scenario != "all_rows" and name not in SKIPPING:
         return None
     row.update(measure({"shape": dims, "dtype": dtype, "variant": variant, "scenario": scenario, "provider": name,
-                        "reps": args.reps}))
+                        "reps": args.reps, "model": args.model}))
     return row
 
 

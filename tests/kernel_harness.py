@@ -28,6 +28,16 @@ interpreter_warnings = [
 ]
 
 
+def cpu_has_bf16_dot() -> bool:
+    """Whether this CPU has native bf16 dot products (AVX512_BF16 or AMX), where the C++ backend runs
+    its bf16 GEMMs in bf16 (oneDNN's brgemm) instead of upcasting the tiles to fp32."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
 def skip_reason(impl: str, device: str):
     """None when backend ``impl`` runs on ``device`` here, else why not."""
     if device == "cuda" and not torch.cuda.is_available():

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from kernel_harness import F64, interpreter_warnings, make_inputs, skip_reason
+from kernel_harness import F64, cpu_has_bf16_dot, interpreter_warnings, make_inputs, skip_reason
 from prepo.loss import grpo_loss
 from prepo_kernels import BackendUnavailableError, GRPOLossParams, GRPOLossStats, linear_grpo_loss, linear_logprob_entropy
 from prepo_kernels.backends import grpo_chunks
@@ -196,6 +196,22 @@ def test_low_precision_dw_accumulates_across_chunks(impl, dtype, monkeypatch):
     monkeypatch.setattr(grpo_chunks, "TILE_BYTES", 4 * 64 * 1000)
     assert grpo_chunks.chunk_rows(2500) == 16 and grpo_chunks.tile_rows(64) == 1000
     assert_close_to_truth(impl, dtype, make_case(48, 64, 2500), LOW[dtype])
+
+
+@pytest.mark.skipif(skip_reason("cpu", "cpu") is not None, reason=str(skip_reason("cpu", "cpu")))
+def test_cpu_bf16_gemm_dtype_follows_the_cpu(monkeypatch):
+    """bf16 on the C++ backend: bf16 GEMMs (oneDNN's brgemm, dz rounded to bf16) where the CPU has
+    native bf16 dot products, fp32 GEMMs on upcast tiles where it has not or PREPO_CPU_BF16_BRGEMM=0;
+    both within the reference's error, and on a CPU with native bf16 the two differ (the bf16 GEMMs
+    ran). Odd D always takes the upcast path."""
+    case = make_case(48, 64, 2500)
+    runs = {}
+    for env in ("0", "1"):
+        monkeypatch.setenv("PREPO_CPU_BF16_BRGEMM", env)
+        assert_close_to_truth("cpu", torch.bfloat16, case, LOW[torch.bfloat16])
+        runs[env] = run("cpu", torch.bfloat16, case)[1][0]
+    assert (not torch.equal(runs["0"], runs["1"])) == cpu_has_bf16_dot()
+    assert_close_to_truth("cpu", torch.bfloat16, make_case(24, 63, 300), LOW[torch.bfloat16])
 
 
 @pytest.mark.parametrize("impl", IMPLS)

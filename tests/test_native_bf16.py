@@ -10,15 +10,9 @@ import torch
 
 pytest.importorskip("prepo_kernels._C", reason="native extension prepo_kernels._C not built")
 
+from kernel_harness import cpu_has_bf16_dot  # noqa: E402
+
 ops = torch.ops.prepo_kernels
-
-
-def cpu_has_bf16_dot() -> bool:
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
 def make(n, D, V, bias=False, neg_inf_bias=False, seed=0):

@@ -11,11 +11,16 @@
 //   backward: ZT <- dL/dz * inv_temp = (g (1[v=y] - p_v) - e p_v (z_v - lse + H)) * inv_temp in place,
 //             from g = dL/dlogprob and e = dL/dentropy; dh = ZT^T W (matmul 2); dW += ZT h, db += row
 //             sums of ZT (matmul 3).
-// Nothing is recomputed. fp32 / fp64 run their GEMMs in their own dtype on the whole vocabulary.
-// bf16 / fp16 run them in fp32 (on CPUs without native bf16 GEMMs, ATen's bf16 matmul is several
-// times slower than fp32): h is upcast once per call, W one vocab tile of tile_rows rows at a time
-// into a buffer, and each vocab tile of dW is upcast into a tile-sized fp32 buffer, accumulated there
-// by the GEMM and rounded back to the weight's dtype (one rounding per row chunk; no [V, D] fp32
+// Nothing is recomputed. The GEMM dtype follows what the CPU has:
+// - fp32 / fp64 run their GEMMs in their own dtype on the whole vocabulary (ChunkGemms).
+// - bf16 on a CPU with native bf16 dot products (AVX512_BF16 / AMX, where oneDNN's bf16 brgemm runs;
+//   PREPO_CPU_BF16_BRGEMM=0 turns it off): Bf16ChunkGemms, the logits in fp32 from bf16 operands
+//   (brgemm), the backward GEMMs as bf16 matmuls on dz rounded to bf16 (as lle_cpu.cpp, Liger, CCE).
+// - bf16 elsewhere, and fp16, run them in fp32 (without native bf16 dot products ATen's bf16 matmul
+//   is several times slower than fp32): h is upcast once per call, W one vocab tile of tile_rows rows
+//   at a time into a buffer, and each vocab tile of dW is upcast into a tile-sized fp32 buffer,
+//   accumulated there by the GEMM and rounded back to the weight's dtype.
+// Either way dW accumulates in the weight's dtype with one rounding per row chunk (no [V, D] fp32
 // accumulator; Liger's fused linear losses also accumulate grad_weight in the weight's dtype).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -27,6 +32,7 @@
 #include <limits>
 #include <tuple>
 
+#include "bf16_brgemm.h"
 #include "fast_exp.h"
 
 namespace prepo_kernels {
@@ -190,7 +196,7 @@ inline void grad_rows(double* ZT, int64_t c, int64_t V, const ChunkGrads<double>
 class ChunkGemms {
  public:
   ChunkGemms(const Tensor& weight, at::ScalarType acc, int64_t tile_rows)
-      : weight_(weight), lowp_(weight.scalar_type() != acc), tile_(std::min(tile_rows, weight.size(0))) {
+      : weight_(weight), acc_(acc), lowp_(weight.scalar_type() != acc), tile_(std::min(tile_rows, weight.size(0))) {
     if (lowp_) {
       const int64_t rows = tile_;
       wbuf_ = at::empty({rows, weight.size(1)}, weight.options().dtype(acc));
@@ -198,7 +204,8 @@ class ChunkGemms {
     }
   }
   // ZT [V, c] = W h^T
-  void logits(const Tensor& h, Tensor& ZT) {
+  void logits(const Tensor& hidden, Tensor& ZT) {
+    const Tensor h = acc_rows(hidden);
     if (!lowp_) {
       at::mm_out(ZT, weight_, h.t());
       return;
@@ -209,7 +216,8 @@ class ChunkGemms {
     });
   }
   // dh = ZT^T W (overwritten), dW += ZT h; dW has the weight's dtype
-  void grads(const Tensor& ZT, const Tensor& h, Tensor dh, Tensor& dW) {
+  void grads(const Tensor& ZT, const Tensor& hidden, Tensor dh, Tensor& dW) {
+    const Tensor h = acc_rows(hidden);
     if (!lowp_) {
       dW.addmm_(ZT, h);
       at::mm_out(dh, ZT.t(), weight_);
@@ -228,6 +236,7 @@ class ChunkGemms {
   }
 
  private:
+  Tensor acc_rows(const Tensor& hidden) const { return hidden.detach().to(acc_).contiguous(); }
   template <typename F>
   void for_tiles(F&& f) {
     const int64_t V = weight_.size(0);
@@ -239,10 +248,59 @@ class ChunkGemms {
     }
   }
   const Tensor weight_;
+  const at::ScalarType acc_;
   const bool lowp_;
   const int64_t tile_;
   Tensor wbuf_, dwbuf_;
 };
+
+#if defined(PREPO_HAVE_BRGEMM)
+// The GEMMs of one chunk for a bf16 weight on a CPU that runs oneDNN's bf16 brgemm (see the header).
+// The logits: one brgemm per block of kBlockRows vocab rows (threads split the blocks) against h^T
+// packed once per chunk, fp32 out. The backward: dz rounded to bf16 once, then oneDNN's bf16 matmuls;
+// dh leaves rounded to bf16 (the hidden's own precision: each row's sum over the vocabulary is done
+// inside one GEMM), dW += dz h rounded to bf16 once per chunk.
+class Bf16ChunkGemms {
+ public:
+  explicit Bf16ChunkGemms(const Tensor& weight) : weight_(weight) {}
+  void logits(const Tensor& hidden, Tensor& ZT) const {
+    using namespace brgemm;
+    const Tensor h = hidden.detach().contiguous();
+    const int64_t c = h.size(0), D = h.size(1), V = weight_.size(0);
+    const Tensor hp = at::empty({packed_size(D, c)}, h.options());
+    pack_vnni(h.data_ptr<BFloat16>(), D, c, 1, D, hp.data_ptr<BFloat16>());  // B = h^T [D, c]
+    const BFloat16* W = weight_.data_ptr<BFloat16>();
+    const BFloat16* B = hp.data_ptr<BFloat16>();
+    float* Z = ZT.data_ptr<float>();
+    at::parallel_for(0, (V + kBlockRows - 1) / kBlockRows, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t v0 = lo * kBlockRows; v0 < std::min(V, hi * kBlockRows); v0 += kBlockRows)
+        brgemm_bf16(std::min(kBlockRows, V - v0), c, D, W + v0 * D, D, B, Z + v0 * c, c, false);
+      at::native::cpublas::brgemm_release(true);
+    });
+  }
+  void grads(const Tensor& ZT, const Tensor& hidden, Tensor dh, Tensor& dW) const {
+    const Tensor dz = ZT.to(at::kBFloat16);
+    dh.copy_(at::mm(dz.t(), weight_));
+    dW.addmm_(dz, hidden.detach().contiguous());
+  }
+
+ private:
+  const Tensor weight_;
+};
+#endif
+
+// Calls f(gemms) with the chunk GEMMs this weight and CPU take (see the header).
+template <typename F>
+void with_gemms(const Tensor& weight, at::ScalarType acc, int64_t tile_rows, F&& f) {
+  const Tensor w = weight.detach().contiguous();
+#if defined(PREPO_HAVE_BRGEMM)
+  if (w.scalar_type() == at::kBFloat16 && w.size(1) % 2 == 0 && brgemm::bf16_brgemm_usable()) {
+    f(Bf16ChunkGemms(w));
+    return;
+  }
+#endif
+  f(ChunkGemms(w, acc, tile_rows));
+}
 
 void check(bool ok, const char* what) { TORCH_CHECK(ok, "prepo_kernels::grpo_chunk_*: ", what); }
 
@@ -261,8 +319,6 @@ at::ScalarType checked_acc(const Tensor& hidden, const Tensor& weight, const Ten
   return acc;
 }
 
-Tensor acc_rows(const Tensor& hidden, at::ScalarType acc) { return hidden.detach().to(acc).contiguous(); }
-
 std::tuple<Tensor, Tensor, Tensor> grpo_chunk_forward(const Tensor& hidden, const Tensor& weight,
                                                       const std::optional<Tensor>& bias, const Tensor& targets,
                                                       const Tensor& inv_temp, bool compute_entropy, int64_t tile_rows,
@@ -276,8 +332,7 @@ std::tuple<Tensor, Tensor, Tensor> grpo_chunk_forward(const Tensor& hidden, cons
   Tensor entropy = at::empty({compute_entropy ? c : 0}, fopts);
   if (c == 0) return {logprob, entropy, lse};
   Tensor ZT = zbuf.narrow(0, 0, c * V).view({V, c});
-  ChunkGemms gemms(weight.detach().contiguous(), acc, tile_rows);
-  gemms.logits(acc_rows(hidden, acc), ZT);
+  with_gemms(weight, acc, tile_rows, [&](auto&& gemms) { gemms.logits(hidden, ZT); });
   const Tensor b = bias.has_value() ? bias->detach().to(acc).contiguous() : Tensor();
   const Tensor y = targets.contiguous(), it = inv_temp.contiguous();
   AT_DISPATCH_FLOATING_TYPES(acc == at::kDouble ? at::kDouble : at::kFloat, "grpo_chunk_forward", [&] {
@@ -316,8 +371,7 @@ void grpo_chunk_backward(Tensor& zbuf, const Tensor& hidden, const Tensor& weigh
     scalar_t* zp = ZT.data_ptr<scalar_t>();
     at::parallel_for(0, (c + kCols - 1) / kCols, 1, [&](int64_t lo, int64_t hi) { grad_rows(zp, c, V, rows, lo, hi); });
   });
-  ChunkGemms gemms(weight.detach().contiguous(), acc, tile_rows);
-  gemms.grads(ZT, acc_rows(hidden, acc), grad_hidden, grad_weight);
+  with_gemms(weight, acc, tile_rows, [&](auto&& gemms) { gemms.grads(ZT, hidden, grad_hidden, grad_weight); });
   if (grad_bias.numel()) grad_bias.add_(ZT.sum(1));
 }
 

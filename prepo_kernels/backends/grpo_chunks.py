@@ -18,8 +18,9 @@ with g = dL/dlogprob, e = dL/dentropy and, z = (h W^T + b) * inv_temp, p = softm
 
 "torch" and "triton" share the chunk's matmuls (torch's: cuBLAS on a GPU, in the inputs' dtype as the
 reference's logits) and differ in the row pass (torch ops, or the Triton kernels of
-prepo_kernels/triton/grpo_rows.py); "cpu" is csrc/cpu/grpo_loss_cpu.cpp (vocab-major logits, bf16 /
-fp16 GEMMs in fp32 tiles).
+prepo_kernels/triton/grpo_rows.py); "cpu" is csrc/cpu/grpo_loss_cpu.cpp (vocab-major logits; bf16 GEMMs
+with fp32 logits where the CPU has native bf16 dot products, AVX512_BF16 or AMX, else bf16 / fp16 GEMMs
+in fp32 tiles; ``PREPO_CPU_BF16_BRGEMM=0`` forces the latter).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from .base import accumulation_dtype
 # Larger chunks mean fewer read-modify-writes of the [V, D] dW (faster), and more memory.
 CHUNK_BYTES = 32 << 20
 # bytes of one fp32 tile of W (and one of dW) that the C++ chunks upcast at a time for bf16 / fp16
-# weights (1024-row tiles took 1.56x the time of 4096-row ones at N, D, V = 1024, 512, 8192 bf16).
+# weights on the fp32-tile path (1024-row tiles took 1.56x the time of 4096-row ones at N, D, V = 1024, 512, 8192 bf16).
 TILE_BYTES = 8 << 20
 
 
