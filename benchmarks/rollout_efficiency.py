@@ -19,7 +19,10 @@ harness picks up where it stopped. Each finished run's small files (metrics.json
 selection.jsonl, initial.json, summary.json, config.yaml; never checkpoints) go into the study's
 runs archive as it finishes, ``benchmarks/results/<config name>_runs.json.gz`` (one file to
 commit, with how the runs were made); the report reads a run from there when the runs directory
-lacks it (a fresh clone), and lists the runs not finished yet.
+lacks it (a fresh clone), and lists the runs not finished yet. A config with a ``sequential:``
+section runs its seeds in blocks and only as many as its stopping rule needs
+(``benchmarks/efficiency/sequential.py``); its report says "incomplete", with the seeds done and
+needed, until the rule stops.
 
   python benchmarks/rollout_efficiency.py                  # full run + aggregate (the evidence)
   python benchmarks/rollout_efficiency.py --config benchmarks/configs/testbed_countdown.yaml
@@ -81,7 +84,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     timing: dict = {}
     if not args.aggregate_only:
-        timing = runner.run_all(bench, runs_dir, args.rerun_mismatched, archive)
+        run = runner.run_sequential if bench.sequential else runner.run_all
+        timing = run(bench, runs_dir, args.rerun_mismatched, archive)
         if timing["run_seconds"]:   # something ran: remember how the runs were made
             timing = runner.save_harness_meta(runs_dir, command, timing, bench.jobs, archive)
     if not timing.get("run_seconds"):   # nothing ran now: report how the runs were made
@@ -89,7 +93,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     config_name = str(config_path.relative_to(ROOT)) if config_path.is_relative_to(ROOT) else str(config_path)
     out = write_report(bench, runs_dir, results_dir, command, config_name, timing,
                        Path(args.update_readme) if args.update_readme else None, archive)
-    print("\n" + primary_table(out["aggregate"], bench.metric) + "\n")
+    if out["status"] is not None and not out["status"].complete:
+        st = out["status"]
+        print(f"\nINCOMPLETE: {st.done} of {st.needed} paired seeds done (cap {st.cap}); the rule has not stopped")
+    print("\n" + (primary_table(out["aggregate"], bench.metric) if out["aggregate"] else
+                  "no finished run of the baseline yet") + "\n")
     print("wrote: " + ", ".join(out["files"]))
     if args.quick:
         print(f"(--quick: a smoke test, not the evidence; runs in {runs_dir})")

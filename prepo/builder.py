@@ -18,6 +18,7 @@ import torch
 
 from .config import DTYPES, TrainConfig
 from .distributed import Dist
+from .errors import DataError
 from .hub import resolve_model
 from .learner import Learner
 from .policy import Precision, load_policy
@@ -98,6 +99,19 @@ def _device_and_group(cfg: TrainConfig) -> tuple[torch.device, Dist]:
     return device, dist
 
 
+def make_strategy(cfg: TrainConfig, data: DataSource) -> Strategy:
+    """The run's selection strategy; one that selects by level gets the training problems' levels."""
+    strategy = get_strategy(cfg.strategy)
+    if strategy.needs_levels:
+        levels = [p.difficulty for p in data.train]
+        if None in levels:
+            raise DataError(f"strategy {cfg.strategy!r} selects by difficulty level, and {levels.count(None)} of "
+                            f"{len(levels)} training problems have none (a built-in task has levels; a data file "
+                            "needs a 'difficulty' or 'level' column)")
+        strategy.set_levels(levels)
+    return strategy
+
+
 def build_run(cfg: TrainConfig, reward_fn: Optional[Callable] = None) -> RunParts:
     """Set the run up (``reward_fn``: a Python reward function instead of ``cfg.reward``'s)."""
     device, dist = _device_and_group(cfg)
@@ -121,6 +135,6 @@ def build_run(cfg: TrainConfig, reward_fn: Optional[Callable] = None) -> RunPart
     return RunParts(
         cfg=cfg, dist=dist, precision=precision, data=data, reward_fn=reward_fn, base_dir=base_dir,
         warmup_seconds=warmup_seconds, model=model, tokenizer=tokenizer, encoder=encoder, engine=engine,
-        learner=Learner(cfg, model, ref_model, precision, dist), strategy=get_strategy(cfg.strategy),
+        learner=Learner(cfg, model, ref_model, precision, dist), strategy=make_strategy(cfg, data),
         sampler=PromptSampler(len(data.train), cfg.seed), select_rng=np.random.default_rng([cfg.seed, 31337]),
         runlog=RunLog(Path(cfg.output_dir), cfg, enabled=dist.main))

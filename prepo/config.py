@@ -97,6 +97,7 @@ class TrainConfig:
     eval_answer_column: str = ""     # "" = answer_column
     train_size: int = 2000           # built-in task: training prompts (uniform over levels)
     eval_per_level: int = 40         # built-in task: held-out problems per level
+    eval_min_level: int = 0          # built-in task: the easiest level the held-out split keeps (0 = every level)
     heldout_frac: float = 0.15       # built-in task (and its warm-up): share of prompts held out
     # --- prompts ---
     chat_template: bool = False      # apply the tokenizer's chat template to plain-string prompts too
@@ -184,6 +185,11 @@ class TrainConfig:
              "spearman_prompts must be >= 0 (0 = skip) and spearman_samples >= 1")
         need(self.num_threads >= 1, "num_threads must be >= 1")
         need(self.train_size >= 1 and self.eval_per_level >= 1, "train_size and eval_per_level must be >= 1")
+        need(0 <= self.eval_min_level < n_levels, f"eval_min_level must be a level of task {self.task!r}, "
+             f"0 to {n_levels - 1}; got {self.eval_min_level}")
+        need(not self.train_data or self.eval_min_level == 0,
+             "eval_min_level applies to the built-in task's held-out split; with --train-data the held-out "
+             "problems are --eval-data's rows")
         need(self.dynamic_max_rounds >= 1, "dynamic_max_rounds must be >= 1")
         self._check_premise()
         need(0 < self.heldout_frac < 1, "heldout_frac must be in (0, 1)")

@@ -47,9 +47,9 @@ def load_data(cfg: TrainConfig) -> DataSource:
             get_task(cfg.task).check_alphabet(src.train + src.eval, f"{cfg.train_data} / {cfg.eval_data or '-'}")
     else:
         task = get_task(cfg.task)
+        held_out = task.balanced(cfg.eval_per_level, cfg.seed, "eval", heldout_frac=cfg.heldout_frac)
         src = DataSource(task.generate(cfg.train_size, cfg.seed, "train", heldout_frac=cfg.heldout_frac),
-                         task.balanced(cfg.eval_per_level, cfg.seed, "eval", heldout_frac=cfg.heldout_frac),
-                         builtin=True)
+                         [p for p in held_out if p.difficulty >= cfg.eval_min_level], builtin=True)
     overlap = {prompt_key(p.prompt) for p in src.train} & {prompt_key(p.prompt) for p in src.eval}
     if overlap:
         raise DataError(f"{len(overlap)} held-out prompts also appear in training, e.g. {sorted(overlap)[:3]}")

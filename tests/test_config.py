@@ -23,7 +23,7 @@ WRONG_TYPE = {bool: ("maybe", "expects a boolean"), int: ("three", "expects an i
 # option -> an invalid value (of the right type)
 INVALID = {
     "strategy": "gresso", "total_steps": 0, "num_threads": 0, "device": "gpu0", "dtype": "fp8", "task": "sudoku",
-    "eval_data": "e.jsonl", "train_size": 0, "eval_per_level": 0, "heldout_frac": 1.0, "prompt_column": "",
+    "eval_data": "e.jsonl", "train_size": 0, "eval_per_level": 0, "eval_min_level": 5, "heldout_frac": 1.0, "prompt_column": "",
     "answer_column": "", "reward": "no_colon", "warmup_hidden_size": 30, "warmup_num_layers": 0,
     "warmup_num_heads": 0, "warmup_num_kv_heads": 3, "warmup_intermediate_size": 0, "warmup_level_weights": "1,2",
     "warmup_steps": -1, "warmup_batch_size": 0, "warmup_lr": 0.0, "warmup_prompt_loss_weight": -1.0,

@@ -68,6 +68,44 @@ def test_strategies_select():
     assert get_strategy("entropy_only").weighting and not get_strategy("entropy_only").needs_ppl
 
 
+def test_level_oracle_picks_the_middle_level_first():
+    levels = [0, 4, 2, 1, 3, 2, 0, 4, 1, 3]          # by train index; the middle of 0..4 is 2
+    oracle = get_strategy("oracle_level")
+    assert oracle.needs_levels and not oracle.needs_ppl and not oracle.weighting
+    with pytest.raises(RuntimeError, match="set_levels first"):
+        oracle.select(None, range(10), 2, 0.0, np.random.default_rng(0))
+    oracle.set_levels(levels)
+    assert oracle.target == 2.0
+    cand = [9, 2, 0, 5, 1, 3]                        # levels 3, 2, 0, 2, 4, 1
+    for seed in range(5):
+        picked = oracle.select(None, cand, 4, 0.0, np.random.default_rng(seed))
+        assert sorted(picked[:2]) == [1, 3]          # the two level-2 candidates come first
+        assert sorted(picked[2:]) == [0, 5]          # then the level 3 and level 1 ones (distance 1)
+    # equal distances tie in a random order: the RNG decides which of levels 1 / 3 comes first
+    firsts = {tuple(oracle.select(None, cand, 3, 0.0, np.random.default_rng(s))) for s in range(20)}
+    assert {f[2] for f in firsts} == {0, 5}
+    assert oracle.select(None, cand, 3, 0.0, np.random.default_rng(7)) == \
+        oracle.select(None, cand, 3, 0.0, np.random.default_rng(7))
+    other = get_strategy("oracle_level")            # levels 0..3: the middle is 1.5, levels 1 and 2 tie
+    other.set_levels([0, 1, 2, 3])
+    assert other.target == 1.5 and sorted(other.select(None, [0, 1, 2, 3], 2, 0.0, np.random.default_rng(0))) == [1, 2]
+
+
+def test_level_oracle_needs_every_training_level(tmp_path):
+    from prepo.builder import make_strategy
+    from prepo.config import from_dict
+    from prepo.sources import load_data
+
+    cfg = from_dict({"strategy": "oracle_level", "train_size": 30, "eval_per_level": 2})
+    oracle = make_strategy(cfg, load_data(cfg))
+    assert oracle.target == 2.0 and len(oracle.levels) == 30
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "1+2=", "answer": "3", "level": 1}\n{"prompt": "2+2=", "answer": "4"}\n')
+    cfg = from_dict({"strategy": "oracle_level", "train_data": str(data)})
+    with pytest.raises(DataError, match="1 of 2 training problems have none"):
+        make_strategy(cfg, load_data(cfg))
+
+
 def test_sampler_state_roundtrip():
     a = PromptSampler(25, seed=3)
     first = [a.next_batch(10) for _ in range(4)]

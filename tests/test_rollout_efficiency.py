@@ -464,14 +464,18 @@ def test_bench_config_committed_is_valid():
     assert config.run_config(b, "prepo", 2, Path("/r"))["output_dir"] == "/r/prepo/seed2"
 
 
-TOY_TESTBEDS = sorted(p for p in (ROOT / "benchmarks" / "configs").glob("testbed_*.yaml") if p.stem != "testbed_smollm2")
+TOY_TESTBEDS = sorted(p for p in (ROOT / "benchmarks" / "configs").glob("testbed_*.yaml")
+                     if not p.stem.startswith("testbed_smollm2"))
+# the strategies every toy testbed ran (PROTOCOL.md)
+TOY_STRATEGIES = {"random", "prepo", "ppl_only", "entropy_only", "static_low_ppl", "static_high_ppl", "dapo_dynamic",
+                  "greso"}
 
 
 @pytest.mark.parametrize("path", TOY_TESTBEDS, ids=lambda p: p.stem)
 def test_testbed_configs_are_preregistered_and_valid(path):
     bench = config.load_bench_config(path)
     assert (ROOT / "benchmarks" / "preregistration" / f"{path.stem}.md").exists()
-    assert set(bench.strategies) == set(config.STRATEGIES) and len(bench.seeds) >= 5 and bench.final_evals == 3
+    assert set(bench.strategies) == TOY_STRATEGIES and len(bench.seeds) >= 5 and bench.final_evals == 3
     assert not set(bench.seeds) & set(bench.tuning_seeds) and bench.title.startswith("Testbed")
     resolved = config.full_config(config.run_config(bench, "prepo", bench.seeds[0], Path("/tmp/x")))
     assert resolved["task"] == path.stem.removeprefix("testbed_")
@@ -658,13 +662,15 @@ def test_unpaired_runs_wait_for_their_baseline(tmp_path):
     write_run(rd, "random", 1, [0.3, 0.4, 0.5])
     write_run(rd, "prepo", 1, [0.5, 0.6, 0.6])
     write_run(rd, "prepo", 2, [0.5, 0.6, 0.6])
-    loaded, missing = report.load_finished(b, [rd])
+    loaded, missing = runs.load_finished(b, [rd])
     assert sorted(loaded["prepo"]) == [1] and missing[-1] == "prepo/seed2: finished, but unpaired until random/seed2 is"
     with pytest.raises(ValueError, match="no random run of the same seed"):
         stats.aggregate({"random": {1: loaded["random"][1]}, "prepo": {2: loaded["prepo"][1]}}, "random")
     shutil.rmtree(config.run_dir_of(rd, "random", 1))
-    with pytest.raises(SystemExit, match="no finished run of the baseline"):
-        report.load_finished(b, [rd])
+    assert runs.load_finished(b, [rd])[0] == {}   # nothing pairs without the baseline
+    out = report.write_report(b, rd, tmp_path / "res", "cmd", "cfg.yaml")
+    assert out["aggregate"] is None and out["files"] == [str(tmp_path / "res" / "testbed_demo.md")]
+    assert "No finished run of the baseline yet" in out["markdown"] and "- random/seed1: not finished" in out["markdown"]
 
 
 def test_selection_by_third_of_the_run(tmp_path):
@@ -744,3 +750,222 @@ def test_harness_end_to_end_archives_and_reaggregates_from_the_archive(tmp_path,
     assert "## What the curriculum rolled out" in again and "half-budget accuracy" in again
     sel = again.split("## What the curriculum rolled out")[1].split("\n\n")[1]
     assert "| prepo | " in sel and "| random | - / - / - |" in sel   # random does not score prompts
+
+
+# ---------------------------------------------------------------- t and sign-flip intervals
+def test_t_interval_hand_checked():
+    # mean 2, sd 1, n 3: t(0.975, 2 df) = 4.302653, half width 4.302653 / sqrt(3) = 2.484138
+    lo, hi = stats.t_interval([1.0, 2.0, 3.0])
+    assert (lo, hi) == (pytest.approx(2 - 2.484138), pytest.approx(2 + 2.484138))
+    assert stats.t_interval([0.4]) == (-math.inf, math.inf)   # one seed: no spread to scale by
+    assert stats.t_interval([0.5, 0.5, 0.5]) == (0.5, 0.5)
+    with pytest.raises(ValueError, match="one value per seed"):
+        stats.t_interval([])
+
+
+def test_t_interval_of_the_log_ratio():
+    # log ratios -ln 2, 0, ln 2: mean 0, sd ln 2 -> exp(+-4.302653 * ln 2 / sqrt 3) = 0.178731 / 5.594998
+    e = stats.paired_estimate([0.5, 1.0, 2.0], stats.geometric_mean, interval="t")
+    assert e.estimate == pytest.approx(1.0) and (e.lo, e.hi) == (pytest.approx(0.178731), pytest.approx(5.594998))
+    d = stats.paired_estimate([0.1, 0.2, 0.3], interval="t")   # a mean difference: not on the log scale
+    assert d.estimate == pytest.approx(0.2) and d.hi == pytest.approx(0.2 + 0.2484138)
+    assert stats.paired_estimate([0.5, 1.0, 2.0], stats.geometric_mean).lo != pytest.approx(0.178731)   # bootstrap
+    with pytest.raises(ValueError, match="interval must be one of bootstrap, t"):
+        stats.paired_estimate([1.0, 2.0], interval="z")
+
+
+def test_sign_flip_pvalue_and_interval():
+    # all six values above 0: only the identity and the all-flip reach |21|: p = 2 / 64
+    assert stats.sign_flip_pvalue([1, 2, 3, 4, 5, 6]) == pytest.approx(2 / 64)
+    assert stats.sign_flip_pvalue([1, 2, 3, 4, 5, 6], mu=3.5) == 1.0
+    assert stats.sign_flip_interval([1, 2, 3, 4, 5]) == (-math.inf, math.inf)   # 2 / 32 > 0.05: nothing rejected
+    lo, hi = stats.sign_flip_interval([1.0] * 6)
+    assert lo == pytest.approx(1.0) and hi == pytest.approx(1.0)
+    # against a brute-force scan of the means the test accepts
+    x = [0.3, -0.2, 0.9, 0.1, 0.4, 1.2, -0.5, 0.6, 0.2]
+    lo, hi = stats.sign_flip_interval(x)
+    grid = np.arange(-1.0, 1.5, 1e-3)
+    accepted = grid[[stats.sign_flip_pvalue(x, mu) > 0.05 for mu in grid]]
+    assert lo == pytest.approx(accepted.min(), abs=2e-3) and hi == pytest.approx(accepted.max(), abs=2e-3)
+    tlo, thi = stats.t_interval(x)
+    assert abs(lo - tlo) < 0.2 and abs(hi - thi) < 0.2   # near the t interval on well-behaved data
+    with pytest.raises(ValueError, match="1 to 20 values"):
+        stats.sign_flip_interval(np.zeros(21))
+
+
+def test_a_degenerate_seed_is_left_out_of_the_ratio():
+    base = {1: run_data(1, [(0, 0.5), (100, 0.4), (200, 0.5)], "random"),   # final 0.5 = its initial: degenerate
+            2: run_data(2, [(0, 0.2), (100, 0.6), (200, 0.6)], "random")}   # final 0.6, reached at 100
+    strat = {1: run_data(1, [(0, 0.5), (100, 0.6), (200, 0.7)]), 2: run_data(2, [(0, 0.2), (100, 0.3), (200, 0.6)])}
+    c = stats.compare(strat, base, 1)
+    assert c.ratio.per_seed == pytest.approx([2.0]) and c.final_diff.per_seed == pytest.approx([0.2, 0.0])
+
+
+# ---------------------------------------------------------------- the sequential rule
+def seq_bench(tmp_path, seeds=(1, 2, 3, 4), first=2, block=1, **keys):
+    return bench_file(tmp_path, "testbed_seq", seeds=list(seeds), interval="t", primary="final_threshold",
+                      strategies=["random", "oracle_level", "prepo"],
+                      sequential={"compare": "prepo", "control": "oracle_level", "first": first, "block": block}, **keys)
+
+
+# random reaches its final 0.5 at its last evaluation (60 rollouts); prepo curves by the ratio they give
+RANDOM_CURVE = [0.3, 0.4, 0.5]
+PREPO_CURVES = {1 / 3: [0.5, 0.6, 0.6], 2 / 3: [0.3, 0.5, 0.5], 1.0: [0.3, 0.4, 0.5]}
+
+
+def write_seed(rd, seed, ratio, oracle_ratio=1 / 3):
+    write_run(rd, "random", seed, RANDOM_CURVE, initial=0.2)
+    write_run(rd, "oracle_level", seed, PREPO_CURVES[oracle_ratio], initial=0.2)
+    write_run(rd, "prepo", seed, PREPO_CURVES[ratio], initial=0.2)
+
+
+def test_sequential_rule_stops_on_a_narrow_interval_and_at_the_cap(tmp_path):
+    from efficiency import sequential
+
+    b = seq_bench(tmp_path)
+    rd = tmp_path / "runs"
+    st = sequential.status(b, {})
+    assert (st.done, st.needed, st.cap, st.complete, st.looks) == (0, 2, 4, False, [])
+    write_seed(rd, 1, 1 / 3)
+    write_seed(rd, 2, 1 / 3)
+    loaded = runs.load_finished(b, [rd])[0]
+    st = sequential.status(b, loaded)
+    assert st.complete and st.needed == 2 and st.looks[0].width == pytest.approx(0.0)
+    assert st.looks[0].stop == "interval width 0.00 < 0.41"
+    # the same ratios except seed 2's: the first look is wide, so the rule asks for seed 3
+    write_run(rd / "x", "prepo", 2, PREPO_CURVES[1.0], initial=0.2)
+    loaded["prepo"][2] = runs.load_run(config.run_dir_of(rd / "x", "prepo", 2), "prepo", 2, METRIC)
+    st = sequential.status(b, loaded)
+    assert (st.done, st.needed, st.complete, st.looks[0].stop) == (2, 3, False, "")
+    assert st.looks[0].width > 0.41 and st.looks[0].sign_flip == (0.0, math.inf)   # 2 seeds: unbounded
+    # a seed missing one strategy is not done, and nor is any seed after it
+    del loaded["oracle_level"][1]
+    assert sequential.paired_seeds_done(loaded, b.strategies, b.seeds) == 0
+    # at the cap the rule stops whatever the width
+    loaded = {s: {k: runs.load_run(config.run_dir_of(rd, s, min(k, 2)), s, k, METRIC) for k in (1, 2, 3, 4)}
+              for s in b.strategies}
+    loaded["prepo"][2] = runs.load_run(config.run_dir_of(rd / "x", "prepo", 2), "prepo", 2, METRIC)
+    st = sequential.status(b, loaded)
+    assert [lk.seeds for lk in st.looks] == [2, 3, 4] and st.complete and st.looks[-1].stop.startswith("the cap")
+
+
+def test_run_seconds_adds_steps_and_evaluations(tmp_path):
+    from efficiency import sequential
+
+    write_run(tmp_path, "random", 1, [0.3, 0.4], initial=0.2,
+              edit=lambda i, m: m.times.update(time_step=10.0 * (i + 1)))
+    run = runs.load_run(config.run_dir_of(tmp_path, "random", 1), "random", 1, METRIC)
+    init = json.loads((config.run_dir_of(tmp_path, "random", 1) / "initial.json").read_text())
+    run.initial = {**init, "eval": {**init["eval"], "time_eval": 5.0}}
+    # steps 10 + 20 + 30 + 40, two evaluations of 0.1 s, the step-0 one of 5 s
+    assert sequential.run_seconds(run) == pytest.approx(100 + 0.2 + 5)
+
+
+def test_sequential_report_incomplete_then_complete(tmp_path):
+    pytest.importorskip("matplotlib")
+    b = seq_bench(tmp_path, seeds=(1, 2, 3, 4, 5, 6), first=3, block=3)
+    rd, res = tmp_path / "runs", tmp_path / "res"
+    out = report.write_report(b, rd, res, "cmd", "cfg.yaml")
+    assert out["aggregate"] is None and "**Incomplete: 0 of 3 paired seeds done**" in out["markdown"]
+    assert "- prepo/seed3: not finished" in out["markdown"] and "seed4" not in out["markdown"]   # not due yet
+    write_seed(rd, 1, 1 / 3)
+    write_seed(rd, 2, 1.0)
+    write_run(rd, "random", 3, RANDOM_CURVE, initial=0.2)
+    out = report.write_report(b, rd, res, "cmd", "cfg.yaml")
+    md = out["markdown"]
+    assert "**Incomplete: 2 of 3 paired seeds done**" in md and "inconclusive (interim)" in md
+    assert "Positive control `oracle_level` against random on 2 paired seeds: 0.33 [0.33, 0.33], saves rollouts (interim)." in md
+    assert "## Time per run and per block (minutes)" in md and "| **block 1-3** |" in md
+    write_seed(rd / "more", 3, 2 / 3)
+    for s in ("oracle_level", "prepo"):
+        shutil.copytree(config.run_dir_of(rd / "more", s, 3), config.run_dir_of(rd, s, 3))
+    out = report.write_report(b, rd, res, "cmd", "cfg.yaml")
+    md, st = out["markdown"], out["status"]
+    # log ratios ln(1/3), 0, ln(2/3): the t interval is far wider than 0.41, so the rule adds a block
+    assert not st.complete and st.needed == 6 and "**Incomplete: 3 of 6 paired seeds done**" in md
+    assert "| 3 | 0.61 [" in md and "| add a block |" in md
+    for k in (4, 5, 6):
+        write_seed(rd, k, 1 / 3)
+    out = report.write_report(b, rd, res, "cmd", "cfg.yaml")
+    md = out["markdown"]
+    assert out["status"].complete and "**Complete: the rule stopped at 6 paired seeds (the cap" in md
+    assert "(interim)" not in md and "Positive control `oracle_level` against random on 6 paired seeds: 0.33" in md
+    assert "Mean per run" in md and "per whole block of 3 seeds x 3 strategies" in md and "(2 blocks)" in md
+    assert json.loads((res / "testbed_seq.json").read_text())["sequential"]["needed"] == 6
+
+
+def test_the_control_that_shows_no_saving_is_said_to_bound_the_harness(tmp_path):
+    pytest.importorskip("matplotlib")
+    b = seq_bench(tmp_path, seeds=(1, 2), first=2, block=1)
+    rd = tmp_path / "runs"
+    for k in (1, 2):
+        write_seed(rd, k, 1 / 3, oracle_ratio=1.0)
+    md = report.write_report(b, rd, tmp_path / "res", "cmd", "cfg.yaml")["markdown"]
+    assert "**Complete: the rule stopped at 2 paired seeds (interval width 0.00 < 0.41).**" in md
+    assert "Even the control shows no saving at this many seeds" in md
+
+
+def test_run_sequential_runs_block_by_block_until_the_rule_stops(tmp_path, monkeypatch):
+    """The harness loop with the trainer process replaced by one that writes a finished run (the
+    runs' ratios chosen per seed): seed by seed, each block only when the rule asks for it."""
+    b = seq_bench(tmp_path, seeds=(1, 2, 3, 4), first=2, block=1)
+    rd, archive = tmp_path / "runs", tmp_path / "res" / "testbed_seq_runs.json.gz"
+    ratios = {1: 1 / 3, 2: 1.0, 3: 1 / 3, 4: 2 / 3}
+    launched = []
+
+    def fake_launch(cfg, resume):
+        s, k = cfg["strategy"], cfg["seed"]
+        launched.append((s, k))
+        curve = RANDOM_CURVE if s == "random" else PREPO_CURVES[ratios[k] if s == "prepo" else 1 / 3]
+        d = write_run(rd, s, k, curve, initial=0.2)
+        (d / "config.yaml").write_text(yaml.safe_dump(config.full_config(cfg)))
+        return 0, 1.0
+
+    monkeypatch.setattr(runner, "launch", fake_launch)
+    timing = runner.run_sequential(b, rd, archive=archive)
+    assert launched == [(s, k) for k in (1, 2, 3, 4) for s in ("random", "oracle_level", "prepo")]
+    assert len(timing["run_seconds"]) == 12 and sorted(runs.read_archive(archive)["runs"])[:3] == [
+        "oracle_level/seed1", "oracle_level/seed2", "oracle_level/seed3"]
+    # equal ratios: the first look (2 seeds) stops it
+    ratios.update({2: 1 / 3})
+    launched.clear()
+    shutil.rmtree(rd)
+    runner.run_sequential(b, rd)
+    assert launched == [(s, k) for k in (1, 2) for s in ("random", "oracle_level", "prepo")]
+
+
+def test_aggregate_only_with_no_runs_prints_an_incomplete_report(tmp_path, capsys):
+    path = ROOT / "benchmarks" / "configs" / "testbed_smollm2_r4.yaml"
+    res = tmp_path / "res"
+    assert rollout_efficiency.main(["--config", str(path), "--aggregate-only", "--runs-dir", str(tmp_path / "runs"),
+                                    "--results-dir", str(res), "--runs-archive", str(tmp_path / "none.json.gz")]) == 0
+    assert "INCOMPLETE: 0 of 9 paired seeds done (cap 15)" in capsys.readouterr().out
+    md = (res / "testbed_smollm2_r4.md").read_text()
+    assert "**Incomplete: 0 of 9 paired seeds done**" in md and md.count("not finished") == 27
+
+
+def test_smollm2_r4_config_is_preregistered_and_valid():
+    from prepo.config import from_dict
+    from prepo.sources import load_data
+
+    path = ROOT / "benchmarks" / "configs" / "testbed_smollm2_r4.yaml"
+    bench = config.load_bench_config(path)
+    assert (ROOT / "benchmarks" / "preregistration" / "testbed_smollm2_r4.md").exists()
+    assert bench.strategies == ["random", "oracle_level", "prepo"] and bench.seeds == list(range(21, 36))
+    assert bench.sequential == config.Sequential("prepo", 9, 3, "oracle_level") and bench.interval == "t"
+    used_before = {0, 1, 2, 3, 11, 12, 13, 14, 15, 20, 101, 102}   # earlier studies, tuning and this pilot
+    assert not set(bench.seeds) & used_before and 20 in bench.tuning_seeds
+    resolved = {s: config.full_config(config.run_config(bench, s, 21, Path("/tmp/x")), check_environment=False)
+                for s in bench.strategies}
+    assert (resolved["prepo"]["ppl_scope"], resolved["prepo"]["curriculum_direction"]) == ("prompt", "high_to_low")
+    assert resolved["random"]["curriculum_direction"] == "low_to_high"   # no window to turn
+    same = {k for k in resolved["random"] if k not in ("strategy", "output_dir", "ppl_scope", "curriculum_direction")}
+    assert all(resolved["prepo"][k] == resolved["random"][k] == resolved["oracle_level"][k] for k in same)
+    wordmath = yaml.safe_load((ROOT / "benchmarks" / "configs" / "smollm2_wordmath.yaml").read_text())["train"]
+    for key in ("model", "task", "chat_template", "instruction_suffix", "temperature", "max_new_tokens", "train_size"):
+        assert resolved["random"][key] == wordmath[key], key
+    r = resolved["random"]
+    assert r["eval_every"] == 2 and r["total_steps"] >= 20 and r["eval_avg_k"] == 0 and bench.metric == "eval_accuracy"
+    assert round(r["select_ratio"] * r["candidate_batch_size"]) * r["group_size"] == 64   # rollouts a step
+    held_out = load_data(from_dict({**r, "rollout_engine": "hf"})).eval
+    assert len(held_out) >= 200 and {p.difficulty for p in held_out} == {1, 2, 3, 4}

@@ -99,6 +99,19 @@ def test_task_config_and_reward(tmp_path):
     assert load_reward_fn(from_dict({"task": "countdown", "train_data": str(data)})) is not countdown.countdown_reward
 
 
+def test_eval_min_level_drops_the_easy_levels_from_the_held_out_split(tmp_path):
+    every = load_data(from_dict({"train_size": 20, "eval_per_level": 6}))
+    kept = load_data(from_dict({"train_size": 20, "eval_per_level": 6, "eval_min_level": 2}))
+    assert {p.difficulty for p in every.eval} == {0, 1, 2, 3, 4} and {p.difficulty for p in kept.eval} == {2, 3, 4}
+    assert kept.eval == [p for p in every.eval if p.difficulty >= 2] and kept.train == every.train
+    with pytest.raises(ConfigError, match="eval_min_level must be a level of task 'countdown', 0 to 3"):
+        from_dict({"task": "countdown", "eval_min_level": 4})
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "1+2=", "answer": "3"}\n')
+    with pytest.raises(ConfigError, match="eval_min_level applies to the built-in task"):
+        from_dict({"train_data": str(data), "eval_min_level": 1})
+
+
 def _wordmath_value(prompt: str) -> int:
     """The answer a wordmath prompt asks for, read back from its words."""
     nums = [int(x) for x in re.findall(r"\d+", prompt)]

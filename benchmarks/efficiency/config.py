@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
@@ -22,8 +23,27 @@ NON_RESULT_KEYS = ("resume", "progress", "tensorboard", "output_dir", "save_ever
 # reach is the baseline seed's final accuracy (the toy testbeds' rule), or the accuracy the baseline's
 # smoothed curve has at half its rollout budget (reachable before the baseline plateaus or ends)
 PRIMARIES = ("final_threshold", "half_budget_threshold")
+# how every CI over seeds is made (benchmarks/efficiency/stats.py): the paired bootstrap, or the
+# Student t interval of the mean (of the log ratio for the PRIMARY)
+INTERVALS = ("bootstrap", "t")
 # the keys a ``quick:`` section may override besides ``train:``
 QUICK_KEYS = ("strategies", "seeds", "jobs", "metric", "final_evals")
+
+
+@dataclass(frozen=True)
+class Sequential:
+    """A sequential study (``sequential:``; the rule is :mod:`.sequential`'s): the seeds run in
+    blocks of ``block``; the first look at ``compare``'s PRIMARY interval comes after ``first``
+    paired seeds, then one after each block, up to every listed seed (the cap). ``control``: a
+    positive-control strategy, whose result the report states beside the look."""
+
+    compare: str
+    first: int
+    block: int
+    control: str = ""
+
+
+SEQUENTIAL_KEYS = tuple(f.name for f in dataclasses.fields(Sequential))
 
 
 @dataclass
@@ -43,6 +63,9 @@ class BenchConfig:
     title: str = DEFAULT_TITLE   # the report's title
     description: str = ""        # a paragraph under the title
     train: dict = field(default_factory=dict)   # TrainConfig overrides shared by every run
+    strategy_train: dict = field(default_factory=dict)   # {strategy: TrainConfig overrides on top of train:}
+    interval: str = INTERVALS[0]  # the kind of every CI over seeds, one of INTERVALS
+    sequential: Optional[Sequential] = None   # seeds in blocks and a stopping rule; None: every seed runs
     is_quick: bool = False       # the --quick smoke variant (not evidence)
 
 
@@ -78,10 +101,35 @@ def load_bench_config(path: Path, quick: bool = False) -> BenchConfig:
         title=str(data.get("title") or DEFAULT_TITLE),
         description=str(data.get("description") or "").strip(),
         train=dict(data.get("train") or {}),
+        strategy_train={str(k): dict(v or {}) for k, v in (data.get("strategy_train") or {}).items()},
+        interval=str(data.get("interval", INTERVALS[0])),
+        sequential=_sequential(data.get("sequential"), path),
         is_quick=quick,
     )
     _check(bench, path)
     return bench
+
+
+def _sequential(data: Optional[dict], path: Path) -> Optional[Sequential]:
+    """The ``sequential:`` section, or None without one."""
+    if data is None:
+        return None
+    unknown = set(data) - set(SEQUENTIAL_KEYS)
+    if unknown or not {"compare", "first", "block"} <= set(data):
+        raise SystemExit(f"{path}: sequential: needs compare, first and block (optional: control); got {sorted(data)}")
+    return Sequential(str(data["compare"]), int(data["first"]), int(data["block"]), str(data.get("control") or ""))
+
+
+def _check_sequential(bench: BenchConfig, path: Path) -> None:
+    """Exit unless the sequential design fits the strategies and seeds."""
+    seq = bench.sequential
+    arms = [seq.compare] + ([seq.control] if seq.control else [])
+    if any(a not in bench.strategies or a == bench.baseline for a in arms):
+        raise SystemExit(f"{path}: sequential: compare / control must be strategies other than the baseline; got {arms}")
+    cap = len(bench.seeds)
+    if not (1 <= seq.block <= seq.first <= cap and (cap - seq.first) % seq.block == 0):
+        raise SystemExit(f"{path}: sequential: need 1 <= block <= first <= the {cap} seeds, and the seeds after the "
+                         f"first look a whole number of blocks; got first {seq.first}, block {seq.block}")
 
 
 def _check(bench: BenchConfig, path: Path) -> None:
@@ -103,6 +151,13 @@ def _check(bench: BenchConfig, path: Path) -> None:
         raise SystemExit(f"{path}: primary must be one of {', '.join(PRIMARIES)}; got {bench.primary!r}")
     if bench.final_evals < 1 or bench.jobs < 1:
         raise SystemExit(f"{path}: final_evals and jobs must be >= 1; got {bench.final_evals}, {bench.jobs}")
+    if bench.interval not in INTERVALS:
+        raise SystemExit(f"{path}: interval must be one of {', '.join(INTERVALS)}; got {bench.interval!r}")
+    if set(bench.strategy_train) - set(bench.strategies):
+        raise SystemExit(f"{path}: strategy_train names strategies the study does not run: "
+                         f"{sorted(set(bench.strategy_train) - set(bench.strategies))}")
+    if bench.sequential is not None:
+        _check_sequential(bench, path)
 
 
 def run_dir_of(runs_dir: Path, strategy: str, seed: int) -> Path:
@@ -111,8 +166,10 @@ def run_dir_of(runs_dir: Path, strategy: str, seed: int) -> Path:
 
 
 def run_config(bench: BenchConfig, strategy: str, seed: int, runs_dir: Path) -> dict:
-    """The trainer overrides of one run: the shared ``train:`` keys, its strategy, seed and directory."""
-    return {**bench.train, "strategy": strategy, "seed": seed, "output_dir": str(run_dir_of(runs_dir, strategy, seed))}
+    """The trainer overrides of one run: the shared ``train:`` keys, the strategy's own
+    (``strategy_train:``), its strategy, seed and directory."""
+    return {**bench.train, **bench.strategy_train.get(strategy, {}), "strategy": strategy, "seed": seed,
+            "output_dir": str(run_dir_of(runs_dir, strategy, seed))}
 
 
 def full_config(overrides: dict, check_environment: bool = True) -> dict:

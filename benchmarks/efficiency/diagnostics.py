@@ -77,6 +77,14 @@ class Diagnostics:
     levels_final: dict                   # ... at the last evaluation
     # from selection.jsonl, {SELECTION_FIELDS key: [mean per PHASES third]}; {} when no run logged it
     selection_phases: dict = dataclasses.field(default_factory=dict)
+    # the running premise estimate (premise_spearman) per PHASES third; [] when no run logged it
+    premise_phases: list = dataclasses.field(default_factory=list)
+
+
+def premise_spearman(m: StepMetrics) -> Optional[float]:
+    """The step's running premise estimate; None when not logged or undefined (NaN)."""
+    v = (m.premise or {}).get("premise_spearman")
+    return None if v is None or math.isnan(v) else float(v)
 
 
 def _mean(vals) -> Optional[float]:
@@ -121,6 +129,8 @@ def diagnose(runs: Mapping[int, RunData]) -> Diagnostics:
         levels_initial=_mean_levels([r.levels_initial for r in runs.values()]),
         levels_final=_mean_levels([r.levels_final for r in runs.values()]),
         selection_phases=selection_phases(runs),
+        premise_phases=([avg(premise_spearman, frac) for frac in PHASES]
+                        if any(premise_spearman(m) is not None for ms in mets for m in ms) else []),
     )
 
 

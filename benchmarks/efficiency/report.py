@@ -18,7 +18,8 @@ import yaml
 
 from .config import PRIMARIES, ROOT, BenchConfig, report_config
 from .runner import machine_info
-from .runs import load_runs
+from .runs import load_finished
+from .sequential import Status, run_seconds, status
 from .stats import (LEVEL, N_BOOT, PAPER_RATIO, POWER_WIDTH, Aggregate, PairedEstimate, StrategyResult, aggregate,
                     curve_band)
 
@@ -69,8 +70,9 @@ def primary_table(agg: Aggregate, metric: str) -> str:
              "|---|---|---|---|---|---|---|"]
     for r in agg.rows:
         c = r.comparison
+        decision = "reference" if c is None else c.decision + (" (interim)" if agg.interim else "")
         lines.append(f"| {r.strategy} | {_ratio(r)} | {sum(r.censored)}/{len(r.seeds)} | "
-                     f"{'reference' if c is None else c.decision} | {_diff_pts(c and c.final_diff)} | "
+                     f"{decision} | {_diff_pts(c and c.final_diff)} | "
                      f"{_diff_pts(c and c.auc_diff)} | {_pct(r.final_mean)} ± {_pct(r.final_std)} |")
     return "\n".join(lines)
 
@@ -87,8 +89,11 @@ def protocol_note(agg: Aggregate) -> str:
             + ("" if k == 1 else f" (trailing mean over {k} evaluations)")
             + " reaches it, or the strategy's whole budget when it never does (censored: the ratio is then a lower "
             f"bound, '≥'). Ratio = geometric mean over seeds of R_strategy(s) / R_{base}(s) (< 1: fewer rollouts; the "
-            f"paper's '1.7x fewer' is 0.59). CIs: paired bootstrap over seeds ({N_BOOT:,} resamples, fixed RNG seed, "
-            "percentile interval). Decision: 'saves rollouts' when the ratio's CI lies below 1 and no seed is "
+            f"paper's '1.7x fewer' is 0.59). CIs: " + (
+                f"paired bootstrap over seeds ({N_BOOT:,} resamples, fixed RNG seed, percentile interval)"
+                if agg.interval == "bootstrap" else
+                "Student t intervals over seeds (n - 1 degrees of freedom): of the mean log ratio, exponentiated, "
+                "for the ratio; of the mean paired difference for the secondaries") + ". Decision: 'saves rollouts' when the ratio's CI lies below 1 and no seed is "
             "censored (a censored seed enters at its budget, below its true ratio, so the CI's upper end is then no "
             "bound: 'inconclusive (censored)'), 'costs rollouts' when it lies above 1, else inconclusive"
             + ("" if agg.primary == PRIMARIES[0] else
@@ -101,7 +106,8 @@ def protocol_note(agg: Aggregate) -> str:
         reached = "final accuracy" if agg.primary == PRIMARIES[0] else "accuracy at half its budget"
         note += (f"\n\n**Degenerate on seed(s) {agg.degenerate_seeds}:** {base}'s {reached} does not exceed its "
                  "initial accuracy there (training did not improve on the base policy), so it is reached at 0 rollouts "
-                 "and the ratio is undefined (n/a).")
+                 "and the ratio is 0 / 0 there: those seeds are left out of the ratio (n/a when every seed is), "
+                 "the secondaries keep them.")
     return note
 
 
@@ -207,17 +213,124 @@ def selection_table(agg: Aggregate) -> list[str]:
     return lines + ["", SELECTION_NOTE, ""]
 
 
-def missing_section(agg: Aggregate) -> list[str]:
+def missing_section(missing: Sequence[str]) -> list[str]:
     """The runs the report lacks (not finished yet), when any."""
-    if not agg.missing:
+    if not missing:
         return []
-    return [f"**Incomplete: {len(agg.missing)} run(s) missing; every table covers the finished runs only.**", "",
-            *[f"- {m}" for m in agg.missing], ""]
+    return [f"**Incomplete: {len(missing)} run(s) missing; every table covers the finished runs only.**", "",
+            *[f"- {m}" for m in missing], ""]
+
+
+# ---------------------------------------------------------------- a sequential study
+def _bounds(lo: float, hi: float) -> str:
+    """'[0.52, 1.31]', or 'unbounded' for an interval with an infinite or zero end."""
+    return f"[{lo:.2f}, {hi:.2f}]" if 0 < lo and math.isfinite(hi) else "unbounded"
+
+
+def rule_note(bench: BenchConfig) -> str:
+    """The sequential rule in words."""
+    seq, base = bench.sequential, bench.baseline
+    return (f"Seeds run in the listed order, every strategy of a seed before the next seed, so a partial study holds "
+            f"whole paired seeds. The rule looks at {seq.compare} against {base} after {seq.first} paired seeds and "
+            f"after every {seq.block} more, up to {len(bench.seeds)}: it stops adding seeds once the PRIMARY interval is "
+            f"narrower than {POWER_WIDTH:.2f} (upper - lower, in ratio terms: the distance from no saving, 1, to the "
+            f"paper's {PAPER_RATIO}), or at that cap. The sign-flip permutation interval of the mean log ratio is shown "
+            "beside it as a check that does not lean on normality; it decides nothing (below 6 seeds it is unbounded).")
+
+
+def control_line(bench: BenchConfig, st: Status, agg: Aggregate) -> list[str]:
+    """What the positive control shows, when the study names one and it has paired seeds."""
+    seq = bench.sequential
+    row = next((r for r in agg.rows if r.strategy == seq.control), None) if seq.control else None
+    if row is None:
+        return []
+    c = row.comparison
+    line = (f"Positive control `{seq.control}` against {bench.baseline} on {len(row.seeds)} paired seeds: "
+            f"{_ratio(row)}, {c.decision}")
+    if not st.complete:
+        return [line + " (interim).", ""]
+    if c.decision != "saves rollouts":
+        line += (". Even the control shows no saving at this many seeds: the harness (seed-to-seed spread, "
+                 "evaluation noise, run length) limits what this study can show, not only the method")
+    return [line + ".", ""]
+
+
+def status_section(bench: BenchConfig, st: Status, agg: Optional[Aggregate]) -> list[str]:
+    """Where the sequential study stands, its looks, and the positive control."""
+    seq = bench.sequential
+    if st.complete:
+        head = f"**Complete: the rule stopped at {st.needed} paired seeds ({st.looks[-1].stop}).**"
+    else:
+        head = (f"**Incomplete: {st.done} of {st.needed} paired seeds done** (seeds {bench.seeds[:st.needed]}; the "
+                f"rule's next look is at {st.needed} seeds, at most {st.cap}). Every number below is interim: no "
+                "decision is read from it until the rule stops.")
+    lines = ["## The sequential rule", "", head, "", rule_note(bench), ""]
+    if st.looks:
+        lines += [f"| look: paired seeds | {seq.compare} / {bench.baseline} ratio [{int(100 * LEVEL)}% CI] | CI width | "
+                  f"sign-flip {int(100 * LEVEL)}% interval | censored seeds | decision at this look | the rule |",
+                  "|---|---|---|---|---|---|---|"]
+        for lk in st.looks:
+            ratio = "n/a" if lk.ratio is None else (f"{'≥' if lk.n_censored else ''}{lk.ratio.estimate:.2f} "
+                                                    f"{_bounds(lk.ratio.lo, lk.ratio.hi)}")
+            lines.append(f"| {lk.seeds} | {ratio} | {lk.width:.2f} | {_bounds(*lk.sign_flip)} | {lk.n_censored} | "
+                         f"{lk.decision} | {lk.stop or 'add a block'} |")
+        lines.append("")
+    return lines + (control_line(bench, st, agg) if agg is not None else [])
+
+
+def time_section(bench: BenchConfig, runs: dict) -> list[str]:
+    """Minutes per run (training and evaluation, from the runs' records) by seed, each block's sum,
+    and the means a next study is sized from."""
+    strategies = [s for s in bench.strategies if s in runs]
+    block = bench.sequential.block if bench.sequential else len(bench.seeds)
+    minutes = {(s, k): run_seconds(r) / 60 for s in strategies for k, r in runs[s].items()}
+    blocks: dict[int, list[int]] = {}
+    for k in bench.seeds:
+        if any((s, k) in minutes for s in strategies):
+            blocks.setdefault(bench.seeds.index(k) // block, []).append(k)
+    if not minutes:
+        return []
+    lines = ["## Time per run and per block (minutes)", "",
+             "Training steps and evaluations as each run recorded them (model loading and restarts not included).", "",
+             "| seed | " + " | ".join(strategies) + " | all strategies |", "|---|" + "---|" * (len(strategies) + 1)]
+    whole = []   # the totals of blocks with every run finished
+    for mine in blocks.values():
+        for k in mine:
+            cells = [minutes.get((s, k)) for s in strategies]
+            lines.append(f"| {k} | " + " | ".join(_num(c, ".1f") for c in cells) + f" | {sum(c or 0 for c in cells):.1f} |")
+        per = [sum(minutes.get((s, k), 0.0) for k in mine) for s in strategies]
+        lines.append(f"| **block {mine[0]}-{mine[-1]}** | " + " | ".join(f"{m:.1f}" for m in per) + f" | **{sum(per):.1f}** |")
+        if len(mine) == block and all((s, k) in minutes for s in strategies for k in mine):
+            whole.append(sum(per))
+    lines += ["", f"Mean per run {np.mean(list(minutes.values())):.1f} min ({len(minutes)} runs)"
+              + (f"; per whole block of {block} seeds x {len(strategies)} strategies {np.mean(whole):.0f} min "
+                 f"({len(whole)} blocks)" if whole else "") + ".", ""]
+    return lines
+
+
+PREMISE_NOTE = (
+    "premise_spearman of each step: Spearman(perplexity rank within the candidate batch, group pass rate) over the "
+    "prompts rolled out in the last premise_window_steps steps; the mean over the steps of each third, then over seeds. "
+    "Negative is the paper's premise (lower perplexity, easier prompt). Without premise probes only the window's "
+    "band of perplexity is seen, and that band moves with training, so this running estimate is descriptive.")
+
+
+def premise_table(agg: Aggregate) -> list[str]:
+    """The running premise estimate by third of the run, for the strategies that log it."""
+    rows = [r for r in agg.rows if r.diagnostics.premise_phases]
+    if not rows:
+        return []
+    lines = ["## The premise while training, by third of the run (means over seeds)", "",
+             "| strategy | premise_spearman (1st / 2nd / 3rd) |", "|---|---|"]
+    lines += [f"| {r.strategy} | {' / '.join(_num(v, '+.3f') for v in r.diagnostics.premise_phases)} |" for r in rows]
+    return lines + ["", PREMISE_NOTE, ""]
 
 
 # ---------------------------------------------------------------- the markdown
-def header(bench: BenchConfig, command: str, config_path: str, info: dict, timing: dict) -> list[str]:
-    """Title, description, how and where the runs were made, the setup."""
+def header(bench: BenchConfig, command: str, config_path: str, info: dict, timing: dict,
+           seeds_needed: Optional[int] = None) -> list[str]:
+    """Title, description, how and where the runs were made (of the runs of the first
+    ``seeds_needed`` seeds, default all), the setup."""
     tc = report_config(bench)
     k_prompts = max(1, round(tc["select_ratio"] * tc["candidate_batch_size"]))
     lines = [f"# {bench.title}", ""]
@@ -230,7 +343,7 @@ def header(bench: BenchConfig, command: str, config_path: str, info: dict, timin
               f"{tc['num_threads']} torch thread(s) per run, {bench.jobs} run(s) in parallel.  "]
     if timing.get("wall_seconds") is not None:
         inv, timed = timing.get("invocations", 1), len(timing.get("run_seconds", {}))
-        planned = len(bench.strategies) * len(bench.seeds)
+        planned = len(bench.strategies) * (seeds_needed or len(bench.seeds))
         lines.append(f"Wall time of the runs: {timing['wall_seconds'] / 60:.1f} min"
                      + (f" over {inv} invocations (resumed)" if inv > 1 else "")
                      + (f", covering {timed} of the {planned} runs (the others ran in invocations that were "
@@ -246,20 +359,27 @@ def header(bench: BenchConfig, command: str, config_path: str, info: dict, timin
 
 
 def render_markdown(agg: Aggregate, bench: BenchConfig, command: str, info: dict, timing: dict,
-                    images: Sequence[Path], config_path: str, base_report: Optional[Path] = None) -> str:
-    """The whole report."""
+                    images: Sequence[Path], config_path: str, base_report: Optional[Path] = None,
+                    st: Optional[Status] = None, runs: Optional[dict] = None) -> str:
+    """The whole report (``st``: a sequential study's status; ``runs``: the runs behind ``agg``,
+    for the time per run)."""
     tc = report_config(bench)
     resolved = {k: v for k, v in tc.items() if k not in ("strategy", "seed", "output_dir", "resume", "progress",
                                                           "tensorboard", "cache_dir")}
-    lines = header(bench, command, config_path, info, timing) + missing_section(agg)
+    lines = header(bench, command, config_path, info, timing, st and st.needed) + missing_section(agg.missing)
+    lines += status_section(bench, st, agg) if st is not None else []
     lines += [primary_table(agg, bench.metric), "", protocol_note(agg), "",
               "## Diagnostics (means over seeds)", "", diagnostics_table(agg), "", DIAGNOSTICS_NOTE, "",
               "## Prompt perplexity vs pass rate (initial policy)", "", *spearman_section(agg, base_report), "",
-              *selection_table(agg), "## Plots", "", *[f"![{p.stem}]({p.name})" for p in images], ""]
+              *selection_table(agg), *premise_table(agg), "## Plots", "", *[f"![{p.stem}]({p.name})" for p in images], ""]
     lines += levels_table(agg) + per_seed_table(agg, bench.metric)
+    lines += time_section(bench, runs) if st is not None and runs else []
     lines += ["<details><summary>Resolved trainer config (all strategies and seeds; strategy and seed vary)</summary>",
-              "", "```yaml", yaml.safe_dump(resolved, sort_keys=False).rstrip(), "```", "", "</details>", ""]
-    return "\n".join(lines)
+              "", "```yaml", yaml.safe_dump(resolved, sort_keys=False).rstrip(), "```", ""]
+    if bench.strategy_train:
+        lines += ["Per-strategy settings, on top of the above:", "", "```yaml",
+                  yaml.safe_dump(bench.strategy_train, sort_keys=False).rstrip(), "```", ""]
+    return "\n".join(lines + ["</details>", ""])
 
 
 # ---------------------------------------------------------------- plots
@@ -381,43 +501,42 @@ def update_readme(readme: Path, stem: str, content: str, heading: str) -> None:
     readme.write_text(text)
 
 
-def load_finished(bench: BenchConfig, places: Sequence[Path]) -> tuple[dict, list[str]]:
-    """(runs, missing): the finished runs of ``bench`` found in ``places`` (the runs directory, the
-    runs archive) and why each other run is missing; a strategy run whose baseline seed is missing
-    cannot be paired and counts as missing. Exits when the baseline has no finished run."""
-    steps = report_config(bench)["total_steps"]
-    runs, missing = load_runs(places, bench.strategies, bench.seeds, bench.metric, steps)
-    base = runs.get(bench.baseline, {})
-    if not base:
-        raise SystemExit("cannot aggregate: no finished run of the baseline\n  " + "\n  ".join(missing))
-    for s, rs in runs.items():
-        for k in [k for k in rs if k not in base]:
-            del rs[k]
-            missing.append(f"{s}/seed{k}: finished, but unpaired until {bench.baseline}/seed{k} is")
-    return {s: rs for s, rs in runs.items() if rs}, missing
-
-
 def write_report(bench: BenchConfig, runs_dir: Path, results_dir: Path, command: str, config_path: str,
                  timing: Optional[dict] = None, readme: Optional[Path] = None,
                  archive: Optional[Path] = None) -> dict:
     """Aggregate the finished runs under ``runs_dir`` (or, for those not there, their copy in the
     runs ``archive``) and write ``results_dir/<stem>.{md,csv,json,png}`` and ``<stem>_diagnostics.png``
-    (and the README block). Returns {aggregate, markdown, files}."""
-    runs, missing = load_finished(bench, [runs_dir] + ([archive] if archive else []))
-    agg = aggregate(runs, bench.baseline, bench.final_evals, bench.primary, missing)
+    (and the README block); a sequential study's report covers the seeds its rule needs now. Without
+    a finished baseline run only ``<stem>.md`` is written, saying what is missing. Returns
+    {aggregate (None without runs), markdown, files, status (a sequential study's, else None)}."""
+    places = [runs_dir] + ([archive] if archive else [])
+    runs, missing = load_finished(bench, places)
+    st = status(bench, runs) if bench.sequential is not None else None
+    if st is not None:   # the rule's seeds only: later seeds are not due (or ran past its stop)
+        runs, missing = load_finished(dataclasses.replace(bench, seeds=bench.seeds[:st.needed]), places)
     results_dir.mkdir(parents=True, exist_ok=True)
     out = {ext: results_dir / f"{bench.stem}.{ext}" for ext in ("md", "csv", "json", "png")}
+    info, timing = machine_info(), timing or {}
+    if not runs:
+        md = "\n".join(header(bench, command, config_path, info, timing, st and st.needed)
+                       + (status_section(bench, st, None) if st is not None else [])
+                       + ["No finished run of the baseline yet: nothing to aggregate.", ""] + missing_section(missing))
+        out["md"].write_text(md)
+        return {"aggregate": None, "markdown": md, "files": [str(out["md"])], "status": st}
+    agg = aggregate(runs, bench.baseline, bench.final_evals, bench.primary, missing, bench.interval)
+    agg.interim = st is not None and not st.complete
     images = [out["png"], results_dir / f"{bench.stem}_diagnostics.png"]
     plot_accuracy(runs, agg, bench.metric, images[0])
     plot_diagnostics(runs, images[1])
     write_csv(agg, out["csv"])
-    info, timing = machine_info(), timing or {}
     md = render_markdown(agg, bench, command, info, timing, images, config_path,
-                         base_report=results_dir / f"{bench.stem}_base.md")
+                         base_report=results_dir / f"{bench.stem}_base.md", st=st, runs=runs)
     out["md"].write_text(md)
     out["json"].write_text(json.dumps({"aggregate": dataclasses.asdict(agg), "machine": info, "command": command,
-                                       "timing": timing, "bench": dataclasses.asdict(bench)}, indent=1, default=str))
+                                       "timing": timing, "bench": dataclasses.asdict(bench),
+                                       "sequential": st and {**dataclasses.asdict(st), "complete": st.complete}}, indent=1, default=str))
     if readme is not None:
         update_readme(readme, bench.stem, f"Command: `{command}` on {info['cpu']} ({info['cores']} cores). Full report: "
                       f"`{_rel(out['md'])}`.\n\n" + primary_table(agg, bench.metric), bench.title)
-    return {"aggregate": agg, "markdown": md, "files": [str(p) for p in [*images, out["csv"], out["md"], out["json"]]]}
+    return {"aggregate": agg, "markdown": md, "files": [str(p) for p in [*images, out["csv"], out["md"], out["json"]]],
+            "status": st}

@@ -7,6 +7,7 @@ counts as done. ``<runs_dir>/harness.json`` records how the runs were made (comm
 all invocations, machine); the archive keeps a copy."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -25,7 +26,8 @@ import yaml
 from prepo.config import from_dict
 
 from .config import NON_RESULT_KEYS, ROOT, BenchConfig, full_config, run_config
-from .runs import archive_harness, archive_run, read_archive, run_files, run_key
+from .runs import archive_harness, archive_run, load_finished, read_archive, run_files, run_key
+from .sequential import status
 
 
 def config_diff(want: dict, have: dict) -> list[str]:
@@ -167,6 +169,28 @@ def run_all(bench: BenchConfig, runs_dir: Path, rerun_mismatched: bool = False,
         raise SystemExit(f"runs failed: {failed}")
     end = time.perf_counter()
     return {"wall_seconds": end - t_start, "total_seconds_incl_setup": end - t_setup, "run_seconds": times}
+
+
+def run_sequential(bench: BenchConfig, runs_dir: Path, rerun_mismatched: bool = False,
+                   archive: Optional[Path] = None) -> dict:
+    """A sequential study (``bench.sequential``): run the seeds its rule needs (:func:`.run_all`
+    on the leading seeds), look, and run the next block while the rule asks for one. Returns the
+    timing summed over the blocks run now (as :func:`.run_all`'s)."""
+    places = [runs_dir] + ([archive] if archive is not None else [])
+    timing: dict = {"wall_seconds": 0.0, "total_seconds_incl_setup": 0.0, "run_seconds": {}}
+    ran_up_to = 0
+    while not (now := status(bench, load_finished(bench, places)[0])).complete:
+        if now.needed <= ran_up_to:   # its runs ran, yet the rule does not see them finished
+            raise SystemExit(f"the first {now.needed} seeds ran but only {now.done} are finished paired seeds; "
+                             f"see the runs under {runs_dir}")
+        print(f"sequential: {now.done} of {now.needed} paired seeds done (cap {now.cap})", flush=True)
+        part = run_all(dataclasses.replace(bench, seeds=bench.seeds[:now.needed]), runs_dir, rerun_mismatched, archive)
+        timing = {"wall_seconds": timing["wall_seconds"] + part["wall_seconds"],
+                  "total_seconds_incl_setup": timing["total_seconds_incl_setup"] + part["total_seconds_incl_setup"],
+                  "run_seconds": {**timing["run_seconds"], **part["run_seconds"]}}
+        ran_up_to = now.needed
+    print(f"sequential: the rule stopped at {now.needed} paired seeds ({now.looks[-1].stop})", flush=True)
+    return timing
 
 
 def save_harness_meta(runs_dir: Path, command: str, timing: dict, jobs: int, archive: Optional[Path] = None) -> dict:

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 from prepo.metrics import StepMetrics
 
-from .config import ROOT, run_dir_of
+from .config import ROOT, BenchConfig, report_config, run_dir_of
 
 
 @dataclass
@@ -175,3 +175,17 @@ def load_runs(places: Sequence[Path], strategies: Sequence[str], seeds: Sequence
             except (FileNotFoundError, ValueError) as exc:
                 missing.append(f"{s}/seed{k}: {exc}")
     return runs, missing
+
+
+def load_finished(bench: BenchConfig, places: Sequence[Path]) -> tuple[dict, list[str]]:
+    """(runs, missing): the finished runs of ``bench`` found in ``places`` (the runs directory, the
+    runs archive) and why each other run is missing; a strategy run whose baseline seed is missing
+    cannot be paired and counts as missing (so without a finished baseline run, runs is empty)."""
+    steps = report_config(bench)["total_steps"]
+    runs, missing = load_runs(places, bench.strategies, bench.seeds, bench.metric, steps)
+    base = runs.get(bench.baseline, {})
+    for s, rs in runs.items():
+        for k in [k for k in rs if k not in base]:
+            del rs[k]
+            missing.append(f"{s}/seed{k}: finished, but unpaired until {bench.baseline}/seed{k} is")
+    return {s: rs for s, rs in runs.items() if rs}, missing

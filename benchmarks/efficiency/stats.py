@@ -10,13 +10,17 @@ Seeds are paired: strategy seed s is compared with baseline seed s (same base mo
   saving can show uncensored even when the baseline is still rising at the end); R_X(s) = the cumulative rollouts at X's
   first evaluation whose smoothed accuracy is >= threshold_s, or X's whole rollout budget when it
   never is (*censored*); ratio(s) = R_strategy(s) / R_baseline(s). Estimate: the geometric mean of
-  ratio(s) over seeds with a 95% paired-bootstrap CI over seeds; a lower bound when a strategy seed
-  is censored. Decision: 'saves rollouts' when the CI lies below 1, 'costs rollouts' above 1; with
+  ratio(s) over seeds with a 95% paired-bootstrap CI over seeds (``interval: bootstrap``), or with
+  ``interval: t`` the Student t interval of the mean log ratio, exponentiated; a lower bound when a
+  strategy seed is censored. A seed whose baseline is at the threshold before training (R = 0 on
+  both sides: the ratio is 0 / 0) is left out of the ratio. Decision: 'saves rollouts' when the CI lies below 1, 'costs rollouts' above 1; with
   ``half_budget_threshold`` an inconclusive interval wider than the saving looked for (1 - 0.59, the
   paper's 1.7x) is called underpowered, with the number of seeds and the width.
 * SECONDARY: final accuracy, strategy - baseline; area under accuracy vs cumulative rollouts on
   [0, baseline's budget] divided by that budget (a mean accuracy), strategy - baseline. Each
-  per-seed paired, mean with a 95% paired-bootstrap CI.
+  per-seed paired, mean with a 95% paired-bootstrap CI (or t interval).
+* A sign-flip permutation interval of a mean (:func:`sign_flip_interval`) is reported beside the t
+  interval where a study registers one, as a check that does not lean on normality.
 
 Accuracies are fractions in 0..1, rollouts are counts of generated completions.
 """
@@ -25,9 +29,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Sequence
 
+import math
+
 import numpy as np
 
-from .config import PRIMARIES
+from .config import INTERVALS, PRIMARIES
 from .diagnostics import Diagnostics, diagnose, spearman_summary
 from .runs import RunData
 
@@ -114,6 +120,50 @@ def bootstrap_ci(values, statistic: Statistic = np.mean, n_boot: int = N_BOOT, s
     return lo, hi
 
 
+def t_interval(values, level: float = LEVEL) -> tuple[float, float]:
+    """The Student t interval (n - 1 degrees of freedom) of the mean of ``values`` [n_seeds];
+    (-inf, inf) for one value (no spread to scale it by)."""
+    from scipy.stats import t as student_t
+
+    a = np.asarray(values, dtype=float)
+    if a.ndim != 1 or len(a) == 0:
+        raise ValueError(f"t_interval needs one value per seed; got shape {a.shape}")
+    if len(a) == 1:
+        return -math.inf, math.inf
+    half = float(student_t.ppf(0.5 + level / 2, len(a) - 1)) * float(a.std(ddof=1)) / math.sqrt(len(a))
+    return float(a.mean()) - half, float(a.mean()) + half
+
+
+def sign_flip_pvalue(values, mu: float = 0.0, tol: float = 1e-12) -> float:
+    """Exact two-sided p-value of the sign-flip permutation test of mean(values) = ``mu``: the share
+    of the 2^n sign patterns s for which |sum(s * (values - mu))| >= |sum(values - mu)|."""
+    d = np.asarray(values, dtype=float) - mu
+    n = len(d)
+    signs = 1 - 2 * ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1)   # [2^n, n] of +-1
+    return float(np.mean(np.abs(signs @ d) >= abs(d.sum()) - tol))
+
+
+def sign_flip_interval(values, level: float = LEVEL, iters: int = 60) -> tuple[float, float]:
+    """The means ``mu`` that the sign-flip test (:func:`sign_flip_pvalue`) does not reject at
+    1 - ``level``, each end found by bisection between the sample mean (p = 1) and the data's
+    extreme (p = 2 / 2^n). (-inf, inf) when no mean can be rejected: with 2 / 2^n > 1 - level,
+    i.e. fewer than 6 values at 95%. At most 20 values (2^n sign patterns are enumerated)."""
+    a = np.asarray(values, dtype=float)
+    if a.ndim != 1 or not 0 < len(a) <= 20:
+        raise ValueError(f"sign_flip_interval needs 1 to 20 values; got shape {a.shape}")
+    if 2 / 2 ** len(a) > 1 - level:
+        return -math.inf, math.inf
+
+    def edge(inside: float, outside: float) -> float:
+        for _ in range(iters):
+            mid = (inside + outside) / 2
+            inside, outside = (mid, outside) if sign_flip_pvalue(a, mid) > 1 - level else (inside, mid)
+        return inside
+
+    spread = float(np.ptp(a)) or 1.0
+    return edge(float(a.mean()), float(a.min()) - 1e-9 * spread), edge(float(a.mean()), float(a.max()) + 1e-9 * spread)
+
+
 @dataclass
 class PairedEstimate:
     """A statistic of per-seed paired values with its paired-bootstrap CI (LEVEL)."""
@@ -124,10 +174,20 @@ class PairedEstimate:
     hi: float
 
 
-def paired_estimate(per_seed: Sequence[float], statistic: Statistic = np.mean) -> PairedEstimate:
-    """``statistic`` over the per-seed values, and its bootstrap CI."""
+def paired_estimate(per_seed: Sequence[float], statistic: Statistic = np.mean,
+                    interval: str = INTERVALS[0]) -> PairedEstimate:
+    """``statistic`` (np.mean or geometric_mean) over the per-seed values, and its CI: the paired
+    bootstrap, or with ``interval='t'`` the t interval of the mean (of the logs, exponentiated,
+    for the geometric mean)."""
     a = np.asarray(per_seed, dtype=float)
-    lo, hi = bootstrap_ci(a, statistic)
+    if interval not in INTERVALS:
+        raise ValueError(f"interval must be one of {', '.join(INTERVALS)}; got {interval!r}")
+    if interval == "bootstrap":
+        lo, hi = bootstrap_ci(a, statistic)
+    elif statistic is geometric_mean:
+        lo, hi = (math.exp(b) for b in t_interval(np.log(a)))
+    else:
+        lo, hi = t_interval(a)
     return PairedEstimate([float(v) for v in a], float(statistic(a, axis=0)), float(lo), float(hi))
 
 
@@ -173,7 +233,7 @@ def reach_per_seed(runs: Mapping[int, RunData], thresholds: Mapping[int, float],
 class Comparison:
     """One strategy against the baseline, paired by seed (see the module docstring)."""
 
-    ratio: Optional[PairedEstimate]   # PRIMARY R_strategy/R_baseline, geometric mean; None if any R is 0
+    ratio: Optional[PairedEstimate]   # PRIMARY R_strategy/R_baseline, geometric mean; None if every R is 0
     n_censored: int                   # strategy seeds that never reached their threshold
     decision: str                     # decide(ratio, n_censored)
     final_diff: PairedEstimate        # final accuracy, strategy - baseline
@@ -186,17 +246,18 @@ class Comparison:
 
 
 def compare(runs: Mapping[int, RunData], base: Mapping[int, RunData], final_evals: int,
-            primary: str = PRIMARIES[0]) -> Comparison:
-    """A strategy's runs {seed: RunData} against the baseline's, on the same seeds."""
+            primary: str = PRIMARIES[0], interval: str = INTERVALS[0]) -> Comparison:
+    """A strategy's runs {seed: RunData} against the baseline's, on the same seeds, with CIs of
+    the kind ``interval`` names."""
     if sorted(runs) != sorted(base):
         raise ValueError(f"seeds are paired: the strategy has seeds {sorted(runs)}, the baseline {sorted(base)}")
     seeds = sorted(base)
     thresholds = baseline_thresholds(base, final_evals, primary)
     reach, censored = reach_per_seed(runs, thresholds, final_evals)
     base_reach, _ = reach_per_seed(base, thresholds, final_evals)   # never censored: its own curve has the value
-    # a seed reached at 0 rollouts (its initial policy already there) leaves the ratio undefined
-    ratio = (paired_estimate(np.divide(reach, base_reach), geometric_mean)
-             if min(reach) > 0 and min(base_reach) > 0 else None)
+    # a seed reached at 0 rollouts (its initial policy already there) has no ratio: left out of it
+    defined = [(r, b) for r, b in zip(reach, base_reach) if r > 0 and b > 0]
+    ratio = paired_estimate([r / b for r, b in defined], geometric_mean, interval) if defined else None
     budgets = [base[s].total_rollouts for s in seeds]
     return Comparison(
         ratio=ratio,
@@ -204,9 +265,9 @@ def compare(runs: Mapping[int, RunData], base: Mapping[int, RunData], final_eval
         decision=decide(ratio, sum(censored), None if primary == PRIMARIES[0] else POWER_WIDTH),
         # against the baseline's final accuracy, which is the threshold only under the final_threshold primary
         final_diff=paired_estimate([final_accuracy(runs[s].curve, final_evals) - final_accuracy(base[s].curve, final_evals)
-                                    for s in seeds]),
+                                    for s in seeds], interval=interval),
         auc_diff=paired_estimate([normalized_auc(runs[s].curve, b) - normalized_auc(base[s].curve, b)
-                                  for s, b in zip(seeds, budgets)]),
+                                  for s, b in zip(seeds, budgets)], interval=interval),
     )
 
 
@@ -239,11 +300,13 @@ class Aggregate:
     spearman: dict                 # diagnostics.spearman_summary
     primary: str = PRIMARIES[0]    # the threshold rule (config.PRIMARIES)
     missing: list[str] = field(default_factory=list)   # runs not (yet) finished: '<strategy>/seed<k>: why'
+    interval: str = INTERVALS[0]   # the kind of every CI (config.INTERVALS)
+    interim: bool = False          # a sequential study whose rule has not stopped: no decision yet
 
 
 def aggregate(runs: Mapping[str, Mapping[int, RunData]], baseline: str, final_evals: int = 1,
-              primary: str = PRIMARIES[0], missing: Sequence[str] = ()) -> Aggregate:
-    """The aggregate of {strategy: {seed: RunData}} against ``baseline``. A strategy may lack some of
+              primary: str = PRIMARIES[0], missing: Sequence[str] = (), interval: str = INTERVALS[0]) -> Aggregate:
+    """The aggregate of {strategy: {seed: RunData}} against ``baseline``, CIs of the kind ``interval``. A strategy may lack some of
     the baseline's seeds (runs not finished yet, listed in ``missing``): it is compared on the seeds
     it has; a seed the baseline lacks cannot be paired and must not be there."""
     if baseline not in runs:
@@ -264,10 +327,11 @@ def aggregate(runs: Mapping[str, Mapping[int, RunData]], baseline: str, final_ev
             strategy=strategy, seeds=seeds, finals=finals, final_mean=float(np.mean(finals)),
             final_std=float(np.std(finals, ddof=1)) if len(finals) > 1 else 0.0,
             budgets=[rs[s].total_rollouts for s in seeds], reach=reach, censored=censored,
-            comparison=None if strategy == baseline else compare(rs, {k: base[k] for k in rs}, final_evals, primary),
+            comparison=None if strategy == baseline else compare(rs, {k: base[k] for k in rs}, final_evals, primary,
+                                                                 interval),
             diagnostics=diagnose(rs)))
     return Aggregate(baseline, final_evals, thresholds, [s for s, r in zip(sorted(base), base_reach) if r == 0],
-                     rows, spearman_summary(runs), primary, list(missing))
+                     rows, spearman_summary(runs), primary, list(missing), interval)
 
 
 def curve_band(curves: Sequence[Curve], n_points: int = 101,

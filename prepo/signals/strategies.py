@@ -12,6 +12,8 @@ A strategy says what it needs and the trainer asks, never names it:
 * ``single_process``: its state is not shared across data-parallel ranks;
 * ``moving_window``: a perplexity window that walks with the curriculum position (the premise
   estimate's probes and the curriculum direction steer it);
+* ``needs_levels``: whether :meth:`Strategy.select` reads the candidates' difficulty levels (the
+  trainer hands it every training problem's level once, :meth:`LevelOracle.set_levels`);
 * :meth:`Strategy.observe` sees the rolled-out prompts' rewards (GRESO's reward history) and
   :meth:`Strategy.state_dict` / :meth:`Strategy.load_state_dict` carry that state in checkpoints;
   :meth:`Strategy.stats` adds the strategy's own fields to the step record.
@@ -37,6 +39,7 @@ class Strategy:
     refills = False
     single_process = False
     moving_window = False
+    needs_levels = False
 
     def __init__(self, name: str, *, weighting: bool = False):
         self.name = name
@@ -113,6 +116,31 @@ class GresoFilter(Strategy):
         self.greso.load_state_dict(state)
 
 
+class LevelOracle(Strategy):
+    """A positive control that reads the answer key: the K candidates whose difficulty level is
+    closest to the middle of the training problems' levels ((lowest + highest) / 2), ties in a
+    random order. No weights, no perplexities."""
+
+    needs_levels = True
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.levels: Optional[np.ndarray] = None   # [training problems] level of each, by train index
+        self.target = float("nan")                 # the level it aims at
+
+    def set_levels(self, levels: Sequence[int]) -> None:
+        """Every training problem's difficulty level (0 = easiest), by train index."""
+        self.levels = np.asarray(levels, dtype=float)
+        self.target = float(self.levels.min() + self.levels.max()) / 2
+
+    def select(self, ppl, cand, k, rho, rng):
+        if self.levels is None:
+            raise RuntimeError(f"strategy {self.name!r} selects by level: call set_levels first")
+        perm = rng.permutation(len(cand))   # a random order first, so equal distances tie at random
+        distance = np.abs(self.levels[np.asarray(cand)[perm]] - self.target)
+        return perm[np.argsort(distance, kind="stable")][:k].tolist()
+
+
 STRATEGIES: dict[str, Callable[[], Strategy]] = {
     "prepo": lambda: Window("prepo", weighting=True),
     "random": lambda: Strategy("random"),
@@ -122,6 +150,7 @@ STRATEGIES: dict[str, Callable[[], Strategy]] = {
     "static_high_ppl": lambda: Window("static_high_ppl", fixed_rho=1.0),
     "dapo_dynamic": lambda: DapoDynamic("dapo_dynamic"),
     "greso": lambda: GresoFilter("greso"),
+    "oracle_level": lambda: LevelOracle("oracle_level"),
 }
 
 
