@@ -56,7 +56,8 @@ def test_two_step_run(tmp_path, tiny_cache_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["dapo_dynamic", "static_low_ppl", "static_high_ppl", "entropy_only", "ppl_only"])
+@pytest.mark.parametrize("strategy", ["dapo_dynamic", "static_low_ppl", "static_high_ppl", "entropy_only", "ppl_only",
+                                      "oracle_level"])
 def test_other_strategy_runs_in_process(tmp_path, tiny_cache_dir, strategy):
     from prepo.train import run
 
@@ -70,12 +71,14 @@ def test_other_strategy_runs_in_process(tmp_path, tiny_cache_dir, strategy):
     else:
         assert all(r["step_rollouts"] == 2 * 4 for r in rows)
         assert rows[0]["weight_applied"] == (strategy == "entropy_only")
-        assert (rows[0]["ppl_window_lo"] is None) == (strategy == "entropy_only")
+        assert (rows[0]["ppl_window_lo"] is None) == (strategy in ("entropy_only", "oracle_level"))
     picks = [json.loads(line) for line in (tmp_path / strategy / "selection.jsonl").read_text().splitlines()]
     assert [p["step"] for p in picks] == [1, 2]
     # dynamic sampling's refills are not indexed; strategies that do not score prompts log no ppl
     assert all((p["prompt_ids"] is None) == (strategy == "dapo_dynamic") for p in picks)
-    assert all((p["ppl"] is None) == (strategy in ("dapo_dynamic", "entropy_only")) for p in picks)
+    assert all((p["ppl"] is None) == (strategy in ("dapo_dynamic", "entropy_only", "oracle_level")) for p in picks)
+    if strategy == "oracle_level":   # levels 0-4: a candidate batch of 10 all but surely holds levels 1-3
+        assert all(abs(level - 2) <= 1 for p in picks for level in p["levels"])
 
 
 @pytest.mark.slow
