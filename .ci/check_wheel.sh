@@ -13,6 +13,9 @@ dist="${PREPO_WHEEL_DIR:-$work/dist}"
 mkdir -p "$dist"
 
 if ! ls "$dist"/prepo-*.whl > /dev/null 2>&1; then
+  # without build isolation setuptools needs the `wheel` package in the active environment for
+  # bdist_wheel, and the test extras do not always bring it
+  python -m pip install -q wheel
   MAX_JOBS="${MAX_JOBS:-2}" python -m pip wheel -q --no-build-isolation --no-deps . -w "$dist"
 fi
 python setup.py -q sdist -d "$dist" > /dev/null 2>&1
