@@ -10,7 +10,8 @@ already has: prompt perplexity (selection) and rollout entropy (weighting). Each
   2. roll out G completions per selected prompt (HF generate or vLLM);
   3. reward them (the task's checker, math_reward or the user's function);
   4. score/weight: one no-grad pass for the old log-probs and full-vocabulary entropies, and
-     w_i = H_i / H_bar per rollout (detached);
+     w_i = H_i / H_bar per rollout (detached); with one optimizer step per batch and no KL term
+     the old log-probs are the current ones and the update's own forward gives the entropies;
   5. update: DAPO-style GRPO (group-normalized advantages, clip-higher, token-mean, each rollout's
      surrogate times w_i), micro-batched by a token budget, zero-advantage rollouts skipped when
      there is no KL term; the rollout engine gets the new weights;
@@ -53,7 +54,6 @@ from .runlock import run_lock
 from .signals.pacing import pacing_rho
 from .signals.premise import Premise, PremiseParams
 from .signals.scoring import prompt_perplexity
-from .signals.weighting import relative_entropy_weights
 
 log = logging.getLogger("prepo")
 
@@ -90,19 +90,16 @@ class Trainer:
         batch, upd, gap = BatchStats(), UpdateStats(), None   # stay so when nothing was kept (dynamic sampling)
         if got.rollouts is not None:
             ro = got.rollouts
-            # 4. score/weight: old log-probs and entropies in one no-grad pass, w_i = H_i / H_bar
-            #    over all ranks' rollouts, group-normalized advantages
-            with timer("time_old_logprob"):
-                old = self.learner.logprobs_and_entropies(ro)
-            with timer("time_weight"):
-                w = relative_entropy_weights(old.entropy, ro.completion_mask, reduce=self.dist.sum)
+            # 4-5. score/weight: old log-probs and entropies (one no-grad pass, or on-policy the
+            #      update's own forward), w_i = H_i / H_bar over all ranks' rollouts, group-normalized
+            #      advantages; update the policy, then hand the rollout engine its new weights
             adv = group_advantages(got.rewards, cfg.group_size, cfg.adv_eps)
-            # 5. update the policy, then hand the rollout engine its new weights
-            with timer("time_update"):
-                upd = self.learner.update(ro, adv, w if self.strategy.weighting else None, old)
+            learned = self.learner.learn(ro, adv, self.strategy.weighting, timer)
+            upd = learned.update
             with timer("time_sync"):   # vLLM: returns its log-prob gap to the policy on checked syncs
                 gap = self.engine.sync_weights(self.model)
-            batch = batch_stats(got.rewards, old.entropy, ro.completion_mask, w, cfg.group_size, self.dist)
+            batch = batch_stats(got.rewards, learned.entropy, ro.completion_mask, learned.weights, cfg.group_size,
+                                self.dist)
         # 6. log: count the step's rollouts and reward failures (all ranks), then its record
         step_rollouts = self.count(got)
         return self.step_record(got, cand, ppl, order, rho, batch, upd, step_rollouts,

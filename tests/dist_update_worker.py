@@ -3,8 +3,9 @@ trainer's learner on a fixed global batch; rank 0 saves the parameters and the s
 
 usage: python -m torch.distributed.run --standalone --nproc_per_node N tests/dist_update_worker.py CONFIG_JSON OUT SKIP
 
-SKIP: 1 = the update skips zero-advantage rollouts (the learner as the trainer builds it), 0 = a
-learner that runs every rollout forward and backward.
+SKIP: 1 = the update skips zero-advantage rollouts (the learner as the trainer builds it; with
+mini_batches 1 on-policy: no old-log-prob pass on the rollouts it updates), 0 = a learner that runs
+every rollout forward and backward after the old-log-prob pass over every rollout.
 """
 import dataclasses
 import json
@@ -16,13 +17,15 @@ from prepo.builder import build_run
 from prepo.config import from_dict
 from prepo.learner import Learner
 from prepo.loss import group_advantages
-from prepo.metrics import batch_stats
+from prepo.metrics import Timer, batch_stats
 from prepo.rollout import roll_out
-from prepo.signals.weighting import relative_entropy_weights
 
 
 class EveryRow(Learner):
-    """Runs the zero-advantage rollouts too (their gradient is 0: the update must not change)."""
+    """Runs the zero-advantage rollouts too (their gradient is 0: the update must not change), after
+    the old-log-prob pass over every rollout."""
+
+    on_policy = False
 
     def rows_with_gradient(self, adv):
         return torch.ones(adv.shape[0], dtype=torch.bool)
@@ -42,10 +45,9 @@ mine = dist.share(list(range(len(problems))))
 rows = [g * G + j for g in mine for j in range(G)]
 ro, mine_r = whole.rollouts.select(rows), rewards[rows]
 # steps 4-5 of Trainer.step on that batch
-old = learner.logprobs_and_entropies(ro)
-w = relative_entropy_weights(old.entropy, ro.completion_mask, reduce=dist.sum)
-update = learner.update(ro, group_advantages(mine_r, G, cfg.adv_eps), w, old)
-batch = batch_stats(mine_r, old.entropy, ro.completion_mask, w, G, dist)
+learned = learner.learn(ro, group_advantages(mine_r, G, cfg.adv_eps), True, Timer())
+update = learned.update
+batch = batch_stats(mine_r, learned.entropy, ro.completion_mask, learned.weights, G, dist)
 if dist.main:
     torch.save({"params": parts.model.state_dict(), "batch": dataclasses.asdict(batch),
                 "grads": {n: p.grad.clone() for n, p in parts.model.named_parameters()},

@@ -27,7 +27,9 @@ def _torchrun(nproc: int, argv: list, timeout: int = 300) -> subprocess.Complete
 def test_update_is_the_same_skipped_and_data_parallel(tmp_path, tiny_qwen2_dir):
     """One update on a fixed global batch, half of whose groups have all-equal rewards (advantage
     0): skipping those rollouts (the default) on one process and on two equals running them all on
-    one process, up to float summation order."""
+    one process, up to float summation order. With one optimizer step per batch the skipping runs
+    take the on-policy path (entropies and PREPO's weights from the update's forward, H_bar over
+    both ranks); the reference runs the old-log-prob pass over every rollout."""
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"What is {a} plus 2?", "answer": str(a + 2)}) + "\n"
                             for a in range(8)))
