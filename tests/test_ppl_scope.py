@@ -86,6 +86,41 @@ def test_last_user_turn_is_scored_against_float64_truth(tiny, scope, text):
     torch.testing.assert_close(got.double(), truth[None], rtol=1e-4, atol=0)
 
 
+@pytest.mark.parametrize("scope", ["problem", "user", "prompt"])
+def test_a_mixed_batch_is_scored_against_float64_truth_on_the_tokens_it_needs(tiny, scope, monkeypatch):
+    """Prompts whose spans start and end at different distances from their ends (a string, a
+    longer one, a chat), in one micro-batch: each against exp(-mean log p) of its scored tokens under
+    the HF model's own float64 logits, the prompt alone. The decoder sees the columns up to the last
+    scored token only, the LM head the positions from the first scored token on."""
+    import prepo_kernels.hf
+
+    model, tok = tiny
+    prompts = ["What is 4 + 3?", "A farmer has 17 sheep and buys 9 more. How many does he have now?", CHAT]
+    enc = PromptEncoder(tok, PromptFormat(chat_template=True, instruction_suffix=SUFFIX, ppl_scope=scope))
+    ids, mask, scored = enc.scored(prompts)
+    truth = []
+    m64 = model.to(torch.float64)
+    try:
+        for p in prompts:
+            i, _, s = enc.scored([p])
+            with torch.no_grad():
+                logp = torch.log_softmax(m64(input_ids=i).logits[0, :-1], dim=-1)
+            truth.append(torch.exp(-logp.gather(1, i[0, 1:, None])[:, 0][s[0, 1:]].mean()))
+    finally:
+        model.to(torch.float32)
+    seen = []
+    real = prepo_kernels.hf.next_token_logprob_entropy
+    monkeypatch.setattr(prepo_kernels.hf, "next_token_logprob_entropy",
+                        lambda h, head, i, m, n_keep, **kw: seen.append((i.shape[1], n_keep)) or real(h, head, i, m, n_keep, **kw))
+    got = prompt_perplexity(model, enc, prompts, impl="torch")
+    torch.testing.assert_close(got.double(), torch.stack(truth), rtol=1e-4, atol=0)
+    cols = scored.any(dim=0).nonzero()[:, 0]
+    start = int((mask == 0).sum(dim=1).min())
+    assert seen == [(int(cols[-1]) + 1 - start, int(cols[-1]) + 1 - int(cols[0]))]
+    if scope != "prompt":   # the suffix and generation prompt are left out, and the system turn of the head
+        assert seen[0][0] < ids.shape[1] - start and seen[0][1] < seen[0][0] - 1
+
+
 def test_prompt_scope_is_every_token_after_the_first(qwen_tokenizer):
     enc = PromptEncoder(qwen_tokenizer, PromptFormat(chat_template=True, ppl_scope="prompt"))
     ids, mask, scored = enc.scored(PROMPTS)

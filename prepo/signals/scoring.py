@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 import prepo_kernels
+import prepo_kernels.hf
 
 from ..errors import DataError
 
@@ -27,7 +28,12 @@ def prompt_perplexity(model, encoder: "PromptEncoder", prompts: Sequence["Prompt
     the last user message, or every token after the first), each conditioned on all the tokens
     before it. Runs under inference_mode (cheaper than no_grad; the result is only sorted, never
     differentiated), in micro-batches of at most ``max_tokens`` padded tokens. A prompt whose
-    scope holds no token after the first is a :class:`~prepo.errors.DataError`."""
+    scope holds no token after the first is a :class:`~prepo.errors.DataError`.
+
+    Only what the score reads is computed: the decoder stops at a micro-batch's last scored token
+    (the model is causal: the instruction suffix and the generation prompt after the problem cannot
+    move its log-probs), and the LM head runs only from its first scored token on (not over the
+    system turn and headers before the problem)."""
     device = next(model.parameters()).device
     ids, mask, scored = encoder.scored(prompts)
     empty = (~scored.any(dim=1)).nonzero().flatten().tolist()
@@ -36,10 +42,15 @@ def prompt_perplexity(model, encoder: "PromptEncoder", prompts: Sequence["Prompt
                          f"(ppl_scope {encoder.fmt.ppl_scope!r}); {len(empty)} such prompt(s)")
     out = []
     for rows in token_chunks(torch.arange(len(prompts)), ids.shape[1], max_tokens):
-        width = int(mask[rows].sum(dim=1).max())  # left-padded: the last `width` columns hold every token
-        i, m = ids[rows, -width:].to(device), mask[rows, -width:].to(device)
+        # left-padded: the last `width` columns hold every token; scored columns first..last
+        start = ids.shape[1] - int(mask[rows].sum(dim=1).max())
+        cols = scored[rows].any(dim=0).nonzero()[:, 0]
+        first, last = int(cols[0]), int(cols[-1])
+        i, m = ids[rows, start : last + 1].to(device), mask[rows, start : last + 1].to(device)
         with autocast():
-            logprob, _ = prepo_kernels.causal_lm_logprob_entropy(model, i, m, compute_entropy=False, impl=impl)
-        # logprob[:, t] is the log-prob of token t + 1
-        out.append(prepo_kernels.sequence_perplexity(logprob, scored[rows, -width + 1:].to(device)).float().cpu())
+            hidden, head = prepo_kernels.hf.decoder_hidden(model, i, m)
+            logprob, _ = prepo_kernels.hf.next_token_logprob_entropy(hidden, head, i, m, last + 1 - first,
+                                                                    compute_entropy=False, impl=impl)
+        # logprob[:, t] is the log-prob of token first + t
+        out.append(prepo_kernels.sequence_perplexity(logprob, scored[rows, first : last + 1].to(device)).float().cpu())
     return torch.cat(out)
