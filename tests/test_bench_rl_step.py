@@ -19,7 +19,8 @@ def test_prepo_config_is_the_stated_work(tmp_path):
     assert (cfg.mini_batches, cfg.ppo_epochs, cfg.kl_beta, cfg.total_steps) == (1, 1, 0.0, 4)
     assert (cfg.model, cfg.rollout_engine, cfg.temperature, cfg.max_new_tokens) == (
         "smollm2-135m-instruct", "vllm", 0.7, 32)
-    assert not cfg.gradient_checkpointing
+    assert not cfg.gradient_checkpointing and b.prepo_vllm_dtype({}) == "float32"
+    assert b.prepo_vllm_dtype({"dtype": "bf16"}) == "bfloat16"
 
 
 def test_set_changes_a_trainer_option_and_refuses_others(tmp_path):
@@ -39,12 +40,12 @@ def test_set_changes_a_trainer_option_and_refuses_others(tmp_path):
 def _result(side: str, step: float, rss: float) -> dict:
     phases = b.PHASES["trl" if side == "trl" else "prepo"]
     med = {"step": step, **{k: step / len(phases) for k in phases}}
-    return {"side": side, "median": med, "rollouts_per_s": 64 / step, "peak_rss_gib": rss}
+    return {"side": side, "median": med, "rollouts_per_s": 64 / step, "peak_rss_gib": rss, "vllm_dtype": "float32"}
 
 
 def test_table_gives_each_side_its_split_and_ratios_to_trl():
     md = b.table([_result("prepo", 30.0, 6.0), _result("trl", 60.0, 8.0)])
     prepo_row, trl_row = md.splitlines()[2:]
-    assert prepo_row.startswith("| prepo | 30.00 | score 3.75 (12%)") and prepo_row.endswith("| 0.50x | 0.75x |")
+    assert prepo_row.startswith("| prepo | float32 | 30.00 | score 3.75 (12%)") and prepo_row.endswith("| 0.50x | 0.75x |")
     assert "rollout_other 12.00 (20%)" in trl_row and trl_row.endswith("| 1.00x | 1.00x |")
     assert b.table([_result("prepo", 30.0, 6.0)]).endswith("| - | - |")

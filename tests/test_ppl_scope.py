@@ -8,7 +8,7 @@ import torch
 
 from prepo.config import ConfigError, from_dict
 from prepo.prompts import PromptEncoder, PromptFormat
-from prepo.signals.scoring import prompt_perplexity
+from prepo.signals.scoring import MIN_SHARED, prompt_perplexity
 
 SUFFIX = "Answer with the number only."
 CHAT = [{"role": "user", "content": "What is 7 plus 8?"}, {"role": "assistant", "content": "15"},
@@ -90,8 +90,8 @@ def test_last_user_turn_is_scored_against_float64_truth(tiny, scope, text):
 def test_a_mixed_batch_is_scored_against_float64_truth_on_the_tokens_it_needs(tiny, scope, monkeypatch):
     """Prompts whose spans start and end at different distances from their ends (a string, a
     longer one, a chat), in one micro-batch: each against exp(-mean log p) of its scored tokens under
-    the HF model's own float64 logits, the prompt alone. The decoder sees the columns up to the last
-    scored token only, the LM head the positions from the first scored token on."""
+    the HF model's own float64 logits, the prompt alone. The decoder runs the shared leading tokens
+    once and each row only up to its last scored token."""
     import prepo_kernels.hf
 
     model, tok = tiny
@@ -108,17 +108,21 @@ def test_a_mixed_batch_is_scored_against_float64_truth_on_the_tokens_it_needs(ti
             truth.append(torch.exp(-logp.gather(1, i[0, 1:, None])[:, 0][s[0, 1:]].mean()))
     finally:
         model.to(torch.float32)
+    decoder, _ = prepo_kernels.hf.decoder_and_head(model)
     seen = []
-    real = prepo_kernels.hf.next_token_logprob_entropy
-    monkeypatch.setattr(prepo_kernels.hf, "next_token_logprob_entropy",
-                        lambda h, head, i, m, n_keep, **kw: seen.append((i.shape[1], n_keep)) or real(h, head, i, m, n_keep, **kw))
-    got = prompt_perplexity(model, enc, prompts, impl="torch")
+    hook = decoder.register_forward_pre_hook(lambda mod, args, kw: seen.append(tuple(kw["input_ids"].shape)),
+                                             with_kwargs=True)
+    try:
+        got = prompt_perplexity(model, enc, prompts, impl="torch")
+    finally:
+        hook.remove()
     torch.testing.assert_close(got.double(), torch.stack(truth), rtol=1e-4, atol=0)
-    cols = scored.any(dim=0).nonzero()[:, 0]
-    start = int((mask == 0).sum(dim=1).min())
-    assert seen == [(int(cols[-1]) + 1 - start, int(cols[-1]) + 1 - int(cols[0]))]
-    if scope != "prompt":   # the suffix and generation prompt are left out, and the system turn of the head
-        assert seen[0][0] < ids.shape[1] - start and seen[0][1] < seen[0][0] - 1
+    needed = [int(s.nonzero()[-1]) + 1 - int((m == 0).sum()) for s, m in zip(scored, mask)]   # up to the last scored
+    if scope == "prompt":   # scored from the second token on: nothing to share, the rows run whole
+        assert seen == [(3, max(needed))]
+    else:   # the template's system turn and user header run once, the rest of each row after them
+        (one, shared), (rows, rest) = seen
+        assert one == 1 and shared >= MIN_SHARED and rows == 3 and rest == max(needed) - shared
 
 
 def test_prompt_scope_is_every_token_after_the_first(qwen_tokenizer):
