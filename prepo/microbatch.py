@@ -2,6 +2,10 @@
 ``max_tokens`` padded tokens, so peak activation memory is set by an option, not by the batch."""
 from __future__ import annotations
 
+import math
+from typing import Sequence
+
+import numpy as np
 import torch
 
 
@@ -10,3 +14,19 @@ def token_chunks(rows: torch.Tensor, width: int, max_tokens: int) -> list[torch.
     chunks of at most ``max_tokens // width`` rows (at least one row each)."""
     per = max(1, max_tokens // max(width, 1))
     return [rows[i : i + per] for i in range(0, rows.numel(), per)]
+
+
+def length_batches(lengths: Sequence[int], max_tokens: int, max_padding: float = math.inf) -> list[np.ndarray]:
+    """Row indices sorted by length and cut into batches whose padded size (rows x the longest)
+    stays within ``max_tokens`` (one row at least) and whose padding is at most ``max_padding`` of
+    their real tokens: little padding, bounded memory."""
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    batches, start, total = [], 0, 0
+    for end in range(len(order)):
+        longest, total = lengths[order[end]], total + lengths[order[end]]
+        rows = end + 1 - start
+        if end > start and (rows * longest > max_tokens or rows * longest > (1 + max_padding) * total):
+            batches.append(order[start:end])
+            start, total = end, longest
+    batches.append(order[start:])
+    return batches

@@ -33,6 +33,7 @@ from .config import DTYPES, PPL_SCOPES
 from .data import check_columns, read_rows, usable_row
 from .errors import ConfigError, DataError, UserError
 from .hub import resolve_model
+from .microbatch import length_batches
 from .policy import Precision, load_policy
 from .preflight import resolve_device
 from .prompts import PromptEncoder, PromptFormat
@@ -81,18 +82,6 @@ def load_rows(args) -> tuple[list[dict], list, Counter]:
     if not kept:
         raise DataError(f"{path}: no usable row among {len(rows)} (skipped: {dict(skipped)})")
     return kept, prompts, skipped
-
-
-def length_batches(lengths: Sequence[int], batch_tokens: int) -> list[np.ndarray]:
-    """Row indices sorted by length and cut into batches whose padded size (rows x the longest)
-    stays within ``batch_tokens`` (one row at least): little padding, bounded memory."""
-    order = np.argsort(np.asarray(lengths), kind="stable")
-    batches, start = [], 0
-    for end in range(1, len(order) + 1):
-        if end == len(order) or (end + 1 - start) * lengths[order[end]] > batch_tokens:
-            batches.append(order[start:end])
-            start = end
-    return batches
 
 
 def score(model, encoder: PromptEncoder, prompts: list, *, batch_tokens: int, autocast, progress: bool) -> np.ndarray:

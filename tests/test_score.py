@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from prepo.score import length_batches, main
+from prepo.microbatch import length_batches
+from prepo.score import main
 
 QUESTIONS = ["What is 2 + 3?", "Compute 17 - 9.", "Anna has 12 apples. She gives 5 to Ben. How many are left?",
              "What is 6 times 7?", "Calculate 100 + 23 + 4.", "3 + 4 = ?"]
@@ -86,6 +87,15 @@ def test_length_batches_cover_every_row_within_the_budget():
     for b in batches:
         assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 40
     assert [len(b) for b in length_batches([10] * 5, 25)] == [2, 2, 1]
+
+
+def test_length_batches_bound_the_padding():
+    lengths = [10, 10, 11, 12, 20, 21, 40]
+    batches = length_batches(lengths, 1000, max_padding=0.25)
+    assert [[lengths[i] for i in b] for b in batches] == [[10, 10, 11, 12], [20, 21], [40]]
+    for b in batches:
+        assert len(b) * max(lengths[i] for i in b) <= 1.25 * sum(lengths[i] for i in b)
+    assert len(length_batches(lengths, 1000)) == 1   # no bound: one batch within the budget
 
 
 @pytest.mark.parametrize("case,match", [

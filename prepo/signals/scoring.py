@@ -15,13 +15,14 @@ import prepo_kernels.hf
 
 from ..errors import DataError
 
-from ..microbatch import token_chunks
+from ..microbatch import length_batches
 
 if TYPE_CHECKING:  # the encoder is the caller's; signals import nothing from the trainer's other parts
     from ..prompts import Prompt, PromptEncoder
 
 
-MIN_SHARED = 8   # a micro-batch whose prompts share fewer leading tokens runs them whole
+MIN_SHARED = 8      # a micro-batch whose prompts share fewer leading tokens runs them whole
+MAX_PADDING = 0.25  # prompts of different lengths go in different micro-batches beyond this padding
 
 
 @torch.inference_mode()
@@ -31,8 +32,9 @@ def prompt_perplexity(model, encoder: "PromptEncoder", prompts: Sequence["Prompt
     encoder's ``ppl_scope`` scores (:meth:`~prepo.prompts.PromptEncoder.scored`: the problem's text,
     the last user message, or every token after the first), each conditioned on all the tokens
     before it. Runs under inference_mode (cheaper than no_grad; the result is only sorted, never
-    differentiated), in micro-batches of at most ``max_tokens`` padded tokens. A prompt whose
-    scope holds no token after the first is a :class:`~prepo.errors.DataError`.
+    differentiated), in micro-batches of prompts of about one length (at most ``MAX_PADDING``
+    padding, at most ``max_tokens`` padded tokens). A prompt whose scope holds no token after the
+    first is a :class:`~prepo.errors.DataError`.
 
     Only what the score reads is computed. The decoder stops at each prompt's last scored token (the
     model is causal: the instruction suffix and the generation prompt after the problem cannot move
@@ -45,14 +47,14 @@ def prompt_perplexity(model, encoder: "PromptEncoder", prompts: Sequence["Prompt
     if empty:
         raise DataError(f"prompt {prompts[empty[0]]!r} has no token to score after its first "
                          f"(ppl_scope {encoder.fmt.ppl_scope!r}); {len(empty)} such prompt(s)")
-    rows_tokens = [_needed(ids[r], mask[r], scored[r]) for r in range(len(prompts))]
-    out = []
-    for rows in token_chunks(torch.arange(len(prompts)), ids.shape[1], max_tokens):
-        toks = [rows_tokens[r] for r in rows.tolist()]
+    needed = [_needed(ids[r], mask[r], scored[r]) for r in range(len(prompts))]
+    out = torch.empty(len(prompts))
+    for rows in length_batches([len(t) for t, _ in needed], max_tokens, max_padding=MAX_PADDING):
+        toks = [needed[r] for r in rows]
         shared = _shared_prefix(toks)
         with autocast():
-            out.append(_chunk_perplexity(model, toks, shared if shared >= MIN_SHARED else 0, impl).float().cpu())
-    return torch.cat(out)
+            out[rows] = _chunk_perplexity(model, toks, shared if shared >= MIN_SHARED else 0, impl).float().cpu()
+    return out
 
 
 def _needed(ids: torch.Tensor, mask: torch.Tensor, scored: torch.Tensor) -> tuple[list[int], list[bool]]:
