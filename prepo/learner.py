@@ -165,7 +165,7 @@ class Learner:
                 rows = mb[live[mb]]
                 acc = self._accumulate((ids, amask, cmask, sl), rows, adv, weights, old, n_tok)
                 self.dist.sum_grads(self.model.parameters())   # zeros where no row ran: the step is as if they had
-                if weights is self.ENTROPY and not self._divide_by_h_bar(acc, old.entropy, cmask):
+                if weights is self.ENTROPY and not divide_by_h_bar(self.model, acc, old.entropy, cmask, self.dist):
                     self.optimizer.zero_grad(set_to_none=True)   # H_bar not > 0: w = 1 (relative_entropy_weights)
                     return self.update(ro, adv, None, old)
                 upd_frac = float(self.dist.sum(cmask[rows].sum())) / max(n_tok, 1.0)
@@ -179,20 +179,6 @@ class Learner:
         skipped = int(self.dist.sum(torch.tensor(int((~live).sum()))))
         return UpdateStats(loss=loss, clip_frac=clip, kl=kl, ratio_mean=ratio, grad_norm=gnorm,
                            skipped_rollouts=skipped)
-
-    def _divide_by_h_bar(self, acc: list[float], entropy: torch.Tensor, cmask: torch.Tensor) -> bool:
-        """On-policy weighting, once the gradients of sum_i H_i * loss_i are summed: divide them and the
-        logged loss ``acc[0]`` by H_bar (all ranks' tokens), which makes them those of sum_i w_i *
-        loss_i. False (nothing divided) where H_bar is not > 0, whose weights are 1."""
-        totals = self.dist.sum(torch.stack([(entropy * cmask).sum(), cmask.sum().to(entropy.dtype)]))
-        h_bar = float(totals[0] / totals[1].clamp(min=1))
-        if totals[1] == 0 or h_bar <= 0:
-            return False
-        for p in self.model.parameters():
-            if p.grad is not None:
-                p.grad.div_(h_bar)
-        acc[0] /= h_bar
-        return True
 
     def _accumulate(self, seqs, rows, adv, weights, old: PolicyPass, n_tok: float) -> list[float]:
         """Forward and backward of :meth:`_chunk_loss` on ``rows`` of ``seqs`` (input ids, attention mask,
@@ -251,3 +237,20 @@ class Learner:
         else:
             self.optimizer.step()
         return gnorm
+
+
+def divide_by_h_bar(model: torch.nn.Module, acc: list[float], entropy: torch.Tensor, cmask: torch.Tensor,
+                    dist: Dist) -> bool:
+    """On-policy weighting, once the gradients of sum_i H_i * loss_i are summed: divide them and the
+    logged loss ``acc[0]`` by H_bar (all ranks' tokens; ``entropy`` and ``cmask`` [N, C]), which makes
+    them those of sum_i w_i * loss_i. False (nothing divided) where H_bar is not > 0, whose weights
+    are 1 (:func:`relative_entropy_weights`)."""
+    totals = dist.sum(torch.stack([(entropy * cmask).sum(), cmask.sum().to(entropy.dtype)]))
+    h_bar = float(totals[0] / totals[1].clamp(min=1))
+    if totals[1] == 0 or h_bar <= 0:
+        return False
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.div_(h_bar)
+    acc[0] /= h_bar
+    return True
