@@ -30,3 +30,12 @@ def length_batches(lengths: Sequence[int], max_tokens: int, max_padding: float =
             start, total = end, longest
     batches.append(order[start:])
     return batches
+
+
+def right_padded(rows: Sequence[Sequence], width: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[len(rows), width] of ``dtype`` (width: the longest row by default), each row's values first,
+    zeros after."""
+    out = torch.zeros((len(rows), max(len(r) for r in rows) if width is None else width), dtype=dtype)
+    for i, vals in enumerate(rows):
+        out[i, : len(vals)] = torch.as_tensor(list(vals), dtype=dtype)
+    return out

@@ -50,6 +50,7 @@ import torch
 import prepo_kernels
 
 from .config import VLLM_EXECUTION as EXECUTION_MODES
+from .microbatch import right_padded
 from .rollout import Rollouts, Sampling
 
 log = logging.getLogger(__name__)
@@ -179,14 +180,6 @@ def rollouts_from_tokens(prompt_index: list[int], prompt_ids: torch.Tensor, prom
         texts.append(tokenizer.decode(toks[:-1] if stopped else toks, skip_special_tokens=True))
     return Rollouts(prompt_index=list(prompt_index), prompt_ids=prompt_ids, prompt_mask=prompt_mask,
                     completion_ids=ids, completion_mask=mask, completions=texts)
-
-
-def _right_padded(rows: Sequence[Sequence[float]], width: int) -> torch.Tensor:
-    """[len(rows), width] float32, each row's values first, zeros after."""
-    out = torch.zeros((len(rows), width), dtype=torch.float32)
-    for r, vals in enumerate(rows):
-        out[r, : len(vals)] = torch.as_tensor(list(vals), dtype=torch.float32)
-    return out
 
 
 @contextlib.contextmanager
@@ -346,7 +339,7 @@ class VLLMEngine:
                 self.probe = ro.select(range(min(PROBE_ROWS, len(ro))))
             lp = None
             if logprobs:  # one {token id: Logprob} per sampled token; logprobs=0 returns just the sampled one
-                lp = _right_padded([[step[t].logprob for t, step in zip(c.token_ids, c.logprobs)] for c in samples],
+                lp = right_padded([[step[t].logprob for t, step in zip(c.token_ids, c.logprobs)] for c in samples],
                                    ro.completion_ids.shape[1])
             yield ro, lp
 
@@ -367,7 +360,7 @@ class VLLMEngine:
             toks = req["prompt_token_ids"]
             # prompt_logprobs[i] is {token: Logprob} for token i given tokens < i (None for i = 0)
             rows.append([out.prompt_logprobs[i][toks[i]].logprob for i in range(len(toks) - n, len(toks))])
-        return _right_padded(rows, rollouts.completion_ids.shape[1])
+        return right_padded(rows, rollouts.completion_ids.shape[1])
 
     @torch.no_grad()
     def sync_weights(self, model: torch.nn.Module) -> Optional[float]:

@@ -15,7 +15,7 @@ import prepo_kernels.hf
 
 from ..errors import DataError
 
-from ..microbatch import length_batches
+from ..microbatch import length_batches, right_padded
 
 if TYPE_CHECKING:  # the encoder is the caller's; signals import nothing from the trainer's other parts
     from ..prompts import Prompt, PromptEncoder
@@ -81,9 +81,9 @@ def _chunk_perplexity(model, rows: list[tuple[list[int], list[bool]]], shared: i
     rest's first token."""
     decoder, head = prepo_kernels.hf.decoder_and_head(model)
     device = head.weight.device
-    rest = _right_padded([t[shared:] for t, _ in rows], device)
-    flags = _right_padded([f[shared:] for _, f in rows], device).bool()
-    rest_mask = _right_padded([[1] * (len(t) - shared) for t, _ in rows], device)
+    rest = right_padded([t[shared:] for t, _ in rows], dtype=torch.long).to(device)
+    flags = right_padded([f[shared:] for _, f in rows], dtype=torch.bool).to(device)
+    rest_mask = right_padded([[1] * (len(t) - shared) for t, _ in rows], dtype=torch.long).to(device)
     B, R = rest.shape
     if shared == 0:   # the first token predicts nothing: the rows' own first tokens are their context
         hidden = decoder(input_ids=rest, attention_mask=rest_mask, use_cache=False).last_hidden_state
@@ -112,11 +112,3 @@ def _cache_argument(decoder) -> str:
     """The name of the decoder's KV-cache argument and output: ``cache`` (transformers 5.2x on)
     or ``past_key_values`` (before)."""
     return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
-
-
-def _right_padded(rows: list[list], device) -> torch.Tensor:
-    """Rows of ints (or bools) -> [len(rows), longest] int64, 0 after each row's end."""
-    out = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-    return out.to(device)
